@@ -1,0 +1,92 @@
+//! The command line: argument parsing and the commands that run the engine from a terminal.
+//! Each command is an edge like the HTTP server: it builds engine inputs and prints results.
+
+mod ask;
+mod inspect;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{ConfigError, ModelSettings, Settings};
+use crate::engine::{EngineError, Model};
+use crate::package::Precision;
+use crate::preprocess::PreprocessError;
+
+/// Errors a command reports to the user.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("{path}: {source}")]
+    Image { path: PathBuf, source: PreprocessError },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("could not write output: {0}")]
+    Output(String),
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "vlmserve", version, about = "Serve vision-language models exported to ONNX")]
+pub struct Cli {
+    /// Configuration file (TOML), layered over the built-in defaults.
+    #[arg(long, global = true, env = "VLMSERVE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// ONNX Runtime library (libonnxruntime.so.1.31.1) or its folder.
+    #[arg(long, global = true)]
+    pub ort_lib: Option<PathBuf>,
+    /// Log more (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Ask one question, with images, and print the answer.
+    Ask(ask::AskArgs),
+    /// Describe a model package: family, graphs, precisions, tensors, KV layout.
+    Inspect(inspect::InspectArgs),
+}
+
+/// Which model and how to load it; shared by the commands.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Package folder, or the name of a model in the configuration.
+    #[arg(long)]
+    pub model: String,
+    /// Precision of every graph (fp32, fp16, int8, ...); overrides the configuration.
+    #[arg(long)]
+    pub precision: Option<Precision>,
+}
+
+impl ModelArgs {
+    fn settings(&self, settings: &Settings) -> Result<ModelSettings, CliError> {
+        let mut model = settings.model(&self.model)?;
+        if let Some(precision) = self.precision {
+            model.precision = precision;
+            model.graphs.vision_encoder.iter_mut().chain(&mut model.graphs.embed_tokens).chain(&mut model.graphs.decoder).for_each(|g| g.precision = None);
+        }
+        Ok(model)
+    }
+
+    fn load(&self, settings: &Settings) -> Result<Model, CliError> {
+        let model = self.settings(settings)?;
+        Ok(Model::load(&model.path, &settings.model_options(&model))?)
+    }
+}
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    let mut settings = Settings::load(cli.config.as_deref())?;
+    if let Some(lib) = cli.ort_lib {
+        settings.runtime.onnxruntime_library = Some(lib);
+    }
+    match cli.command {
+        Command::Ask(args) => ask::run(&settings, &args),
+        Command::Inspect(args) => inspect::run(&settings, &args),
+    }
+}

@@ -1,0 +1,309 @@
+//! From messages and images to tokens: prompt preparation, then vision, prefill and decode.
+
+use std::time::{Duration, Instant};
+
+use image::RgbImage;
+use ndarray::{Array2, ArrayD, Axis};
+use ort::value::{DynValue, Tensor, TensorElementType};
+use serde::Serialize;
+
+use super::detokenize::Detokenizer;
+use super::kv_cache::KvCache;
+use super::model::Model;
+use super::sampler::{Sampler, SamplingParams};
+use super::stop::{FinishReason, StopRules};
+use super::tensors::to_f32_array;
+use super::EngineError;
+use crate::family::{Positions, ProcessedImages};
+use crate::preprocess::chat_template::ChatMessage;
+
+/// A prompt ready for the graphs: token ids, processed images and position ids.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub input_ids: Vec<u32>,
+    pub images: Option<ProcessedImages>,
+    pub positions: Positions,
+    /// Template, image processing and tokenization time.
+    pub preprocess_time: Duration,
+}
+
+/// Per-request generation settings.
+#[derive(Debug, Clone)]
+pub struct GenerationParams {
+    pub sampling: SamplingParams,
+    pub max_new_tokens: usize,
+    pub stop: Vec<String>,
+    /// Generate exactly `max_new_tokens` (benchmarks).
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        Self { sampling: SamplingParams::greedy(), max_new_tokens: 256, stop: Vec::new(), ignore_eos: false }
+    }
+}
+
+/// One generated token and the text it made visible (may be empty while a multi-byte
+/// character or a possible stop string is incomplete).
+#[derive(Debug, Clone, Copy)]
+pub struct Event<'a> {
+    pub token_id: u32,
+    pub text: &'a str,
+}
+
+/// Whether the caller wants more tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Where the time of one generation went.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    pub preprocess_s: f64,
+    pub vision_s: f64,
+    pub prefill_s: f64,
+    /// From the start of `generate` to the first token.
+    pub time_to_first_token_s: f64,
+    pub decode_s: f64,
+    pub decode_steps: usize,
+    /// Part of `decode_s` spent inside ONNX Runtime's run calls.
+    pub decode_in_runtime_s: f64,
+}
+
+impl Timings {
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        if self.decode_s > 0.0 { self.decode_steps as f64 / self.decode_s } else { 0.0 }
+    }
+}
+
+/// The result of a generation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Completion {
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub finish_reason: FinishReason,
+    pub timings: Timings,
+}
+
+impl Model {
+    /// Render the chat template, process the images and tokenize the expanded prompt.
+    pub fn prepare(&self, messages: &[ChatMessage], images: &[RgbImage]) -> Result<Prompt, EngineError> {
+        let start = Instant::now();
+        let wanted: usize = messages.iter().map(ChatMessage::image_count).sum();
+        if wanted != images.len() {
+            return Err(crate::family::FamilyError::ImageCountMismatch { placeholders: wanted, images: images.len() }.into());
+        }
+        if messages.iter().all(|m| m.content.is_empty()) {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let text = self.template.render(messages)?;
+        let processed = if images.is_empty() { None } else { Some(self.family.process_images(images)?) };
+        let layouts = processed.as_ref().map(|p| p.layouts.as_slice()).unwrap_or_default();
+        let expanded = self.family.expand_prompt(&text, layouts)?;
+        let encoding = self.tokenizer.encode(expanded, true).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let mut prompt = self.prompt_from_ids(encoding.get_ids().to_vec(), processed);
+        prompt.preprocess_time = start.elapsed();
+        Ok(prompt)
+    }
+
+    /// A prompt from token ids that already contain the expanded image tokens.
+    pub fn prompt_from_ids(&self, input_ids: Vec<u32>, images: Option<ProcessedImages>) -> Prompt {
+        let layouts = images.as_ref().map(|p| p.layouts.as_slice()).unwrap_or_default();
+        let positions = self.family.prompt_positions(&input_ids, layouts);
+        Prompt { input_ids, images, positions, preprocess_time: Duration::ZERO }
+    }
+
+    /// The stop rules for `params` on this model.
+    pub fn stop_rules(&self, params: &GenerationParams) -> StopRules {
+        StopRules {
+            eos_token_ids: self.info.eos_token_ids.clone(),
+            stop_strings: params.stop.clone(),
+            max_new_tokens: params.max_new_tokens,
+            context_length: self.info.context_length,
+            ignore_eos: params.ignore_eos,
+        }
+    }
+
+    /// Reject a prompt that cannot be generated from, before any graph runs.
+    pub fn check_prompt(&self, prompt: &Prompt, params: &GenerationParams) -> Result<(), EngineError> {
+        params.sampling.validate()?;
+        if params.max_new_tokens == 0 {
+            return Err(EngineError::InvalidParameter("max_new_tokens must be at least 1".into()));
+        }
+        if prompt.input_ids.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let context = self.info.context_length;
+        if prompt.input_ids.len() + params.max_new_tokens > context {
+            return Err(EngineError::PromptTooLong {
+                prompt_tokens: prompt.input_ids.len(),
+                max_new_tokens: params.max_new_tokens,
+                context,
+            });
+        }
+        Ok(())
+    }
+
+    /// Generate from `prompt`, calling `on_token` for every token; it may stop generation.
+    pub fn generate(
+        &mut self,
+        prompt: &Prompt,
+        params: &GenerationParams,
+        on_token: &mut dyn FnMut(Event) -> Flow,
+    ) -> Result<Completion, EngineError> {
+        self.check_prompt(prompt, params)?;
+        let start = Instant::now();
+        let mut timings = Timings { preprocess_s: prompt.preprocess_time.as_secs_f64(), ..Timings::default() };
+
+        let features = match &prompt.images {
+            Some(images) => Some(self.vision.encode(&images.inputs)?),
+            None => None,
+        };
+        timings.vision_s = start.elapsed().as_secs_f64();
+
+        let prefill_start = Instant::now();
+        let embeds = self.prompt_embeddings(&prompt.input_ids, features)?;
+        let mut cache = KvCache::empty(&self.decoder.layout)?;
+        let (mut logits, _) = self.decoder.forward(embeds, prompt.positions.prompt.clone(), &mut cache)?;
+        timings.prefill_s = prefill_start.elapsed().as_secs_f64();
+
+        let stop = self.stop_rules(params);
+        let mut run = Run::new(prompt, &stop, Sampler::new(params.sampling.clone()));
+        let decode_start = Instant::now();
+        let finish = loop {
+            let token = run.sampler.sample(&mut logits, &run.history);
+            if run.token_ids.is_empty() {
+                timings.time_to_first_token_s = start.elapsed().as_secs_f64();
+            }
+            if let Some(reason) = run.accept(self, token, on_token)? {
+                break reason;
+            }
+            let step_start = Instant::now();
+            let embeds = self.embedder.embed(&[token])?;
+            let position = prompt.positions.next + run.token_ids.len() as i64 - 1;
+            let in_embed = step_start.elapsed();
+            let (next, in_decoder) = self.decoder.forward(embeds, self.family.step_positions(position), &mut cache)?;
+            logits = next;
+            timings.decode_steps += 1;
+            timings.decode_in_runtime_s += (in_embed + in_decoder).as_secs_f64();
+        };
+        timings.decode_s = decode_start.elapsed().as_secs_f64();
+        run.finish(self, on_token)?;
+        Ok(Completion {
+            token_ids: run.token_ids,
+            text: run.text,
+            prompt_tokens: prompt.input_ids.len(),
+            finish_reason: finish,
+            timings,
+        })
+    }
+
+    /// Token embeddings with the image features written over the image-token rows.
+    fn prompt_embeddings(&mut self, ids: &[u32], features: Option<Array2<f32>>) -> Result<DynValue, EngineError> {
+        let embeds = self.embedder.embed(ids)?;
+        let Some(features) = features else { return Ok(embeds) };
+        let image_token = self.family.image_token_id();
+        let rows: Vec<usize> = ids.iter().enumerate().filter(|(_, id)| **id == image_token).map(|(i, _)| i).collect();
+        if rows.len() != features.nrows() {
+            return Err(EngineError::GraphMismatch(format!(
+                "the prompt has {} image tokens but the vision encoder returned {} feature rows",
+                rows.len(),
+                features.nrows()
+            )));
+        }
+        let mut array = to_f32_array(&embeds, "inputs_embeds")?;
+        if array.ndim() != 3 || array.shape()[2] != features.ncols() {
+            return Err(EngineError::GraphMismatch(format!(
+                "embeddings {:?} and image features {:?} differ in width",
+                array.shape(),
+                features.shape()
+            )));
+        }
+        for (feature, &row) in features.rows().into_iter().zip(&rows) {
+            array.index_axis_mut(Axis(0), 0).index_axis_mut(Axis(0), row).assign(&feature);
+        }
+        float_value(array, self.decoder.embeds_type())
+    }
+}
+
+fn float_value(array: ArrayD<f32>, ty: TensorElementType) -> Result<DynValue, EngineError> {
+    Ok(match ty {
+        TensorElementType::Float16 => Tensor::from_array(array.mapv(half::f16::from_f32))?.into_dyn(),
+        _ => Tensor::from_array(array)?.into_dyn(),
+    })
+}
+
+/// The state of one generation's output: tokens, text, and what has been streamed.
+struct Run<'s> {
+    stop: &'s StopRules,
+    sampler: Sampler,
+    history: Vec<u32>,
+    token_ids: Vec<u32>,
+    detokenizer: Detokenizer,
+    text: String,
+    emitted: usize,
+    /// The text was cut at a stop string: nothing after it may be shown.
+    cut: bool,
+}
+
+impl<'s> Run<'s> {
+    fn new(prompt: &Prompt, stop: &'s StopRules, sampler: Sampler) -> Self {
+        Self {
+            stop,
+            sampler,
+            history: prompt.input_ids.clone(),
+            token_ids: Vec::new(),
+            detokenizer: Detokenizer::new(),
+            text: String::new(),
+            emitted: 0,
+            cut: false,
+        }
+    }
+
+    /// Record `token`, stream what is safe to show, and say whether generation is over.
+    fn accept(
+        &mut self,
+        model: &Model,
+        token: u32,
+        on_token: &mut dyn FnMut(Event) -> Flow,
+    ) -> Result<Option<FinishReason>, EngineError> {
+        self.history.push(token);
+        self.token_ids.push(token);
+        let before = self.text.len();
+        self.text.push_str(&self.detokenizer.push(&model.tokenizer, token)?);
+        if let Some(cut) = self.stop.stop_string_cut(&self.text, before) {
+            self.text.truncate(cut);
+            self.cut = true;
+            self.emit(token, self.text.len(), on_token);
+            return Ok(Some(FinishReason::Stop));
+        }
+        let safe = self.text.len() - self.stop.pending_prefix(&self.text);
+        if self.emit(token, safe, on_token) == Flow::Stop {
+            return Ok(Some(FinishReason::Cancelled));
+        }
+        let total = self.history.len();
+        Ok(self.stop.after_token(token, self.token_ids.len(), total))
+    }
+
+    fn emit(&mut self, token: u32, upto: usize, on_token: &mut dyn FnMut(Event) -> Flow) -> Flow {
+        let upto = upto.max(self.emitted);
+        let flow = on_token(Event { token_id: token, text: &self.text[self.emitted..upto] });
+        self.emitted = upto;
+        flow
+    }
+
+    /// Flush text held back for a possible stop string or an incomplete character.
+    fn finish(&mut self, model: &Model, on_token: &mut dyn FnMut(Event) -> Flow) -> Result<(), EngineError> {
+        if !self.cut {
+            self.text.push_str(&self.detokenizer.finish(&model.tokenizer)?);
+        }
+        if self.emitted < self.text.len() {
+            let last = self.token_ids.last().copied().unwrap_or_default();
+            self.emit(last, self.text.len(), on_token);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,201 @@
+//! The three graphs of a VLM, each wrapping one ONNX Runtime session and knowing its inputs.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ndarray::{Array2, ArrayD, Axis, IxDyn};
+use ort::environment::Environment;
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor, TensorElementType};
+
+use super::EngineError;
+use super::kv_cache::{KvCache, KvLayout};
+use super::tensors::{last_row, to_f32_array, to_value};
+use crate::family::{NamedTensor, TensorData};
+use crate::runtime::{self, GraphOptions};
+
+type Inputs<'v> = Vec<(Cow<'static, str>, SessionInputValue<'v>)>;
+
+fn open(env: &Environment, path: &Path, options: &GraphOptions) -> Result<Session, EngineError> {
+    Ok(runtime::open_session(env, path, options)?)
+}
+
+fn input_type(session: &Session, name: &str) -> Option<TensorElementType> {
+    session.inputs().iter().find(|i| i.name() == name).and_then(|i| i.dtype().tensor_type())
+}
+
+fn input_rank(session: &Session, name: &str) -> Option<usize> {
+    session.inputs().iter().find(|i| i.name() == name).and_then(|i| i.dtype().tensor_shape().map(|s| s.len()))
+}
+
+fn output_name(session: &Session, index: usize) -> Result<String, EngineError> {
+    session
+        .outputs()
+        .get(index)
+        .map(|o| o.name().to_string())
+        .ok_or_else(|| EngineError::GraphMismatch("graph has no outputs".into()))
+}
+
+/// The vision encoder: tiles or patches in, one feature row per image token out.
+#[derive(Debug)]
+pub struct VisionEncoder {
+    session: Session,
+}
+
+impl VisionEncoder {
+    pub fn open(env: &Environment, path: &Path, options: &GraphOptions) -> Result<Self, EngineError> {
+        Ok(Self { session: open(env, path, options)? })
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Run the encoder and return its features as `[rows, hidden]` f32.
+    pub fn encode(&mut self, inputs: &[NamedTensor]) -> Result<Array2<f32>, EngineError> {
+        let mut values: Inputs = Vec::new();
+        for input in inputs {
+            let want = input_type(&self.session, &input.name).ok_or_else(|| {
+                EngineError::GraphMismatch(format!("vision encoder has no input {}", input.name))
+            })?;
+            // Some exports (transformers.js) take `[batch, images, ...]`: add the batch axis.
+            let data = match (&input.data, input_rank(&self.session, &input.name)) {
+                (d, Some(rank)) if rank == d.ndim() + 1 => d.clone().insert_batch_axis(),
+                (d, _) => d.clone(),
+            };
+            values.push((Cow::Owned(input.name.clone()), to_value(data, want, &input.name)?.into()));
+        }
+        let name = output_name(&self.session, 0)?;
+        let outputs = self.session.run(values)?;
+        let features = to_f32_array(&outputs[name.as_str()], &name)?;
+        let hidden = *features.shape().last().unwrap_or(&0);
+        let rows = features.len() / hidden.max(1);
+        features
+            .into_shape_with_order((rows, hidden))
+            .map_err(|e| EngineError::GraphMismatch(format!("image features: {e}")))
+    }
+}
+
+impl TensorData {
+    fn ndim(&self) -> usize {
+        match self {
+            TensorData::F32(a) => a.ndim(),
+            TensorData::I64(a) => a.ndim(),
+            TensorData::Bool(a) => a.ndim(),
+        }
+    }
+
+    fn insert_batch_axis(self) -> Self {
+        match self {
+            TensorData::F32(a) => TensorData::F32(a.insert_axis(Axis(0))),
+            TensorData::I64(a) => TensorData::I64(a.insert_axis(Axis(0))),
+            TensorData::Bool(a) => TensorData::Bool(a.insert_axis(Axis(0))),
+        }
+    }
+}
+
+/// The token embedder: `input_ids [1, s]` to `inputs_embeds [1, s, hidden]`.
+#[derive(Debug)]
+pub struct Embedder {
+    session: Session,
+    output: String,
+}
+
+impl Embedder {
+    pub fn open(env: &Environment, path: &Path, options: &GraphOptions) -> Result<Self, EngineError> {
+        let session = open(env, path, options)?;
+        if input_type(&session, "input_ids").is_none() {
+            return Err(EngineError::GraphMismatch("embed_tokens has no input_ids input".into()));
+        }
+        let output = output_name(&session, 0)?;
+        Ok(Self { session, output })
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Embeddings of `ids`, left in ONNX Runtime's memory.
+    pub fn embed(&mut self, ids: &[u32]) -> Result<DynValue, EngineError> {
+        let ids: Vec<i64> = ids.iter().map(|&id| i64::from(id)).collect();
+        let tensor = Tensor::from_array(([1usize, ids.len()], ids))?;
+        let mut outputs = self.session.run(ort::inputs!["input_ids" => tensor])?;
+        outputs
+            .remove(self.output.as_str())
+            .ok_or_else(|| EngineError::GraphMismatch(format!("embed_tokens did not return {}", self.output)))
+    }
+}
+
+/// The decoder with its KV cache inputs and outputs.
+#[derive(Debug)]
+pub struct Decoder {
+    session: Session,
+    pub layout: KvLayout,
+    embeds_type: TensorElementType,
+    has_cache_branch: bool,
+}
+
+impl Decoder {
+    pub fn open(env: &Environment, path: &Path, options: &GraphOptions) -> Result<Self, EngineError> {
+        let session = open(env, path, options)?;
+        for name in ["inputs_embeds", "attention_mask", "position_ids"] {
+            if input_type(&session, name).is_none() {
+                return Err(EngineError::GraphMismatch(format!("decoder has no {name} input")));
+            }
+        }
+        if !session.outputs().iter().any(|o| o.name() == "logits") {
+            return Err(EngineError::GraphMismatch("decoder has no logits output".into()));
+        }
+        let layout = KvLayout::from_session(&session)?;
+        let embeds_type = input_type(&session, "inputs_embeds").unwrap_or(TensorElementType::Float32);
+        let has_cache_branch = input_type(&session, "use_cache_branch").is_some();
+        Ok(Self { session, layout, embeds_type, has_cache_branch })
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Element type the decoder wants for `inputs_embeds`.
+    pub fn embeds_type(&self) -> TensorElementType {
+        self.embeds_type
+    }
+
+    /// Run one forward pass over `embeds` (`[1, s, hidden]`) after the cached positions and
+    /// return the last position's logits. The cache is advanced in place. Returns the time
+    /// spent inside ONNX Runtime.
+    pub fn forward(
+        &mut self,
+        embeds: DynValue,
+        positions: ArrayD<i64>,
+        cache: &mut KvCache,
+    ) -> Result<(Vec<f32>, Duration), EngineError> {
+        let new = embeds.shape().get(1).copied().unwrap_or(0) as usize;
+        let total = cache.len + new;
+        let mask = Tensor::from_array(([1usize, total], vec![1i64; total]))?;
+        let mut inputs: Inputs = vec![
+            (Cow::Borrowed("inputs_embeds"), embeds.into()),
+            (Cow::Borrowed("attention_mask"), mask.into()),
+            (Cow::Borrowed("position_ids"), Tensor::from_array(positions)?.into()),
+        ];
+        if self.has_cache_branch {
+            let branch = Tensor::from_array(ArrayD::from_elem(IxDyn(&[1]), !cache.is_empty()))?;
+            inputs.push((Cow::Borrowed("use_cache_branch"), branch.into()));
+        }
+        for ((past, _), value) in self.layout.tensors.iter().zip(&cache.values) {
+            inputs.push((Cow::Owned(past.clone()), value.view().into()));
+        }
+        let start = Instant::now();
+        let mut outputs = self.session.run(inputs)?;
+        let in_ort = start.elapsed();
+        let logits = last_row(&outputs["logits"])?;
+        for ((_, present), slot) in self.layout.tensors.iter().zip(cache.values.iter_mut()) {
+            *slot = outputs
+                .remove(present.as_str())
+                .ok_or_else(|| EngineError::GraphMismatch(format!("decoder did not return {present}")))?;
+        }
+        cache.len = total;
+        Ok((logits, in_ort))
+    }
+}

@@ -1,0 +1,59 @@
+//! The engine: a loaded model (its three ONNX sessions, tokenizer, template and family), the
+//! KV cache, sampling, stop rules, incremental detokenization and the generation loop.
+//!
+//! It knows tensors and tokens; it does not know HTTP, files beyond the package, or time
+//! budgets. `prepare` (template, images, tokens) takes `&self` so it can run off the
+//! generation thread; `generate` takes `&mut self` because ONNX Runtime sessions must not run
+//! concurrently.
+
+mod detokenize;
+mod generate;
+mod graphs;
+mod kv_cache;
+mod model;
+mod sampler;
+mod stop;
+mod tensors;
+
+pub use detokenize::Detokenizer;
+pub use generate::{Completion, Event, Flow, GenerationParams, Prompt, Timings};
+pub use kv_cache::{KvCache, KvLayout};
+pub use model::{GraphChoice, Model, ModelInfo, ModelOptions};
+pub use sampler::{Sampler, SamplingParams};
+pub use stop::{FinishReason, StopRules};
+
+use crate::family::FamilyError;
+use crate::package::PackageError;
+use crate::preprocess::PreprocessError;
+use crate::runtime::RuntimeError;
+
+/// Everything that can go wrong between a request and its tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Package(#[from] PackageError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Family(#[from] FamilyError),
+    #[error(transparent)]
+    Preprocess(#[from] PreprocessError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("ONNX Runtime: {0}")]
+    Ort(String),
+    #[error("the graphs do not match the package: {0}")]
+    GraphMismatch(String),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the prompt has {prompt_tokens} tokens; with max_new_tokens {max_new_tokens} it exceeds the context of {context} tokens")]
+    PromptTooLong { prompt_tokens: usize, max_new_tokens: usize, context: usize },
+    #[error("invalid generation parameter: {0}")]
+    InvalidParameter(String),
+}
+
+impl From<ort::Error> for EngineError {
+    fn from(e: ort::Error) -> Self {
+        EngineError::Ort(e.to_string())
+    }
+}

@@ -1,0 +1,155 @@
+//! A loaded model: the package's three graphs in ONNX Runtime, its tokenizer, chat template
+//! and family, checked against each other at load time.
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::Tokenizer;
+
+use super::EngineError;
+use super::graphs::{Decoder, Embedder, VisionEncoder};
+use super::kv_cache::KvLayout;
+use crate::family::{self, Family};
+use crate::package::{Graph, ModelPackage, Precision};
+use crate::preprocess::chat_template::ChatTemplate;
+use crate::runtime::{self, GraphOptions};
+
+/// Which variant of a graph to load and how to run it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GraphChoice {
+    pub precision: Option<Precision>,
+    pub options: GraphOptions,
+}
+
+/// How to load a model: per graph precision and providers, and the ONNX Runtime library.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelOptions {
+    /// Precision for graphs that do not name their own.
+    pub precision: Precision,
+    pub vision_encoder: GraphChoice,
+    pub embed_tokens: GraphChoice,
+    pub decoder: GraphChoice,
+    /// `--ort-lib` / `runtime.onnxruntime_library`.
+    pub onnxruntime_library: Option<PathBuf>,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        Self {
+            precision: Precision::Fp32,
+            vision_encoder: GraphChoice::default(),
+            embed_tokens: GraphChoice::default(),
+            decoder: GraphChoice::default(),
+            onnxruntime_library: None,
+        }
+    }
+}
+
+impl ModelOptions {
+    pub fn graph(&self, graph: Graph) -> &GraphChoice {
+        match graph {
+            Graph::VisionEncoder => &self.vision_encoder,
+            Graph::EmbedTokens => &self.embed_tokens,
+            Graph::Decoder => &self.decoder,
+        }
+    }
+
+    pub fn precision_of(&self, graph: Graph) -> Precision {
+        self.graph(graph).precision.unwrap_or(self.precision)
+    }
+}
+
+/// What a loaded model is, for `inspect`, logs and `/v1/models`.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub family: &'static str,
+    pub model_type: String,
+    pub dir: PathBuf,
+    /// `(graph, precision, file, providers)` per graph.
+    pub graphs: Vec<(Graph, Precision, PathBuf, Vec<&'static str>)>,
+    pub context_length: usize,
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Debug)]
+pub struct Model {
+    pub info: ModelInfo,
+    pub package: ModelPackage,
+    pub family: Box<dyn Family>,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub(super) vision: VisionEncoder,
+    pub(super) embedder: Embedder,
+    pub(super) decoder: Decoder,
+}
+
+/// Fallback context when `config.json` does not say.
+const DEFAULT_CONTEXT: usize = 2048;
+
+impl Model {
+    /// Load the package in `dir` with `options`.
+    pub fn load(dir: &Path, options: &ModelOptions) -> Result<Self, EngineError> {
+        let package = ModelPackage::open(dir)?;
+        let family = family::for_model_type(&package.config, &package.processor)?;
+        let tokenizer = Tokenizer::from_file(package.tokenizer_path())
+            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", package.tokenizer_path().display())))?;
+        let template = ChatTemplate::new(&package.chat_template, &package.tokenizer_config)?;
+        let mut graphs = Vec::new();
+        for graph in Graph::ALL {
+            let precision = options.precision_of(graph);
+            let path = package.graph_path(graph, precision)?;
+            graphs.push((graph, precision, path, options.graph(graph).options.provider_names()));
+        }
+        let all_providers: Vec<_> = Graph::ALL.iter().flat_map(|g| options.graph(*g).options.providers.clone()).collect();
+        let env = runtime::init(options.onnxruntime_library.as_deref(), &all_providers)?;
+        let vision = VisionEncoder::open(env, &graphs[0].2, &options.vision_encoder.options)?;
+        let embedder = Embedder::open(env, &graphs[1].2, &options.embed_tokens.options)?;
+        let decoder = Decoder::open(env, &graphs[2].2, &options.decoder.options)?;
+        let info = ModelInfo {
+            family: family.name(),
+            model_type: package.model_type().to_string(),
+            dir: dir.to_path_buf(),
+            graphs,
+            context_length: package.context_length().unwrap_or(DEFAULT_CONTEXT),
+            eos_token_ids: package.eos_token_ids(),
+        };
+        let model = Self { info, package, family, tokenizer, template, vision, embedder, decoder };
+        model.check_consistency()?;
+        Ok(model)
+    }
+
+    pub fn kv_layout(&self) -> &KvLayout {
+        &self.decoder.layout
+    }
+
+    /// Input and output names with element types and shapes, per graph, for `inspect`.
+    pub fn describe_graphs(&self) -> Vec<(Graph, Vec<String>, Vec<String>)> {
+        let describe = |outlets: &[ort::value::Outlet]| {
+            outlets.iter().map(|o| format!("{}: {}", o.name(), o.dtype())).collect::<Vec<_>>()
+        };
+        let sessions = [self.vision.session(), self.embedder.session(), self.decoder.session()];
+        Graph::ALL.into_iter().zip(sessions).map(|(g, s)| (g, describe(s.inputs()), describe(s.outputs()))).collect()
+    }
+
+    /// A package whose graphs disagree with its config fails here, not mid-generation.
+    fn check_consistency(&self) -> Result<(), EngineError> {
+        let text = self.package.config.get("text_config").unwrap_or(&self.package.config);
+        let layout = self.kv_layout();
+        let expect = |key: &str, actual: usize| -> Result<(), EngineError> {
+            match text[key].as_u64() {
+                Some(n) if n as usize != actual => Err(EngineError::GraphMismatch(format!(
+                    "config.json says {key} = {n}, the decoder graph has {actual}"
+                ))),
+                _ => Ok(()),
+            }
+        };
+        expect("num_hidden_layers", layout.layers)?;
+        expect("num_key_value_heads", layout.kv_heads)?;
+        let vocab = self.tokenizer.get_vocab_size(true);
+        if let Some(n) = text["vocab_size"].as_u64().filter(|&n| (n as usize) < vocab) {
+            return Err(EngineError::GraphMismatch(format!(
+                "tokenizer has {vocab} tokens but the model's vocab_size is {n}"
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,125 @@
+//! Model families: everything that differs between VLM architectures and nothing else.
+//!
+//! A family knows how images become vision-encoder inputs, how many tokens each image costs,
+//! how a rendered prompt's image placeholders expand into those tokens, and how position ids
+//! are laid out. The engine only talks to the [`Family`] trait; adding a family means adding
+//! one file here and one line in [`for_model_type`].
+
+mod idefics3;
+
+pub use idefics3::Idefics3;
+
+use image::RgbImage;
+use ndarray::ArrayD;
+
+/// Errors raised while turning images and prompts into model inputs.
+#[derive(Debug, thiserror::Error)]
+pub enum FamilyError {
+    #[error("unsupported model type {0:?}; supported families: {SUPPORTED}")]
+    UnsupportedModelType(String),
+    #[error("invalid {file} for this family: {message}")]
+    InvalidConfig { file: &'static str, message: String },
+    #[error("the prompt has {placeholders} image placeholder(s) but {images} image(s) were given")]
+    ImageCountMismatch { placeholders: usize, images: usize },
+    #[error("image preprocessing failed: {0}")]
+    Preprocess(#[from] crate::preprocess::PreprocessError),
+}
+
+/// Model types (`config.json` `model_type`) we can run, for error messages.
+pub const SUPPORTED: &str = "idefics3, smolvlm (SmolVLM, SmolVLM2, Idefics3)";
+
+/// A tensor handed to a graph, typed by what ONNX expects.
+#[derive(Debug, Clone)]
+pub enum TensorData {
+    F32(ArrayD<f32>),
+    I64(ArrayD<i64>),
+    Bool(ArrayD<bool>),
+}
+
+/// A named graph input.
+#[derive(Debug, Clone)]
+pub struct NamedTensor {
+    pub name: String,
+    pub data: TensorData,
+}
+
+/// How one image was laid out: its grid (`[frames, rows, cols]` of tiles or patches, family
+/// defined) and how many image tokens (feature rows) it yields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLayout {
+    pub grid: [usize; 3],
+    pub tokens: usize,
+}
+
+/// All images of one request, ready for the vision encoder.
+#[derive(Debug, Clone)]
+pub struct ProcessedImages {
+    /// Vision-encoder inputs by graph input name, images concatenated in prompt order.
+    pub inputs: Vec<NamedTensor>,
+    /// One entry per image, in prompt order; their token counts sum to the feature rows.
+    pub layouts: Vec<ImageLayout>,
+}
+
+impl ProcessedImages {
+    pub fn total_tokens(&self) -> usize {
+        self.layouts.iter().map(|l| l.tokens).sum()
+    }
+}
+
+/// Position ids for the prompt and where decoding continues.
+#[derive(Debug, Clone)]
+pub struct Positions {
+    /// `[batch=1, seq]` for 1-D rotary families, `[3, 1, seq]` for M-RoPE.
+    pub prompt: ArrayD<i64>,
+    /// Position of the first generated token.
+    pub next: i64,
+}
+
+/// What a model family must provide. Implementations are pure functions of their settings,
+/// so one instance serves every request concurrently.
+pub trait Family: Send + Sync + std::fmt::Debug {
+    /// The family's name as shown to users.
+    fn name(&self) -> &'static str;
+
+    /// The text a chat template emits for one image before expansion (e.g. `<image>`).
+    fn image_placeholder(&self) -> &str;
+
+    /// Token id whose positions receive the vision encoder's feature rows.
+    fn image_token_id(&self) -> u32;
+
+    /// Turn decoded RGB images into vision-encoder inputs and per-image layouts.
+    fn process_images(&self, images: &[RgbImage]) -> Result<ProcessedImages, FamilyError>;
+
+    /// How many image tokens each image of this size will cost, without processing it
+    /// (used for admission before any pixel work).
+    fn image_tokens_for_size(&self, width: u32, height: u32) -> usize;
+
+    /// Replace each image placeholder of a rendered prompt with that image's tokens.
+    fn expand_prompt(&self, prompt: &str, layouts: &[ImageLayout]) -> Result<String, FamilyError>;
+
+    /// Position ids of the prompt. The default is the 1-D `0..len` of most decoders.
+    fn prompt_positions(&self, input_ids: &[u32], _layouts: &[ImageLayout]) -> Positions {
+        let len = input_ids.len();
+        let ids = ndarray::Array::from_iter(0..len as i64)
+            .into_shape_with_order(ndarray::IxDyn(&[1, len]))
+            .expect("shape matches length");
+        Positions { prompt: ids, next: len as i64 }
+    }
+
+    /// Position ids for one decode step at `position` (`[1, 1]`, or `[3, 1, 1]` for M-RoPE).
+    fn step_positions(&self, position: i64) -> ArrayD<i64> {
+        ArrayD::from_elem(ndarray::IxDyn(&[1, 1]), position)
+    }
+}
+
+/// Build the family for a package from its `config.json` and image-processor settings.
+pub fn for_model_type(
+    config: &serde_json::Value,
+    processor: &serde_json::Value,
+) -> Result<Box<dyn Family>, FamilyError> {
+    let model_type = config["model_type"].as_str().unwrap_or_default();
+    match model_type {
+        "idefics3" | "smolvlm" => Ok(Box::new(Idefics3::from_configs(config, processor)?)),
+        other => Err(FamilyError::UnsupportedModelType(other.to_string())),
+    }
+}

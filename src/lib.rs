@@ -1,0 +1,13 @@
+//! vlmserve: serve vision-language models exported to ONNX.
+//!
+//! Data flows one way: request -> [`preprocess`] (through the model's [`family`]) ->
+//! [`engine`] -> response. [`package`] reads model files, [`runtime`] owns ONNX Runtime,
+//! [`config`] holds settings, [`cli`] is the command line.
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod family;
+pub mod package;
+pub mod preprocess;
+pub mod runtime;

@@ -1,0 +1,225 @@
+//! A model package on disk: configuration, processor settings, tokenizer, chat template and the
+//! ONNX graph files with their precision variants. Nothing else: no sessions, no tensors.
+//!
+//! The layout is the one published ONNX VLMs use (onnx-community, transformers.js):
+//! `config.json`, `generation_config.json`, processor and tokenizer files at the top and
+//! `onnx/{vision_encoder,embed_tokens,decoder_model_merged}{SUFFIX}.onnx`.
+
+mod precision;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+pub use precision::Precision;
+
+/// Errors reading a package.
+#[derive(Debug, thiserror::Error)]
+pub enum PackageError {
+    #[error("{path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("{path} is not a model package: {message}")]
+    NotAPackage { path: PathBuf, message: String },
+    #[error("the package has no {graph} graph in precision {requested}; available: {available}")]
+    VariantMissing { graph: Graph, requested: Precision, available: String },
+    #[error("unknown precision {0:?}; use fp32, fp16, int8, uint8, quantized, q4, q4f16 or bnb4")]
+    UnknownPrecision(String),
+    #[error("the package has no chat template (looked in chat_template.jinja, chat_template.json, tokenizer_config.json, processor_config.json)")]
+    NoChatTemplate,
+}
+
+/// The three graphs of a VLM package.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Graph {
+    VisionEncoder,
+    EmbedTokens,
+    Decoder,
+}
+
+impl Graph {
+    pub const ALL: [Graph; 3] = [Graph::VisionEncoder, Graph::EmbedTokens, Graph::Decoder];
+
+    /// File name stem inside `onnx/`.
+    pub fn stem(self) -> &'static str {
+        match self {
+            Graph::VisionEncoder => "vision_encoder",
+            Graph::EmbedTokens => "embed_tokens",
+            Graph::Decoder => "decoder_model_merged",
+        }
+    }
+}
+
+impl fmt::Display for Graph {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.stem())
+    }
+}
+
+/// Settings from `generation_config.json` that generation needs.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct GenerationConfig {
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub eos_token_id: Vec<u32>,
+    pub max_new_tokens: Option<usize>,
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(u32),
+        Many(Vec<u32>),
+        Null(()),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(id) => vec![id],
+        OneOrMany::Many(ids) => ids,
+        OneOrMany::Null(()) => Vec::new(),
+    })
+}
+
+/// A model package read from a folder.
+#[derive(Debug, Clone)]
+pub struct ModelPackage {
+    pub dir: PathBuf,
+    /// `config.json` as written by transformers.
+    pub config: Value,
+    /// Image-processor settings, merged from `preprocessor_config.json` and
+    /// `processor_config.json` (its `image_processor` object and top-level keys).
+    pub processor: Value,
+    pub generation: GenerationConfig,
+    /// `tokenizer_config.json` (special tokens used by chat templates), or `{}`.
+    pub tokenizer_config: Value,
+    pub chat_template: String,
+}
+
+impl ModelPackage {
+    pub fn open(dir: &Path) -> Result<Self, PackageError> {
+        if !dir.join("config.json").is_file() {
+            return Err(PackageError::NotAPackage { path: dir.to_path_buf(), message: "config.json not found".into() });
+        }
+        let config = read_json(&dir.join("config.json"))?;
+        let processor = merged_processor_settings(dir)?;
+        let generation = match read_optional_json(&dir.join("generation_config.json"))? {
+            Some(v) => serde_json::from_value(v).map_err(|e| read_err(&dir.join("generation_config.json"), e))?,
+            None => GenerationConfig::default(),
+        };
+        let tokenizer_config = read_optional_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        let chat_template = find_chat_template(dir, &tokenizer_config)?;
+        Ok(Self { dir: dir.to_path_buf(), config, processor, generation, tokenizer_config, chat_template })
+    }
+
+    pub fn model_type(&self) -> &str {
+        self.config["model_type"].as_str().unwrap_or_default()
+    }
+
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.dir.join("tokenizer.json")
+    }
+
+    /// The decoder's context length (`max_position_embeddings` of the text model).
+    pub fn context_length(&self) -> Option<usize> {
+        let text = self.config.get("text_config").unwrap_or(&self.config);
+        text["max_position_embeddings"].as_u64().map(|n| n as usize)
+    }
+
+    /// End-of-sequence ids: generation config first, then the model config.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        if !self.generation.eos_token_id.is_empty() {
+            return self.generation.eos_token_id.clone();
+        }
+        let text = self.config.get("text_config").unwrap_or(&self.config);
+        serde_json::from_value::<GenerationConfig>(serde_json::json!({ "eos_token_id": text["eos_token_id"] }))
+            .map(|g| g.eos_token_id)
+            .unwrap_or_default()
+    }
+
+    /// Precisions in which `graph` exists, in a stable order.
+    pub fn available(&self, graph: Graph) -> Vec<Precision> {
+        Precision::ALL.into_iter().filter(|p| self.graph_file(graph, *p).is_file()).collect()
+    }
+
+    fn graph_file(&self, graph: Graph, precision: Precision) -> PathBuf {
+        self.dir.join("onnx").join(format!("{}{}.onnx", graph.stem(), precision.suffix()))
+    }
+
+    /// Path of `graph` in `precision`, or an error listing the precisions that exist.
+    pub fn graph_path(&self, graph: Graph, precision: Precision) -> Result<PathBuf, PackageError> {
+        let path = self.graph_file(graph, precision);
+        if path.is_file() {
+            return Ok(path);
+        }
+        let available: Vec<String> = self.available(graph).iter().map(|p| p.to_string()).collect();
+        let available = if available.is_empty() { "none".to_string() } else { available.join(", ") };
+        Err(PackageError::VariantMissing { graph, requested: precision, available })
+    }
+}
+
+fn read_err(path: &Path, e: impl fmt::Display) -> PackageError {
+    PackageError::Read { path: path.to_path_buf(), message: e.to_string() }
+}
+
+fn read_json(path: &Path) -> Result<Value, PackageError> {
+    let text = std::fs::read_to_string(path).map_err(|e| read_err(path, e))?;
+    serde_json::from_str(&text).map_err(|e| read_err(path, e))
+}
+
+fn read_optional_json(path: &Path) -> Result<Option<Value>, PackageError> {
+    if path.is_file() { read_json(path).map(Some) } else { Ok(None) }
+}
+
+/// transformers 5 nests image-processor settings under `processor_config.json`'s
+/// `image_processor`; older packages have them flat in `preprocessor_config.json`.
+fn merged_processor_settings(dir: &Path) -> Result<Value, PackageError> {
+    let mut merged = serde_json::Map::new();
+    if let Some(Value::Object(pre)) = read_optional_json(&dir.join("preprocessor_config.json"))? {
+        merged.extend(pre);
+    }
+    if let Some(Value::Object(proc)) = read_optional_json(&dir.join("processor_config.json"))? {
+        for (key, value) in proc {
+            match (key.as_str(), value) {
+                ("image_processor", Value::Object(inner)) => merged.extend(inner),
+                ("chat_template", _) => {}
+                (_, value) => {
+                    merged.insert(key, value);
+                }
+            }
+        }
+    }
+    Ok(Value::Object(merged))
+}
+
+fn find_chat_template(dir: &Path, tokenizer_config: &Value) -> Result<String, PackageError> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        return std::fs::read_to_string(&jinja).map_err(|e| read_err(&jinja, e));
+    }
+    let from_json = |v: &Value| template_value(&v["chat_template"]);
+    if let Some(t) = read_optional_json(&dir.join("chat_template.json"))?.as_ref().and_then(from_json) {
+        return Ok(t);
+    }
+    if let Some(t) = from_json(tokenizer_config) {
+        return Ok(t);
+    }
+    read_optional_json(&dir.join("processor_config.json"))?.as_ref().and_then(from_json).ok_or(PackageError::NoChatTemplate)
+}
+
+/// A template is a string, or a list of `{name, template}` of which we take `default`.
+fn template_value(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(list) => list
+            .iter()
+            .find(|t| t["name"] == "default")
+            .or(list.first())
+            .and_then(|t| t["template"].as_str().map(String::from)),
+        _ => None,
+    }
+}

@@ -1,0 +1,132 @@
+//! Shared helpers for integration tests: fixture discovery and reference cases written by
+//! `export/make_fixtures.py` (transformers/PyTorch), and model loading.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+use ndarray::{ArrayD, IxDyn};
+use serde::Deserialize;
+use vlmserve::engine::{Model, ModelOptions};
+use vlmserve::package::Precision;
+use vlmserve::preprocess::chat_template::{ChatMessage, ContentPart};
+use vlmserve::preprocess::{ImageLimits, decode_image};
+
+#[derive(Debug, Deserialize)]
+pub struct Reference {
+    pub family: String,
+    pub package: String,
+    pub max_new_tokens: usize,
+    pub cases: Vec<Case>,
+    #[serde(skip)]
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ArrayRef {
+    pub file: String,
+    pub shape: Vec<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Case {
+    pub name: String,
+    pub images: Vec<String>,
+    pub messages: Vec<serde_json::Value>,
+    pub prompt: String,
+    pub expanded_prompt: String,
+    pub input_ids: Vec<u32>,
+    pub pixel_values: Option<ArrayRef>,
+    pub pixel_attention_mask: Option<ArrayRef>,
+    pub generated_ids: Vec<u32>,
+    pub generated_text: String,
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every `tests/fixtures/*/reference.json`.
+pub fn references() -> Vec<Reference> {
+    let mut out = Vec::new();
+    let dir = root().join("tests/fixtures");
+    let mut entries: Vec<_> = std::fs::read_dir(&dir).expect("tests/fixtures").flatten().map(|e| e.path()).collect();
+    entries.sort();
+    for path in entries {
+        let file = path.join("reference.json");
+        if file.is_file() {
+            let text = std::fs::read_to_string(&file).unwrap();
+            let mut reference: Reference = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            reference.dir = path;
+            out.push(reference);
+        }
+    }
+    assert!(!out.is_empty(), "no fixtures with reference.json under {}", dir.display());
+    out
+}
+
+impl Reference {
+    pub fn package_dir(&self) -> PathBuf {
+        self.dir.join(&self.package)
+    }
+
+    pub fn load(&self, precision: Precision) -> Model {
+        let options = ModelOptions { precision, ..ModelOptions::default() };
+        Model::load(&self.package_dir(), &options).unwrap_or_else(|e| panic!("{}: {e}", self.package_dir().display()))
+    }
+}
+
+impl Case {
+    pub fn decoded_images(&self, dir: &Path) -> Vec<RgbImage> {
+        self.images
+            .iter()
+            .map(|p| {
+                let bytes = std::fs::read(dir.join(p)).unwrap();
+                decode_image(&bytes, &ImageLimits::default()).unwrap()
+            })
+            .collect()
+    }
+
+    /// The HF messages as our chat messages.
+    pub fn chat_messages(&self) -> Vec<ChatMessage> {
+        self.messages
+            .iter()
+            .map(|m| ChatMessage {
+                role: m["role"].as_str().unwrap().to_string(),
+                content: m["content"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|part| match part["type"].as_str().unwrap() {
+                        "image" => ContentPart::Image,
+                        _ => ContentPart::Text { text: part["text"].as_str().unwrap().to_string() },
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+pub fn read_f32(dir: &Path, array: &ArrayRef) -> ArrayD<f32> {
+    let a: ArrayD<f32> = ndarray_npy::read_npy(dir.join(&array.file)).unwrap();
+    assert_eq!(a.shape(), array.shape.as_slice());
+    a
+}
+
+pub fn read_bool(dir: &Path, array: &ArrayRef) -> ArrayD<bool> {
+    let a: ArrayD<bool> = ndarray_npy::read_npy(dir.join(&array.file)).unwrap();
+    assert_eq!(a.shape(), array.shape.as_slice());
+    a
+}
+
+/// Drop the leading batch axis of size 1 that HF processors return.
+pub fn unbatch<T: Clone>(a: ArrayD<T>) -> ArrayD<T> {
+    assert_eq!(a.shape()[0], 1, "batch of one expected");
+    let shape = a.shape()[1..].to_vec();
+    a.into_shape_with_order(IxDyn(&shape)).unwrap()
+}
+
+/// Leading tokens two sequences share.
+pub fn agreement(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}

@@ -1,0 +1,240 @@
+//! Engine behaviour on the tiny fixture model: bad input gets typed errors, sampling is
+//! reproducible, stop strings cut, streaming never splits characters, and the CLI prints
+//! what the engine computes.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{Reference, references};
+use vlmserve::engine::{EngineError, FinishReason, Flow, GenerationParams, Model, ModelOptions, SamplingParams};
+use vlmserve::family::FamilyError;
+use vlmserve::package::{PackageError, Precision};
+use vlmserve::preprocess::chat_template::ChatMessage;
+use vlmserve::runtime::RuntimeError;
+
+fn fixture() -> Reference {
+    references().remove(0)
+}
+
+fn load(dir: &Path) -> Result<Model, EngineError> {
+    Model::load(dir, &ModelOptions::default())
+}
+
+/// A copy of the fixture package that a test may damage.
+fn package_copy(reference: &Reference) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&reference.package_dir(), tmp.path());
+    tmp
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn generate(model: &mut Model, messages: &[ChatMessage], params: &GenerationParams) -> Result<vlmserve::engine::Completion, EngineError> {
+    let prompt = model.prepare(messages, &[])?;
+    model.generate(&prompt, params, &mut |_| Flow::Continue)
+}
+
+#[test]
+fn missing_variant_lists_the_available_ones() {
+    let reference = fixture();
+    let options = ModelOptions { precision: Precision::Q4, ..ModelOptions::default() };
+    let err = Model::load(&reference.package_dir(), &options).unwrap_err();
+    match err {
+        EngineError::Package(PackageError::VariantMissing { requested, available, .. }) => {
+            assert_eq!(requested, Precision::Q4);
+            assert_eq!(available, "fp32, fp16, int8");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn missing_and_corrupt_graphs_are_typed_errors() {
+    let reference = fixture();
+    let tmp = package_copy(&reference);
+    std::fs::remove_file(tmp.path().join("onnx/decoder_model_merged.onnx")).unwrap();
+    assert!(matches!(load(tmp.path()), Err(EngineError::Package(PackageError::VariantMissing { .. }))));
+
+    let tmp = package_copy(&reference);
+    std::fs::write(tmp.path().join("onnx/vision_encoder.onnx"), b"not an onnx graph").unwrap();
+    assert!(matches!(load(tmp.path()), Err(EngineError::Runtime(RuntimeError::Session { .. }))));
+}
+
+#[test]
+fn graphs_that_disagree_with_the_config_are_rejected() {
+    let reference = fixture();
+    let tmp = package_copy(&reference);
+    let path = tmp.path().join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let layers = config["text_config"]["num_hidden_layers"].as_u64().unwrap();
+    config["text_config"]["num_hidden_layers"] = (layers + 1).into();
+    std::fs::write(&path, config.to_string()).unwrap();
+    match load(tmp.path()) {
+        Err(EngineError::GraphMismatch(m)) => assert!(m.contains("num_hidden_layers"), "{m}"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn unknown_family_and_non_package_folders_are_rejected() {
+    let reference = fixture();
+    let tmp = package_copy(&reference);
+    let path = tmp.path().join("config.json");
+    let text = std::fs::read_to_string(&path).unwrap().replace("\"idefics3\"", "\"llava_next\"");
+    std::fs::write(&path, text).unwrap();
+    assert!(matches!(load(tmp.path()), Err(EngineError::Family(FamilyError::UnsupportedModelType(t))) if t == "llava_next"));
+
+    let empty = tempfile::tempdir().unwrap();
+    assert!(matches!(load(empty.path()), Err(EngineError::Package(PackageError::NotAPackage { .. }))));
+}
+
+#[test]
+fn prompt_errors_are_typed() {
+    let reference = fixture();
+    let mut model = reference.load(Precision::Fp32);
+    let params = GenerationParams { max_new_tokens: 4, ..GenerationParams::default() };
+
+    let empty = generate(&mut model, &[ChatMessage::user(0, "")], &params);
+    assert!(matches!(empty, Err(EngineError::EmptyPrompt)), "{empty:?}");
+
+    let images = reference.cases.iter().find(|c| c.images.len() == 1).unwrap().decoded_images(&reference.dir);
+    let two = vec![images[0].clone(), images[0].clone()];
+    let err = model.prepare(&[ChatMessage::user(1, "one placeholder")], &two).unwrap_err();
+    assert!(matches!(err, EngineError::Family(FamilyError::ImageCountMismatch { placeholders: 1, images: 2 })), "{err:?}");
+
+    let context = model.info.context_length;
+    let long = "shape ".repeat(context);
+    let err = generate(&mut model, &[ChatMessage::user(0, &long)], &params).unwrap_err();
+    assert!(matches!(err, EngineError::PromptTooLong { context: c, .. } if c == context), "{err:?}");
+
+    let bad = GenerationParams { sampling: SamplingParams { top_p: 0.0, ..SamplingParams::default() }, ..params.clone() };
+    let err = generate(&mut model, &[ChatMessage::user(0, "hi")], &bad).unwrap_err();
+    assert!(matches!(err, EngineError::InvalidParameter(_)), "{err:?}");
+
+    let zero = GenerationParams { max_new_tokens: 0, ..params };
+    assert!(matches!(generate(&mut model, &[ChatMessage::user(0, "hi")], &zero), Err(EngineError::InvalidParameter(_))));
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let reference = fixture();
+    let mut model = reference.load(Precision::Fp32);
+    let sampled = |model: &mut Model, seed| {
+        let sampling = SamplingParams { temperature: 1.5, top_k: 50, top_p: 0.95, seed: Some(seed), ..Default::default() };
+        let params = GenerationParams { sampling, max_new_tokens: 24, ignore_eos: true, ..Default::default() };
+        generate(model, &[ChatMessage::user(0, "Describe the image.")], &params).unwrap().token_ids
+    };
+    let a = sampled(&mut model, 1);
+    assert_eq!(a.len(), 24);
+    assert_eq!(a, sampled(&mut model, 1));
+    assert_ne!(a, sampled(&mut model, 2), "different seeds gave identical samples");
+}
+
+#[test]
+fn stop_strings_cut_the_answer_and_streaming_agrees() {
+    let reference = fixture();
+    let mut model = reference.load(Precision::Fp32);
+    let case = reference.cases.iter().find(|c| c.images.is_empty()).expect("a text-only case");
+    let full = &case.generated_text;
+    // Stop at a word in the middle of the reference answer.
+    let word = full.split_whitespace().nth(2).expect("an answer of several words").to_string();
+    let cut = full.find(&word).unwrap();
+    let params = GenerationParams { max_new_tokens: reference.max_new_tokens, stop: vec![word], ..Default::default() };
+    let prompt = model.prepare(&case.chat_messages(), &[]).unwrap();
+    let mut streamed = String::new();
+    let out = model
+        .generate(&prompt, &params, &mut |e| {
+            streamed.push_str(e.text);
+            Flow::Continue
+        })
+        .unwrap();
+    assert_eq!(out.finish_reason, FinishReason::Stop);
+    assert_eq!(out.text, full[..cut]);
+    assert_eq!(streamed, out.text);
+}
+
+#[test]
+fn a_callback_can_stop_generation() {
+    let reference = fixture();
+    let mut model = reference.load(Precision::Fp32);
+    let prompt = model.prepare(&[ChatMessage::user(0, "Describe the image.")], &[]).unwrap();
+    let params = GenerationParams { max_new_tokens: 20, ignore_eos: true, ..Default::default() };
+    let mut seen = 0;
+    let out = model
+        .generate(&prompt, &params, &mut |_| {
+            seen += 1;
+            if seen == 3 { Flow::Stop } else { Flow::Continue }
+        })
+        .unwrap();
+    assert_eq!(out.finish_reason, FinishReason::Cancelled);
+    assert_eq!(out.token_ids.len(), 3);
+}
+
+#[test]
+fn streaming_never_splits_a_character() {
+    let reference = fixture();
+    let model = reference.load(Precision::Fp32);
+    let text = "a red circle é € 😀 ok";
+    let ids = model.tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+    assert!(ids.len() > text.chars().count() / 2, "expected byte-level pieces");
+    let mut detok = vlmserve::engine::Detokenizer::new();
+    let mut out = String::new();
+    for id in ids {
+        let piece = detok.push(&model.tokenizer, id).unwrap();
+        assert!(!piece.contains('\u{FFFD}'), "piece {piece:?} splits a character");
+        out.push_str(&piece);
+    }
+    out.push_str(&detok.finish(&model.tokenizer).unwrap());
+    assert_eq!(out, text);
+}
+
+#[test]
+fn cli_ask_json_prints_the_reference_tokens() {
+    let reference = fixture();
+    let case = reference.cases.iter().find(|c| c.images.len() == 1).unwrap();
+    let text = case.messages[0]["content"].as_array().unwrap().iter().find_map(|p| p["text"].as_str()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vlmserve"))
+        .args(["ask", "--json", "--model"])
+        .arg(reference.package_dir())
+        .arg("--image")
+        .arg(reference.dir.join(&case.images[0]))
+        .args(["--max-new-tokens", &reference.max_new_tokens.to_string(), text])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).unwrap();
+    assert_eq!(ids, case.generated_ids);
+    assert_eq!(json["prompt_tokens"], case.input_ids.len());
+    assert!(json["timings"]["vision_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn cli_reports_bad_images_and_models_without_panicking() {
+    let reference = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.png");
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let run = |args: &[&std::ffi::OsStr]| Command::new(env!("CARGO_BIN_EXE_vlmserve")).args(args).output().unwrap();
+    let out = run(&["ask".as_ref(), "--model".as_ref(), reference.package_dir().as_os_str(), "--image".as_ref(), bad.as_os_str(), "hi".as_ref()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("bad.png") && !stderr.contains("panicked"), "{stderr}");
+
+    let out = run(&["ask".as_ref(), "--model".as_ref(), "no-such-model".as_ref(), "hi".as_ref()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no model named \"no-such-model\""), "{stderr}");
+}

@@ -1,0 +1,109 @@
+//! Token-exact parity with transformers/PyTorch for every fixture case (expected values from
+//! `export/make_fixtures.py`), and precision variants bounded against FP32.
+
+mod common;
+
+use common::{Case, Reference, agreement, read_bool, read_f32, references, unbatch};
+use vlmserve::engine::{Completion, Flow, GenerationParams, Model, Prompt};
+use vlmserve::family::{NamedTensor, TensorData};
+use vlmserve::package::Precision;
+
+fn greedy(max_new_tokens: usize) -> GenerationParams {
+    GenerationParams { max_new_tokens, ..GenerationParams::default() }
+}
+
+fn run(model: &mut Model, prompt: &Prompt, max_new_tokens: usize) -> Completion {
+    let mut streamed = String::new();
+    let completion = model
+        .generate(prompt, &greedy(max_new_tokens), &mut |e| {
+            streamed.push_str(e.text);
+            Flow::Continue
+        })
+        .unwrap();
+    assert_eq!(streamed, completion.text, "streamed text differs from the final text");
+    completion
+}
+
+fn our_prompt(model: &Model, reference: &Reference, case: &Case) -> Prompt {
+    model.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir)).unwrap()
+}
+
+/// The same prompt, but with the processor's own pixel values instead of ours.
+fn reference_prompt(model: &Model, reference: &Reference, case: &Case) -> Prompt {
+    let ours = our_prompt(model, reference, case);
+    let images = ours.images.clone().map(|mut images| {
+        let pixels = unbatch(read_f32(&reference.dir, case.pixel_values.as_ref().unwrap()));
+        let mask = unbatch(read_bool(&reference.dir, case.pixel_attention_mask.as_ref().unwrap()));
+        images.inputs = vec![
+            NamedTensor { name: "pixel_values".into(), data: TensorData::F32(pixels) },
+            NamedTensor { name: "pixel_attention_mask".into(), data: TensorData::Bool(mask) },
+        ];
+        images
+    });
+    model.prompt_from_ids(case.input_ids.clone(), images)
+}
+
+#[test]
+fn prompts_match_the_processor() {
+    for reference in references() {
+        let model = reference.load(Precision::Fp32);
+        for case in &reference.cases {
+            let rendered = model.template.render(&case.chat_messages()).unwrap();
+            assert_eq!(rendered, case.prompt, "{}: chat template", case.name);
+            let prompt = our_prompt(&model, &reference, case);
+            assert_eq!(prompt.input_ids, case.input_ids, "{}: input_ids", case.name);
+        }
+    }
+}
+
+#[test]
+fn fp32_greedy_matches_pytorch_from_reference_pixels() {
+    for reference in references() {
+        let mut model = reference.load(Precision::Fp32);
+        for case in &reference.cases {
+            let prompt = reference_prompt(&model, &reference, case);
+            let out = run(&mut model, &prompt, reference.max_new_tokens);
+            assert_eq!(out.token_ids, case.generated_ids, "{}: token ids", case.name);
+            assert_eq!(out.text, case.generated_text, "{}: text", case.name);
+        }
+    }
+}
+
+#[test]
+fn fp32_greedy_matches_pytorch_end_to_end_from_image_files() {
+    for reference in references() {
+        let mut model = reference.load(Precision::Fp32);
+        for case in &reference.cases {
+            let prompt = our_prompt(&model, &reference, case);
+            let out = run(&mut model, &prompt, reference.max_new_tokens);
+            assert_eq!(out.token_ids, case.generated_ids, "{}: token ids", case.name);
+            assert_eq!(out.prompt_tokens, case.input_ids.len());
+        }
+    }
+}
+
+/// Reduced precisions may drift from FP32, but not far: at least this share of all greedy
+/// tokens must agree with FP32 (leading tokens, summed over cases), and every case's first
+/// token must agree. The export report measures the same on the same graphs in Python.
+const MIN_AGREEMENT: [(Precision, f64); 2] = [(Precision::Fp16, 0.75), (Precision::Int8, 0.3)];
+
+#[test]
+fn reduced_precisions_stay_close_to_fp32() {
+    for reference in references() {
+        for (precision, bound) in MIN_AGREEMENT {
+            let mut model = reference.load(precision);
+            let (mut agreed, mut total) = (0, 0);
+            for case in &reference.cases {
+                let prompt = our_prompt(&model, &reference, case);
+                let out = run(&mut model, &prompt, reference.max_new_tokens);
+                let n = agreement(&out.token_ids, &case.generated_ids);
+                assert!(n >= 1, "{precision} {}: first token differs from FP32", case.name);
+                agreed += n;
+                total += case.generated_ids.len();
+            }
+            let share = agreed as f64 / total as f64;
+            eprintln!("{}: {precision} agrees with FP32 on {agreed}/{total} tokens ({share:.2})", reference.family);
+            assert!(share >= bound, "{precision}: agreement {share:.2} below {bound}");
+        }
+    }
+}
