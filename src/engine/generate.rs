@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::detokenize::Detokenizer;
 use super::kv_cache::KvCache;
-use super::model::Model;
+use super::model::{Model, Processor};
 use super::sampler::{Sampler, SamplingParams};
 use super::stop::{FinishReason, StopRules};
 use super::tensors::to_f32_array;
@@ -88,7 +88,7 @@ pub struct Completion {
     pub timings: Timings,
 }
 
-impl Model {
+impl Processor {
     /// Render the chat template, process the images and tokenize the expanded prompt.
     pub fn prepare(&self, messages: &[ChatMessage], images: &[RgbImage]) -> Result<Prompt, EngineError> {
         let start = Instant::now();
@@ -147,6 +147,9 @@ impl Model {
         Ok(())
     }
 
+}
+
+impl Model {
     /// Generate from `prompt`, calling `on_token` for every token; it may stop generation.
     pub fn generate(
         &mut self,

@@ -18,7 +18,7 @@ mod tensors;
 pub use detokenize::Detokenizer;
 pub use generate::{Completion, Event, Flow, GenerationParams, Prompt, Timings};
 pub use kv_cache::{KvCache, KvLayout};
-pub use model::{GraphChoice, Model, ModelInfo, ModelOptions};
+pub use model::{GraphChoice, Model, ModelInfo, ModelOptions, Processor};
 pub use sampler::{Sampler, SamplingParams};
 pub use stop::{FinishReason, StopRules};
 

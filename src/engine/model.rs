@@ -1,7 +1,9 @@
 //! A loaded model: the package's three graphs in ONNX Runtime, its tokenizer, chat template
 //! and family, checked against each other at load time.
 
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tokenizers::Tokenizer;
 
@@ -70,13 +72,22 @@ pub struct ModelInfo {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// Everything about a model except its sessions: what turns messages and images into a
+/// [`super::Prompt`] and tokens back into text. Shared (`Arc`) so that request handlers can
+/// prepare prompts while the sessions generate for someone else.
 #[derive(Debug)]
-pub struct Model {
+pub struct Processor {
     pub info: ModelInfo,
     pub package: ModelPackage,
     pub family: Box<dyn Family>,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
+}
+
+/// A loaded model: its [`Processor`] and the three ONNX Runtime sessions.
+#[derive(Debug)]
+pub struct Model {
+    pub processor: Arc<Processor>,
     pub(super) vision: VisionEncoder,
     pub(super) embedder: Embedder,
     pub(super) decoder: Decoder,
@@ -112,9 +123,9 @@ impl Model {
             context_length: package.context_length().unwrap_or(DEFAULT_CONTEXT),
             eos_token_ids: package.eos_token_ids(),
         };
-        let model = Self { info, package, family, tokenizer, template, vision, embedder, decoder };
-        model.check_consistency()?;
-        Ok(model)
+        let processor = Processor { info, package, family, tokenizer, template };
+        processor.check_consistency(&decoder.layout)?;
+        Ok(Self { processor: Arc::new(processor), vision, embedder, decoder })
     }
 
     pub fn kv_layout(&self) -> &KvLayout {
@@ -129,11 +140,12 @@ impl Model {
         let sessions = [self.vision.session(), self.embedder.session(), self.decoder.session()];
         Graph::ALL.into_iter().zip(sessions).map(|(g, s)| (g, describe(s.inputs()), describe(s.outputs()))).collect()
     }
+}
 
+impl Processor {
     /// A package whose graphs disagree with its config fails here, not mid-generation.
-    fn check_consistency(&self) -> Result<(), EngineError> {
+    fn check_consistency(&self, layout: &KvLayout) -> Result<(), EngineError> {
         let text = self.package.config.get("text_config").unwrap_or(&self.package.config);
-        let layout = self.kv_layout();
         let expect = |key: &str, actual: usize| -> Result<(), EngineError> {
             match text[key].as_u64() {
                 Some(n) if n as usize != actual => Err(EngineError::GraphMismatch(format!(
@@ -151,5 +163,15 @@ impl Model {
             )));
         }
         Ok(())
+    }
+}
+
+/// The processor's fields read as the model's own (`model.tokenizer`), since a model is its
+/// processor plus sessions.
+impl Deref for Model {
+    type Target = Processor;
+
+    fn deref(&self) -> &Processor {
+        &self.processor
     }
 }
