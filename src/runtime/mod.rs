@@ -7,7 +7,7 @@ mod library;
 mod providers;
 
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 pub use library::{ORT_VERSION, locate_library, setup_dir};
 pub use providers::{CpuOptions, CudaOptions, Provider, TensorRtOptions};
@@ -55,10 +55,13 @@ impl Default for GraphOptions {
 }
 
 static ENVIRONMENT: OnceLock<(Environment, String)> = OnceLock::new();
+/// ONNX Runtime allows one environment per process: concurrent first loads must not race.
+static INIT: Mutex<()> = Mutex::new(());
 
 /// Load ONNX Runtime once per process from the first library that `locate_library` finds.
 /// `explicit` is the `--ort-lib` flag or `runtime.onnxruntime_library` setting.
 pub fn init(explicit: Option<&Path>, providers: &[Provider]) -> Result<&'static Environment, RuntimeError> {
+    let _guard = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some((env, path)) = ENVIRONMENT.get() {
         return match explicit {
             Some(p) if p.to_string_lossy() != path.as_str() => Err(RuntimeError::AlreadyInitialised(path.clone())),

@@ -1,0 +1,43 @@
+//! Turning request inputs into model-ready values, independent of any model family:
+//! image decoding under limits ([`decode_image`]), Pillow-exact resampling ([`resize()`]),
+//! rescale/normalize into CHW floats ([`normalize`]), and chat-template rendering
+//! ([`chat_template`]). Families combine these into their own processors.
+
+pub mod chat_template;
+mod image;
+pub mod normalize;
+pub mod resize;
+
+pub use self::image::{ImageLimits, decode_image};
+pub use resize::{Filter, resize};
+
+/// Errors from decoding and preparing images and prompts.
+#[derive(Debug, thiserror::Error)]
+pub enum PreprocessError {
+    #[error("no image data")]
+    Empty,
+    #[error("image data is {bytes} bytes, over the limit of {limit}")]
+    TooManyBytes { bytes: usize, limit: usize },
+    #[error("unsupported image format: {0}")]
+    UnsupportedFormat(String),
+    #[error(
+        "image is {width}x{height}, over the limits of {max_side} pixels per side \
+         and {max_pixels} pixels in all"
+    )]
+    TooLarge {
+        width: u32,
+        height: u32,
+        max_side: u32,
+        max_pixels: u64,
+    },
+    #[error("image data ends early: {0}")]
+    Truncated(String),
+    /// Corrupt or otherwise undecodable data.
+    #[error("could not decode image: {0}")]
+    Decode(String),
+    /// The decoder needed more memory than the limits allow although the header was in bounds.
+    #[error("decoding the image would exceed the memory limit: {0}")]
+    DecoderLimit(String),
+    #[error("chat template: {0}")]
+    Template(String),
+}

@@ -1,0 +1,354 @@
+//! Image preprocessing against Pillow and transformers: Pillow-exact resizing, PIL-equivalent
+//! decoding (cases from `export/make_resize_cases.py`), the Idefics3 processor's pixel values
+//! for every fixture case, and rejection of bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+use ndarray::ArrayD;
+use serde::Deserialize;
+use vlmserve::family::{Family, Idefics3, TensorData};
+use vlmserve::preprocess::{Filter, ImageLimits, PreprocessError, decode_image, resize};
+
+fn resize_dir() -> PathBuf {
+    common::root().join("tests/fixtures/resize")
+}
+
+#[derive(Deserialize)]
+struct Cases {
+    pillow: String,
+    resize: Vec<ResizeCase>,
+    decode: Vec<DecodeCase>,
+}
+
+#[derive(Deserialize)]
+struct ResizeCase {
+    input: String,
+    output: String,
+    filter: String,
+    width: u32,
+    height: u32,
+}
+
+#[derive(Deserialize)]
+struct DecodeCase {
+    file: String,
+    expected: String,
+    exact: bool,
+}
+
+fn cases() -> Cases {
+    let text = std::fs::read_to_string(resize_dir().join("cases.json"))
+        .expect("run export/make_resize_cases.py");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A PNG written by PIL in RGB mode, read without our decoder in the way.
+fn read_rgb_png(path: &Path) -> RgbImage {
+    image::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_rgb8()
+}
+
+fn filter(name: &str) -> Filter {
+    match name {
+        "NEAREST" => Filter::Nearest,
+        "BOX" => Filter::Box,
+        "BILINEAR" => Filter::Bilinear,
+        "HAMMING" => Filter::Hamming,
+        "BICUBIC" => Filter::Bicubic,
+        "LANCZOS" => Filter::Lanczos,
+        other => panic!("unknown filter {other}"),
+    }
+}
+
+#[test]
+fn resize_is_bit_exact_with_pillow() {
+    let cases = cases();
+    let mut failures = Vec::new();
+    for case in &cases.resize {
+        let input = read_rgb_png(&resize_dir().join(&case.input));
+        let expected = read_rgb_png(&resize_dir().join(&case.output));
+        let ours = resize(&input, case.width, case.height, filter(&case.filter));
+        assert_eq!(ours.dimensions(), expected.dimensions(), "{}", case.output);
+        let differing = ours
+            .as_raw()
+            .iter()
+            .zip(expected.as_raw())
+            .filter(|(a, b)| a != b)
+            .count();
+        if differing > 0 {
+            failures.push(format!("{}: {differing} samples differ", case.output));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "resize differs from Pillow {}:\n{}",
+        cases.pillow,
+        failures.join("\n")
+    );
+}
+
+/// Lossy codecs (JPEG, lossy WebP) are decoded by different libraries than PIL's libjpeg-turbo
+/// and libwebp, so they may differ slightly; everything else must match PIL exactly.
+const LOSSY_TOLERANCE: u8 = 8;
+
+#[test]
+fn decoding_matches_pil_convert_to_rgb() {
+    let mut failures = Vec::new();
+    for case in &cases().decode {
+        let bytes = std::fs::read(resize_dir().join(&case.file)).unwrap();
+        let expected = read_rgb_png(&resize_dir().join(&case.expected));
+        let ours = match decode_image(&bytes, &ImageLimits::default()) {
+            Ok(image) => image,
+            Err(e) => {
+                failures.push(format!("{}: {e}", case.file));
+                continue;
+            }
+        };
+        if ours.dimensions() != expected.dimensions() {
+            failures.push(format!(
+                "{}: size {:?}, PIL {:?}",
+                case.file,
+                ours.dimensions(),
+                expected.dimensions()
+            ));
+            continue;
+        }
+        let diffs: Vec<u8> = ours
+            .as_raw()
+            .iter()
+            .zip(expected.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .collect();
+        let max = diffs.iter().copied().max().unwrap_or(0);
+        let identical = diffs.iter().filter(|&&d| d == 0).count() as f64 / diffs.len() as f64;
+        println!(
+            "{}: max difference {max}, {:.2}% identical",
+            case.file,
+            identical * 100.0
+        );
+        if (case.exact && max > 0) || max > LOSSY_TOLERANCE {
+            failures.push(format!("{}: max difference {max}", case.file));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "decoding differs from PIL:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// How far our pixel values may be from the processor's: one uint8 step after normalizing with
+/// std 0.5 (2/255), plus float rounding.
+const PIXEL_TOLERANCE: f32 = 2.0 / 255.0 + 1e-5;
+const IDENTICAL: f32 = 1e-6;
+
+#[test]
+fn idefics3_pixels_and_prompts_match_the_processor() {
+    for reference in common::references() {
+        let package = reference.package_dir();
+        let family = idefics3_for(&package);
+        for case in &reference.cases {
+            let images = case.decoded_images(&reference.dir);
+            let processed = family.process_images(&images).unwrap();
+            let expanded = family
+                .expand_prompt(&case.prompt, &processed.layouts)
+                .unwrap();
+            assert_eq!(
+                expanded, case.expanded_prompt,
+                "{}: expanded prompt",
+                case.name
+            );
+            let (Some(pixels), Some(mask)) = (&case.pixel_values, &case.pixel_attention_mask)
+            else {
+                continue;
+            };
+            let TensorData::F32(ours) = &processed.inputs[0].data else {
+                panic!("pixel_values is f32")
+            };
+            let theirs = common::unbatch(common::read_f32(&reference.dir, pixels));
+            compare_pixels(&case.name, ours, &theirs);
+            let TensorData::Bool(our_mask) = &processed.inputs[1].data else {
+                panic!("mask is bool")
+            };
+            let their_mask = common::unbatch(common::read_bool(&reference.dir, mask));
+            assert_eq!(our_mask, &their_mask, "{}: pixel_attention_mask", case.name);
+        }
+    }
+}
+
+fn idefics3_for(package: &Path) -> Idefics3 {
+    let read = |name: &str| -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(package.join(name)).ok()?;
+        Some(serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}")))
+    };
+    let config = read("config.json").expect("config.json");
+    // Prefer preprocessor_config.json; otherwise processor_config.json's nested shape.
+    let processor = read("preprocessor_config.json")
+        .or_else(|| read("processor_config.json"))
+        .expect("processor settings");
+    Idefics3::from_configs(&config, &processor).unwrap()
+}
+
+fn compare_pixels(name: &str, ours: &ArrayD<f32>, theirs: &ArrayD<f32>) {
+    assert_eq!(ours.shape(), theirs.shape(), "{name}: pixel_values shape");
+    let mut largest = 0.0f32;
+    let mut identical = 0usize;
+    for (a, b) in ours.iter().zip(theirs) {
+        let d = (a - b).abs();
+        largest = largest.max(d);
+        identical += usize::from(d <= IDENTICAL);
+    }
+    let fraction = identical as f64 / ours.len() as f64;
+    println!(
+        "{name}: largest pixel difference {largest:.6}, {:.4}% identical",
+        fraction * 100.0
+    );
+    assert!(
+        largest <= PIXEL_TOLERANCE,
+        "{name}: largest difference {largest}"
+    );
+    assert!(
+        fraction >= 0.99,
+        "{name}: only {:.4}% identical",
+        fraction * 100.0
+    );
+}
+
+// --- bad input -------------------------------------------------------------------------------
+
+fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut chunk = (data.len() as u32).to_be_bytes().to_vec();
+    chunk.extend_from_slice(kind);
+    chunk.extend_from_slice(data);
+    let crc = crc32(&chunk[4..]);
+    chunk.extend_from_slice(&crc.to_be_bytes());
+    chunk
+}
+
+/// CRC-32 (ISO-HDLC) as PNG chunks use it, bit by bit: tests only need a few bytes.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A PNG signature and IHDR (8-bit RGB) claiming `width` x `height`, followed by `rest`.
+fn png_with_header(width: u32, height: u32, rest: &[u8]) -> Vec<u8> {
+    let mut ihdr = width.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(png_chunk(b"IHDR", &ihdr));
+    png.extend_from_slice(rest);
+    png
+}
+
+fn decode(bytes: &[u8]) -> Result<RgbImage, PreprocessError> {
+    decode_image(bytes, &ImageLimits::default())
+}
+
+#[test]
+fn crc_matches_known_value() {
+    assert_eq!(crc32(b"IEND"), 0xAE42_6082);
+}
+
+#[test]
+fn huge_header_is_rejected_before_decoding() {
+    let mut rest = png_chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    rest.extend(png_chunk(b"IEND", &[]));
+    let err = decode(&png_with_header(100_000, 100_000, &rest)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PreprocessError::TooLarge {
+                width: 100_000,
+                height: 100_000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_png_is_reported_as_truncated() {
+    let full = std::fs::read(resize_dir().join("in_d.png")).unwrap();
+    for cut in [full.len() / 2, full.len() - 20, 40] {
+        let err = decode(&full[..cut]).unwrap_err();
+        assert!(
+            matches!(err, PreprocessError::Truncated(_)),
+            "cut at {cut}: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn corrupt_data_is_a_decode_error() {
+    // A valid header with image data that is not zlib.
+    let mut rest = png_chunk(b"IDAT", b"this is not a zlib stream at all");
+    rest.extend(png_chunk(b"IEND", &[]));
+    let err = decode(&png_with_header(4, 4, &rest)).unwrap_err();
+    assert!(matches!(err, PreprocessError::Decode(_)), "{err:?}");
+    // A JPEG start marker followed by garbage.
+    let err = decode(b"\xff\xd8\xff\xe0 garbage garbage garbage garbage garbage").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PreprocessError::Decode(_) | PreprocessError::Truncated(_)
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn empty_unknown_and_oversized_inputs() {
+    assert!(matches!(decode(b""), Err(PreprocessError::Empty)));
+    let err = decode(b"Hello, this is plain text and not an image.").unwrap_err();
+    assert!(
+        matches!(err, PreprocessError::UnsupportedFormat(_)),
+        "{err:?}"
+    );
+    let limits = ImageLimits {
+        max_bytes: 10,
+        ..ImageLimits::default()
+    };
+    let err = decode_image(&[0u8; 11], &limits).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PreprocessError::TooManyBytes {
+                bytes: 11,
+                limit: 10
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn garbage_never_panics() {
+    let full = std::fs::read(resize_dir().join("in_a.png")).unwrap();
+    let mut state = 0x1234_5678u32;
+    for _ in 0..200 {
+        let mut bytes = full.clone();
+        for _ in 0..8 {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let i = state as usize % bytes.len();
+            bytes[i] ^= (state >> 24) as u8;
+        }
+        let _ = decode(&bytes);
+    }
+}
