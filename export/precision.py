@@ -1,0 +1,165 @@
+"""Precision variants derived from the FP32 graphs.
+
+fp32  the exported graphs as they are.
+fp16  weights and most activations in float16; inputs/outputs (including the
+      KV cache) stay float32 so the runtime feeds every variant the same way.
+int8  dynamic quantization of the MatMul weights (QInt8); activations, the
+      KV cache and the remaining weights (embeddings, convolutions) stay fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    suffix: str
+    weight_dtype: str  # dtype of the matmul weights in this variant
+
+
+VARIANTS = {
+    "fp32": Variant("fp32", "", "float32"),
+    "fp16": Variant("fp16", "_fp16", "float16"),
+    "int8": Variant("int8", "_int8", "int8"),
+}
+
+# Ops whose fp16 versions lose too much: reductions and normalisations
+# (x**2 overflows fp16 for activations above ~256), softmax. They run in fp32
+# with casts around them; the matmuls, which hold the weights, are fp16.
+FP16_OP_BLOCK_LIST = ["Pow", "ReduceMean", "Sqrt", "Reciprocal", "Softmax", "LayerNormalization"]
+
+
+def parse_precisions(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        from errors import ExportError
+
+        raise ExportError(f"unknown precision(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if "fp32" not in names:
+        # Every other variant is derived from, and checked against, fp32.
+        names.insert(0, "fp32")
+    return list(dict.fromkeys(names))
+
+
+def graph_path(onnx_dir: Path, graph: str, variant: str) -> Path:
+    return onnx_dir / f"{graph}{VARIANTS[variant].suffix}.onnx"
+
+
+def make_variant(variant: str, fp32_path: Path, out_path: Path) -> None:
+    if variant == "fp16":
+        to_fp16(fp32_path, out_path)
+    elif variant == "int8":
+        to_int8(fp32_path, out_path)
+    else:
+        raise ValueError(variant)
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(src))
+    # The exporter's value_info would otherwise keep stale fp32 types that the
+    # converter trusts; the converter re-infers them.
+    del model.graph.value_info[:]
+    _isolate_graph_outputs(model)
+    with warnings.catch_warnings():
+        # "-3.4e38 will be truncated to -10000": the attention mask fill value;
+        # -1e4 still zeroes the softmax weight in fp16.
+        warnings.simplefilter("ignore")
+        model = float16.convert_float_to_float16(
+            model,
+            keep_io_types=True,
+            op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + FP16_OP_BLOCK_LIST,
+            node_block_list=_rotary_nodes(model),
+        )
+    _fix_float_casts(model)
+    from onnx_graph import save_model
+
+    save_model(model, dst)
+    onnx.checker.check_model(str(dst))
+
+
+def _isolate_graph_outputs(model: onnx.ModelProto) -> None:
+    """Give every graph output its own Identity node.
+
+    The decoder's present.{i}.key is also read inside the graph (attention
+    uses the concatenated cache). onnxconverter-common renames the producer of
+    a graph output to insert the fp16->fp32 cast, but leaves the internal
+    readers on the old (now fp32) name, which makes the graph invalid.
+    """
+    outputs = {o.name for o in model.graph.output}
+    renamed = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.output):
+            if name in outputs:
+                renamed[name] = node.output[i] = f"{name}__value"
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    for name, value in renamed.items():
+        model.graph.node.append(helper.make_node("Identity", [value], [name], name=f"{name}__identity"))
+
+
+def _rotary_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes computing rotary angles (everything upstream of Cos/Sin).
+
+    position * inv_freq must stay fp32: fp16 has a spacing of 0.5 at 1000, so
+    angles of late positions would be off by up to half a radian. Blocking the
+    whole upstream region (not just Cos/Sin) also avoids casting the shared
+    angle tensor twice, which the converter names identically.
+    """
+    producer = {out: node for node in model.graph.node for out in node.output}
+    blocked: set[str] = set()
+    stack = [n for n in model.graph.node if n.op_type in ("Cos", "Sin")]
+    while stack:
+        node = stack.pop()
+        if node.name in blocked:
+            continue
+        blocked.add(node.name)
+        stack.extend(producer[i] for i in node.input if i in producer)
+    return sorted(blocked)
+
+
+def _fix_float_casts(model: onnx.ModelProto) -> None:
+    """Retarget Cast(to=float) nodes whose output the converter declared fp16.
+
+    onnxconverter-common changes value types but not Cast's `to` attribute.
+    """
+    declared = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
+    for node in model.graph.node:
+        if node.op_type != "Cast":
+            continue
+        to = next(a for a in node.attribute if a.name == "to")
+        if to.i == TensorProto.FLOAT and declared.get(node.output[0]) == TensorProto.FLOAT16:
+            to.i = TensorProto.FLOAT16
+
+
+def to_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # quantize_dynamic logs a "consider pre-processing" hint on every call.
+    logging.getLogger().setLevel(logging.ERROR)
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul"],
+        # Only weight matmuls; Q@K^T and attn@V have no constant operand.
+        extra_options={"MatMulConstBOnly": True},
+        use_external_data_format=src.stat().st_size + _external_bytes(src) > 1_800_000_000,
+    )
+
+
+def _external_bytes(path: Path) -> int:
+    data = path.with_name(f"{path.name}.data")
+    return data.stat().st_size if data.exists() else 0
