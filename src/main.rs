@@ -1,8 +1,11 @@
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use vlmserve::cli::{self, Cli};
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "warn,vlmserve=info",
@@ -10,7 +13,18 @@ fn main() -> anyhow::Result<()> {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    cli::run(cli)?;
-    Ok(())
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let result: anyhow::Result<()> = cli::run(cli).map_err(Into::into);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One readable line with the cause chain; no backtrace for user errors.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
