@@ -238,3 +238,38 @@ fn cli_reports_bad_images_and_models_without_panicking() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no model named \"no-such-model\""), "{stderr}");
 }
+
+#[test]
+fn unavailable_gpu_provider_is_an_error_unless_fallback_is_allowed() {
+    let reference = fixture();
+    let case = reference.cases.iter().find(|c| c.images.is_empty()).unwrap();
+    let text = case.messages[0]["content"][0]["text"].as_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ask = |fallback: bool| {
+        let config = tmp.path().join(format!("cuda-{fallback}.toml"));
+        let toml = format!(
+            "[[models]]\nname = \"gpu\"\npath = {:?}\nproviders = [{{ kind = \"cuda\" }}]\nfallback_to_cpu = {fallback}\n",
+            reference.package_dir()
+        );
+        std::fs::write(&config, toml).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_vlmserve"))
+            .arg("--config")
+            .arg(&config)
+            .args(["ask", "--json", "--model", "gpu", "--max-new-tokens", &reference.max_new_tokens.to_string(), text])
+            .output()
+            .unwrap()
+    };
+    // This machine's ONNX Runtime is the CPU build: CUDA cannot register.
+    let refused = ask(false);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("execution provider cuda is not available"), "{stderr}");
+
+    let fell_back = ask(true);
+    let stderr = String::from_utf8_lossy(&fell_back.stderr);
+    assert!(fell_back.status.success(), "{stderr}");
+    assert!(stderr.contains("falling back to CPU"), "{stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&fell_back.stdout).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).unwrap();
+    assert_eq!(ids, case.generated_ids);
+}

@@ -27,7 +27,9 @@ pub fn setup_dir() -> PathBuf {
     home.join("onnxruntime").join(ORT_VERSION)
 }
 
-/// Find the library file, trying each location in order.
+/// Find the library file, trying each location in order. With `needs_gpu`, discovered
+/// locations that have the CUDA provider win; if none has it, the first CPU build is used and
+/// the provider's registration reports the problem (or falls back to CPU when allowed).
 pub fn locate_library(explicit: Option<&Path>, needs_gpu: bool) -> Result<PathBuf, RuntimeError> {
     let mut tried = Vec::new();
     let named = explicit.map(Path::to_path_buf).or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from));
@@ -38,16 +40,21 @@ pub fn locate_library(explicit: Option<&Path>, needs_gpu: bool) -> Result<PathBu
         }
         tried.push(format!("{} (missing)", path.display()));
     }
-    let discovered = [Some(setup_dir()), python_onnxruntime_dir()];
-    for dir in discovered.into_iter().flatten() {
+    let mut found = Vec::new();
+    for dir in [Some(setup_dir()), python_onnxruntime_dir()].into_iter().flatten() {
         let file = dir.join(LIBRARY_NAME);
-        if !file.is_file() {
-            tried.push(format!("{} (missing)", file.display()));
-        } else if needs_gpu && !dir.join("libonnxruntime_providers_cuda.so").is_file() {
-            tried.push(format!("{} (no CUDA provider)", file.display()));
+        if file.is_file() {
+            found.push((dir.join("libonnxruntime_providers_cuda.so").is_file(), file));
         } else {
-            return Ok(file);
+            tried.push(format!("{} (missing)", file.display()));
         }
+    }
+    if let Some((_, file)) = found.iter().find(|(cuda, _)| *cuda || !needs_gpu) {
+        return Ok(file.clone());
+    }
+    if let Some((_, file)) = found.into_iter().next() {
+        tracing::warn!(library = %file.display(), "no ONNX Runtime build with the CUDA provider found; using a CPU build");
+        return Ok(file);
     }
     Err(RuntimeError::LibraryNotFound { tried: tried.join(", ") })
 }

@@ -30,7 +30,11 @@ pub enum RuntimeError {
     LibraryLoad { path: String, message: String },
     #[error("ONNX Runtime was already initialised from {0}; restart to use another library")]
     AlreadyInitialised(String),
-    #[error("execution provider {provider} is not available: {message}")]
+    #[error(
+        "execution provider {provider} is not available: {message} (GPU providers need \
+         `pip install onnxruntime-gpu=={ORT_VERSION}` with CUDA 13 and cuDNN 9, or \
+         `fallback_to_cpu = true`)"
+    )]
     ProviderUnavailable { provider: &'static str, message: String },
     #[error("could not load graph {path}: {message}")]
     Session { path: String, message: String },
