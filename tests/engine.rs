@@ -41,7 +41,11 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn generate(model: &mut Model, messages: &[ChatMessage], params: &GenerationParams) -> Result<vlmserve::engine::Completion, EngineError> {
+fn generate(
+    model: &mut Model,
+    messages: &[ChatMessage],
+    params: &GenerationParams,
+) -> Result<vlmserve::engine::Completion, EngineError> {
     let prompt = model.prepare(messages, &[])?;
     model.generate(&prompt, params, &mut |_| Flow::Continue)
 }
@@ -94,7 +98,9 @@ fn unknown_family_and_non_package_folders_are_rejected() {
     let path = tmp.path().join("config.json");
     let text = std::fs::read_to_string(&path).unwrap().replace("\"idefics3\"", "\"llava_next\"");
     std::fs::write(&path, text).unwrap();
-    assert!(matches!(load(tmp.path()), Err(EngineError::Family(FamilyError::UnsupportedModelType(t))) if t == "llava_next"));
+    assert!(
+        matches!(load(tmp.path()), Err(EngineError::Family(FamilyError::UnsupportedModelType(t))) if t == "llava_next")
+    );
 
     let empty = tempfile::tempdir().unwrap();
     assert!(matches!(load(empty.path()), Err(EngineError::Package(PackageError::NotAPackage { .. }))));
@@ -112,19 +118,26 @@ fn prompt_errors_are_typed() {
     let images = reference.cases.iter().find(|c| c.images.len() == 1).unwrap().decoded_images(&reference.dir);
     let two = vec![images[0].clone(), images[0].clone()];
     let err = model.prepare(&[ChatMessage::user(1, "one placeholder")], &two).unwrap_err();
-    assert!(matches!(err, EngineError::Family(FamilyError::ImageCountMismatch { placeholders: 1, images: 2 })), "{err:?}");
+    assert!(
+        matches!(err, EngineError::Family(FamilyError::ImageCountMismatch { placeholders: 1, images: 2 })),
+        "{err:?}"
+    );
 
     let context = model.info.context_length;
     let long = "shape ".repeat(context);
     let err = generate(&mut model, &[ChatMessage::user(0, &long)], &params).unwrap_err();
     assert!(matches!(err, EngineError::PromptTooLong { context: c, .. } if c == context), "{err:?}");
 
-    let bad = GenerationParams { sampling: SamplingParams { top_p: 0.0, ..SamplingParams::default() }, ..params.clone() };
+    let bad =
+        GenerationParams { sampling: SamplingParams { top_p: 0.0, ..SamplingParams::default() }, ..params.clone() };
     let err = generate(&mut model, &[ChatMessage::user(0, "hi")], &bad).unwrap_err();
     assert!(matches!(err, EngineError::InvalidParameter(_)), "{err:?}");
 
     let zero = GenerationParams { max_new_tokens: 0, ..params };
-    assert!(matches!(generate(&mut model, &[ChatMessage::user(0, "hi")], &zero), Err(EngineError::InvalidParameter(_))));
+    assert!(matches!(
+        generate(&mut model, &[ChatMessage::user(0, "hi")], &zero),
+        Err(EngineError::InvalidParameter(_))
+    ));
 }
 
 #[test]
@@ -132,7 +145,8 @@ fn seeded_sampling_is_reproducible() {
     let reference = fixture();
     let mut model = reference.load(Precision::Fp32);
     let sampled = |model: &mut Model, seed| {
-        let sampling = SamplingParams { temperature: 1.5, top_k: 50, top_p: 0.95, seed: Some(seed), ..Default::default() };
+        let sampling =
+            SamplingParams { temperature: 1.5, top_k: 50, top_p: 0.95, seed: Some(seed), ..Default::default() };
         let params = GenerationParams { sampling, max_new_tokens: 24, ignore_eos: true, ..Default::default() };
         generate(model, &[ChatMessage::user(0, "Describe the image.")], &params).unwrap().token_ids
     };
@@ -228,7 +242,14 @@ fn cli_reports_bad_images_and_models_without_panicking() {
     let bad = tmp.path().join("bad.png");
     std::fs::write(&bad, b"\x89PNG\r\n\x1a\nnot really").unwrap();
     let run = |args: &[&std::ffi::OsStr]| Command::new(env!("CARGO_BIN_EXE_vlmserve")).args(args).output().unwrap();
-    let out = run(&["ask".as_ref(), "--model".as_ref(), reference.package_dir().as_os_str(), "--image".as_ref(), bad.as_os_str(), "hi".as_ref()]);
+    let out = run(&[
+        "ask".as_ref(),
+        "--model".as_ref(),
+        reference.package_dir().as_os_str(),
+        "--image".as_ref(),
+        bad.as_os_str(),
+        "hi".as_ref(),
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("bad.png") && !stderr.contains("panicked"), "{stderr}");

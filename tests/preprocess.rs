@@ -40,16 +40,13 @@ struct DecodeCase {
 }
 
 fn cases() -> Cases {
-    let text = std::fs::read_to_string(resize_dir().join("cases.json"))
-        .expect("run export/make_resize_cases.py");
+    let text = std::fs::read_to_string(resize_dir().join("cases.json")).expect("run export/make_resize_cases.py");
     serde_json::from_str(&text).unwrap()
 }
 
 /// A PNG written by PIL in RGB mode, read without our decoder in the way.
 fn read_rgb_png(path: &Path) -> RgbImage {
-    image::open(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_rgb8()
+    image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_rgb8()
 }
 
 fn filter(name: &str) -> Filter {
@@ -73,22 +70,12 @@ fn resize_is_bit_exact_with_pillow() {
         let expected = read_rgb_png(&resize_dir().join(&case.output));
         let ours = resize(&input, case.width, case.height, filter(&case.filter));
         assert_eq!(ours.dimensions(), expected.dimensions(), "{}", case.output);
-        let differing = ours
-            .as_raw()
-            .iter()
-            .zip(expected.as_raw())
-            .filter(|(a, b)| a != b)
-            .count();
+        let differing = ours.as_raw().iter().zip(expected.as_raw()).filter(|(a, b)| a != b).count();
         if differing > 0 {
             failures.push(format!("{}: {differing} samples differ", case.output));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "resize differs from Pillow {}:\n{}",
-        cases.pillow,
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "resize differs from Pillow {}:\n{}", cases.pillow, failures.join("\n"));
 }
 
 /// Lossy codecs (JPEG, lossy WebP) are decoded by different libraries than PIL's libjpeg-turbo
@@ -109,36 +96,18 @@ fn decoding_matches_pil_convert_to_rgb() {
             }
         };
         if ours.dimensions() != expected.dimensions() {
-            failures.push(format!(
-                "{}: size {:?}, PIL {:?}",
-                case.file,
-                ours.dimensions(),
-                expected.dimensions()
-            ));
+            failures.push(format!("{}: size {:?}, PIL {:?}", case.file, ours.dimensions(), expected.dimensions()));
             continue;
         }
-        let diffs: Vec<u8> = ours
-            .as_raw()
-            .iter()
-            .zip(expected.as_raw())
-            .map(|(a, b)| a.abs_diff(*b))
-            .collect();
+        let diffs: Vec<u8> = ours.as_raw().iter().zip(expected.as_raw()).map(|(a, b)| a.abs_diff(*b)).collect();
         let max = diffs.iter().copied().max().unwrap_or(0);
         let identical = diffs.iter().filter(|&&d| d == 0).count() as f64 / diffs.len() as f64;
-        println!(
-            "{}: max difference {max}, {:.2}% identical",
-            case.file,
-            identical * 100.0
-        );
+        println!("{}: max difference {max}, {:.2}% identical", case.file, identical * 100.0);
         if (case.exact && max > 0) || max > LOSSY_TOLERANCE {
             failures.push(format!("{}: max difference {max}", case.file));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "decoding differs from PIL:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "decoding differs from PIL:\n{}", failures.join("\n"));
 }
 
 /// How far our pixel values may be from the processor's: one uint8 step after normalizing with
@@ -154,26 +123,15 @@ fn idefics3_pixels_and_prompts_match_the_processor() {
         for case in &reference.cases {
             let images = case.decoded_images(&reference.dir);
             let processed = family.process_images(&images).unwrap();
-            let expanded = family
-                .expand_prompt(&case.prompt, &processed.layouts)
-                .unwrap();
-            assert_eq!(
-                expanded, case.expanded_prompt,
-                "{}: expanded prompt",
-                case.name
-            );
-            let (Some(pixels), Some(mask)) = (&case.pixel_values, &case.pixel_attention_mask)
-            else {
+            let expanded = family.expand_prompt(&case.prompt, &processed.layouts).unwrap();
+            assert_eq!(expanded, case.expanded_prompt, "{}: expanded prompt", case.name);
+            let (Some(pixels), Some(mask)) = (&case.pixel_values, &case.pixel_attention_mask) else {
                 continue;
             };
-            let TensorData::F32(ours) = &processed.inputs[0].data else {
-                panic!("pixel_values is f32")
-            };
+            let TensorData::F32(ours) = &processed.inputs[0].data else { panic!("pixel_values is f32") };
             let theirs = common::unbatch(common::read_f32(&reference.dir, pixels));
             compare_pixels(&case.name, ours, &theirs);
-            let TensorData::Bool(our_mask) = &processed.inputs[1].data else {
-                panic!("mask is bool")
-            };
+            let TensorData::Bool(our_mask) = &processed.inputs[1].data else { panic!("mask is bool") };
             let their_mask = common::unbatch(common::read_bool(&reference.dir, mask));
             assert_eq!(our_mask, &their_mask, "{}: pixel_attention_mask", case.name);
         }
@@ -187,9 +145,8 @@ fn idefics3_for(package: &Path) -> Idefics3 {
     };
     let config = read("config.json").expect("config.json");
     // Prefer preprocessor_config.json; otherwise processor_config.json's nested shape.
-    let processor = read("preprocessor_config.json")
-        .or_else(|| read("processor_config.json"))
-        .expect("processor settings");
+    let processor =
+        read("preprocessor_config.json").or_else(|| read("processor_config.json")).expect("processor settings");
     Idefics3::from_configs(&config, &processor).unwrap()
 }
 
@@ -203,19 +160,9 @@ fn compare_pixels(name: &str, ours: &ArrayD<f32>, theirs: &ArrayD<f32>) {
         identical += usize::from(d <= IDENTICAL);
     }
     let fraction = identical as f64 / ours.len() as f64;
-    println!(
-        "{name}: largest pixel difference {largest:.6}, {:.4}% identical",
-        fraction * 100.0
-    );
-    assert!(
-        largest <= PIXEL_TOLERANCE,
-        "{name}: largest difference {largest}"
-    );
-    assert!(
-        fraction >= 0.99,
-        "{name}: only {:.4}% identical",
-        fraction * 100.0
-    );
+    println!("{name}: largest pixel difference {largest:.6}, {:.4}% identical", fraction * 100.0);
+    assert!(largest <= PIXEL_TOLERANCE, "{name}: largest difference {largest}");
+    assert!(fraction >= 0.99, "{name}: only {:.4}% identical", fraction * 100.0);
 }
 
 // --- bad input -------------------------------------------------------------------------------
@@ -235,11 +182,7 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &byte in bytes {
         crc ^= u32::from(byte);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
         }
     }
     !crc
@@ -270,17 +213,7 @@ fn huge_header_is_rejected_before_decoding() {
     let mut rest = png_chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
     rest.extend(png_chunk(b"IEND", &[]));
     let err = decode(&png_with_header(100_000, 100_000, &rest)).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            PreprocessError::TooLarge {
-                width: 100_000,
-                height: 100_000,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, PreprocessError::TooLarge { width: 100_000, height: 100_000, .. }), "{err}");
 }
 
 #[test]
@@ -288,10 +221,7 @@ fn truncated_png_is_reported_as_truncated() {
     let full = std::fs::read(resize_dir().join("in_d.png")).unwrap();
     for cut in [full.len() / 2, full.len() - 20, 40] {
         let err = decode(&full[..cut]).unwrap_err();
-        assert!(
-            matches!(err, PreprocessError::Truncated(_)),
-            "cut at {cut}: {err:?}"
-        );
+        assert!(matches!(err, PreprocessError::Truncated(_)), "cut at {cut}: {err:?}");
     }
 }
 
@@ -304,38 +234,17 @@ fn corrupt_data_is_a_decode_error() {
     assert!(matches!(err, PreprocessError::Decode(_)), "{err:?}");
     // A JPEG start marker followed by garbage.
     let err = decode(b"\xff\xd8\xff\xe0 garbage garbage garbage garbage garbage").unwrap_err();
-    assert!(
-        matches!(
-            err,
-            PreprocessError::Decode(_) | PreprocessError::Truncated(_)
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, PreprocessError::Decode(_) | PreprocessError::Truncated(_)), "{err:?}");
 }
 
 #[test]
 fn empty_unknown_and_oversized_inputs() {
     assert!(matches!(decode(b""), Err(PreprocessError::Empty)));
     let err = decode(b"Hello, this is plain text and not an image.").unwrap_err();
-    assert!(
-        matches!(err, PreprocessError::UnsupportedFormat(_)),
-        "{err:?}"
-    );
-    let limits = ImageLimits {
-        max_bytes: 10,
-        ..ImageLimits::default()
-    };
+    assert!(matches!(err, PreprocessError::UnsupportedFormat(_)), "{err:?}");
+    let limits = ImageLimits { max_bytes: 10, ..ImageLimits::default() };
     let err = decode_image(&[0u8; 11], &limits).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            PreprocessError::TooManyBytes {
-                bytes: 11,
-                limit: 10
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, PreprocessError::TooManyBytes { bytes: 11, limit: 10 }), "{err:?}");
 }
 
 #[test]

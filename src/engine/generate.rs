@@ -7,13 +7,13 @@ use ndarray::{Array2, ArrayD, Axis};
 use ort::value::{DynValue, Tensor, TensorElementType};
 use serde::Serialize;
 
+use super::EngineError;
 use super::detokenize::Detokenizer;
 use super::kv_cache::KvCache;
 use super::model::{Model, Processor};
 use super::sampler::{Sampler, SamplingParams};
 use super::stop::{FinishReason, StopRules};
 use super::tensors::to_f32_array;
-use super::EngineError;
 use crate::family::{Positions, ProcessedImages};
 use crate::preprocess::chat_template::ChatMessage;
 
@@ -94,7 +94,9 @@ impl Processor {
         let start = Instant::now();
         let wanted: usize = messages.iter().map(ChatMessage::image_count).sum();
         if wanted != images.len() {
-            return Err(crate::family::FamilyError::ImageCountMismatch { placeholders: wanted, images: images.len() }.into());
+            return Err(
+                crate::family::FamilyError::ImageCountMismatch { placeholders: wanted, images: images.len() }.into()
+            );
         }
         if messages.iter().all(|m| m.content.is_empty()) {
             return Err(EngineError::EmptyPrompt);
@@ -146,7 +148,6 @@ impl Processor {
         }
         Ok(())
     }
-
 }
 
 impl Model {

@@ -56,9 +56,8 @@ impl VisionEncoder {
     pub fn encode(&mut self, inputs: &[NamedTensor]) -> Result<Array2<f32>, EngineError> {
         let mut values: Inputs = Vec::new();
         for input in inputs {
-            let want = input_type(&self.session, &input.name).ok_or_else(|| {
-                EngineError::GraphMismatch(format!("vision encoder has no input {}", input.name))
-            })?;
+            let want = input_type(&self.session, &input.name)
+                .ok_or_else(|| EngineError::GraphMismatch(format!("vision encoder has no input {}", input.name)))?;
             // Some exports (transformers.js) take `[batch, images, ...]`: add the batch axis.
             let data = match (&input.data, input_rank(&self.session, &input.name)) {
                 (d, Some(rank)) if rank == d.ndim() + 1 => d.clone().insert_batch_axis(),

@@ -75,7 +75,8 @@ impl KvCache {
     /// An empty cache (past length 0) for batch size 1.
     pub fn empty(layout: &KvLayout) -> Result<Self, EngineError> {
         let dims = [1, layout.kv_heads, 0, layout.head_dim];
-        let values = layout.tensors.iter().map(|_| empty_float(&dims, layout.element_type)).collect::<Result<_, _>>()?;
+        let values =
+            layout.tensors.iter().map(|_| empty_float(&dims, layout.element_type)).collect::<Result<_, _>>()?;
         Ok(Self { values, len: 0 })
     }
 

@@ -46,7 +46,9 @@ pub enum EngineError {
     GraphMismatch(String),
     #[error("the prompt is empty")]
     EmptyPrompt,
-    #[error("the prompt has {prompt_tokens} tokens; with max_new_tokens {max_new_tokens} it exceeds the context of {context} tokens")]
+    #[error(
+        "the prompt has {prompt_tokens} tokens; with max_new_tokens {max_new_tokens} it exceeds the context of {context} tokens"
+    )]
     PromptTooLong { prompt_tokens: usize, max_new_tokens: usize, context: usize },
     #[error("invalid generation parameter: {0}")]
     InvalidParameter(String),

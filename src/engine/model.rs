@@ -110,7 +110,8 @@ impl Model {
             let path = package.graph_path(graph, precision)?;
             graphs.push((graph, precision, path, options.graph(graph).options.provider_names()));
         }
-        let all_providers: Vec<_> = Graph::ALL.iter().flat_map(|g| options.graph(*g).options.providers.clone()).collect();
+        let all_providers: Vec<_> =
+            Graph::ALL.iter().flat_map(|g| options.graph(*g).options.providers.clone()).collect();
         let env = runtime::init(options.onnxruntime_library.as_deref(), &all_providers)?;
         let vision = VisionEncoder::open(env, &graphs[0].2, &options.vision_encoder.options)?;
         let embedder = Embedder::open(env, &graphs[1].2, &options.embed_tokens.options)?;

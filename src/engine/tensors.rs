@@ -18,10 +18,7 @@ pub fn to_value(data: TensorData, want: TensorElementType, name: &str) -> Result
         (TensorData::Bool(a), TensorElementType::Bool) => Tensor::from_array(a)?.into_dyn(),
         (TensorData::Bool(a), TensorElementType::Int64) => Tensor::from_array(a.mapv(i64::from))?.into_dyn(),
         (data, want) => {
-            return Err(EngineError::GraphMismatch(format!(
-                "input {name} expects {want:?}, we have {}",
-                data.kind()
-            )));
+            return Err(EngineError::GraphMismatch(format!("input {name} expects {want:?}, we have {}", data.kind())));
         }
     };
     Ok(value)

@@ -85,18 +85,9 @@ impl Idefics3 {
             filter,
             normalization: settings.normalization()?,
             tokens: PromptTokens {
-                image: settings
-                    .token("image_token")?
-                    .unwrap_or("<image>")
-                    .to_string(),
-                fake: settings
-                    .token("fake_image_token")?
-                    .unwrap_or("<fake_token_around_image>")
-                    .to_string(),
-                global: settings
-                    .token("global_image_tag")?
-                    .unwrap_or("<global-img>")
-                    .to_string(),
+                image: settings.token("image_token")?.unwrap_or("<image>").to_string(),
+                fake: settings.token("fake_image_token")?.unwrap_or("<fake_token_around_image>").to_string(),
+                global: settings.token("global_image_tag")?.unwrap_or("<global-img>").to_string(),
             },
         })
     }
@@ -108,12 +99,7 @@ impl Idefics3 {
             None => (width, height),
         };
         if !self.split {
-            return Plan {
-                resized,
-                tiled: (self.tile, self.tile),
-                rows: 0,
-                cols: 0,
-            };
+            return Plan { resized, tiled: (self.tile, self.tile), rows: 0, cols: 0 };
         }
         let tiled = whole_tiles_size(resized.0, resized.1, self.tile);
         // `split_images` only splits what exceeds one tile.
@@ -122,21 +108,13 @@ impl Idefics3 {
         } else {
             (0, 0)
         };
-        Plan {
-            resized,
-            tiled,
-            rows,
-            cols,
-        }
+        Plan { resized, tiled, rows, cols }
     }
 
     /// Unsplit images are one frame; split ones are their tiles plus the global image.
     fn layout(&self, plan: &Plan) -> ImageLayout {
         let frames = (plan.rows * plan.cols) as usize + 1;
-        ImageLayout {
-            grid: [1, plan.rows as usize, plan.cols as usize],
-            tokens: frames * self.image_seq_len,
-        }
+        ImageLayout { grid: [1, plan.rows as usize, plan.cols as usize], tokens: frames * self.image_seq_len }
     }
 
     /// The frames of one image, in the order the vision encoder takes them.
@@ -150,13 +128,7 @@ impl Idefics3 {
         let mut frames = Vec::with_capacity((plan.rows * plan.cols) as usize + 1);
         for r in 0..plan.rows {
             for c in 0..plan.cols {
-                let tile = image::imageops::crop_imm(
-                    &tiled,
-                    c * self.tile,
-                    r * self.tile,
-                    self.tile,
-                    self.tile,
-                );
+                let tile = image::imageops::crop_imm(&tiled, c * self.tile, r * self.tile, self.tile, self.tile);
                 frames.push(tile.to_image());
             }
         }
@@ -210,14 +182,8 @@ impl Family for Idefics3 {
         let (pixel_values, mask) = self.batch(&frames);
         Ok(ProcessedImages {
             inputs: vec![
-                NamedTensor {
-                    name: "pixel_values".into(),
-                    data: TensorData::F32(pixel_values.into_dyn()),
-                },
-                NamedTensor {
-                    name: "pixel_attention_mask".into(),
-                    data: TensorData::Bool(mask.into_dyn()),
-                },
+                NamedTensor { name: "pixel_values".into(), data: TensorData::F32(pixel_values.into_dyn()) },
+                NamedTensor { name: "pixel_attention_mask".into(), data: TensorData::Bool(mask.into_dyn()) },
             ],
             layouts,
         })
@@ -231,10 +197,7 @@ impl Family for Idefics3 {
         let placeholder = self.tokens.image.as_str();
         let placeholders = prompt.matches(placeholder).count();
         if placeholders != layouts.len() {
-            return Err(FamilyError::ImageCountMismatch {
-                placeholders,
-                images: layouts.len(),
-            });
+            return Err(FamilyError::ImageCountMismatch { placeholders, images: layouts.len() });
         }
         let mut pieces = prompt.split(placeholder);
         let mut expanded = pieces.next().unwrap_or_default().to_string();
@@ -256,10 +219,8 @@ impl Idefics3 {
         let mut pixels = Array4::<f32>::zeros((frames.len(), 3, height, width));
         let mut mask = Array3::from_elem((frames.len(), height, width), false);
         for (i, frame) in frames.iter().enumerate() {
-            self.normalization
-                .write_chw(frame, pixels.slice_mut(s![i, .., .., ..]));
-            mask.slice_mut(s![i, ..frame.height() as usize, ..frame.width() as usize])
-                .fill(true);
+            self.normalization.write_chw(frame, pixels.slice_mut(s![i, .., .., ..]));
+            mask.slice_mut(s![i, ..frame.height() as usize, ..frame.width() as usize]).fill(true);
         }
         (pixels, mask)
     }
@@ -332,10 +293,7 @@ fn image_seq_len_from_config(config: &Value) -> Result<usize, FamilyError> {
         .unwrap_or(0);
     match usize::try_from(tokens) {
         Ok(n) if n > 0 && scale > 0 => Ok(n),
-        _ => Err(invalid(
-            CONFIG,
-            format!("vision_config and scale_factor give {tokens} image tokens per tile"),
-        )),
+        _ => Err(invalid(CONFIG, format!("vision_config and scale_factor give {tokens} image tokens per tile"))),
     }
 }
 
@@ -347,19 +305,13 @@ fn image_token_id(config: &Value) -> Result<u32, FamilyError> {
 fn config_int(value: &Value, key: &str) -> Result<Option<u64>, FamilyError> {
     match value {
         Value::Null => Ok(None),
-        v => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| invalid(CONFIG, format!("{key} must be a non-negative integer"))),
+        v => v.as_u64().map(Some).ok_or_else(|| invalid(CONFIG, format!("{key} must be a non-negative integer"))),
     }
 }
 
 /// A positive count from the processor settings.
 fn positive(n: i64, key: &str) -> Result<usize, FamilyError> {
-    usize::try_from(n)
-        .ok()
-        .filter(|&n| n > 0)
-        .ok_or_else(|| invalid(PROCESSOR, format!("{key} must be positive")))
+    usize::try_from(n).ok().filter(|&n| n > 0).ok_or_else(|| invalid(PROCESSOR, format!("{key} must be positive")))
 }
 
 fn invalid(file: &'static str, message: String) -> FamilyError {
@@ -379,18 +331,13 @@ impl<'a> Settings<'a> {
     fn flag(&self, key: &str) -> Result<bool, FamilyError> {
         match self.get(key) {
             None => Ok(true),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| invalid(PROCESSOR, format!("{key} must be true or false"))),
+            Some(v) => v.as_bool().ok_or_else(|| invalid(PROCESSOR, format!("{key} must be true or false"))),
         }
     }
 
     fn int(&self, key: &str) -> Result<Option<i64>, FamilyError> {
         self.get(key)
-            .map(|v| {
-                v.as_i64()
-                    .ok_or_else(|| invalid(PROCESSOR, format!("{key} must be an integer")))
-            })
+            .map(|v| v.as_i64().ok_or_else(|| invalid(PROCESSOR, format!("{key} must be an integer"))))
             .transpose()
     }
 
@@ -410,16 +357,9 @@ impl<'a> Settings<'a> {
         let Some(value) = self.get(key) else {
             return Ok(None);
         };
-        let edge = value["longest_edge"]
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .filter(|&n| n > 0);
-        edge.map(Some).ok_or_else(|| {
-            invalid(
-                PROCESSOR,
-                format!("{key} must be {{\"longest_edge\": <positive integer>}}"),
-            )
-        })
+        let edge = value["longest_edge"].as_u64().and_then(|n| u32::try_from(n).ok()).filter(|&n| n > 0);
+        edge.map(Some)
+            .ok_or_else(|| invalid(PROCESSOR, format!("{key} must be {{\"longest_edge\": <positive integer>}}")))
     }
 
     fn normalization(&self) -> Result<Normalization, FamilyError> {
@@ -435,18 +375,12 @@ impl<'a> Settings<'a> {
             )),
             false => None,
         };
-        Ok(Normalization {
-            rescale_factor,
-            mean_std,
-        })
+        Ok(Normalization { rescale_factor, mean_std })
     }
 
     fn number(&self, key: &str) -> Result<Option<f64>, FamilyError> {
         self.get(key)
-            .map(|v| {
-                v.as_f64()
-                    .ok_or_else(|| invalid(PROCESSOR, format!("{key} must be a number")))
-            })
+            .map(|v| v.as_f64().ok_or_else(|| invalid(PROCESSOR, format!("{key} must be a number"))))
             .transpose()
     }
 
@@ -455,12 +389,7 @@ impl<'a> Settings<'a> {
         let Some(value) = self.get(key) else {
             return Ok(None);
         };
-        let bad = || {
-            invalid(
-                PROCESSOR,
-                format!("{key} must be a number or a list of 3 numbers"),
-            )
-        };
+        let bad = || invalid(PROCESSOR, format!("{key} must be a number or a list of 3 numbers"));
         if let Some(x) = value.as_f64() {
             return Ok(Some([x as f32; 3]));
         }
@@ -497,15 +426,7 @@ mod tests {
         let family = smolvlm(true);
         assert_eq!(family.image_seq_len, 64);
         assert_eq!(family.image_token_id(), 49190);
-        assert_eq!(
-            family.plan(512, 512),
-            Plan {
-                resized: (2048, 2048),
-                tiled: (2048, 2048),
-                rows: 4,
-                cols: 4
-            }
-        );
+        assert_eq!(family.plan(512, 512), Plan { resized: (2048, 2048), tiled: (2048, 2048), rows: 4, cols: 4 });
         assert_eq!(family.image_tokens_for_size(512, 512), 1088);
         assert_eq!(smolvlm(false).image_tokens_for_size(512, 512), 64);
     }
@@ -514,28 +435,12 @@ mod tests {
     fn wide_and_tiny_images() {
         let family = smolvlm(true);
         // 190x70: 2048 x int(2048 / (190/70)) = 754 -> even 754; to tiles 2048 x 1024.
-        assert_eq!(
-            family.plan(190, 70),
-            Plan {
-                resized: (2048, 754),
-                tiled: (2048, 1024),
-                rows: 2,
-                cols: 4
-            }
-        );
+        assert_eq!(family.plan(190, 70), Plan { resized: (2048, 754), tiled: (2048, 1024), rows: 2, cols: 4 });
         assert_eq!(family.image_tokens_for_size(190, 70), 9 * 64);
         // 1x1 upscales to 2048x2048.
         assert_eq!(family.plan(1, 1).rows, 4);
         // Extreme aspect: height truncates to 0, min 1, then a whole tile.
-        assert_eq!(
-            family.plan(10_000, 1),
-            Plan {
-                resized: (2048, 1),
-                tiled: (2048, 512),
-                rows: 1,
-                cols: 4
-            }
-        );
+        assert_eq!(family.plan(10_000, 1), Plan { resized: (2048, 1), tiled: (2048, 512), rows: 1, cols: 4 });
     }
 
     #[test]
@@ -550,18 +455,10 @@ mod tests {
     fn unsplit_prompt_is_one_global_block() {
         let family = smolvlm(false);
         let layout = family.layout(&family.plan(30, 20));
-        assert_eq!(
-            layout,
-            ImageLayout {
-                grid: [1, 0, 0],
-                tokens: 64
-            }
-        );
+        assert_eq!(layout, ImageLayout { grid: [1, 0, 0], tokens: 64 });
         let text = family.expand_prompt("A<image>B", &[layout]).unwrap();
-        let expected = format!(
-            "A<fake_token_around_image><global-img>{}<fake_token_around_image>B",
-            "<image>".repeat(64)
-        );
+        let expected =
+            format!("A<fake_token_around_image><global-img>{}<fake_token_around_image>B", "<image>".repeat(64));
         assert_eq!(text, expected);
     }
 
@@ -569,10 +466,7 @@ mod tests {
     fn split_prompt_has_rows_columns_and_global() {
         let mut family = smolvlm(true);
         family.image_seq_len = 1;
-        let layout = ImageLayout {
-            grid: [1, 2, 2],
-            tokens: 5,
-        };
+        let layout = ImageLayout { grid: [1, 2, 2], tokens: 5 };
         let text = family.expand_prompt("<image>?", &[layout]).unwrap();
         let f = "<fake_token_around_image>";
         let expected = format!(
@@ -584,20 +478,9 @@ mod tests {
     #[test]
     fn placeholder_count_must_match() {
         let family = smolvlm(false);
-        let layout = ImageLayout {
-            grid: [1, 0, 0],
-            tokens: 64,
-        };
-        let err = family
-            .expand_prompt("<image><image>", &[layout])
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            FamilyError::ImageCountMismatch {
-                placeholders: 2,
-                images: 1
-            }
-        ));
+        let layout = ImageLayout { grid: [1, 0, 0], tokens: 64 };
+        let err = family.expand_prompt("<image><image>", &[layout]).unwrap_err();
+        assert!(matches!(err, FamilyError::ImageCountMismatch { placeholders: 2, images: 1 }));
     }
 
     #[test]
@@ -605,21 +488,11 @@ mod tests {
         let family = smolvlm(true);
         let image = RgbImage::from_pixel(40, 20, image::Rgb([255, 0, 128]));
         let processed = family.process_images(&[image]).unwrap();
-        assert_eq!(
-            processed.layouts,
-            vec![ImageLayout {
-                grid: [1, 2, 4],
-                tokens: 9 * 64
-            }]
-        );
-        let TensorData::F32(pixels) = &processed.inputs[0].data else {
-            panic!("pixel_values is f32")
-        };
+        assert_eq!(processed.layouts, vec![ImageLayout { grid: [1, 2, 4], tokens: 9 * 64 }]);
+        let TensorData::F32(pixels) = &processed.inputs[0].data else { panic!("pixel_values is f32") };
         assert_eq!(pixels.shape(), &[9, 3, 512, 512]);
         assert_eq!(pixels[[8, 0, 100, 100]], 1.0);
-        let TensorData::Bool(mask) = &processed.inputs[1].data else {
-            panic!("mask is bool")
-        };
+        let TensorData::Bool(mask) = &processed.inputs[1].data else { panic!("mask is bool") };
         assert!(mask.iter().all(|&v| v));
     }
 
@@ -627,10 +500,7 @@ mod tests {
     fn reads_processor_config_shape_and_defaults() {
         let processor = json!({"image_seq_len": 64, "image_processor": {"max_image_size": {"longest_edge": 512}}});
         let family = Idefics3::from_configs(&json!({}), &processor).unwrap();
-        assert_eq!(
-            (family.tile, family.longest_edge, family.image_seq_len),
-            (512, Some(1456), 64)
-        );
+        assert_eq!((family.tile, family.longest_edge, family.image_seq_len), (512, Some(1456), 64));
         assert_eq!(family.image_token_id(), 128_257);
         let bad = Idefics3::from_configs(&json!({}), &json!({"resample": 7}));
         assert!(matches!(bad, Err(FamilyError::InvalidConfig { .. })));

@@ -26,7 +26,9 @@ pub enum PackageError {
     VariantMissing { graph: Graph, requested: Precision, available: String },
     #[error("unknown precision {0:?}; use fp32, fp16, int8, uint8, quantized, q4, q4f16 or bnb4")]
     UnknownPrecision(String),
-    #[error("the package has no chat template (looked in chat_template.jinja, chat_template.json, tokenizer_config.json, processor_config.json)")]
+    #[error(
+        "the package has no chat template (looked in chat_template.jinja, chat_template.json, tokenizer_config.json, processor_config.json)"
+    )]
     NoChatTemplate,
 }
 
@@ -208,7 +210,10 @@ fn find_chat_template(dir: &Path, tokenizer_config: &Value) -> Result<String, Pa
     if let Some(t) = from_json(tokenizer_config) {
         return Ok(t);
     }
-    read_optional_json(&dir.join("processor_config.json"))?.as_ref().and_then(from_json).ok_or(PackageError::NoChatTemplate)
+    read_optional_json(&dir.join("processor_config.json"))?
+        .as_ref()
+        .and_then(from_json)
+        .ok_or(PackageError::NoChatTemplate)
 }
 
 /// A template is a string, or a list of `{name, template}` of which we take `default`.

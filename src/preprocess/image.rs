@@ -26,11 +26,7 @@ pub struct ImageLimits {
 impl Default for ImageLimits {
     /// 50 megapixels (a 48 MP phone photo fits), 16384 pixels a side, 50 MiB encoded.
     fn default() -> Self {
-        Self {
-            max_pixels: 50_000_000,
-            max_side: 16_384,
-            max_bytes: 50 << 20,
-        }
+        Self { max_pixels: 50_000_000, max_side: 16_384, max_bytes: 50 << 20 }
     }
 }
 
@@ -48,28 +44,21 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, Prep
         return Err(PreprocessError::Empty);
     }
     if bytes.len() > limits.max_bytes {
-        return Err(PreprocessError::TooManyBytes {
-            bytes: bytes.len(),
-            limit: limits.max_bytes,
-        });
+        return Err(PreprocessError::TooManyBytes { bytes: bytes.len(), limit: limits.max_bytes });
     }
     // Guessing fails only on I/O errors, which reading from memory does not have.
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| PreprocessError::Decode(e.to_string()))?;
     let Some(format) = reader.format() else {
-        return Err(PreprocessError::UnsupportedFormat(
-            "unrecognized data".into(),
-        ));
+        return Err(PreprocessError::UnsupportedFormat("unrecognized data".into()));
     };
     reader.limits(header_limits(limits));
     // Building the decoder parses only the header.
     let mut decoder = reader.into_decoder().map_err(|e| decode_error(e, format))?;
     let (width, height) = decoder.dimensions();
     check_dimensions(width, height, limits)?;
-    decoder
-        .set_limits(decoder_limits(limits))
-        .map_err(|e| decode_error(e, format))?;
+    decoder.set_limits(decoder_limits(limits)).map_err(|e| decode_error(e, format))?;
     let image = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(e, format))?;
     Ok(to_rgb_like_pil(image))
 }
@@ -92,16 +81,12 @@ fn decoder_limits(limits: &ImageLimits) -> Limits {
 }
 
 fn decoder_budget(limits: &ImageLimits) -> u64 {
-    limits
-        .max_pixels
-        .saturating_mul(WIDEST_PIXEL)
-        .saturating_add(DECODER_SLACK)
+    limits.max_pixels.saturating_mul(WIDEST_PIXEL).saturating_add(DECODER_SLACK)
 }
 
 fn check_dimensions(width: u32, height: u32, limits: &ImageLimits) -> Result<(), PreprocessError> {
-    let too_large = width > limits.max_side
-        || height > limits.max_side
-        || u64::from(width) * u64::from(height) > limits.max_pixels;
+    let too_large =
+        width > limits.max_side || height > limits.max_side || u64::from(width) * u64::from(height) > limits.max_pixels;
     if too_large {
         return Err(PreprocessError::TooLarge {
             width,
@@ -111,9 +96,7 @@ fn check_dimensions(width: u32, height: u32, limits: &ImageLimits) -> Result<(),
         });
     }
     if width == 0 || height == 0 {
-        return Err(PreprocessError::Decode(format!(
-            "image has no pixels ({width}x{height})"
-        )));
+        return Err(PreprocessError::Decode(format!("image has no pixels ({width}x{height})")));
     }
     Ok(())
 }
@@ -121,9 +104,7 @@ fn check_dimensions(width: u32, height: u32, limits: &ImageLimits) -> Result<(),
 fn decode_error(error: ImageError, format: image::ImageFormat) -> PreprocessError {
     let message = format!("{format:?}: {error}");
     match error {
-        ImageError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            PreprocessError::Truncated(message)
-        }
+        ImageError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => PreprocessError::Truncated(message),
         ImageError::Unsupported(_) => PreprocessError::UnsupportedFormat(message),
         ImageError::Limits(e) if matches!(e.kind(), LimitErrorKind::InsufficientMemory) => {
             PreprocessError::DecoderLimit(message)
@@ -136,15 +117,9 @@ fn decode_error(error: ImageError, format: image::ImageFormat) -> PreprocessErro
 /// Some decoders (PNG, GIF, JPEG) report running out of data as a plain decoding error.
 fn looks_truncated(message: &str) -> bool {
     let message = message.to_ascii_lowercase();
-    [
-        "unexpected end",
-        "end of file",
-        "not enough bytes",
-        "failed to fill whole buffer",
-        "truncated",
-    ]
-    .iter()
-    .any(|needle| message.contains(needle))
+    ["unexpected end", "end of file", "not enough bytes", "failed to fill whole buffer", "truncated"]
+        .iter()
+        .any(|needle| message.contains(needle))
 }
 
 /// RGB exactly as PIL's `convert_to_rgb` produces it from the image PIL would have opened.
@@ -152,47 +127,33 @@ fn to_rgb_like_pil(image: DynamicImage) -> RgbImage {
     let (width, height) = (image.width(), image.height());
     match image {
         DynamicImage::ImageRgb8(rgb) => rgb,
-        DynamicImage::ImageLuma8(gray) => {
-            map_pixels(width, height, gray.as_raw(), 1, |p| [p[0]; 3])
+        DynamicImage::ImageLuma8(gray) => map_pixels(width, height, gray.as_raw(), 1, |p| [p[0]; 3]),
+        DynamicImage::ImageLumaA8(la) => map_pixels(width, height, la.as_raw(), 2, |p| over_white([p[0]; 3], p[1])),
+        DynamicImage::ImageRgba8(rgba) => {
+            map_pixels(width, height, rgba.as_raw(), 4, |p| over_white([p[0], p[1], p[2]], p[3]))
         }
-        DynamicImage::ImageLumaA8(la) => map_pixels(width, height, la.as_raw(), 2, |p| {
-            over_white([p[0]; 3], p[1])
-        }),
-        DynamicImage::ImageRgba8(rgba) => map_pixels(width, height, rgba.as_raw(), 4, |p| {
-            over_white([p[0], p[1], p[2]], p[3])
-        }),
         // PIL opens 16-bit gray as mode I;16 and converts it to RGB by clipping at 255 (not by
         // scaling), so anything above 255 turns white. Matching that is the point here.
-        DynamicImage::ImageLuma16(gray) => {
-            map_pixels(width, height, gray.as_raw(), 1, |p| [clip_u16(p[0]); 3])
-        }
+        DynamicImage::ImageLuma16(gray) => map_pixels(width, height, gray.as_raw(), 1, |p| [clip_u16(p[0]); 3]),
         // Every other 16-bit layout PIL unpacks by keeping the high byte of each sample.
-        DynamicImage::ImageLumaA16(la) => map_pixels(width, height, la.as_raw(), 2, |p| {
-            over_white([high(p[0]); 3], high(p[1]))
-        }),
-        DynamicImage::ImageRgb16(rgb) => map_pixels(width, height, rgb.as_raw(), 3, |p| {
-            [high(p[0]), high(p[1]), high(p[2])]
-        }),
+        DynamicImage::ImageLumaA16(la) => {
+            map_pixels(width, height, la.as_raw(), 2, |p| over_white([high(p[0]); 3], high(p[1])))
+        }
+        DynamicImage::ImageRgb16(rgb) => {
+            map_pixels(width, height, rgb.as_raw(), 3, |p| [high(p[0]), high(p[1]), high(p[2])])
+        }
         DynamicImage::ImageRgba16(rgba) => map_pixels(width, height, rgba.as_raw(), 4, |p| {
             over_white([high(p[0]), high(p[1]), high(p[2])], high(p[3]))
         }),
         // Float layouts come only from formats we do not enable; keep a sane fallback.
         other => {
             let rgba = other.to_rgba8();
-            map_pixels(width, height, rgba.as_raw(), 4, |p| {
-                over_white([p[0], p[1], p[2]], p[3])
-            })
+            map_pixels(width, height, rgba.as_raw(), 4, |p| over_white([p[0], p[1], p[2]], p[3]))
         }
     }
 }
 
-fn map_pixels<T>(
-    width: u32,
-    height: u32,
-    samples: &[T],
-    channels: usize,
-    pixel: impl Fn(&[T]) -> [u8; 3],
-) -> RgbImage {
+fn map_pixels<T>(width: u32, height: u32, samples: &[T], channels: usize, pixel: impl Fn(&[T]) -> [u8; 3]) -> RgbImage {
     let mut out = Vec::with_capacity(samples.len() / channels * 3);
     for p in samples.chunks_exact(channels) {
         out.extend_from_slice(&pixel(p));
@@ -248,36 +209,16 @@ mod tests {
 
     #[test]
     fn sixteen_bit_reduction_matches_pil() {
-        assert_eq!(
-            [clip_u16(200), clip_u16(255), clip_u16(256), clip_u16(65535)],
-            [200, 255, 255, 255]
-        );
+        assert_eq!([clip_u16(200), clip_u16(255), clip_u16(256), clip_u16(65535)], [200, 255, 255, 255]);
         assert_eq!([high(0x1234), high(0x80ff), high(0x00ff)], [0x12, 0x80, 0]);
     }
 
     #[test]
     fn header_check_reports_claimed_size() {
-        let limits = ImageLimits {
-            max_pixels: 100,
-            max_side: 20,
-            max_bytes: 1000,
-        };
+        let limits = ImageLimits { max_pixels: 100, max_side: 20, max_bytes: 1000 };
         assert!(check_dimensions(10, 10, &limits).is_ok());
         let wide = check_dimensions(21, 1, &limits).unwrap_err();
-        assert!(
-            matches!(
-                wide,
-                PreprocessError::TooLarge {
-                    width: 21,
-                    height: 1,
-                    ..
-                }
-            ),
-            "{wide}"
-        );
-        assert!(matches!(
-            check_dimensions(11, 10, &limits),
-            Err(PreprocessError::TooLarge { .. })
-        ));
+        assert!(matches!(wide, PreprocessError::TooLarge { width: 21, height: 1, .. }), "{wide}");
+        assert!(matches!(check_dimensions(11, 10, &limits), Err(PreprocessError::TooLarge { .. })));
     }
 }

@@ -24,12 +24,7 @@ pub enum PreprocessError {
         "image is {width}x{height}, over the limits of {max_side} pixels per side \
          and {max_pixels} pixels in all"
     )]
-    TooLarge {
-        width: u32,
-        height: u32,
-        max_side: u32,
-        max_pixels: u64,
-    },
+    TooLarge { width: u32, height: u32, max_side: u32, max_pixels: u64 },
     #[error("image data ends early: {0}")]
     Truncated(String),
     /// Corrupt or otherwise undecodable data.

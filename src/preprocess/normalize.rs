@@ -42,11 +42,7 @@ impl Normalization {
         let (width, height) = (image.width() as usize, image.height() as usize);
         for (c, lookup) in table.iter().enumerate() {
             let mut plane = out.slice_mut(s![c, ..height, ..width]);
-            for (mut row, pixels) in plane
-                .rows_mut()
-                .into_iter()
-                .zip(image.as_raw().chunks_exact(width * 3))
-            {
+            for (mut row, pixels) in plane.rows_mut().into_iter().zip(image.as_raw().chunks_exact(width * 3)) {
                 for (dst, pixel) in row.iter_mut().zip(pixels.chunks_exact(3)) {
                     *dst = lookup[usize::from(pixel[c])];
                 }
@@ -61,10 +57,7 @@ mod tests {
     use ndarray::Array3;
 
     fn smolvlm() -> Normalization {
-        Normalization {
-            rescale_factor: Some(1.0 / 255.0),
-            mean_std: Some(([0.5; 3], [0.5; 3])),
-        }
+        Normalization { rescale_factor: Some(1.0 / 255.0), mean_std: Some(([0.5; 3], [0.5; 3])) }
     }
 
     #[test]
@@ -79,10 +72,7 @@ mod tests {
 
     #[test]
     fn flags_off_pass_bytes_through() {
-        let n = Normalization {
-            rescale_factor: None,
-            mean_std: None,
-        };
+        let n = Normalization { rescale_factor: None, mean_std: None };
         assert_eq!(n.value(0, 200), 200.0);
     }
 

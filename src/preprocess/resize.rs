@@ -150,13 +150,10 @@ impl Coefficients {
             // C's (int) cast truncates toward zero, as `as` does.
             let xmin = ((center - support + 0.5) as i32).max(0);
             let xmax = ((center + support + 0.5) as i32).min(in_size);
-            let raw: Vec<f64> = (xmin..xmax)
-                .map(|x| filter.weight((f64::from(x) - center + 0.5) * inv_filterscale))
-                .collect();
+            let raw: Vec<f64> =
+                (xmin..xmax).map(|x| filter.weight((f64::from(x) - center + 0.5) * inv_filterscale)).collect();
             let total: f64 = raw.iter().sum();
-            let normalized = raw
-                .iter()
-                .map(|&w| if total != 0.0 { w / total } else { w });
+            let normalized = raw.iter().map(|&w| if total != 0.0 { w / total } else { w });
             starts.push(xmin as usize);
             weights.push(normalized.map(to_fixed).collect());
         }
@@ -166,8 +163,7 @@ impl Coefficients {
     /// Source rows `[first, last)` that any output row reads.
     fn span(&self) -> (usize, usize) {
         let first = self.starts[0];
-        let last = self.starts.last().expect("at least one output")
-            + self.weights.last().map_or(0, Vec::len);
+        let last = self.starts.last().expect("at least one output") + self.weights.last().map_or(0, Vec::len);
         (first, last)
     }
 }
@@ -175,11 +171,7 @@ impl Coefficients {
 /// Round half away from zero into fixed point, as `normalize_coeffs_8bpc`.
 fn to_fixed(weight: f64) -> i32 {
     let scaled = weight * f64::from(1u32 << PRECISION_BITS);
-    if weight < 0.0 {
-        (-0.5 + scaled) as i32
-    } else {
-        (0.5 + scaled) as i32
-    }
+    if weight < 0.0 { (-0.5 + scaled) as i32 } else { (0.5 + scaled) as i32 }
 }
 
 fn clip8(sum: i32) -> u8 {
@@ -287,11 +279,7 @@ fn positions(step: f64, count: u32, in_size: u32) -> Vec<Option<usize>> {
     (0..count)
         .map(|_| {
             // Pillow's COORD: negative positions are out of range, others truncate.
-            let index = if position < 0.0 {
-                None
-            } else {
-                Some(position as usize)
-            };
+            let index = if position < 0.0 { None } else { Some(position as usize) };
             position += step;
             index.filter(|&i| i < in_size as usize)
         })
@@ -318,21 +306,12 @@ mod tests {
 
     #[test]
     fn weights_sum_to_one_in_fixed_point() {
-        for filter in [
-            Filter::Box,
-            Filter::Bilinear,
-            Filter::Hamming,
-            Filter::Bicubic,
-            Filter::Lanczos,
-        ] {
+        for filter in [Filter::Box, Filter::Bilinear, Filter::Hamming, Filter::Bicubic, Filter::Lanczos] {
             for (inn, out) in [(10, 3), (3, 10), (512, 2048), (2048, 512)] {
                 let c = Coefficients::new(inn, out, filter);
                 for w in &c.weights {
                     let sum: i32 = w.iter().sum();
-                    assert!(
-                        (sum - (1 << PRECISION_BITS)).abs() <= w.len() as i32,
-                        "{filter:?} {sum}"
-                    );
+                    assert!((sum - (1 << PRECISION_BITS)).abs() <= w.len() as i32, "{filter:?} {sum}");
                 }
             }
         }
@@ -341,14 +320,9 @@ mod tests {
     #[test]
     fn constant_image_stays_constant() {
         let src = RgbImage::from_pixel(13, 9, image::Rgb([200, 17, 90]));
-        for filter in [
-            Filter::Nearest,
-            Filter::Box,
-            Filter::Bilinear,
-            Filter::Hamming,
-            Filter::Bicubic,
-            Filter::Lanczos,
-        ] {
+        for filter in
+            [Filter::Nearest, Filter::Box, Filter::Bilinear, Filter::Hamming, Filter::Bicubic, Filter::Lanczos]
+        {
             let out = resize(&src, 31, 4, filter);
             assert!(out.pixels().all(|p| p.0 == [200, 17, 90]), "{filter:?}");
         }

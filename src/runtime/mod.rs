@@ -126,9 +126,9 @@ fn build_session(
         builder = builder.with_intra_threads(threads).map_err(|e| err(e.to_string()))?;
     }
     for provider in providers.iter().filter(|p| p.is_gpu()) {
-        builder = builder.with_execution_providers([provider.dispatch()?]).map_err(|e| {
-            RuntimeError::ProviderUnavailable { provider: provider.name(), message: e.to_string() }
-        })?;
+        builder = builder
+            .with_execution_providers([provider.dispatch()?])
+            .map_err(|e| RuntimeError::ProviderUnavailable { provider: provider.name(), message: e.to_string() })?;
     }
     builder.commit_from_file(path).map_err(|e| err(e.to_string()))
 }

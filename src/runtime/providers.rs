@@ -137,10 +137,8 @@ fn nvidia_lib_dirs(ort_library: &Path) -> Vec<PathBuf> {
         return Vec::new();
     };
     let nvidia = site.join("nvidia");
-    let mut dirs: Vec<PathBuf> = ["cu13/lib", "cudnn/lib", "tensorrt_libs", "tensorrt/lib"]
-        .iter()
-        .map(|d| nvidia.join(d))
-        .collect();
+    let mut dirs: Vec<PathBuf> =
+        ["cu13/lib", "cudnn/lib", "tensorrt_libs", "tensorrt/lib"].iter().map(|d| nvidia.join(d)).collect();
     if let Ok(entries) = std::fs::read_dir(&nvidia) {
         dirs.extend(entries.flatten().map(|e| e.path().join("lib")));
     }

@@ -56,7 +56,8 @@ pub fn references() -> Vec<Reference> {
         let file = path.join("reference.json");
         if file.is_file() {
             let text = std::fs::read_to_string(&file).unwrap();
-            let mut reference: Reference = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            let mut reference: Reference =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
             reference.dir = path;
             out.push(reference);
         }
