@@ -228,3 +228,85 @@ fn template_value(v: &Value) -> Option<String> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn write(dir: &Path, name: &str, value: impl ToString) {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, value.to_string()).unwrap();
+    }
+
+    fn package(files: &[(&str, String)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "config.json",
+            json!({"model_type": "idefics3", "text_config": {"eos_token_id": 2, "max_position_embeddings": 8192}}),
+        );
+        for (name, text) in files {
+            write(dir.path(), name, text);
+        }
+        dir
+    }
+
+    #[test]
+    fn reads_transformers_5_layout() {
+        let dir = package(&[
+            ("processor_config.json", json!({"image_processor": {"size": {"longest_edge": 2048}}, "image_seq_len": 64, "chat_template": "ignored"}).to_string()),
+            ("chat_template.jinja", "{{ messages }}".into()),
+            ("generation_config.json", json!({"eos_token_id": [2, 49279]}).to_string()),
+        ]);
+        let p = ModelPackage::open(dir.path()).unwrap();
+        assert_eq!(p.processor, json!({"size": {"longest_edge": 2048}, "image_seq_len": 64}));
+        assert_eq!(p.chat_template, "{{ messages }}");
+        assert_eq!(p.eos_token_ids(), vec![2, 49279]);
+        assert_eq!(p.context_length(), Some(8192));
+    }
+
+    #[test]
+    fn reads_older_layouts() {
+        let dir = package(&[
+            ("preprocessor_config.json", json!({"do_image_splitting": true}).to_string()),
+            ("chat_template.json", json!({"chat_template": "old"}).to_string()),
+        ]);
+        let p = ModelPackage::open(dir.path()).unwrap();
+        assert_eq!(p.processor, json!({"do_image_splitting": true}));
+        assert_eq!(p.chat_template, "old");
+        assert_eq!(p.eos_token_ids(), vec![2], "falls back to the text config");
+
+        let list =
+            json!({"chat_template": [{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}]});
+        let dir = package(&[("tokenizer_config.json", list.to_string())]);
+        assert_eq!(ModelPackage::open(dir.path()).unwrap().chat_template, "d");
+
+        let dir = package(&[]);
+        assert!(matches!(ModelPackage::open(dir.path()), Err(PackageError::NoChatTemplate)));
+    }
+
+    #[test]
+    fn lists_variants_by_suffix() {
+        let dir = package(&[
+            ("chat_template.jinja", "t".into()),
+            ("onnx/decoder_model_merged.onnx", String::new()),
+            ("onnx/decoder_model_merged_q4f16.onnx", String::new()),
+            ("onnx/decoder_model_merged_quantized.onnx", String::new()),
+        ]);
+        let p = ModelPackage::open(dir.path()).unwrap();
+        assert_eq!(p.available(Graph::Decoder), vec![Precision::Fp32, Precision::Quantized, Precision::Q4f16]);
+        assert!(
+            p.graph_path(Graph::Decoder, Precision::Q4f16).unwrap().ends_with("onnx/decoder_model_merged_q4f16.onnx")
+        );
+        let err = p.graph_path(Graph::Decoder, Precision::Fp16).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the package has no decoder_model_merged graph in precision fp16; available: fp32, quantized, q4f16"
+        );
+        assert!(
+            matches!(p.graph_path(Graph::VisionEncoder, Precision::Fp32), Err(PackageError::VariantMissing { available, .. }) if available == "none")
+        );
+    }
+}
