@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Runs every test from a fresh machine with only Rust and Python 3: installs ONNX Runtime's
-# library and the export environment (.venv) when missing, then the Python export tests and
-# the Rust tests.
+# library and the Python environment (.venv) when missing, then the Python export tests, the
+# Rust tests, and the OpenAI-client tests against the built server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-ort.sh
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, onnxruntime, pytest" 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, onnxruntime, openai, pytest" 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -r export/requirements.txt
+  .venv/bin/python -m pip install -q -r export/requirements.txt -r tests/requirements.txt
 fi
 .venv/bin/python -m pytest -q export/tests
 cargo test --release
+# The official OpenAI client against the binary cargo just built.
+.venv/bin/python -m pytest -q tests/openai_client

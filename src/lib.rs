@@ -2,7 +2,8 @@
 //!
 //! Data flows one way: request -> [`preprocess`] (through the model's [`family`]) ->
 //! [`engine`] -> response. [`package`] reads model files, [`runtime`] owns ONNX Runtime,
-//! [`config`] holds settings, [`cli`] is the command line.
+//! [`config`] holds settings, [`cli`] is the command line, [`scheduler`] runs generations on
+//! the models and [`server`] is the HTTP API.
 
 pub mod cli;
 pub mod config;
@@ -11,3 +12,5 @@ pub mod family;
 pub mod package;
 pub mod preprocess;
 pub mod runtime;
+pub mod scheduler;
+pub mod server;

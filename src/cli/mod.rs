@@ -3,6 +3,7 @@
 
 mod ask;
 mod inspect;
+pub mod serve;
 
 use std::path::PathBuf;
 
@@ -20,12 +21,15 @@ pub enum CliError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error("{path}: {source}")]
+    // The cause is the error's source: `main` prints it after the path (not twice).
+    #[error("{}", path.display())]
     Image { path: PathBuf, source: PreprocessError },
-    #[error("{path}: {source}")]
+    #[error("{}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
     #[error("could not write output: {0}")]
     Output(String),
+    #[error(transparent)]
+    Server(#[from] crate::server::ServerError),
 }
 
 #[derive(Debug, Parser)]
@@ -50,6 +54,8 @@ pub enum Command {
     Ask(ask::AskArgs),
     /// Describe a model package: family, graphs, precisions, tensors, KV layout.
     Inspect(inspect::InspectArgs),
+    /// Serve the configured models over HTTP (OpenAI-compatible API, VQA, metrics).
+    Serve(serve::ServeArgs),
 }
 
 /// Which model and how to load it; shared by the commands.
@@ -82,11 +88,12 @@ impl ModelArgs {
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> Result<(), CliError> {
     let mut settings = Settings::load(cli.config.as_deref())?;
-    if let Some(lib) = cli.ort_lib {
-        settings.runtime.onnxruntime_library = Some(lib);
+    if let Some(lib) = &cli.ort_lib {
+        settings.runtime.onnxruntime_library = Some(lib.clone());
     }
     match cli.command {
         Command::Ask(args) => ask::run(&settings, &args),
         Command::Inspect(args) => inspect::run(&settings, &args),
+        Command::Serve(args) => serve::run(settings, cli.config, cli.ort_lib, &args),
     }
 }

@@ -30,6 +30,87 @@ pub struct Settings {
     pub runtime: RuntimeSettings,
     #[serde(default)]
     pub models: Vec<ModelSettings>,
+    #[serde(default)]
+    pub server: ServerSettings,
+    #[serde(default)]
+    pub scheduler: SchedulerSettings,
+}
+
+/// `[server]`: the HTTP listener, request limits and the admin API (`vlmserve serve`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    pub host: String,
+    pub port: u16,
+    /// HTTP worker threads; 0 = one per CPU core.
+    pub http_workers: usize,
+    pub max_body_bytes: usize,
+    pub max_images_per_request: usize,
+    pub max_image_bytes: usize,
+    pub max_image_pixels: u64,
+    pub max_image_side: u32,
+    /// `max_tokens` when a request gives none (cut to what the context leaves).
+    pub default_max_tokens: usize,
+    /// `temperature` when a request gives none (OpenAI's default is 1.0).
+    pub default_temperature: f32,
+    /// Per-request deadline, queueing included; 0 = none.
+    pub request_timeout_s: f64,
+    /// On SIGTERM/SIGINT: how long requests in flight may take to finish.
+    pub shutdown_timeout_s: u64,
+    /// Bearer token for `/admin/*`; admin routes are off when unset or empty.
+    pub admin_token: Option<String>,
+    /// Hosts remote `http(s)` image URLs may name (`example.com`, or `*.example.com` for its
+    /// subdomains); empty: remote image URLs are refused.
+    pub remote_image_hosts: Vec<String>,
+    /// Time limit for fetching one remote image, in seconds.
+    pub remote_image_timeout_s: f64,
+    /// A model that fails to load at start stops the server (true), or stays `failed` while
+    /// the others serve and `/ready` says 503 until a reload fixes it (false).
+    pub exit_on_load_failure: bool,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            http_workers: 0,
+            max_body_bytes: 64 << 20,
+            max_images_per_request: 8,
+            max_image_bytes: 20 << 20,
+            max_image_pixels: 33_554_432,
+            max_image_side: 8192,
+            default_max_tokens: 256,
+            default_temperature: 1.0,
+            request_timeout_s: 300.0,
+            shutdown_timeout_s: 30,
+            admin_token: None,
+            remote_image_hosts: Vec::new(),
+            remote_image_timeout_s: 10.0,
+            exit_on_load_failure: true,
+        }
+    }
+}
+
+/// `[scheduler]`: admission control per model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerSettings {
+    /// Sequences generating at once per model; each holds its own copy of the sessions.
+    pub concurrency: usize,
+    /// Requests admitted beyond `concurrency` that wait (while their images are prepared and
+    /// in the queue); more are refused with 429.
+    pub queue_size: usize,
+    /// Seconds sent in `Retry-After` with a 429.
+    pub retry_after_s: u64,
+    /// Run one short generation per model before reporting ready.
+    pub warmup: bool,
+}
+
+impl Default for SchedulerSettings {
+    fn default() -> Self {
+        Self { concurrency: 1, queue_size: 32, retry_after_s: 1, warmup: true }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -117,6 +198,42 @@ impl Settings {
             if model.providers.is_empty() {
                 return Err(ConfigError::Invalid(format!("models[{i}].providers is empty")));
             }
+        }
+        self.validate_server()
+    }
+
+    fn validate_server(&self) -> Result<(), ConfigError> {
+        let server = &self.server;
+        let bad = |key: &str, why: &str| Err(ConfigError::Invalid(format!("{key} {why}")));
+        if server.host.trim().is_empty() {
+            return bad("server.host", "is empty");
+        }
+        if server.max_body_bytes == 0 {
+            return bad("server.max_body_bytes", "must be at least 1");
+        }
+        if server.max_image_bytes == 0 || server.max_image_pixels == 0 || server.max_image_side == 0 {
+            return bad("server.max_image_bytes/max_image_pixels/max_image_side", "must be at least 1");
+        }
+        if server.default_max_tokens == 0 {
+            return bad("server.default_max_tokens", "must be at least 1");
+        }
+        if !server.default_temperature.is_finite() || server.default_temperature < 0.0 {
+            return bad("server.default_temperature", "must be a finite number >= 0");
+        }
+        if !server.request_timeout_s.is_finite() || server.request_timeout_s < 0.0 {
+            return bad("server.request_timeout_s", "must be a finite number >= 0");
+        }
+        if !server.remote_image_timeout_s.is_finite() || server.remote_image_timeout_s <= 0.0 {
+            return bad("server.remote_image_timeout_s", "must be a finite number > 0");
+        }
+        if server.remote_image_hosts.iter().any(|h| h.trim().is_empty() || h.contains('/')) {
+            return bad(
+                "server.remote_image_hosts",
+                "entries must be host names like \"example.com\" or \"*.example.com\"",
+            );
+        }
+        if self.scheduler.concurrency == 0 {
+            return bad("scheduler.concurrency", "must be at least 1");
         }
         Ok(())
     }
@@ -224,6 +341,19 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!((device(Graph::VisionEncoder), device(Graph::Decoder)), (1, 0));
+    }
+
+    #[test]
+    fn server_and_scheduler_defaults_and_checks() {
+        let settings = parse(DEFAULT_TOML).unwrap();
+        assert_eq!((settings.server.host.as_str(), settings.server.port), ("127.0.0.1", 8080));
+        assert!(settings.server.admin_token.is_none());
+        assert_eq!(settings.scheduler.concurrency, 1);
+        settings.validate().unwrap();
+        let zero = parse("[scheduler]\nconcurrency = 0\n").unwrap();
+        assert!(zero.validate().unwrap_err().to_string().contains("scheduler.concurrency"));
+        let unknown = parse("[server]\nprot = 1\n").unwrap_err();
+        assert!(unknown.contains("prot"), "{unknown}");
     }
 
     #[test]

@@ -1,0 +1,141 @@
+//! Prometheus metrics of serving: requests by route and status, queue depth, requests running,
+//! latency histograms, tokens, and where generation time goes. The server renders them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+/// Stages of a request whose durations are measured separately.
+#[derive(Debug, Clone, Copy)]
+pub enum Stage {
+    ImageDecode,
+    Preprocess,
+    VisionEncoder,
+    Prefill,
+    Decode,
+}
+
+impl Stage {
+    fn label(self) -> &'static str {
+        match self {
+            Stage::ImageDecode => "image_decode",
+            Stage::Preprocess => "preprocess",
+            Stage::VisionEncoder => "vision_encoder",
+            Stage::Prefill => "prefill",
+            Stage::Decode => "decode",
+        }
+    }
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub waiting: IntGaugeVec,
+    pub running: IntGaugeVec,
+    pub queue_duration: HistogramVec,
+    pub time_to_first_token: HistogramVec,
+    pub inter_token_latency: HistogramVec,
+    pub generation_tokens: IntCounterVec,
+    pub prompt_tokens: IntCounterVec,
+    pub stage_duration: HistogramVec,
+    pub finished: IntCounterVec,
+    pub rejected: IntCounterVec,
+    pub reloads: IntCounterVec,
+    pub batch_size: HistogramVec,
+}
+
+const LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let registry = Registry::new_custom(Some("vlmserve".into()), None).expect("valid prefix");
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
+                .expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+        Arc::new(Self {
+            http_requests: counter("http_requests_total", "HTTP requests by route and status", &["route", "status"]),
+            waiting: gauge(
+                "num_requests_waiting",
+                "Requests admitted and not yet generating (preparing or queued)",
+                &["model"],
+            ),
+            running: gauge("num_requests_running", "Requests generating", &["model"]),
+            queue_duration: histogram(
+                "request_queue_duration_seconds",
+                "Time from queueing to the start of generation",
+                &["model"],
+                LATENCY_BUCKETS,
+            ),
+            time_to_first_token: histogram(
+                "time_to_first_token_seconds",
+                "From the start of generation to the first token",
+                &["model"],
+                LATENCY_BUCKETS,
+            ),
+            inter_token_latency: histogram(
+                "inter_token_latency_seconds",
+                "Time between consecutive tokens",
+                &["model"],
+                LATENCY_BUCKETS,
+            ),
+            generation_tokens: counter("generation_tokens_total", "Tokens generated", &["model"]),
+            prompt_tokens: counter("prompt_tokens_total", "Prompt tokens processed", &["model"]),
+            stage_duration: histogram(
+                "stage_duration_seconds",
+                "Duration of image_decode, preprocess, vision_encoder, prefill and decode per request",
+                &["model", "stage"],
+                LATENCY_BUCKETS,
+            ),
+            finished: counter(
+                "requests_finished_total",
+                "Generations by how they ended (stop, length, cancelled, deadline, error)",
+                &["model", "reason"],
+            ),
+            rejected: counter("requests_rejected_total", "Requests refused by admission control", &["model", "reason"]),
+            reloads: counter("model_reloads_total", "Model reloads by result", &["model", "result"]),
+            batch_size: histogram(
+                "batch_size",
+                "Sequences per decode step",
+                &["model"],
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+            ),
+            registry,
+        })
+    }
+
+    pub fn stage(&self, model: &str, stage: Stage, seconds: f64) {
+        self.stage_duration.with_label_values(&[model, stage.label()]).observe(seconds);
+    }
+
+    pub(super) fn update_queue(&self, model: &str, in_flight: &AtomicUsize, running: &AtomicUsize) {
+        let running = running.load(Ordering::SeqCst);
+        let waiting = in_flight.load(Ordering::SeqCst).saturating_sub(running);
+        self.waiting.with_label_values(&[model]).set(waiting as i64);
+        self.running.with_label_values(&[model]).set(running as i64);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let encoder = prometheus::TextEncoder::new();
+        if let Err(e) = encoder.encode_utf8(&self.registry.gather(), &mut out) {
+            tracing::warn!("encoding metrics failed: {e}");
+        }
+        out
+    }
+}

@@ -1,0 +1,167 @@
+//! Starting and stopping the server: binding, the actix app and its routes, model loading in
+//! the background, and graceful shutdown on SIGTERM/SIGINT.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Service;
+use actix_web::{App, HttpResponse, HttpServer, web};
+
+use super::errors::ApiError;
+use super::{AppState, ReloadSettings, ServerError, admin, health, openai, request, vqa};
+use crate::config::{ServerSettings, Settings};
+use crate::engine::ModelOptions;
+use crate::preprocess::ImageLimits;
+use crate::scheduler::{Metrics, Scheduler};
+
+/// Serve `settings` until SIGTERM/SIGINT. Prints `listening on http://ADDR` on stdout once bound.
+pub fn run(settings: Settings, reload_settings: ReloadSettings) -> Result<(), ServerError> {
+    let server = settings.server.clone();
+    let addr = format!("{}:{}", server.host, server.port);
+    let listener = TcpListener::bind(&addr).map_err(|error| ServerError::Bind { addr: addr.clone(), error })?;
+    let bound = listener.local_addr()?;
+    let metrics = Metrics::new();
+    let scheduler = Scheduler::new(&settings.models, settings.scheduler.clone(), metrics.clone());
+    let state = web::Data::new(app_state(&server, scheduler.clone(), metrics, reload_settings));
+    actix_web::rt::System::new().block_on(serve(listener, bound, server, settings, scheduler, state))
+}
+
+fn app_state(
+    server: &ServerSettings,
+    scheduler: Arc<Scheduler>,
+    metrics: Arc<Metrics>,
+    reload_settings: ReloadSettings,
+) -> AppState {
+    AppState {
+        scheduler,
+        metrics,
+        image_limits: ImageLimits {
+            max_pixels: server.max_image_pixels,
+            max_side: server.max_image_side,
+            max_bytes: server.max_image_bytes,
+        },
+        max_images: server.max_images_per_request,
+        max_body_bytes: server.max_body_bytes,
+        default_max_tokens: server.default_max_tokens,
+        default_temperature: server.default_temperature,
+        request_timeout: (server.request_timeout_s > 0.0).then(|| Duration::from_secs_f64(server.request_timeout_s)),
+        admin_token: server.admin_token.clone().filter(|t| !t.trim().is_empty()),
+        reload_settings,
+        remote_images: request::RemoteImages::new(
+            &server.remote_image_hosts,
+            Duration::from_secs_f64(server.remote_image_timeout_s),
+            server.max_image_bytes,
+        )
+        .map(Arc::new),
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    bound: SocketAddr,
+    server: ServerSettings,
+    settings: Settings,
+    scheduler: Arc<Scheduler>,
+    state: web::Data<AppState>,
+) -> Result<(), ServerError> {
+    let admin = state.admin_token.is_some();
+    let mut http = HttpServer::new(move || {
+        let metrics = state.metrics.clone();
+        let mut app = App::new()
+            .app_data(state.clone())
+            .wrap_fn(move |req, srv| {
+                let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+                let metrics = metrics.clone();
+                let response = srv.call(req);
+                async move {
+                    let response = response.await?;
+                    metrics.http_requests.with_label_values(&[route.as_str(), response.status().as_str()]).inc();
+                    Ok(response)
+                }
+            })
+            .route("/health", web::get().to(health::health))
+            .route("/ready", web::get().to(health::ready))
+            .route("/metrics", web::get().to(health::metrics))
+            .route("/v1/models", web::get().to(openai::list_models))
+            .route("/v1/models/{name}", web::get().to(openai::get_model))
+            .route("/v1/chat/completions", web::post().to(openai::chat_completions))
+            .route("/v1/vqa", web::post().to(vqa::vqa));
+        if admin {
+            app = app.route("/admin/models/{name}/reload", web::post().to(admin::reload));
+        }
+        app.default_service(web::to(not_found))
+    })
+    // A client that closes its side is gone: drop its request, which cancels the generation
+    // (actix otherwise notices only when it next writes, i.e. never for a non-streaming wait).
+    .h1_allow_half_closed(false)
+    .disable_signals()
+    .shutdown_timeout(server.shutdown_timeout_s);
+    if server.http_workers > 0 {
+        http = http.workers(server.http_workers);
+    }
+    let http = http.listen(listener)?.run();
+    let handle = http.handle();
+    println!("listening on http://{bound}");
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    tracing::info!(%bound, admin, "listening");
+
+    let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
+    let loader = scheduler.clone();
+    std::thread::spawn(move || {
+        let result = loader.load_all(|m: &crate::config::ModelSettings| -> ModelOptions { settings.model_options(m) });
+        let _ = loaded_tx.send(result);
+    });
+
+    let stopper = handle.clone();
+    let on_signal = scheduler.clone();
+    actix_web::rt::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!(in_flight = on_signal.in_flight(), "shutting down: no new requests, finishing those in flight");
+        on_signal.begin_shutdown();
+        stopper.stop(true).await;
+    });
+
+    let failure = Arc::new(std::sync::Mutex::new(None));
+    let failed = failure.clone();
+    let exit_on_failure = server.exit_on_load_failure;
+    actix_web::rt::spawn(async move {
+        if let Ok(Err(e)) = loaded_rx.await {
+            if !exit_on_failure {
+                return;
+            }
+            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            handle.stop(false).await;
+        }
+    });
+    http.await?;
+    if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e.into());
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn not_found(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::not_found(format!("no route for {} {}", req.method(), req.path())))
+}

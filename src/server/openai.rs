@@ -1,0 +1,495 @@
+//! `POST /v1/chat/completions` (OpenAI's schema, streaming and not) and `GET /v1/models`.
+
+use std::time::Instant;
+
+use actix_web::web::{self, Bytes};
+use actix_web::{HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::errors::ApiError;
+use super::request::{self, ImageSource, PrepareInput, RemoteImages, Running};
+use crate::engine::{Completion, FinishReason, GenerationParams, SamplingParams};
+use crate::preprocess::ImageLimits;
+use crate::preprocess::chat_template::{ChatMessage, ContentPart};
+use crate::scheduler::{JobEvent, SchedulerError};
+
+/// The request fields we read; unknown fields are ignored, as OpenAI-compatible servers do.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    #[serde(default)]
+    model: Option<String>,
+    messages: Vec<Value>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    /// 0 or -1 disables it.
+    #[serde(default)]
+    top_k: Option<i64>,
+    #[serde(default)]
+    min_p: Option<f32>,
+    #[serde(default)]
+    repetition_penalty: Option<f32>,
+    #[serde(default)]
+    seed: Option<i64>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    n: Option<u64>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    /// vLLM's extension: keep generating past end-of-sequence tokens.
+    #[serde(default)]
+    ignore_eos: Option<bool>,
+    /// vLLM's extension: add `token_ids` to each choice.
+    #[serde(default)]
+    return_token_ids: Option<bool>,
+    #[serde(default)]
+    frequency_penalty: Option<f32>,
+    #[serde(default)]
+    presence_penalty: Option<f32>,
+    #[serde(default)]
+    logprobs: Option<bool>,
+    #[serde(default)]
+    tools: Option<Vec<Value>>,
+    #[serde(default)]
+    response_format: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+const MAX_STOP_STRINGS: usize = 16;
+
+impl ChatRequest {
+    /// Reject what we do not support, with the parameter named.
+    fn check_supported(&self) -> Result<(), ApiError> {
+        match self.n {
+            None | Some(1) => {}
+            Some(n) => {
+                return Err(ApiError::invalid_param("n", format!("n = {n} is not supported; only n = 1")));
+            }
+        }
+        for (name, value) in
+            [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)]
+        {
+            if value.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::invalid_param(name, format!("{name} is not supported (use repetition_penalty)")));
+            }
+        }
+        if self.logprobs == Some(true) {
+            return Err(ApiError::invalid_param("logprobs", "logprobs are not supported"));
+        }
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(ApiError::invalid_param("tools", "tools are not supported"));
+        }
+        if let Some(format) = &self.response_format
+            && format.get("type").and_then(Value::as_str) != Some("text")
+        {
+            return Err(ApiError::invalid_param(
+                "response_format",
+                "only response_format {\"type\": \"text\"} is supported",
+            ));
+        }
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid_param("messages", "messages must not be empty"));
+        }
+        Ok(())
+    }
+
+    fn params(&self, default_temperature: f32) -> Result<(GenerationParams, bool), ApiError> {
+        let top_k = match self.top_k {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 => k as usize,
+            Some(k) => {
+                return Err(ApiError::invalid_param("top_k", format!("top_k must be -1, 0 or positive, not {k}")));
+            }
+        };
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stop.len() > MAX_STOP_STRINGS {
+            return Err(ApiError::invalid_param("stop", format!("at most {MAX_STOP_STRINGS} stop strings")));
+        }
+        if stop.iter().any(String::is_empty) {
+            return Err(ApiError::invalid_param("stop", "stop strings must not be empty"));
+        }
+        let sampling = SamplingParams {
+            temperature: self.temperature.unwrap_or(default_temperature),
+            top_k,
+            top_p: self.top_p.unwrap_or(1.0),
+            min_p: self.min_p.unwrap_or(0.0),
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            seed: self.seed.map(|s| s as u64),
+        };
+        sampling.validate().map_err(ApiError::from)?;
+        let requested = self.max_completion_tokens.or(self.max_tokens);
+        let max_new_tokens = match requested {
+            Some(0) => {
+                return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1"));
+            }
+            Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            None => 1,
+        };
+        let params = GenerationParams { sampling, max_new_tokens, stop, ignore_eos: self.ignore_eos.unwrap_or(false) };
+        Ok((params, requested.is_none()))
+    }
+}
+
+/// OpenAI messages as chat-template messages, plus the image bytes in order.
+fn parse_messages(
+    messages: &[Value],
+    limits: &ImageLimits,
+    max_images: usize,
+    remote: Option<&RemoteImages>,
+) -> Result<(Vec<ChatMessage>, Vec<ImageSource>), ApiError> {
+    let mut out = Vec::with_capacity(messages.len());
+    let mut images = Vec::new();
+    for (i, message) in messages.iter().enumerate() {
+        let at = format!("messages[{i}]");
+        let Some(object) = message.as_object() else {
+            return Err(ApiError::invalid_param(&at, format!("{at} must be an object")));
+        };
+        let role = match object.get("role").and_then(Value::as_str) {
+            Some("developer") => "system",
+            Some(role @ ("system" | "user" | "assistant")) => role,
+            Some(other) => {
+                return Err(ApiError::invalid_param(
+                    &format!("{at}.role"),
+                    format!("{at}.role {other:?} is not supported (system, user, assistant)"),
+                ));
+            }
+            None => {
+                return Err(ApiError::invalid_param(
+                    &format!("{at}.role"),
+                    format!("{at}.role is missing or not a string"),
+                ));
+            }
+        };
+        let mut content = Vec::new();
+        match object.get("content") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(text)) => content.push(ContentPart::Text { text: text.clone() }),
+            Some(Value::Array(parts)) => {
+                for (j, part) in parts.iter().enumerate() {
+                    let at = format!("{at}.content[{j}]");
+                    match part.get("type").and_then(Value::as_str) {
+                        Some("text" | "input_text") => {
+                            let Some(text) = part.get("text").and_then(Value::as_str) else {
+                                return Err(ApiError::invalid_param(&at, format!("{at}.text must be a string")));
+                            };
+                            content.push(ContentPart::Text { text: text.to_string() });
+                        }
+                        Some("image_url") => {
+                            let url = match part.get("image_url") {
+                                Some(Value::String(url)) => Some(url.as_str()),
+                                Some(object) => object.get("url").and_then(Value::as_str),
+                                None => None,
+                            };
+                            let Some(url) = url else {
+                                return Err(ApiError::invalid_param(
+                                    &at,
+                                    format!("{at}.image_url.url must be a string"),
+                                ));
+                            };
+                            if images.len() == max_images {
+                                return Err(ApiError::too_large(
+                                    "too_many_images",
+                                    format!("more than {max_images} images in one request"),
+                                )
+                                .with_param(&at));
+                            }
+                            images.push(request::image_from_url(url, &format!("{at}.image_url"), limits, remote)?);
+                            content.push(ContentPart::Image);
+                        }
+                        Some(other) => {
+                            return Err(ApiError::invalid_param(
+                                &at,
+                                format!("{at}.type {other:?} is not supported (text, image_url)"),
+                            ));
+                        }
+                        None => {
+                            return Err(ApiError::invalid_param(&at, format!("{at}.type is missing")));
+                        }
+                    }
+                }
+            }
+            Some(_) => {
+                return Err(ApiError::invalid_param(
+                    &format!("{at}.content"),
+                    format!("{at}.content must be a string or a list of parts"),
+                ));
+            }
+        }
+        out.push(ChatMessage { role: role.to_string(), content });
+    }
+    Ok((out, images))
+}
+
+pub async fn chat_completions(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let arrived = Instant::now();
+    let body = request::read_body(&req, payload, state.max_body_bytes).await?;
+    let request: ChatRequest = request::parse_json(&body)?;
+    drop(body);
+    request.check_supported()?;
+    let (params, use_default) = request.params(state.default_temperature)?;
+    let (messages, images) =
+        parse_messages(&request.messages, &state.image_limits, state.max_images, state.remote_images.as_deref())?;
+    let model = request::model_name(&state, request.model.as_deref())?;
+    let admission = state.scheduler.admit(&model)?;
+    let input =
+        PrepareInput { messages, images, params, default_max_tokens: use_default.then_some(state.default_max_tokens) };
+    let prepared = request::prepare(&state, &admission, input).await?;
+    let running = request::submit(&state, admission, prepared, arrived);
+    let id = format!("chatcmpl-{:032x}", rand::random::<u128>());
+    let created = request::unix_now();
+    let return_ids = request.return_token_ids.unwrap_or(false);
+    if request.stream.unwrap_or(false) {
+        let include_usage = request.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
+        let stream = ChatStream { running, id, created, model, include_usage, return_ids, phase: Phase::Start };
+        return Ok(HttpResponse::Ok()
+            .content_type("text/event-stream")
+            .insert_header(("Cache-Control", "no-cache"))
+            .insert_header(("X-Accel-Buffering", "no"))
+            .streaming(stream.into_stream()));
+    }
+    let completion = request::collect(running).await?;
+    Ok(HttpResponse::Ok().json(completion_body(&id, created, &model, &completion, return_ids)))
+}
+
+fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Cancelled => "cancelled",
+    }
+}
+
+fn usage(completion: &Completion) -> Value {
+    let generated = completion.token_ids.len();
+    json!({
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": generated,
+        "total_tokens": completion.prompt_tokens + generated,
+    })
+}
+
+fn completion_body(id: &str, created: u64, model: &str, completion: &Completion, return_ids: bool) -> Value {
+    let mut choice = json!({
+        "index": 0,
+        "message": {"role": "assistant", "content": completion.text},
+        "logprobs": null,
+        "finish_reason": finish_reason(completion.finish_reason),
+    });
+    if return_ids {
+        choice["token_ids"] = json!(completion.token_ids);
+    }
+    json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": usage(completion),
+        "system_fingerprint": null,
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    Start,
+    Tokens,
+    Finished,
+}
+
+/// Server-sent events of one streaming completion. Owns the job's receiver and admission:
+/// when the client goes away actix drops the stream, which cancels the generation.
+struct ChatStream {
+    running: Running,
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    return_ids: bool,
+    phase: Phase,
+}
+
+impl ChatStream {
+    fn chunk(&self, delta: Value, finish: Option<&str>, extra: Option<(&str, Value)>) -> Value {
+        let mut choice = json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish});
+        if let Some((key, value)) = extra {
+            choice[key] = value;
+        }
+        json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "system_fingerprint": null,
+        })
+    }
+
+    fn event(value: &Value) -> String {
+        format!("data: {value}\n\n")
+    }
+
+    /// The next bytes to send, or `None` when the stream is over.
+    async fn next(&mut self) -> Option<Bytes> {
+        match self.phase {
+            Phase::Finished => return None,
+            Phase::Start => {
+                self.phase = Phase::Tokens;
+                let first = self.chunk(json!({"role": "assistant", "content": ""}), None, None);
+                return Some(Bytes::from(Self::event(&first)));
+            }
+            Phase::Tokens => {}
+        }
+        let event = self.running.events.recv().await;
+        let mut out = String::new();
+        match event {
+            Some(JobEvent::Token { token_id, text }) => {
+                let ids = self.return_ids.then(|| ("token_ids", json!([token_id])));
+                out.push_str(&Self::event(&self.chunk(json!({"content": text}), None, ids)));
+                return Some(Bytes::from(out));
+            }
+            Some(JobEvent::Done(completion)) => {
+                let last = self.chunk(json!({}), Some(finish_reason(completion.finish_reason)), None);
+                out.push_str(&Self::event(&last));
+                if self.include_usage {
+                    let mut usage_chunk = self.chunk(json!({}), None, None);
+                    usage_chunk["choices"] = json!([]);
+                    usage_chunk["usage"] = usage(&completion);
+                    out.push_str(&Self::event(&usage_chunk));
+                }
+            }
+            Some(JobEvent::Failed(e)) => out.push_str(&Self::event(&ApiError::from(e).body())),
+            None => out.push_str(&Self::event(&ApiError::from(SchedulerError::WorkerGone).body())),
+        }
+        out.push_str("data: [DONE]\n\n");
+        self.phase = Phase::Finished;
+        Some(Bytes::from(out))
+    }
+
+    fn into_stream(self) -> impl futures_util::Stream<Item = Result<Bytes, actix_web::Error>> {
+        futures_util::stream::unfold(self, |mut stream| async move {
+            let bytes = stream.next().await?;
+            Some((Ok(bytes), stream))
+        })
+    }
+}
+
+/// `GET /v1/models`: every configured model with its state, precision and providers.
+pub async fn list_models(state: web::Data<AppState>) -> HttpResponse {
+    let data: Vec<Value> = state.scheduler.models().iter().map(model_json).collect();
+    HttpResponse::Ok().json(json!({"object": "list", "data": data}))
+}
+
+/// `GET /v1/models/{name}`.
+pub async fn get_model(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let name = path.into_inner();
+    state.scheduler.check_model(&name)?;
+    let models = state.scheduler.models();
+    let model = models.iter().find(|m| m.name == name).ok_or_else(|| ApiError::not_found("model vanished"))?;
+    Ok(HttpResponse::Ok().json(model_json(model)))
+}
+
+fn model_json(model: &crate::scheduler::ModelStatus) -> Value {
+    let created = model.loaded_at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+    let graphs: Vec<Value> = model
+        .graphs
+        .iter()
+        .map(|(graph, precision, providers)| json!({"graph": graph, "precision": precision, "providers": providers}))
+        .collect();
+    let mut providers: Vec<&str> = model.graphs.iter().flat_map(|g| g.2.iter().copied()).collect();
+    providers.dedup();
+    json!({
+        "id": model.name,
+        "object": "model",
+        "created": created,
+        "owned_by": "vlmserve",
+        "state": model.state.as_str(),
+        "version": model.version,
+        "family": model.family,
+        "context_length": model.context_length,
+        "precision": model.precision,
+        "providers": providers,
+        "graphs": graphs,
+        "last_error": model.last_error,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> ImageLimits {
+        ImageLimits { max_pixels: 1 << 20, max_side: 1024, max_bytes: 1 << 20 }
+    }
+
+    #[test]
+    fn messages_with_text_and_images() {
+        let png = "data:image/png;base64,iVBORw0KGgo=";
+        let messages = vec![
+            json!({"role": "system", "content": "Be brief."}),
+            json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}}, {"type": "text", "text": "What?"}]}),
+        ];
+        let (out, images) = parse_messages(&messages, &limits(), 4, None).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].content[0], ContentPart::Image);
+        assert_eq!(images.len(), 1);
+        assert!(matches!(&images[0], ImageSource::Bytes(b) if b.starts_with(b"\x89PNG")));
+    }
+
+    #[test]
+    fn bad_messages_are_400_or_413() {
+        let status = |m: Value, max: usize| parse_messages(&[m], &limits(), max, None).unwrap_err().status.as_u16();
+        assert_eq!(status(json!({"role": "tool", "content": "x"}), 4), 400);
+        assert_eq!(status(json!({"role": "user", "content": 3}), 4), 400);
+        let bad64 = json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]});
+        assert_eq!(status(bad64, 4), 400);
+        let remote = json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]});
+        assert_eq!(status(remote, 4), 400);
+        let one = json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}});
+        assert_eq!(status(json!({"role": "user", "content": [one.clone(), one]}), 1), 413);
+    }
+
+    #[test]
+    fn unsupported_parameters_are_400() {
+        let request = |v: Value| serde_json::from_value::<ChatRequest>(v).unwrap();
+        let n2 = request(json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}));
+        assert_eq!(n2.check_supported().unwrap_err().param.as_deref(), Some("n"));
+        let temp = request(json!({"messages": [{"role": "user", "content": "x"}], "temperature": -1}));
+        assert_eq!(temp.params(1.0).unwrap_err().status.as_u16(), 400);
+        let zero = request(json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}));
+        assert_eq!(zero.params(1.0).unwrap_err().status.as_u16(), 400);
+        let ok =
+            request(json!({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 5, "stop": "a"}));
+        let (params, default) = ok.params(0.0).unwrap();
+        assert_eq!((params.max_new_tokens, default, params.stop.len()), (5, false, 1));
+    }
+}

@@ -1,0 +1,335 @@
+//! What the chat and VQA endpoints share: reading a bounded body, images from data URLs or
+//! bytes, preparing the prompt off the async threads, and running the job.
+
+use std::io::Cursor;
+use std::time::Instant;
+
+use actix_web::HttpRequest;
+use actix_web::http::header;
+use actix_web::web::{self, Bytes, BytesMut};
+use base64::Engine as _;
+use futures_util::StreamExt;
+
+use super::AppState;
+use super::errors::ApiError;
+use crate::engine::{Completion, EngineError, GenerationParams, Processor, Prompt};
+use crate::preprocess::chat_template::ChatMessage;
+use crate::preprocess::{ImageLimits, decode_image};
+use crate::scheduler::{Admission, CancelOnDrop, CancelToken, JobEvent, SchedulerError, Stage};
+
+/// The request body, refused with 413 once over `limit` (from `Content-Length` before reading).
+pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large =
+        || ApiError::too_large("body_too_large", format!("request body is over the limit of {limit} bytes"));
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::invalid(format!("could not read the request body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// Parse JSON, with serde's message (it names the field and position) as a 400.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::invalid("the request body is empty; expected JSON"));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")).with_code("invalid_json"))
+}
+
+/// An image as a request gives it: bytes, or a remote URL fetched while preparing.
+pub enum ImageSource {
+    Bytes(Vec<u8>),
+    Remote { url: String, param: String },
+}
+
+/// Never prints image bytes.
+impl std::fmt::Debug for ImageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ImageSource::Bytes(bytes) => write!(f, "Bytes({} bytes)", bytes.len()),
+            ImageSource::Remote { param, .. } => write!(f, "Remote({param})"),
+        }
+    }
+}
+
+/// Fetching remote images from allowed hosts (`server.remote_image_hosts`).
+pub struct RemoteImages {
+    agent: ureq::Agent,
+    hosts: Vec<String>,
+    max_bytes: usize,
+}
+
+impl RemoteImages {
+    /// `None` when no host is allowed.
+    pub fn new(hosts: &[String], timeout: std::time::Duration, max_bytes: usize) -> Option<Self> {
+        if hosts.is_empty() {
+            return None;
+        }
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .max_redirects(0)
+            .proxy(None)
+            .http_status_as_error(false)
+            .user_agent(concat!("vlmserve/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Some(Self { agent, hosts: hosts.iter().map(|h| h.trim().to_ascii_lowercase()).collect(), max_bytes })
+    }
+
+    fn allows(&self, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        self.hosts.iter().any(|allowed| match allowed.strip_prefix("*.") {
+            Some(domain) => host.strip_suffix(domain).is_some_and(|sub| sub.ends_with('.')),
+            None => *allowed == host,
+        })
+    }
+
+    /// Blocking: the image's bytes, or 400 (`image_fetch_failed`) / 413 (`image_too_large`).
+    fn fetch(&self, url: &str, param: &str) -> Result<Vec<u8>, ApiError> {
+        let failed = |why: String| {
+            ApiError::invalid_param(param, format!("{param}: could not fetch the image: {why}"))
+                .with_code("image_fetch_failed")
+        };
+        let start = Instant::now();
+        let mut response = self.agent.get(url).call().map_err(|e| failed(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(failed(format!("the server answered {}", response.status())));
+        }
+        let bytes =
+            response.body_mut().with_config().limit(self.max_bytes as u64).read_to_vec().map_err(|e| match e {
+                ureq::Error::BodyExceedsLimit(limit) => ApiError::too_large(
+                    "image_too_large",
+                    format!("{param}: the image is over the limit of {limit} bytes"),
+                )
+                .with_param(param),
+                e => failed(e.to_string()),
+            })?;
+        tracing::debug!(bytes = bytes.len(), seconds = start.elapsed().as_secs_f64(), "fetched a remote image");
+        Ok(bytes)
+    }
+}
+
+/// An image from a `data:` URL (`data:image/png;base64,...`), or an allowed remote URL.
+pub fn image_from_url(
+    url: &str,
+    param: &str,
+    limits: &ImageLimits,
+    remote: Option<&RemoteImages>,
+) -> Result<ImageSource, ApiError> {
+    let url = url.trim();
+    let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        let Some(remote) = remote else {
+            return Err(ApiError::invalid_param(
+                param,
+                "remote image URLs are not enabled on this server; send the image as a data: URL",
+            )
+            .with_code("remote_images_disabled"));
+        };
+        let host = url.parse::<actix_web::http::Uri>().ok().and_then(|u| u.host().map(str::to_string));
+        let Some(host) = host else {
+            return Err(
+                ApiError::invalid_param(param, format!("{param}: not a valid URL")).with_code("invalid_image_url")
+            );
+        };
+        if !remote.allows(&host) {
+            return Err(ApiError::invalid_param(param, format!("{param}: images from {host:?} are not allowed"))
+                .with_code("image_host_not_allowed"));
+        }
+        return Ok(ImageSource::Remote { url: url.to_string(), param: param.to_string() });
+    }
+    data_url(url, param, limits).map(ImageSource::Bytes)
+}
+
+/// Image bytes from a `data:` URL.
+pub fn data_url(url: &str, param: &str, limits: &ImageLimits) -> Result<Vec<u8>, ApiError> {
+    let Some(rest) = url.strip_prefix("data:") else {
+        return Err(ApiError::invalid_param(param, "image URL must be a data: URL (data:image/png;base64,...)")
+            .with_code("invalid_image_url"));
+    };
+    let Some((meta, data)) = rest.split_once(',') else {
+        return Err(
+            ApiError::invalid_param(param, "data: URL has no ',' before its data").with_code("invalid_image_url")
+        );
+    };
+    if !meta.split(';').any(|p| p.eq_ignore_ascii_case("base64")) {
+        return Err(ApiError::invalid_param(param, "data: URL must be base64-encoded (;base64,)")
+            .with_code("invalid_image_url"));
+    }
+    decode_base64(data, param, limits)
+}
+
+/// Standard base64 (padding optional, whitespace ignored), size-checked before decoding.
+pub fn decode_base64(data: &str, param: &str, limits: &ImageLimits) -> Result<Vec<u8>, ApiError> {
+    let data: String = if data.bytes().any(|b| b.is_ascii_whitespace()) {
+        data.chars().filter(|c| !c.is_ascii_whitespace()).collect()
+    } else {
+        data.to_string()
+    };
+    let decoded_len = data.len() / 4 * 3;
+    if decoded_len > limits.max_bytes + 3 {
+        return Err(ApiError::too_large(
+            "image_too_large",
+            format!("{param}: image data is about {decoded_len} bytes, over the limit of {}", limits.max_bytes),
+        )
+        .with_param(param));
+    }
+    let engine = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    engine.decode(data.as_bytes()).map_err(|e| {
+        ApiError::invalid_param(param, format!("{param}: invalid base64: {e}")).with_code("invalid_base64")
+    })
+}
+
+/// Everything needed to prepare a prompt off the async threads.
+pub struct PrepareInput {
+    pub messages: Vec<ChatMessage>,
+    pub images: Vec<ImageSource>,
+    pub params: GenerationParams,
+    /// `max_new_tokens` was not given: use `default_max_tokens`, cut to what the context leaves.
+    pub default_max_tokens: Option<usize>,
+}
+
+pub struct Prepared {
+    pub prompt: Prompt,
+    pub params: GenerationParams,
+    pub image_decode_s: f64,
+}
+
+/// Check image sizes (from headers) and the token budget, decode, render and tokenize, and
+/// check the prompt against the context. Blocking: run it in `web::block`.
+fn prepare_blocking(
+    processor: &Processor,
+    input: PrepareInput,
+    limits: &ImageLimits,
+    remote: Option<&RemoteImages>,
+) -> Result<Prepared, ApiError> {
+    let PrepareInput { messages, images, mut params, default_max_tokens } = input;
+    let images = images
+        .into_iter()
+        .map(|source| match (source, remote) {
+            (ImageSource::Bytes(bytes), _) => Ok(bytes),
+            (ImageSource::Remote { url, param }, Some(remote)) => remote.fetch(&url, &param),
+            (ImageSource::Remote { param, .. }, None) => {
+                Err(ApiError::invalid_param(&param, "remote image URLs are not enabled")
+                    .with_code("remote_images_disabled"))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let context = processor.info.context_length;
+    // Image tokens are known from the headers: refuse over-budget requests before any pixel work.
+    let mut image_tokens = 0usize;
+    for bytes in &images {
+        let dims = image::ImageReader::new(Cursor::new(bytes.as_slice()))
+            .with_guessed_format()
+            .ok()
+            .and_then(|r| r.into_dimensions().ok());
+        if let Some((w, h)) = dims
+            && w <= limits.max_side
+            && h <= limits.max_side
+            && u64::from(w) * u64::from(h) <= limits.max_pixels
+        {
+            image_tokens += processor.family.image_tokens_for_size(w, h);
+        }
+    }
+    let min_new = if default_max_tokens.is_some() { 1 } else { params.max_new_tokens };
+    if image_tokens + min_new > context {
+        return Err(EngineError::PromptTooLong { prompt_tokens: image_tokens, max_new_tokens: min_new, context }.into());
+    }
+    let start = Instant::now();
+    let decoded = images
+        .iter()
+        .enumerate()
+        .map(|(i, bytes)| {
+            decode_image(bytes, limits).map_err(|e| {
+                let mut err = ApiError::from(e);
+                err.message = format!("image {}: {}", i + 1, err.message);
+                err
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let image_decode_s = start.elapsed().as_secs_f64();
+    let prompt = processor.prepare(&messages, &decoded)?;
+    if let Some(default) = default_max_tokens {
+        params.max_new_tokens = default.min(context.saturating_sub(prompt.input_ids.len())).max(1);
+    }
+    processor.check_prompt(&prompt, &params)?;
+    Ok(Prepared { prompt, params, image_decode_s })
+}
+
+/// Prepare on the blocking pool.
+pub async fn prepare(state: &AppState, admission: &Admission, input: PrepareInput) -> Result<Prepared, ApiError> {
+    let processor = admission.processor().clone();
+    let limits = state.image_limits;
+    let remote = state.remote_images.clone();
+    let prepared = web::block(move || prepare_blocking(&processor, input, &limits, remote.as_deref()))
+        .await
+        .map_err(|e| ApiError::internal(format!("preprocessing was interrupted: {e}")))??;
+    state.metrics.stage(admission.model(), Stage::ImageDecode, prepared.image_decode_s);
+    Ok(prepared)
+}
+
+/// A submitted generation: its events, and what must live as long as the client waits
+/// (dropping it, e.g. when actix drops the request of a client that disconnected, cancels the
+/// generation).
+pub struct Running {
+    pub events: tokio::sync::mpsc::UnboundedReceiver<JobEvent>,
+    pub _admission: Admission,
+    pub _cancel: CancelOnDrop,
+}
+
+pub fn submit(state: &AppState, admission: Admission, prepared: Prepared, arrived: Instant) -> Running {
+    let cancel = CancelToken::default();
+    let deadline = state.request_timeout.map(|t| (arrived + t, t));
+    let events = admission.submit(prepared.prompt, prepared.params, deadline, cancel.clone());
+    Running { events, _admission: admission, _cancel: CancelOnDrop(cancel) }
+}
+
+/// Wait for the whole completion (non-streaming responses).
+pub async fn collect(mut running: Running) -> Result<Completion, ApiError> {
+    while let Some(event) = running.events.recv().await {
+        match event {
+            JobEvent::Token { .. } => {}
+            JobEvent::Done(completion) => return Ok(completion),
+            JobEvent::Failed(e) => return Err(e.into()),
+        }
+    }
+    Err(SchedulerError::WorkerGone.into())
+}
+
+/// The model a request names, or the first configured one.
+pub fn model_name(state: &AppState, requested: Option<&str>) -> Result<String, ApiError> {
+    match requested {
+        Some(name) if !name.is_empty() => Ok(name.to_string()),
+        _ => state
+            .scheduler
+            .default_model()
+            .map(str::to_string)
+            .ok_or_else(|| ApiError::not_found("no models are configured")),
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Timings as reported by `/v1/vqa` (and `ask --json`).
+pub fn timings_json(completion: &Completion, image_decode_s: f64) -> serde_json::Value {
+    let mut timings = serde_json::to_value(&completion.timings).unwrap_or_default();
+    timings["image_decode_s"] = image_decode_s.into();
+    timings["decode_tokens_per_second"] = completion.timings.decode_tokens_per_second().into();
+    timings
+}

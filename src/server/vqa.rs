@@ -1,0 +1,143 @@
+//! `POST /v1/vqa`: one image and one question, as multipart (`image` file, `question` field) or
+//! JSON (`image` base64 or data URL, `question`); answers `{answer, model, usage, timings}`.
+//! Optional fields in either form: `model`, `max_tokens`, `temperature`, `seed`.
+
+use std::time::Instant;
+
+use actix_multipart::Multipart;
+use actix_web::web::{self, Bytes};
+use actix_web::{HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::AppState;
+use super::errors::ApiError;
+use super::request::{self, ImageSource, PrepareInput};
+use crate::engine::{GenerationParams, SamplingParams};
+use crate::preprocess::chat_template::ChatMessage;
+
+#[derive(Debug, Default, Deserialize)]
+struct VqaRequest {
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default)]
+    question: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    seed: Option<i64>,
+}
+
+pub async fn vqa(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let arrived = Instant::now();
+    let body = request::read_body(&req, payload, state.max_body_bytes).await?;
+    let content_type =
+        req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    let (fields, image) = if content_type.starts_with("multipart/form-data") {
+        from_multipart(&req, body).await?
+    } else {
+        let mut fields: VqaRequest = request::parse_json(&body)?;
+        let image = match fields.image.take() {
+            Some(data) if data.trim_start().starts_with("data:") => {
+                request::data_url(data.trim(), "image", &state.image_limits)?
+            }
+            Some(data) => request::decode_base64(&data, "image", &state.image_limits)?,
+            None => return Err(ApiError::invalid_param("image", "image is required")),
+        };
+        (fields, image)
+    };
+    let question = fields.question.as_deref().map(str::trim).unwrap_or_default();
+    if question.is_empty() {
+        return Err(ApiError::invalid_param("question", "question is required"));
+    }
+    let sampling = SamplingParams {
+        temperature: fields.temperature.unwrap_or(state.default_temperature),
+        seed: fields.seed.map(|s| s as u64),
+        ..SamplingParams::default()
+    };
+    sampling.validate()?;
+    let max_new_tokens = match fields.max_tokens {
+        Some(0) => {
+            return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1"));
+        }
+        Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        None => 1,
+    };
+    let params = GenerationParams { sampling, max_new_tokens, ..GenerationParams::default() };
+    let model = request::model_name(&state, fields.model.as_deref())?;
+    let admission = state.scheduler.admit(&model)?;
+    let input = PrepareInput {
+        messages: vec![ChatMessage::user(1, question)],
+        images: vec![ImageSource::Bytes(image)],
+        params,
+        default_max_tokens: fields.max_tokens.is_none().then_some(state.default_max_tokens),
+    };
+    let prepared = request::prepare(&state, &admission, input).await?;
+    let image_decode_s = prepared.image_decode_s;
+    let completion = request::collect(request::submit(&state, admission, prepared, arrived)).await?;
+    let generated = completion.token_ids.len();
+    Ok(HttpResponse::Ok().json(json!({
+        "answer": completion.text,
+        "model": model,
+        "finish_reason": completion.finish_reason,
+        "usage": {
+            "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": generated,
+            "total_tokens": completion.prompt_tokens + generated,
+        },
+        "timings": request::timings_json(&completion, image_decode_s),
+    })))
+}
+
+/// Fields of a multipart body that was already read under the body limit.
+async fn from_multipart(req: &HttpRequest, body: Bytes) -> Result<(VqaRequest, Vec<u8>), ApiError> {
+    let stream = futures_util::stream::once(async move { Ok::<_, actix_web::error::PayloadError>(body) });
+    let mut multipart = Multipart::new(req.headers(), stream);
+    let mut fields = VqaRequest::default();
+    let mut image = None;
+    let bad = |e: actix_multipart::MultipartError| {
+        ApiError::invalid(format!("invalid multipart body: {e}")).with_code("invalid_multipart")
+    };
+    while let Some(field) = multipart.next().await {
+        let mut field = field.map_err(bad)?;
+        let name = field.name().unwrap_or_default().to_string();
+        let mut data = Vec::new();
+        while let Some(chunk) = field.next().await {
+            data.extend_from_slice(&chunk.map_err(bad)?);
+        }
+        let text = || {
+            String::from_utf8(data.clone())
+                .map_err(|_| ApiError::invalid_param(&name, format!("{name} must be UTF-8 text")))
+        };
+        let number = |s: String| {
+            s.trim().parse::<f64>().map_err(|_| ApiError::invalid_param(&name, format!("{name} must be a number")))
+        };
+        match name.as_str() {
+            "image" => image = Some(data),
+            "question" => fields.question = Some(text()?),
+            "model" => fields.model = Some(text()?),
+            "max_tokens" => {
+                let n = number(text()?)?;
+                if n < 0.0 || n.fract() != 0.0 {
+                    return Err(ApiError::invalid_param("max_tokens", "max_tokens must be a whole number"));
+                }
+                fields.max_tokens = Some(n as u64);
+            }
+            "temperature" => fields.temperature = Some(number(text()?)? as f32),
+            "seed" => fields.seed = Some(number(text()?)? as i64),
+            _ => {}
+        }
+    }
+    let image =
+        image.ok_or_else(|| ApiError::invalid_param("image", "image is required (a file field named \"image\")"))?;
+    Ok((fields, image))
+}

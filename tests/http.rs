@@ -1,0 +1,939 @@
+//! The HTTP server end to end: the built binary on a loopback port, a real HTTP client.
+//!
+//! Expected tokens come from `reference.json` (transformers/PyTorch) and from `vlmserve ask`.
+//! Every server is started by its test and stopped by it (killed on drop).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+const MODEL: &str = "idefics3-tiny";
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vlmserve")
+}
+
+fn fixture_dir() -> PathBuf {
+    common::root().join("tests/fixtures/idefics3-tiny")
+}
+
+fn package_dir() -> PathBuf {
+    fixture_dir().join("package")
+}
+
+fn image_bytes(name: &str) -> Vec<u8> {
+    std::fs::read(fixture_dir().join(name)).unwrap()
+}
+
+fn data_url(bytes: &[u8]) -> String {
+    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .proxy(None)
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
+}
+
+/// A running `vlmserve serve`; killed when dropped.
+struct Server {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+/// A config with the fixture model (or `package`) and `extra` TOML appended.
+fn config_toml(package: &Path, extra: &str) -> String {
+    format!(
+        "[[models]]\nname = \"{MODEL}\"\npath = {:?}\n\n[server]\nhttp_workers = 2\n{extra}\n",
+        package.display().to_string()
+    )
+}
+
+impl Server {
+    fn start(toml: &str) -> Server {
+        let server = Self::spawn(toml);
+        server.wait_ready();
+        server
+    }
+
+    fn spawn(toml: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, toml).unwrap();
+        let mut child = Command::new(bin())
+            .args(["serve", "--port", "0", "--host", "127.0.0.1", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        let base = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(base) => base,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not print its address; status {:?}", child.wait());
+            }
+        };
+        Server { child, base, _dir: dir }
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Ok(r) = agent().get(self.url("/ready")).call()
+                && r.status() == 200
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("server not ready within 120 s");
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").to_string()
+    }
+
+    /// POST JSON; returns status, headers of interest and the body as JSON (or a string).
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, _, body) = self.post_raw(path, &body.to_string(), "application/json", &[]);
+        (status, body)
+    }
+
+    fn post_raw(
+        &self,
+        path: &str,
+        body: &str,
+        content_type: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, Option<String>, Value) {
+        let mut request = agent().post(self.url(path)).header("Content-Type", content_type);
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let mut response = request.send(body).unwrap();
+        let status = response.status().as_u16();
+        let retry = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+        let text = response.body_mut().read_to_string().unwrap();
+        (status, retry, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let mut response = agent().get(self.url(path)).call().unwrap();
+        (response.status().as_u16(), response.body_mut().read_to_string().unwrap())
+    }
+
+    /// A counter or gauge from /metrics, summed over series whose labels contain `labels`.
+    fn metric(&self, name: &str, labels: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .filter(|l| {
+                l.starts_with(name)
+                    && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+                    && l.contains(labels)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn user_with_images(images: &[Vec<u8>], text: &str) -> Value {
+    let mut content: Vec<Value> =
+        images.iter().map(|b| json!({"type": "image_url", "image_url": {"url": data_url(b)}})).collect();
+    content.push(json!({"type": "text", "text": text}));
+    json!({"role": "user", "content": content})
+}
+
+fn greedy(messages: Value, max_tokens: usize) -> Value {
+    json!({"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": max_tokens, "return_token_ids": true})
+}
+
+fn token_ids(body: &Value) -> Vec<u32> {
+    body["choices"][0]["token_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{body}"))
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn text(body: &Value) -> String {
+    body["choices"][0]["message"]["content"].as_str().unwrap_or_else(|| panic!("{body}")).to_string()
+}
+
+fn assert_error(status: u16, body: &Value, expect_status: u16, expect_code: &str) {
+    assert_eq!(status, expect_status, "{body}");
+    let error = &body["error"];
+    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(error["type"].is_string(), "{body}");
+    assert!(error.get("param").is_some(), "{body}");
+    assert_eq!(error["code"], expect_code, "{body}");
+}
+
+/// `vlmserve ask --json` on the same inputs.
+fn ask(images: &[&str], prompt: &str, max_tokens: usize) -> Value {
+    let mut command = Command::new(bin());
+    command.args(["ask", "--model"]).arg(package_dir()).args(["--max-new-tokens", &max_tokens.to_string(), "--json"]);
+    for image in images {
+        command.arg("--image").arg(fixture_dir().join(image));
+    }
+    let output = command.arg(prompt).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Read an SSE response to the end: the `data:` payloads in order.
+fn read_events(reader: impl Read) -> Vec<String> {
+    BufReader::new(reader)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        .collect()
+}
+
+fn stream_text(events: &[String]) -> (String, Option<String>, Option<Value>) {
+    let mut text = String::new();
+    let mut finish = None;
+    let mut usage = None;
+    for event in events.iter().filter(|e| *e != "[DONE]") {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        assert_eq!(chunk["object"], "chat.completion.chunk", "{chunk}");
+        if let Some(choice) = chunk["choices"].get(0) {
+            text.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+            if let Some(f) = choice["finish_reason"].as_str() {
+                finish = Some(f.to_string());
+            }
+        }
+        if !chunk["usage"].is_null() {
+            usage = Some(chunk["usage"].clone());
+        }
+    }
+    (text, finish, usage)
+}
+
+#[test]
+fn chat_matches_reference_and_ask_with_one_and_two_images() {
+    let reference = &common::references()[0];
+    let server = Server::start(&config_toml(&package_dir(), ""));
+    for name in ["one_image", "two_images", "text_only"] {
+        let case = reference.cases.iter().find(|c| c.name == name).unwrap();
+        let images: Vec<Vec<u8>> = case.images.iter().map(|p| image_bytes(p)).collect();
+        let question = case.messages[0]["content"].as_array().unwrap().iter().find_map(|p| p["text"].as_str()).unwrap();
+        let message = if images.is_empty() {
+            json!({"role": "user", "content": question})
+        } else {
+            user_with_images(&images, question)
+        };
+        let (status, body) = server.post("/v1/chat/completions", &greedy(json!([message]), reference.max_new_tokens));
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(token_ids(&body), case.generated_ids, "{name}: tokens differ from transformers");
+        assert_eq!(body["usage"]["prompt_tokens"], case.input_ids.len(), "{name}");
+        assert_eq!(body["usage"]["completion_tokens"], case.generated_ids.len(), "{name}");
+        assert_eq!(body["object"], "chat.completion");
+        if name != "text_only" {
+            let cli =
+                ask(&case.images.iter().map(String::as_str).collect::<Vec<_>>(), question, reference.max_new_tokens);
+            assert_eq!(text(&body), cli["text"].as_str().unwrap(), "{name}: text differs from `vlmserve ask`");
+            assert_eq!(json!(token_ids(&body)), cli["token_ids"], "{name}");
+            assert_eq!(body["choices"][0]["finish_reason"], cli["finish_reason"], "{name}");
+        }
+    }
+}
+
+#[test]
+fn streaming_concatenates_to_the_non_streaming_text() {
+    let server = Server::start(&config_toml(&package_dir(), ""));
+    let images = vec![image_bytes("images/two_images_0.png"), image_bytes("images/two_images_1.png")];
+    let messages = json!([{"role": "system", "content": "Answer briefly."}, user_with_images(&images, "Compare these two images.")]);
+    let (status, whole) = server.post("/v1/chat/completions", &greedy(messages.clone(), 40));
+    assert_eq!(status, 200, "{whole}");
+    let mut request = greedy(messages, 40);
+    request["stream"] = json!(true);
+    request["stream_options"] = json!({"include_usage": true});
+    let response = agent()
+        .post(server.url("/v1/chat/completions"))
+        .header("Content-Type", "application/json")
+        .send(request.to_string())
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().get("content-type").unwrap().to_str().unwrap().starts_with("text/event-stream"));
+    let events = read_events(response.into_body().into_reader());
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let (streamed, finish, usage) = stream_text(&events);
+    assert_eq!(streamed, text(&whole));
+    assert_eq!(finish.as_deref(), whole["choices"][0]["finish_reason"].as_str());
+    assert_eq!(usage.unwrap(), whole["usage"]);
+}
+
+#[test]
+fn concurrent_requests_each_equal_their_sequential_result() {
+    let server = Server::start(&config_toml(&package_dir(), "[scheduler]\nconcurrency = 2\nqueue_size = 16\n"));
+    let one = image_bytes("images/one_image_0.png");
+    let tiny = image_bytes("images/tiny_image_0.png");
+    let requests: Vec<Value> = (0..16)
+        .map(|i| {
+            let question = format!("Question number {i}: what is here?");
+            let message = match i % 3 {
+                0 => json!({"role": "user", "content": question}),
+                1 => user_with_images(std::slice::from_ref(&one), &question),
+                _ => user_with_images(&[tiny.clone(), one.clone()], &question),
+            };
+            greedy(json!([message]), 12 + i)
+        })
+        .collect();
+    let sequential: Vec<Value> = requests
+        .iter()
+        .map(|r| {
+            let (status, body) = server.post("/v1/chat/completions", r);
+            assert_eq!(status, 200, "{body}");
+            body
+        })
+        .collect();
+    let concurrent: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = requests.iter().map(|r| s.spawn(|| server.post("/v1/chat/completions", r))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, ((status, body), expected)) in concurrent.iter().zip(&sequential).enumerate() {
+        assert_eq!(*status, 200, "request {i}: {body}");
+        assert_eq!(token_ids(body), token_ids(expected), "request {i}");
+        assert_eq!(text(body), text(expected), "request {i}");
+    }
+}
+
+/// A PNG of `width` x `height` (black).
+fn png(width: u32, height: u32) -> Vec<u8> {
+    let image = image::RgbImage::new(width, height);
+    let mut out = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+#[test]
+fn bad_inputs_get_their_status_and_error_body() {
+    let extra =
+        "max_body_bytes = 2000000\nmax_images_per_request = 3\nmax_image_side = 1000\nmax_image_pixels = 500000\n";
+    let server = Server::start(&config_toml(&package_dir(), extra));
+    let post = |body: &str| {
+        let (status, _, body) = server.post_raw("/v1/chat/completions", body, "application/json", &[]);
+        (status, body)
+    };
+    let chat =
+        |content: Value| json!({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": content}]});
+    let image_part = |url: String| json!({"type": "image_url", "image_url": {"url": url}});
+
+    let (s, b) = post("{\"model\": ");
+    assert_error(s, &b, 400, "invalid_json");
+    let (s, b) = post("");
+    assert_error(s, &b, 400, "invalid_request");
+    let (s, b) = post(&json!({"model": MODEL}).to_string());
+    assert_error(s, &b, 400, "invalid_json");
+    let (s, b) = post(&json!({"model": MODEL, "messages": "hi"}).to_string());
+    assert_error(s, &b, 400, "invalid_json");
+    let (s, b) = post(&json!({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}).to_string());
+    assert_error(s, &b, 400, "invalid_request");
+    let (s, b) = post(&chat(json!([image_part("data:image/png;base64,@@not-base64@@".into())])).to_string());
+    assert_error(s, &b, 400, "invalid_base64");
+    let (s, b) = post(&chat(json!([image_part(data_url(b"this is not an image at all"))])).to_string());
+    assert_error(s, &b, 400, "invalid_image");
+    let mut truncated = image_bytes("images/one_image_0.png");
+    truncated.truncate(truncated.len() / 2);
+    let (s, b) = post(&chat(json!([image_part(data_url(&truncated))])).to_string());
+    assert_error(s, &b, 400, "invalid_image");
+    let (s, b) = post(&chat(json!([image_part("https://example.com/cat.png".into())])).to_string());
+    assert_error(s, &b, 400, "remote_images_disabled");
+    let mut n2 = chat(json!("hi"));
+    n2["n"] = json!(2);
+    let (s, b) = post(&n2.to_string());
+    assert_error(s, &b, 400, "invalid_request");
+    assert_eq!(b["error"]["param"], "n");
+    let mut hot = chat(json!("hi"));
+    hot["temperature"] = json!(-1.0);
+    let (s, b) = post(&hot.to_string());
+    assert_error(s, &b, 400, "invalid_parameter");
+    let mut long = chat(json!("hi"));
+    long["max_tokens"] = json!(5000);
+    let (s, b) = post(&long.to_string());
+    assert_error(s, &b, 400, "context_length_exceeded");
+    let big_text = "word ".repeat(3000);
+    let (s, b) = post(&chat(json!(big_text)).to_string());
+    assert_error(s, &b, 400, "context_length_exceeded");
+
+    // Over the limits: 413, the image checked from its header.
+    let (s, b) = post(&chat(json!([image_part(data_url(&png(1200, 8)))])).to_string());
+    assert_error(s, &b, 413, "image_too_large");
+    let (s, b) = post(&chat(json!([image_part(data_url(&png(900, 900)))])).to_string());
+    assert_error(s, &b, 413, "image_too_large");
+    let small = image_part(data_url(&png(8, 8)));
+    let (s, b) = post(&chat(json!([small.clone(), small.clone(), small.clone(), small])).to_string());
+    assert_error(s, &b, 413, "too_many_images");
+    // A body declared over the limit is refused from its Content-Length, before it is read.
+    let mut stream = TcpStream::connect(server.addr()).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(stream, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 3000000\r\n\r\n{{\"model\"").unwrap();
+    let mut head = String::new();
+    let _ = BufReader::new(&stream).read_line(&mut head);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    // A body that turns out to be over the limit while read.
+    let huge = format!("{{\"model\": \"{MODEL}\", \"messages\": [], \"pad\": \"{}\"}}", "x".repeat(2_100_000));
+    let result =
+        agent().post(server.url("/v1/chat/completions")).header("Content-Type", "application/json").send(&huge[..]);
+    if let Ok(mut response) = result {
+        assert_eq!(response.status(), 413);
+        let body: Value = serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+        assert_eq!(body["error"]["code"], "body_too_large");
+    }
+
+    // Unknown model and route: 404.
+    let mut unknown = chat(json!("hi"));
+    unknown["model"] = json!("no-such-model");
+    let (s, b) = post(&unknown.to_string());
+    assert_error(s, &b, 404, "model_not_found");
+    let (s, b) = server.post("/v1/nothing", &json!({}));
+    assert_error(s, &b, 404, "not_found");
+    let (s, body) = server.get("/v1/models/no-such-model");
+    assert_eq!(s, 404, "{body}");
+
+    // VQA's own checks.
+    let (s, b) = server.post("/v1/vqa", &json!({"image": base64::engine::general_purpose::STANDARD.encode(png(8, 8))}));
+    assert_error(s, &b, 400, "invalid_request");
+    let (s, b) = server.post("/v1/vqa", &json!({"image": "%%%", "question": "what?"}));
+    assert_error(s, &b, 400, "invalid_base64");
+
+    // Nothing above broke the server, and nothing was a 500.
+    let (s, b) = post(&chat(json!("still there?")).to_string());
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(server.metric("vlmserve_http_requests_total", "status=\"500\""), 0.0);
+}
+
+#[test]
+fn a_model_that_failed_to_load_is_not_ready_503() {
+    let broken = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "{}\n[[models]]\nname = \"broken\"\npath = {:?}\n",
+        config_toml(&package_dir(), "exit_on_load_failure = false"),
+        broken.path().display().to_string()
+    );
+    let server = Server::spawn(&toml);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = server.get("/v1/models");
+        let models: Value = serde_json::from_str(&body).unwrap();
+        let states: Vec<&str> =
+            models["data"].as_array().unwrap().iter().map(|m| m["state"].as_str().unwrap()).collect();
+        if states.iter().all(|s| *s != "loading") {
+            // Listed in configuration order.
+            assert_eq!(states, ["ready", "failed"], "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "models still loading: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, body) = server.get("/ready");
+    assert_eq!(status, 503, "{body}");
+    let (s, b) = server
+        .post("/v1/chat/completions", &json!({"model": "broken", "messages": [{"role": "user", "content": "hi"}]}));
+    assert_error(s, &b, 503, "model_not_ready");
+    let (s, b) = server.post("/v1/chat/completions", &greedy(json!([{"role": "user", "content": "hi"}]), 3));
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(server.get("/health").0, 200);
+}
+
+#[test]
+fn a_full_queue_answers_429_at_once_and_accepted_requests_complete() {
+    let server = Server::start(&config_toml(
+        &package_dir(),
+        "[scheduler]\nconcurrency = 1\nqueue_size = 2\nretry_after_s = 2\n",
+    ));
+    let long = json!({"model": MODEL, "messages": [{"role": "user", "content": "Count."}], "temperature": 0, "max_tokens": 1500, "ignore_eos": true});
+    // All ten leave together, so the burst arrives well within one generation.
+    let barrier = std::sync::Barrier::new(10);
+    let results: Vec<(u16, Option<String>, Value, Duration)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..10)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    let start = Instant::now();
+                    let (status, retry, body) =
+                        server.post_raw("/v1/chat/completions", &long.to_string(), "application/json", &[]);
+                    (status, retry, body, start.elapsed())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok: Vec<_> = results.iter().filter(|r| r.0 == 200).collect();
+    let refused: Vec<_> = results.iter().filter(|r| r.0 == 429).collect();
+    assert_eq!(ok.len() + refused.len(), 10, "{:?}", results.iter().map(|r| (r.0, &r.2)).collect::<Vec<_>>());
+    assert!(!refused.is_empty() && ok.len() <= 3 && !ok.is_empty(), "ok {} refused {}", ok.len(), refused.len());
+    for (_, retry, body, _) in &refused {
+        assert_eq!(retry.as_deref(), Some("2"));
+        assert_error(429, body, 429, "overloaded");
+    }
+    for (_, _, body, _) in &ok {
+        assert_eq!(body["usage"]["completion_tokens"], 1500, "{body}");
+    }
+    // Refusals do not wait for the running generations.
+    let slowest_refusal = refused.iter().map(|r| r.3).max().unwrap();
+    let fastest_success = ok.iter().map(|r| r.3).min().unwrap();
+    assert!(slowest_refusal < fastest_success, "{slowest_refusal:?} vs {fastest_success:?}");
+    assert!(server.metric("vlmserve_requests_rejected_total", "queue_full") >= refused.len() as f64);
+}
+
+#[test]
+fn a_client_that_disconnects_mid_stream_stops_its_generation() {
+    let server = Server::start(&config_toml(&package_dir(), ""));
+    let max_tokens = 2000;
+    let request = json!({
+        "model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "temperature": 0,
+        "max_tokens": max_tokens, "ignore_eos": true, "stream": true,
+    })
+    .to_string();
+    let before_tokens = server.metric("vlmserve_generation_tokens_total", "");
+    let mut stream = TcpStream::connect(server.addr()).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(stream, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{request}", request.len()).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    let mut content_chunks = 0;
+    while content_chunks < 2 {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "stream ended early");
+        if line.starts_with("data: ") && line.contains("\"content\":\"") && !line.contains("\"content\":\"\"") {
+            content_chunks += 1;
+        }
+    }
+    stream.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(reader);
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.metric("vlmserve_requests_finished_total", "reason=\"cancelled\"") < 1.0 {
+        assert!(Instant::now() < deadline, "generation was not cancelled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let generated = server.metric("vlmserve_generation_tokens_total", "") - before_tokens;
+    assert!(generated < max_tokens as f64, "generated {generated} tokens after the client left");
+    assert_eq!(server.metric("vlmserve_num_requests_running", ""), 0.0);
+
+    // The same for a non-streaming request: nothing is written until the end, so the server
+    // must notice the closed connection by itself.
+    let request = json!({
+        "model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "temperature": 0,
+        "max_tokens": max_tokens, "ignore_eos": true,
+    })
+    .to_string();
+    let before_tokens = server.metric("vlmserve_generation_tokens_total", "");
+    let mut stream = TcpStream::connect(server.addr()).unwrap();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{request}",
+        request.len()
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.metric("vlmserve_num_requests_running", "") < 1.0 {
+        assert!(Instant::now() < deadline, "generation did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(stream);
+    while server.metric("vlmserve_requests_finished_total", "reason=\"cancelled\"") < 2.0 {
+        assert!(Instant::now() < deadline, "non-streaming generation was not cancelled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let generated = server.metric("vlmserve_generation_tokens_total", "") - before_tokens;
+    assert!(generated < max_tokens as f64, "generated {generated} tokens after the client left");
+}
+
+#[test]
+fn a_request_past_its_deadline_ends_with_504() {
+    let server = Server::start(&config_toml(&package_dir(), "request_timeout_s = 0.3"));
+    let long = json!({"model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "temperature": 0, "max_tokens": 2000, "ignore_eos": true});
+    let start = Instant::now();
+    let (status, body) = server.post("/v1/chat/completions", &long);
+    assert_error(status, &body, 504, "deadline_exceeded");
+    assert!(start.elapsed() < Duration::from_secs(20));
+    let mut streaming = long.clone();
+    streaming["stream"] = json!(true);
+    let response = agent()
+        .post(server.url("/v1/chat/completions"))
+        .header("Content-Type", "application/json")
+        .send(streaming.to_string())
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let events = read_events(response.into_body().into_reader());
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let error: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(error["error"]["code"], "deadline_exceeded", "{error}");
+    assert!(server.metric("vlmserve_requests_finished_total", "reason=\"deadline\"") >= 2.0);
+    assert_eq!(server.get("/health").0, 200);
+}
+
+#[test]
+fn vqa_answers_json_and_multipart_like_chat() {
+    let server = Server::start(&config_toml(&package_dir(), ""));
+    let image = image_bytes("images/one_image_0.png");
+    let question = "What is in the image?";
+    let (status, chat) = server
+        .post("/v1/chat/completions", &greedy(json!([user_with_images(std::slice::from_ref(&image), question)]), 10));
+    assert_eq!(status, 200, "{chat}");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&image);
+    let (status, answer) =
+        server.post("/v1/vqa", &json!({"image": b64, "question": question, "max_tokens": 10, "temperature": 0}));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["answer"], chat["choices"][0]["message"]["content"]);
+    assert_eq!(answer["model"], MODEL);
+    assert_eq!(answer["usage"], chat["usage"]);
+    for key in ["image_decode_s", "preprocess_s", "vision_s", "prefill_s", "decode_s"] {
+        assert!(answer["timings"][key].is_number(), "{key}: {answer}");
+    }
+    let (status, answer_url) = server
+        .post("/v1/vqa", &json!({"image": data_url(&image), "question": question, "max_tokens": 10, "temperature": 0}));
+    assert_eq!(status, 200, "{answer_url}");
+    assert_eq!(answer_url["answer"], answer["answer"]);
+
+    let boundary = "vlmserve-test-boundary";
+    let mut body = Vec::new();
+    for (name, value) in [("question", question), ("max_tokens", "10"), ("temperature", "0")] {
+        write!(body, "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").unwrap();
+    }
+    write!(body, "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n").unwrap();
+    body.extend_from_slice(&image);
+    write!(body, "\r\n--{boundary}--\r\n").unwrap();
+    let mut response = agent()
+        .post(server.url("/v1/vqa"))
+        .header("Content-Type", format!("multipart/form-data; boundary={boundary}"))
+        .send(&body[..])
+        .unwrap();
+    let text = response.body_mut().read_to_string().unwrap();
+    assert_eq!(response.status(), 200, "{text}");
+    let multipart: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(multipart["answer"], answer["answer"]);
+}
+
+#[test]
+fn health_models_and_metrics() {
+    let server = Server::start(&config_toml(&package_dir(), ""));
+    assert_eq!(server.get("/health").0, 200);
+    let (status, ready) = server.get("/ready");
+    assert_eq!(status, 200, "{ready}");
+    let (status, models) = server.get("/v1/models");
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    let model = &models["data"][0];
+    assert_eq!(
+        (model["id"].as_str(), model["object"].as_str(), model["state"].as_str()),
+        (Some(MODEL), Some("model"), Some("ready"))
+    );
+    assert_eq!(model["precision"], "fp32");
+    assert_eq!(model["providers"], json!(["cpu"]));
+    let (status, one) = server.get(&format!("/v1/models/{MODEL}"));
+    assert_eq!(status, 200, "{one}");
+    let image = image_bytes("images/tiny_image_0.png");
+    let (status, body) =
+        server.post("/v1/chat/completions", &greedy(json!([user_with_images(&[image], "Colour?")]), 5));
+    assert_eq!(status, 200, "{body}");
+    let (status, metrics) = server.get("/metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "vlmserve_http_requests_total{route=\"/v1/chat/completions\",status=\"200\"}",
+        "vlmserve_num_requests_waiting",
+        "vlmserve_num_requests_running",
+        "vlmserve_time_to_first_token_seconds_bucket",
+        "vlmserve_inter_token_latency_seconds_bucket",
+        "vlmserve_request_queue_duration_seconds_bucket",
+        "vlmserve_generation_tokens_total",
+        "stage=\"image_decode\"",
+        "stage=\"preprocess\"",
+        "stage=\"vision_encoder\"",
+        "stage=\"prefill\"",
+        "stage=\"decode\"",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
+    }
+    // Admin routes are off without a token.
+    let (s, b) = server.post(&format!("/admin/models/{MODEL}/reload"), &json!({}));
+    assert_error(s, &b, 404, "not_found");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Replace `name` atomically (write beside it, then rename).
+fn replace_file(dir: &Path, name: &str, contents: &[u8]) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+#[test]
+fn reload_under_load_swaps_atomically_and_survives_corrupt_files() {
+    let work = tempfile::tempdir().unwrap();
+    let package = work.path().join("package");
+    copy_dir(&package_dir(), &package);
+    let server = Server::start(&config_toml(
+        &package,
+        "admin_token = \"secret-token\"\n[scheduler]\nconcurrency = 1\nqueue_size = 64\n",
+    ));
+    let reload = |token: &str| {
+        let (status, _, body) = server.post_raw(
+            &format!("/admin/models/{MODEL}/reload"),
+            "",
+            "application/json",
+            &[("Authorization", &format!("Bearer {token}"))],
+        );
+        (status, body)
+    };
+    let (s, b) = reload("wrong");
+    assert_error(s, &b, 401, "invalid_api_key");
+
+    let image = image_bytes("images/one_image_0.png");
+    let request = greedy(json!([user_with_images(std::slice::from_ref(&image), "What is in the image?")]), 16);
+    let (status, before) = server.post("/v1/chat/completions", &request);
+    assert_eq!(status, 200, "{before}");
+    let before = token_ids(&before);
+
+    // The int8 graphs under the fp32 names: new files, same package otherwise.
+    let onnx = package.join("onnx");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (answers, reloaded) = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut answers = Vec::new();
+                    for _ in 0..200 {
+                        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                            break;
+                        }
+                        let (status, body) = server.post("/v1/chat/completions", &request);
+                        assert_eq!(status, 200, "a request failed during reload: {body}");
+                        answers.push(token_ids(&body));
+                    }
+                    answers
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        for graph in ["vision_encoder", "embed_tokens", "decoder_model_merged"] {
+            let int8 = std::fs::read(onnx.join(format!("{graph}_int8.onnx"))).unwrap();
+            replace_file(&onnx, &format!("{graph}.onnx"), &int8);
+        }
+        let reloaded = reload("secret-token");
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let answers: Vec<Vec<Vec<u32>>> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+        (answers, reloaded)
+    });
+    assert_eq!(reloaded.0, 200, "{}", reloaded.1);
+    assert_eq!(reloaded.1["version"], 2);
+    let (status, after) = server.post("/v1/chat/completions", &request);
+    assert_eq!(status, 200, "{after}");
+    let after = token_ids(&after);
+    assert_ne!(after, before, "answers after the reload should come from the new (int8) files");
+    for answer in answers.iter().flatten() {
+        assert!(*answer == before || *answer == after, "an answer from neither version: {answer:?}");
+    }
+
+    // Corrupt files: the reload fails with the load error and the current version keeps serving.
+    replace_file(&onnx, "decoder_model_merged.onnx", b"this is not an onnx graph");
+    let (s, b) = reload("secret-token");
+    assert_error(s, &b, 422, "model_load_failed");
+    let (status, still) = server.post("/v1/chat/completions", &request);
+    assert_eq!(status, 200, "{still}");
+    assert_eq!(token_ids(&still), after);
+    let (_, models) = server.get("/v1/models");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["state"], "ready");
+    assert_eq!(models["data"][0]["version"], 2);
+    assert!(models["data"][0]["last_error"].is_string());
+    assert_eq!(server.metric("vlmserve_model_reloads_total", "result=\"failed\""), 1.0);
+    assert_eq!(server.get("/ready").0, 200);
+}
+
+#[test]
+fn sigterm_lets_requests_in_flight_finish_then_exits() {
+    let mut server = Server::start(&config_toml(&package_dir(), "shutdown_timeout_s = 20"));
+    let request = json!({
+        "model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "temperature": 0,
+        "max_tokens": 1500, "ignore_eos": true, "stream": true,
+    });
+    let response = agent()
+        .post(server.url("/v1/chat/completions"))
+        .header("Content-Type", "application/json")
+        .send(request.to_string())
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut reader = BufReader::new(response.into_body().into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(first.starts_with("data: "), "{first}");
+    let killed = Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    let events: Vec<String> = std::iter::once(first.trim_end().trim_start_matches("data: ").to_string())
+        .chain(rest.lines().filter_map(|l| l.strip_prefix("data: ").map(str::to_string)))
+        .collect();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let (_, finish, _) = stream_text(&events);
+    assert_eq!(finish.as_deref(), Some("length"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn a_model_that_fails_to_load_at_start_stops_the_server() {
+    let broken = tempfile::tempdir().unwrap();
+    let mut server = Server::spawn(&config_toml(broken.path(), ""));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "server kept running without its model");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "{status:?}");
+}
+
+#[test]
+fn a_configuration_error_names_the_key_and_exits_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[server]\nprot = 8080\n").unwrap();
+    let output = Command::new(bin()).args(["serve", "--port", "0", "--config"]).arg(&config).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("prot"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("listening"));
+}
+
+/// A loopback HTTP server for remote-image tests: `/one.png`, `/big.png` (over the limit),
+/// `/slow.png` (answers after 3 s), `/redirect` (302 to /one.png), anything else 404.
+/// Stops when `stop` is set (bounded: at most 60 s).
+fn image_host<'a>(stop: &'a std::sync::atomic::AtomicBool, image: &'a [u8]) -> (String, impl FnOnce() + Send + 'a) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    listener.set_nonblocking(true).unwrap();
+    let serve = move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+            let Ok((mut stream, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            stream.set_nonblocking(false).unwrap();
+            let image = image.to_vec();
+            std::thread::spawn(move || {
+                let mut head = String::new();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                while reader.read_line(&mut head).is_ok_and(|n| n > 2) {}
+                let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let (status, body, extra) = match path.as_str() {
+                    "/one.png" => ("200 OK", image, ""),
+                    "/big.png" => ("200 OK", vec![0u8; 400_000], ""),
+                    "/slow.png" => {
+                        std::thread::sleep(Duration::from_secs(3));
+                        ("200 OK", image, "")
+                    }
+                    "/redirect" => ("302 Found", Vec::new(), "Location: /one.png\r\n"),
+                    _ => ("404 Not Found", Vec::new(), ""),
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(&body);
+            });
+        }
+    };
+    (addr, serve)
+}
+
+#[test]
+fn remote_image_urls_from_allowed_hosts_only() {
+    let extra = "remote_image_hosts = [\"127.0.0.1\"]\nremote_image_timeout_s = 1.0\nmax_image_bytes = 300000\n";
+    let server = Server::start(&config_toml(&package_dir(), extra));
+    let image = image_bytes("images/one_image_0.png");
+    assert!(image.len() < 300_000);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (host, serve) = image_host(&stop, &image);
+    std::thread::scope(|s| {
+        s.spawn(serve);
+        let ask = |url: String| {
+            let content = json!([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is in the image?"}]);
+            server.post("/v1/chat/completions", &greedy(json!([{"role": "user", "content": content}]), 8))
+        };
+        let (status, local) = ask(data_url(&image));
+        assert_eq!(status, 200, "{local}");
+        let (status, remote) = ask(format!("http://{host}/one.png"));
+        assert_eq!(status, 200, "{remote}");
+        assert_eq!(token_ids(&remote), token_ids(&local));
+        let port = host.rsplit(':').next().unwrap();
+        let (s, b) = ask(format!("http://localhost:{port}/one.png"));
+        assert_error(s, &b, 400, "image_host_not_allowed");
+        let (s, b) = ask(format!("http://{host}/missing.png"));
+        assert_error(s, &b, 400, "image_fetch_failed");
+        let (s, b) = ask(format!("http://{host}/redirect"));
+        assert_error(s, &b, 400, "image_fetch_failed");
+        let (s, b) = ask(format!("http://{host}/big.png"));
+        assert_error(s, &b, 413, "image_too_large");
+        let start = Instant::now();
+        let (s, b) = ask(format!("http://{host}/slow.png"));
+        assert_error(s, &b, 400, "image_fetch_failed");
+        assert!(start.elapsed() < Duration::from_millis(2900), "the time limit was not applied");
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+}
