@@ -72,7 +72,8 @@ pub fn run(settings: &Settings, args: &AskArgs) -> Result<(), CliError> {
         .iter()
         .map(|path| {
             let bytes = std::fs::read(path).map_err(|source| CliError::Io { path: path.clone(), source })?;
-            decode_image(&bytes, &ImageLimits::default()).map_err(|source| CliError::Image { path: path.clone(), source })
+            decode_image(&bytes, &ImageLimits::default())
+                .map_err(|source| CliError::Image { path: path.clone(), source })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let image_decode_s = decode_start.elapsed().as_secs_f64();

@@ -57,7 +57,11 @@ fn describe(model: &Model) -> String {
             }
         }
         if *graph == Graph::Decoder {
-            let _ = writeln!(out, "  (+ past_key_values.N.key/value in, present.N.key/value out for {} layers)", layout.layers);
+            let _ = writeln!(
+                out,
+                "  (+ past_key_values.N.key/value in, present.N.key/value out for {} layers)",
+                layout.layers
+            );
         }
     }
     out
