@@ -74,7 +74,10 @@ impl ModelArgs {
         let mut model = settings.model(&self.model)?;
         if let Some(precision) = self.precision {
             model.precision = precision;
-            model.graphs.vision_encoder.iter_mut().chain(&mut model.graphs.embed_tokens).chain(&mut model.graphs.decoder).for_each(|g| g.precision = None);
+            let graphs = &mut model.graphs;
+            for graph in [&mut graphs.vision_encoder, &mut graphs.embed_tokens, &mut graphs.decoder].into_iter().flatten() {
+                graph.precision = None;
+            }
         }
         Ok(model)
     }
