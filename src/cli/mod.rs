@@ -74,8 +74,8 @@ impl ModelArgs {
         let mut model = settings.model(&self.model)?;
         if let Some(precision) = self.precision {
             model.precision = precision;
-            let graphs = &mut model.graphs;
-            for graph in [&mut graphs.vision_encoder, &mut graphs.embed_tokens, &mut graphs.decoder].into_iter().flatten() {
+            let g = &mut model.graphs;
+            for graph in [&mut g.vision_encoder, &mut g.embed_tokens, &mut g.decoder].into_iter().flatten() {
                 graph.precision = None;
             }
         }
