@@ -81,7 +81,7 @@ impl Default for ServerSettings {
             max_image_pixels: 33_554_432,
             max_image_side: 8192,
             default_max_tokens: 256,
-            default_temperature: 1.0,
+            default_temperature: 0.0,
             request_timeout_s: 300.0,
             shutdown_timeout_s: 30,
             admin_token: None,
