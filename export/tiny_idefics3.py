@@ -100,8 +100,8 @@ def corpus(n_sentences: int = 600, seed: int = 1234) -> list[str]:
     return out
 
 
-def build_tokenizer(vocab_size: int = 700) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (like SmolVLM's GPT-2 style tokenizer) trained on the embedded corpus."""
+def build_tokenizer(vocab_size: int = 700, texts: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (like SmolVLM's GPT-2 style tokenizer) trained on `texts` (default: the embedded corpus)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -111,7 +111,7 @@ def build_tokenizer(vocab_size: int = 700) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus() if texts is None else texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|im_start|>",
@@ -125,8 +125,8 @@ def build_tokenizer(vocab_size: int = 700) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_image_processor() -> Idefics3ImageProcessorPil:
-    return Idefics3ImageProcessorPil(
+def build_image_processor(**overrides) -> Idefics3ImageProcessorPil:
+    settings = dict(
         do_image_splitting=True,
         size={"longest_edge": 256},
         max_image_size={"longest_edge": 64},
@@ -134,18 +134,20 @@ def build_image_processor() -> Idefics3ImageProcessorPil:
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
+    return Idefics3ImageProcessorPil(**(settings | overrides))
 
 
-def build_processor() -> Idefics3Processor:
+def build_processor(tokenizer=None, image_processor=None, image_seq_len: int = IMAGE_SEQ_LEN) -> Idefics3Processor:
+    """The fixture's processor; other models (train_default.py) pass their own parts."""
     return Idefics3Processor(
-        image_processor=build_image_processor(),
-        tokenizer=build_tokenizer(),
-        image_seq_len=IMAGE_SEQ_LEN,
+        image_processor=image_processor or build_image_processor(),
+        tokenizer=tokenizer or build_tokenizer(),
+        image_seq_len=image_seq_len,
         chat_template=CHAT_TEMPLATE,
     )
 
 
-def build_config(tokenizer) -> Idefics3Config:
+def build_config(tokenizer, text_sizes=TEXT_SIZES, vision_sizes=VISION_SIZES, scale_factor=SCALE_FACTOR) -> Idefics3Config:
     eou = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
     text = dict(
         model_type="llama",
@@ -154,12 +156,12 @@ def build_config(tokenizer) -> Idefics3Config:
         eos_token_id=eou,
         pad_token_id=eou,
         tie_word_embeddings=False,
-        **TEXT_SIZES,
+        **text_sizes,
     )
     return Idefics3Config(
         text_config=text,
-        vision_config=dict(VISION_SIZES),
-        scale_factor=SCALE_FACTOR,
+        vision_config=dict(vision_sizes),
+        scale_factor=scale_factor,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=False,
         pad_token_id=eou,
@@ -185,11 +187,13 @@ def reinit_weights(model: torch.nn.Module, seed: int, std: float) -> None:
             p.copy_(std * torch.randn(p.shape, generator=gen))
 
 
-def build_model(tokenizer, seed: int = 0, std: float = 0.2) -> Idefics3ForConditionalGeneration:
+def build_model(tokenizer, seed: int = 0, std: float | None = 0.2, config: Idefics3Config | None = None) -> Idefics3ForConditionalGeneration:
+    """std=None keeps transformers' own initialisation (for a model that is then trained)."""
     torch.manual_seed(seed)
-    config = build_config(tokenizer)
+    config = config or build_config(tokenizer)
     model = Idefics3ForConditionalGeneration(config)
-    reinit_weights(model, seed, std)
+    if std is not None:
+        reinit_weights(model, seed, std)
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = config.text_config.eos_token_id
     model.generation_config.bos_token_id = config.text_config.bos_token_id

@@ -2,6 +2,7 @@
 //! Each command is an edge like the HTTP server: it builds engine inputs and prints results.
 
 mod ask;
+mod eval;
 mod inspect;
 pub mod serve;
 
@@ -54,6 +55,8 @@ pub enum Command {
     Ask(ask::AskArgs),
     /// Describe a model package: family, graphs, precisions, tensors, KV layout.
     Inspect(inspect::InspectArgs),
+    /// Score a model on a JSONL set of image questions: VQA accuracy, caption BLEU-4, tokens/s.
+    Eval(eval::EvalArgs),
     /// Serve the configured models over HTTP (OpenAI-compatible API, VQA, metrics).
     Serve(serve::ServeArgs),
 }
@@ -97,6 +100,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Ask(args) => ask::run(&settings, &args),
         Command::Inspect(args) => inspect::run(&settings, &args),
+        Command::Eval(args) => eval::run(&settings, &args),
         Command::Serve(args) => serve::run(settings, cli.config, cli.ort_lib, &args),
     }
 }
