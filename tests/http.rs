@@ -165,6 +165,18 @@ impl Server {
     fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// The exit status once the process ends, failing the test if that takes over `within`.
+    fn wait_for_exit(&mut self, within: Duration, what: &str) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for Server {
@@ -821,14 +833,7 @@ fn sigterm_lets_requests_in_flight_finish_then_exits() {
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let (_, finish, _) = stream_text(&events);
     assert_eq!(finish.as_deref(), Some("length"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = server.wait_for_exit(Duration::from_secs(30), "server did not exit after SIGTERM");
     assert!(status.success(), "{status:?}");
 }
 
@@ -836,14 +841,7 @@ fn sigterm_lets_requests_in_flight_finish_then_exits() {
 fn a_model_that_fails_to_load_at_start_stops_the_server() {
     let broken = tempfile::tempdir().unwrap();
     let mut server = Server::spawn(&config_toml(broken.path(), ""));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "server kept running without its model");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = server.wait_for_exit(Duration::from_secs(60), "server kept running without its model");
     assert!(!status.success(), "{status:?}");
 }
 
