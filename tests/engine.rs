@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{Reference, references};
-use vlmserve::engine::{EngineError, FinishReason, Flow, GenerationParams, Model, ModelOptions, SamplingParams};
+use vlmserve::engine::{
+    EngineError, FeatureCache, FinishReason, Flow, GenerationParams, Model, ModelOptions, SamplingParams,
+};
 use vlmserve::family::FamilyError;
 use vlmserve::package::{PackageError, Precision};
 use vlmserve::preprocess::chat_template::ChatMessage;
@@ -293,4 +295,28 @@ fn unavailable_gpu_provider_is_an_error_unless_fallback_is_allowed() {
     let json: serde_json::Value = serde_json::from_slice(&fell_back.stdout).unwrap();
     let ids: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).unwrap();
     assert_eq!(ids, case.generated_ids);
+}
+
+#[test]
+fn a_repeated_image_reuses_its_features_and_gives_the_same_tokens() {
+    let reference = fixture();
+    let cache = std::sync::Arc::new(FeatureCache::new(64 << 20).unwrap());
+    let mut model = reference.load(Precision::Fp32).with_feature_cache(Some(cache.clone()));
+    let with_images: Vec<_> = reference.cases.iter().filter(|c| !c.images.is_empty()).take(2).collect();
+    let params = GenerationParams { max_new_tokens: reference.max_new_tokens, ..GenerationParams::default() };
+    let mut run = |case: &common::Case| {
+        let prompt = model.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir)).unwrap();
+        let completion = model.generate(&prompt, &params, &mut |_| Flow::Continue).unwrap();
+        // Greedy tokens equal PyTorch's whether the features came from the encoder or the cache.
+        assert_eq!(completion.token_ids, case.generated_ids, "{}", case.name);
+        completion.timings.vision_cache_hit
+    };
+    let (first, second) = (with_images[0], with_images[1]);
+    assert!(!run(first), "a new image runs the vision encoder");
+    let held = cache.bytes();
+    assert!(held > 0);
+    assert!(run(first), "the same image again comes from the cache");
+    assert!(!run(second), "another image misses");
+    assert!(cache.bytes() > held);
+    assert!(run(first) && run(second));
 }

@@ -674,12 +674,21 @@ fn health_models_and_metrics() {
     );
     assert_eq!(model["precision"], "fp32");
     assert_eq!(model["providers"], json!(["cpu"]));
+    assert_eq!(model["root"].as_str(), Some(package_dir().to_str().unwrap()));
     let (status, one) = server.get(&format!("/v1/models/{MODEL}"));
     assert_eq!(status, 200, "{one}");
     let image = image_bytes("images/tiny_image_0.png");
-    let (status, body) =
-        server.post("/v1/chat/completions", &greedy(json!([user_with_images(&[image], "Colour?")]), 5));
-    assert_eq!(status, 200, "{body}");
+    let request = greedy(json!([user_with_images(&[image], "Colour?")]), 5);
+    let (status, first) = server.post("/v1/chat/completions", &request);
+    assert_eq!(status, 200, "{first}");
+    // The same image again: its features come from the cache, and the answer is the same.
+    let (status, again) = server.post("/v1/chat/completions", &request);
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(token_ids(&again), token_ids(&first));
+    let lookups = "vlmserve_image_feature_cache_lookups_total";
+    assert_eq!(server.metric(lookups, "result=\"miss\""), 1.0);
+    assert_eq!(server.metric(lookups, "result=\"hit\""), 1.0);
+    assert!(server.metric("vlmserve_image_feature_cache_bytes", "") > 0.0);
     let (status, metrics) = server.get("/metrics");
     assert_eq!(status, 200);
     for name in [
@@ -701,6 +710,31 @@ fn health_models_and_metrics() {
     // Admin routes are off without a token.
     let (s, b) = server.post(&format!("/admin/models/{MODEL}/reload"), &json!({}));
     assert_error(s, &b, 404, "not_found");
+}
+
+#[test]
+fn the_question_page_is_served_from_the_binary_without_external_resources() {
+    let server = Server::start(&config_toml(&package_dir(), ""));
+    let mut page = agent().get(server.url("/")).call().unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    let html = page.body_mut().read_to_string().unwrap();
+    assert!(html.contains(r#"<script src="/page/app.js">"#) && html.contains(r#"href="/page/style.css""#), "{html}");
+    for (path, content_type, must_contain) in [
+        ("/page/app.js", "text/javascript; charset=utf-8", "/v1/chat/completions"),
+        ("/page/style.css", "text/css; charset=utf-8", "#answer"),
+    ] {
+        let mut response = agent().get(server.url(path)).call().unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{path}");
+        assert_eq!(response.headers()["content-type"], content_type, "{path}");
+        let body = response.body_mut().read_to_string().unwrap();
+        assert!(body.contains(must_contain), "{path} lacks {must_contain}");
+        for text in [&html, &body] {
+            assert!(!text.contains("http://") && !text.contains("https://") && !text.contains("@import"), "{path}");
+        }
+    }
+    let (status, body) = server.get("/page/secrets.toml");
+    assert_error(status, &serde_json::from_str(&body).unwrap(), 404, "not_found");
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -105,11 +105,13 @@ pub struct SchedulerSettings {
     pub retry_after_s: u64,
     /// Run one short generation per model before reporting ready.
     pub warmup: bool,
+    /// Image features kept per model for repeated images, in MiB; 0 turns the cache off.
+    pub image_feature_cache_mb: usize,
 }
 
 impl Default for SchedulerSettings {
     fn default() -> Self {
-        Self { concurrency: 1, queue_size: 32, retry_after_s: 1, warmup: true }
+        Self { concurrency: 1, queue_size: 32, retry_after_s: 1, warmup: true, image_feature_cache_mb: 256 }
     }
 }
 

@@ -1,5 +1,6 @@
 //! From messages and images to tokens: prompt preparation, then vision, prefill and decode.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
@@ -9,12 +10,13 @@ use serde::Serialize;
 
 use super::EngineError;
 use super::detokenize::Detokenizer;
+use super::feature_cache::FeatureCache;
 use super::kv_cache::KvCache;
 use super::model::{Model, Processor};
 use super::sampler::{Sampler, SamplingParams};
 use super::stop::{FinishReason, StopRules};
 use super::tensors::to_f32_array;
-use crate::family::{Positions, ProcessedImages};
+use crate::family::{NamedTensor, Positions, ProcessedImages};
 use crate::preprocess::chat_template::ChatMessage;
 
 /// A prompt ready for the graphs: token ids, processed images and position ids.
@@ -63,6 +65,8 @@ pub enum Flow {
 pub struct Timings {
     pub preprocess_s: f64,
     pub vision_s: f64,
+    /// The image features came from the image-feature cache (the vision encoder did not run).
+    pub vision_cache_hit: bool,
     pub prefill_s: f64,
     /// From the start of `generate` to the first token.
     pub time_to_first_token_s: f64,
@@ -163,7 +167,7 @@ impl Model {
         let mut timings = Timings { preprocess_s: prompt.preprocess_time.as_secs_f64(), ..Timings::default() };
 
         let features = match &prompt.images {
-            Some(images) => Some(self.vision.encode(&images.inputs)?),
+            Some(images) => Some(self.image_features(&images.inputs, &mut timings)?),
             None => None,
         };
         timings.vision_s = start.elapsed().as_secs_f64();
@@ -205,8 +209,25 @@ impl Model {
         })
     }
 
+    /// The vision encoder's output for `inputs`, from the feature cache when it has them.
+    fn image_features(
+        &mut self,
+        inputs: &[NamedTensor],
+        timings: &mut Timings,
+    ) -> Result<Arc<Array2<f32>>, EngineError> {
+        let Some(cache) = self.feature_cache.clone() else { return Ok(Arc::new(self.vision.encode(inputs)?)) };
+        let key = FeatureCache::key(inputs);
+        if let Some(features) = cache.get(&key) {
+            timings.vision_cache_hit = true;
+            return Ok(features);
+        }
+        let features = Arc::new(self.vision.encode(inputs)?);
+        cache.insert(key, features.clone());
+        Ok(features)
+    }
+
     /// Token embeddings with the image features written over the image-token rows.
-    fn prompt_embeddings(&mut self, ids: &[u32], features: Option<Array2<f32>>) -> Result<DynValue, EngineError> {
+    fn prompt_embeddings(&mut self, ids: &[u32], features: Option<Arc<Array2<f32>>>) -> Result<DynValue, EngineError> {
         let embeds = self.embedder.embed(ids)?;
         let Some(features) = features else { return Ok(embeds) };
         let image_token = self.family.image_token_id();

@@ -1,5 +1,5 @@
 //! The engine: a loaded model (its three ONNX sessions, tokenizer, template and family), the
-//! KV cache, sampling, stop rules, incremental detokenization and the generation loop.
+//! image-feature cache, the KV cache, sampling, stop rules, incremental detokenization and the generation loop.
 //!
 //! It knows tensors and tokens; it does not know HTTP, files beyond the package, or time
 //! budgets. `prepare` (template, images, tokens) takes `&self` so it can run off the
@@ -7,6 +7,7 @@
 //! concurrently.
 
 mod detokenize;
+mod feature_cache;
 mod generate;
 mod graphs;
 mod kv_cache;
@@ -16,6 +17,7 @@ mod stop;
 mod tensors;
 
 pub use detokenize::Detokenizer;
+pub use feature_cache::FeatureCache;
 pub use generate::{Completion, Event, Flow, GenerationParams, Prompt, Timings};
 pub use kv_cache::{KvCache, KvLayout};
 pub use model::{GraphChoice, Model, ModelInfo, ModelOptions, Processor};

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tokenizers::Tokenizer;
 
 use super::EngineError;
+use super::feature_cache::FeatureCache;
 use super::graphs::{Decoder, Embedder, VisionEncoder};
 use super::kv_cache::KvLayout;
 use crate::family::{self, Family};
@@ -91,6 +92,8 @@ pub struct Model {
     pub(super) vision: VisionEncoder,
     pub(super) embedder: Embedder,
     pub(super) decoder: Decoder,
+    /// Shared with the other workers of the same model version; `None` when off.
+    pub(super) feature_cache: Option<Arc<FeatureCache>>,
 }
 
 /// Fallback context when `config.json` does not say.
@@ -126,7 +129,13 @@ impl Model {
         };
         let processor = Processor { info, package, family, tokenizer, template };
         processor.check_consistency(&decoder.layout)?;
-        Ok(Self { processor: Arc::new(processor), vision, embedder, decoder })
+        Ok(Self { processor: Arc::new(processor), vision, embedder, decoder, feature_cache: None })
+    }
+
+    /// Reuse the vision encoder's output for inputs `cache` has seen.
+    pub fn with_feature_cache(mut self, cache: Option<Arc<FeatureCache>>) -> Self {
+        self.feature_cache = cache;
+        self
     }
 
     pub fn kv_layout(&self) -> &KvLayout {

@@ -1,5 +1,5 @@
 //! Prometheus metrics of serving: requests by route and status, queue depth, requests running,
-//! latency histograms, tokens, and where generation time goes. The server renders them.
+//! latency histograms, tokens, where generation time goes, and the image-feature cache. The server renders them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,6 +43,8 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     pub reloads: IntCounterVec,
     pub batch_size: HistogramVec,
+    pub feature_cache_lookups: IntCounterVec,
+    pub feature_cache_bytes: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] =
@@ -114,6 +116,12 @@ impl Metrics {
                 &["model"],
                 &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
             ),
+            feature_cache_lookups: counter(
+                "image_feature_cache_lookups_total",
+                "Requests with images by image-feature cache result (hit, miss)",
+                &["model", "result"],
+            ),
+            feature_cache_bytes: gauge("image_feature_cache_bytes", "Bytes of image features cached", &["model"]),
             registry,
         })
     }

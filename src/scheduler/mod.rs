@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 pub use metrics::{Metrics, Stage};
 
 use crate::config::{ModelSettings, SchedulerSettings};
-use crate::engine::{Completion, EngineError, GenerationParams, ModelOptions, Processor, Prompt};
+use crate::engine::{Completion, EngineError, FeatureCache, GenerationParams, ModelOptions, Processor, Prompt};
 use queue::Queue;
 
 /// Why the scheduler could not run a request.
@@ -79,6 +79,8 @@ impl ModelState {
 #[derive(Debug, Clone)]
 pub struct ModelStatus {
     pub name: String,
+    /// The package folder: models that share it are precisions of one model.
+    pub root: String,
     pub state: ModelState,
     /// Increases by one with every successful load.
     pub version: u64,
@@ -339,6 +341,7 @@ impl Scheduler {
             running: slot.running.clone(),
             in_flight: slot.in_flight.clone(),
             metrics: self.metrics.clone(),
+            feature_cache: FeatureCache::new(self.config.image_feature_cache_mb << 20).map(Arc::new),
         })?;
         slot.versions.store(number, Ordering::SeqCst);
         Ok(Arc::new(Version {
@@ -437,6 +440,7 @@ impl Scheduler {
             .unwrap_or_default();
         ModelStatus {
             name: slot.name.clone(),
+            root: settings.path.display().to_string(),
             state,
             version: current.as_ref().map_or(0, |v| v.number),
             loaded_at: current.as_ref().map(|v| v.loaded_at),
@@ -456,7 +460,8 @@ mod tests {
     use super::*;
 
     fn scheduler(concurrency: usize, queue_size: usize) -> Arc<Scheduler> {
-        let config = SchedulerSettings { concurrency, queue_size, retry_after_s: 7, warmup: false };
+        let config =
+            SchedulerSettings { concurrency, queue_size, retry_after_s: 7, warmup: false, image_feature_cache_mb: 0 };
         Scheduler::new(&[ModelSettings::for_path(Path::new("/nonexistent/m"))], config, Metrics::new())
     }
 

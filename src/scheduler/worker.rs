@@ -10,7 +10,7 @@ use std::time::Instant;
 use super::metrics::{Metrics, Stage};
 use super::queue::Queue;
 use super::{Job, JobEvent, SchedulerError};
-use crate::engine::{EngineError, FinishReason, Flow, GenerationParams, Model, ModelOptions, Processor};
+use crate::engine::{EngineError, FeatureCache, FinishReason, Flow, GenerationParams, Model, ModelOptions, Processor};
 use crate::preprocess::chat_template::ChatMessage;
 
 pub struct WorkerSpec {
@@ -23,6 +23,8 @@ pub struct WorkerSpec {
     pub running: Arc<AtomicUsize>,
     pub in_flight: Arc<AtomicUsize>,
     pub metrics: Arc<Metrics>,
+    /// One for all of this version's workers; `None` when off.
+    pub feature_cache: Option<Arc<FeatureCache>>,
 }
 
 /// Start `spec.count` workers, each loading (and warming up) its own copy of the model.
@@ -73,7 +75,7 @@ pub fn spawn_workers(spec: WorkerSpec) -> Result<Arc<Processor>, SchedulerError>
 
 fn load(spec: &WorkerSpec) -> Result<Model, EngineError> {
     let start = Instant::now();
-    let mut model = Model::load(&spec.dir, &spec.options)?;
+    let mut model = Model::load(&spec.dir, &spec.options)?.with_feature_cache(spec.feature_cache.clone());
     if spec.warmup {
         let prompt = model.prepare(&[ChatMessage::user(0, "Hello")], &[])?;
         let params = GenerationParams { max_new_tokens: 1, ..GenerationParams::default() };
@@ -167,6 +169,11 @@ fn run(model: &mut Model, job: Job, spec: &WorkerSpec) {
             metrics.stage(name, Stage::Prefill, t.prefill_s);
             metrics.stage(name, Stage::Decode, t.decode_s);
             metrics.generation_tokens.with_label_values(&[name]).inc_by(completion.token_ids.len() as u64);
+            if let (Some(cache), Some(_)) = (&spec.feature_cache, &job.prompt.images) {
+                let result = if t.vision_cache_hit { "hit" } else { "miss" };
+                metrics.feature_cache_lookups.with_label_values(&[name, result]).inc();
+                metrics.feature_cache_bytes.with_label_values(&[name]).set(cache.bytes() as i64);
+            }
             metrics.prompt_tokens.with_label_values(&[name]).inc_by(completion.prompt_tokens as u64);
             match completion.finish_reason {
                 FinishReason::Cancelled if deadline_hit => {

@@ -9,7 +9,7 @@ use actix_web::dev::Service;
 use actix_web::{App, HttpResponse, HttpServer, web};
 
 use super::errors::ApiError;
-use super::{AppState, ReloadSettings, ServerError, admin, health, openai, request, vqa};
+use super::{AppState, ReloadSettings, ServerError, admin, health, openai, page, request, vqa};
 use crate::config::{ServerSettings, Settings};
 use crate::engine::ModelOptions;
 use crate::preprocess::ImageLimits;
@@ -80,6 +80,8 @@ async fn serve(
                     Ok(response)
                 }
             })
+            .route("/", web::get().to(page::index))
+            .route("/page/{file}", web::get().to(page::asset))
             .route("/health", web::get().to(health::health))
             .route("/ready", web::get().to(health::ready))
             .route("/metrics", web::get().to(health::metrics))

@@ -1,7 +1,7 @@
 //! The HTTP server (actix-web): the only room that knows HTTP.
 //!
 //! It owns routing, request parsing and limits, the OpenAI schema ([`openai`]), the VQA form
-//! ([`vqa`]), admin reloads ([`admin`]), health, readiness and metrics ([`health`]), and the
+//! ([`vqa`]), admin reloads ([`admin`]), health, readiness and metrics ([`health`]), the question page ([`page`]), and the
 //! mapping of every error to a status and an OpenAI error body ([`errors`]). Generation goes
 //! through the [`crate::scheduler`], which owns the models.
 
@@ -10,6 +10,7 @@ mod app;
 pub mod errors;
 mod health;
 mod openai;
+mod page;
 mod request;
 mod vqa;
 

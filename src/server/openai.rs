@@ -430,6 +430,7 @@ fn model_json(model: &crate::scheduler::ModelStatus) -> Value {
     json!({
         "id": model.name,
         "object": "model",
+        "root": model.root,
         "created": created,
         "owned_by": "vlmserve",
         "state": model.state.as_str(),
