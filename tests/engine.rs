@@ -320,3 +320,47 @@ fn a_repeated_image_reuses_its_features_and_gives_the_same_tokens() {
     assert!(cache.bytes() > held);
     assert!(run(first) && run(second));
 }
+
+#[test]
+fn cli_bench_times_the_stages_and_can_skip_splitting() {
+    let reference = fixture();
+    let case = reference.cases.iter().find(|c| c.name == "large_nonsquare").unwrap();
+    let text = "Describe the shapes in this wide picture.";
+    let bench = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vlmserve"))
+            .args(["bench", "--json", "--runs", "2", "--new-tokens", "4", "--model"])
+            .arg(reference.package_dir())
+            .arg("--image")
+            .arg(reference.dir.join(&case.images[0]))
+            .args(["--prompt", text])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let split = bench(&["--repeated-image"]);
+    assert_eq!(split["prompt_tokens"], case.input_ids.len());
+    assert_eq!((split["runs"].as_u64(), split["new_tokens"].as_u64()), (Some(2), Some(4)));
+    let median = |report: &serde_json::Value, key: &str| report[key]["median"].as_f64().unwrap();
+    for key in ["image_decode_s", "preprocess_s", "vision_s", "prefill_s", "decode_tokens_per_second"] {
+        assert!(median(&split, key) > 0.0, "{key}: {split}");
+    }
+    let stages: f64 = ["image_decode_s", "preprocess_s", "vision_s", "prefill_s"]
+        .iter()
+        .map(|k| split[k]["min"].as_f64().unwrap())
+        .sum();
+    assert!(split["time_to_first_token_s"]["max"].as_f64().unwrap() >= stages * 0.999, "{split}");
+    assert!(split["repeated_image_time_to_first_token_s"]["median"].as_f64().is_some());
+    assert!(split["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+    let one_tile = bench(&["--no-split"]);
+    assert!(one_tile["prompt_tokens"].as_u64().unwrap() < split["prompt_tokens"].as_u64().unwrap(), "{one_tile}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_vlmserve"))
+        .args(["bench", "--runs", "0", "--model"])
+        .arg(reference.package_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--runs and --new-tokens must be at least 1"));
+}

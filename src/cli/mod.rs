@@ -2,6 +2,7 @@
 //! Each command is an edge like the HTTP server: it builds engine inputs and prints results.
 
 mod ask;
+mod bench;
 mod eval;
 mod inspect;
 pub mod serve;
@@ -29,6 +30,8 @@ pub enum CliError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("could not write output: {0}")]
     Output(String),
+    #[error("{0}")]
+    Usage(String),
     #[error(transparent)]
     Server(#[from] crate::server::ServerError),
 }
@@ -55,6 +58,8 @@ pub enum Command {
     Ask(ask::AskArgs),
     /// Describe a model package: family, graphs, precisions, tensors, KV layout.
     Inspect(inspect::InspectArgs),
+    /// Time one question: time to first token by stage, decode tokens/s, peak memory.
+    Bench(bench::BenchArgs),
     /// Score a model on a JSONL set of image questions: VQA accuracy, caption BLEU-4, tokens/s.
     Eval(eval::EvalArgs),
     /// Serve the configured models over HTTP (OpenAI-compatible API, VQA, metrics).
@@ -62,7 +67,7 @@ pub enum Command {
 }
 
 /// Which model and how to load it; shared by the commands.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// Package folder, or the name of a model in the configuration.
     #[arg(long)]
@@ -70,6 +75,17 @@ pub struct ModelArgs {
     /// Precision of every graph (fp32, fp16, int8, ...); overrides the configuration.
     #[arg(long)]
     pub precision: Option<Precision>,
+    /// Set an image-processor setting over the package's, as KEY=JSON (repeatable), e.g.
+    /// `--processor do_image_splitting=false`.
+    #[arg(long = "processor", value_name = "KEY=JSON", value_parser = parse_setting)]
+    pub processor: Vec<(String, serde_json::Value)>,
+}
+
+/// `KEY=JSON`; a value that is not JSON is taken as a string.
+fn parse_setting(text: &str) -> Result<(String, serde_json::Value), String> {
+    let (key, value) = text.split_once('=').ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    let value = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+    Ok((key.to_string(), value))
 }
 
 impl ModelArgs {
@@ -87,7 +103,9 @@ impl ModelArgs {
 
     fn load(&self, settings: &Settings) -> Result<Model, CliError> {
         let model = self.settings(settings)?;
-        Ok(Model::load(&model.path, &settings.model_options(&model))?)
+        let mut options = settings.model_options(&model);
+        options.processor_overrides.extend(self.processor.iter().cloned());
+        Ok(Model::load(&model.path, &options)?)
     }
 }
 
@@ -100,6 +118,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Ask(args) => ask::run(&settings, &args),
         Command::Inspect(args) => inspect::run(&settings, &args),
+        Command::Bench(args) => bench::run(&settings, &args),
         Command::Eval(args) => eval::run(&settings, &args),
         Command::Serve(args) => serve::run(settings, cli.config, cli.ort_lib, &args),
     }

@@ -263,6 +263,7 @@ impl Settings {
             embed_tokens: choice(Graph::EmbedTokens),
             decoder: choice(Graph::Decoder),
             onnxruntime_library: self.runtime.onnxruntime_library.clone(),
+            processor_overrides: Vec::new(),
         }
     }
 }

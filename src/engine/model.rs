@@ -33,6 +33,8 @@ pub struct ModelOptions {
     pub decoder: GraphChoice,
     /// `--ort-lib` / `runtime.onnxruntime_library`.
     pub onnxruntime_library: Option<PathBuf>,
+    /// Image-processor settings set over the package's (`do_image_splitting = false`, ...).
+    pub processor_overrides: Vec<(String, serde_json::Value)>,
 }
 
 impl Default for ModelOptions {
@@ -43,6 +45,7 @@ impl Default for ModelOptions {
             embed_tokens: GraphChoice::default(),
             decoder: GraphChoice::default(),
             onnxruntime_library: None,
+            processor_overrides: Vec::new(),
         }
     }
 }
@@ -102,7 +105,10 @@ const DEFAULT_CONTEXT: usize = 2048;
 impl Model {
     /// Load the package in `dir` with `options`.
     pub fn load(dir: &Path, options: &ModelOptions) -> Result<Self, EngineError> {
-        let package = ModelPackage::open(dir)?;
+        let mut package = ModelPackage::open(dir)?;
+        if let Some(settings) = package.processor.as_object_mut() {
+            settings.extend(options.processor_overrides.iter().cloned());
+        }
         let family = family::for_model_type(&package.config, &package.processor)?;
         let tokenizer = Tokenizer::from_file(package.tokenizer_path())
             .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", package.tokenizer_path().display())))?;
