@@ -1,8 +1,13 @@
 """Synthetic scenes of simple shapes and questions about them (seeded, PIL only).
 
 A scene holds 1 to 4 objects (circle, square, triangle, star in eight colours) of varied sizes
-and positions on a varied background. Every question generator only asks what the scene answers
-unambiguously:
+and positions on a varied background. The square canvas (64 to 128 pixels) is a 4x4 grid of
+cells; each object sits in its own cell, in its own column, with its size (56-84% of the cell)
+and its place in the cell varied. The grid matches the default model's vision patches (one
+patch per cell), so an object's shape is visible within one patch: a vision transformer this
+small, trained for minutes on CPU, learns colours and places quickly but not shapes spread over
+many patches (its attention has to learn locality first). Every question generator only asks
+what the scene answers unambiguously:
 
 * objects never overlap and no two objects share both colour and shape, so "the red circle"
   always names one object;
@@ -15,6 +20,8 @@ unambiguously:
 Train and evaluation sets come from different seeds (``TRAIN_SEED``, ``EVAL_SEED``).
 
     .venv/bin/python export/synthetic.py --out models/shapes-vlm/eval --seed 2 --images 150
+    .venv/bin/python export/synthetic.py --out tests/fixtures/eval-small --images 5 --bad-lines
+    .venv/bin/python export/synthetic.py --out . --red-circle tests/fixtures/scenes/red-circle.png
 """
 
 from __future__ import annotations
@@ -46,7 +53,8 @@ KINDS = ["color", "shape", "count", "position", "yesno", "caption"]
 MAX_OBJECTS = 4
 COLOUR_JITTER = 14  # per channel, so colour names cover a small range, not one exact value
 MIN_SEPARATION = 0.12  # of the canvas side: centres closer than this are not compared
-CAPTION_SEPARATION = 0.08  # of the width: every pair of centres is at least this far apart in x
+GRID = 4  # cells per side; objects take distinct columns, so left-to-right order is clear
+SIZE_RANGE = (0.28, 0.42)  # object radius, in cells
 SUPERSAMPLE = 3  # draw larger and downsample: anti-aliased edges, like real pictures
 
 
@@ -89,59 +97,41 @@ def random_background(rng: random.Random) -> tuple[int, int, int]:
 
 def random_canvas(rng: random.Random) -> tuple[int, int]:
     side = rng.randint(64, 128)
-    if rng.random() < 0.7:
-        return side, side
-    aspect = rng.uniform(0.8, 1.25)
-    return side, max(48, round(side * aspect))
+    return side, side
 
 
 def jitter(rgb: tuple[int, int, int], rng: random.Random) -> tuple[int, int, int]:
     return tuple(min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))) for c in rgb)
 
 
-def fits(candidate: Obj, placed: list[Obj], width: int) -> bool:
-    """No overlap (with a margin) and centres apart in x, so left-to-right order is clear."""
-    for other in placed:
-        gap = candidate.radius + other.radius + 3
-        if abs(candidate.cx - other.cx) < gap and abs(candidate.cy - other.cy) < gap:
-            return False
-        if abs(candidate.cx - other.cx) < CAPTION_SEPARATION * width:
-            return False
-    return True
-
-
-def place(rng: random.Random, width: int, height: int, kinds: list[tuple[str, str]]) -> list[Obj] | None:
-    placed: list[Obj] = []
-    short = min(width, height)
-    for shape, colour in kinds:
-        for _ in range(100):
-            radius = rng.uniform(0.09, 0.16) * short
-            obj = Obj(
+def place(rng: random.Random, width: int, height: int, kinds: list[tuple[str, str]]) -> list[Obj]:
+    """One object per cell, in distinct columns; each keeps inside its cell."""
+    cell_w, cell_h = width / GRID, height / GRID
+    placed = []
+    for (shape, colour), column in zip(kinds, rng.sample(range(GRID), len(kinds))):
+        row = rng.randrange(GRID)
+        radius = rng.uniform(*SIZE_RANGE) * min(cell_w, cell_h)
+        slack_x, slack_y = max(0.0, cell_w / 2 - radius - 1) / 2, max(0.0, cell_h / 2 - radius - 1) / 2
+        placed.append(
+            Obj(
                 shape=shape,
                 colour=colour,
-                cx=rng.uniform(radius + 1, width - radius - 1),
-                cy=rng.uniform(radius + 1, height - radius - 1),
+                cx=(column + 0.5) * cell_w + rng.uniform(-slack_x, slack_x),
+                cy=(row + 0.5) * cell_h + rng.uniform(-slack_y, slack_y),
                 radius=radius,
                 angle=rng.uniform(-15, 15),
                 rgb=jitter(COLOURS[colour], rng),
             )
-            if fits(obj, placed, width):
-                placed.append(obj)
-                break
-        else:
-            return None
+        )
     return placed
 
 
 def random_scene(rng: random.Random, max_objects: int = MAX_OBJECTS) -> Scene:
-    while True:
-        width, height = random_canvas(rng)
-        n = rng.randint(1, max_objects)
-        pairs = [(s, c) for s in SHAPES for c in COLOURS]
-        kinds = rng.sample(pairs, n)  # distinct (shape, colour) pairs
-        objects = place(rng, width, height, kinds)
-        if objects is not None:
-            return Scene(width, height, random_background(rng), tuple(objects))
+    width, height = random_canvas(rng)
+    n = rng.randint(1, max_objects)
+    pairs = [(s, c) for s in SHAPES for c in COLOURS]
+    kinds = rng.sample(pairs, n)  # distinct (shape, colour) pairs
+    return Scene(width, height, random_background(rng), tuple(place(rng, width, height, kinds)))
 
 
 # --- drawing ----------------------------------------------------------------------
@@ -182,6 +172,23 @@ def render(scene: Scene) -> Image.Image:
         else:
             draw.polygon([(x * s, y * s) for x, y in shape], fill=obj.rgb)
     return image.resize((scene.width, scene.height), Image.Resampling.LANCZOS)
+
+
+def object_map(scene: Scene, size: int) -> Image.Image:
+    """Which object covers each pixel of the scene squashed to size x size (0 = background,
+    i + 1 = scene.objects[i]): the layout the image processor gives the vision encoder."""
+    sx, sy = size / scene.width, size / scene.height
+    image = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(image)
+    for i, obj in enumerate(scene.objects):
+        shape = outline(obj)
+        if obj.shape in ("circle", "square"):
+            x0, y0, x1, y1 = shape
+            box = [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
+            (draw.ellipse if obj.shape == "circle" else draw.rectangle)(box, fill=i + 1)
+        else:
+            draw.polygon([(x * sx, y * sy) for x, y in shape], fill=i + 1)
+    return image
 
 
 # --- questions --------------------------------------------------------------------
@@ -307,9 +314,17 @@ def sample_questions(scene: Scene, rng: random.Random, k: int, weights: dict[str
 
 
 # --- evaluation set -----------------------------------------------------------------
-def write_eval_set(out: Path, seed: int, n_images: int, per_image: int) -> int:
+# Appended by --bad-lines: the test set of `vlmserve eval`'s error handling.
+BAD_LINES = [
+    '{"image": "images/0000.png", "question": "What color is the square?", "answers": ["blue"',
+    '{"image": "images/missing.png", "question": "What color is the circle?", "answers": ["red"], "kind": "color"}',
+]
+
+
+def write_eval_set(out: Path, seed: int, n_images: int, per_image: int, bad_lines: bool = False) -> int:
     """images/NNNN.png and eval.jsonl, one line per question:
     {"image": "images/0001.png", "question": ..., "answers": [...], "kind": ...}
+    The first images of a set are the same whatever n_images is (one generator, in order).
     """
     rng = random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -320,8 +335,17 @@ def write_eval_set(out: Path, seed: int, n_images: int, per_image: int) -> int:
         render(scene).save(out / name, optimize=True)
         for qa in sample_questions(scene, rng, per_image, {}):
             lines.append({"image": name, "question": qa.question, "answers": [qa.answer], "kind": qa.kind})
-    (out / "eval.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return len(lines)
+    text = [json.dumps(line) for line in lines] + (BAD_LINES if bad_lines else [])
+    (out / "eval.jsonl").write_text("".join(line + "\n" for line in text))
+    return len(text)
+
+
+def red_circle() -> Scene:
+    """The scene of the README's and the browser test's question ("What color is the circle?"):
+    one red circle in the middle of a grid cell (row 1, column 1), as the scenes place objects."""
+    cell = 96 / GRID
+    obj = Obj("circle", "red", cx=1.5 * cell, cy=1.5 * cell, radius=0.35 * cell, angle=0.0, rgb=COLOURS["red"])
+    return Scene(96, 96, (235, 235, 235), (obj,))
 
 
 def main() -> None:
@@ -330,8 +354,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=EVAL_SEED)
     parser.add_argument("--images", type=int, default=150)
     parser.add_argument("--per-image", type=int, default=4, help="questions per image (distinct kinds)")
+    parser.add_argument("--bad-lines", action="store_true", help="append a malformed line and a missing image")
+    parser.add_argument("--red-circle", type=Path, help="only write the red circle scene to this PNG file")
     args = parser.parse_args()
-    n = write_eval_set(args.out, args.seed, args.images, args.per_image)
+    if args.red_circle:
+        render(red_circle()).save(args.red_circle, optimize=True)
+        return
+    n = write_eval_set(args.out, args.seed, args.images, args.per_image, args.bad_lines)
     print(f"wrote {n} items about {args.images} images to {args.out}")
 
 
