@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test from a fresh machine with only Rust and Python 3: installs ONNX Runtime's
-# library and the Python environment (.venv) when missing, then the Python export tests, the
-# Rust tests, and the OpenAI-client tests against the built server.
+# library, the Python environment (.venv), Chromium and playwright-core when missing, then the
+# Python export tests, the Rust tests, the OpenAI-client tests against the built server, and the
+# browser test of the question page (screenshots in target/test-artifacts/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-ort.sh
+bash scripts/setup-browser.sh
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, onnxruntime, openai, pytest" 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
@@ -14,3 +16,5 @@ fi
 cargo test --release
 # The official OpenAI client against the binary cargo just built.
 .venv/bin/python -m pytest -q tests/openai_client
+# The question page in headless Chromium against the same binary.
+VLMSERVE_BIN="$PWD/target/release/vlmserve" npm test --prefix tests/browser
