@@ -314,11 +314,22 @@ mod tests {
     }
 
     #[test]
-    fn defaults_parse_and_name_a_model() {
+    fn defaults_parse_and_name_the_embedded_model_at_each_precision() {
         let settings = parse(DEFAULT_TOML).unwrap();
-        assert_eq!(settings.models.len(), 1);
-        assert_eq!(settings.models[0].precision, Precision::Fp32);
-        assert_eq!(settings.models[0].providers, cpu_only());
+        let models: Vec<_> = settings.models.iter().map(|m| (m.name.as_str(), m.precision)).collect();
+        assert_eq!(
+            models,
+            [
+                ("shapes-vlm", Precision::Fp32),
+                ("shapes-vlm-fp16", Precision::Fp16),
+                ("shapes-vlm-int8", Precision::Int8)
+            ]
+        );
+        for model in &settings.models {
+            assert_eq!(model.path, Path::new("models/shapes-vlm/package"));
+            assert_eq!(model.providers, cpu_only());
+        }
+        assert_eq!(settings.scheduler.image_feature_cache_mb, 256);
     }
 
     #[test]
