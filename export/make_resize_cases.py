@@ -8,7 +8,9 @@ Outputs tests/fixtures/resize/: small seeded random RGB inputs, their
 `Image.resize(size, resample)` outputs for every filter (upscale, downscale,
 mixed, one axis only, to 1 px, odd sizes), and decode cases (images in many
 formats and pixel layouts with the RGB array transformers' `convert_to_rgb`
-makes of them), all listed in cases.json. Everything is PNG so the expected
+makes of them; for images with an EXIF orientation, of the upright image that
+transformers' `load_image` makes with `ImageOps.exif_transpose`), all listed in
+cases.json. Everything is PNG so the expected
 pixels are stored losslessly; the same seed always gives the same files.
 
 It first checks that this Pillow still orders its two resampling passes the
@@ -24,7 +26,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers.image_transforms import convert_to_rgb
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "resize"
@@ -125,6 +127,12 @@ def saved(image: Image.Image, fmt: str, **kwargs) -> bytes:
     return buf.getvalue()
 
 
+def with_orientation(image: Image.Image, fmt: str, orientation: int, **kwargs) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    return saved(image, fmt, exif=exif, **kwargs)
+
+
 def decode_sources() -> dict[str, tuple[bytes, bool]]:
     """file name -> (encoded bytes, whether our decoder must match PIL exactly)."""
     rng = np.random.default_rng(7)
@@ -171,6 +179,10 @@ def decode_sources() -> dict[str, tuple[bytes, bool]]:
         "color420.jpg": (saved(photo, "JPEG", quality=90), False),
         "color444.jpg": (saved(photo, "JPEG", quality=90, subsampling=0), False),
         "gray.jpg": (saved(photo.convert("L"), "JPEG", quality=90), False),
+        # Phones store pictures sideways and say how to turn them: every EXIF orientation.
+        **{f"orientation{o}.png": (with_orientation(rgb, "PNG", o), True) for o in range(1, 9)},
+        "orientation6.jpg": (with_orientation(photo, "JPEG", 6, quality=90), False),
+        "orientation3.webp": (with_orientation(rgb, "WEBP", 3, lossless=True), True),
     }
 
 
@@ -180,8 +192,9 @@ def write_decode_cases() -> list[dict]:
     cases = []
     for name, (data, exact) in decode_sources().items():
         (folder / name).write_bytes(data)
-        # What Idefics3ImageProcessorPil sees: PIL.Image.open, then convert_to_rgb.
-        expected = convert_to_rgb(Image.open(io.BytesIO(data)), return_numpy=True)
+        # What Idefics3ImageProcessorPil sees: PIL.Image.open, turned upright as load_image
+        # does (a no-op without an EXIF orientation), then convert_to_rgb.
+        expected = convert_to_rgb(ImageOps.exif_transpose(Image.open(io.BytesIO(data))), return_numpy=True)
         expected_name = name.replace(".", "_") + ".rgb.png"
         Image.fromarray(expected, "RGB").save(folder / expected_name)
         cases.append({"file": f"decode/{name}", "expected": f"decode/{expected_name}", "exact": exact})

@@ -8,6 +8,7 @@
 use std::io::Cursor;
 
 use image::error::{ImageError, LimitErrorKind};
+use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
 
 use super::PreprocessError;
@@ -59,7 +60,11 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, Prep
     let (width, height) = decoder.dimensions();
     check_dimensions(width, height, limits)?;
     decoder.set_limits(decoder_limits(limits)).map_err(|e| decode_error(e, format))?;
-    let image = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(e, format))?;
+    // Turn the picture upright as its EXIF orientation says (phones store them sideways), as
+    // transformers' `load_image` does; unreadable metadata is no orientation, not an error.
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(e, format))?;
+    image.apply_orientation(orientation);
     Ok(to_rgb_like_pil(image))
 }
 
