@@ -207,21 +207,17 @@ def caption(scene: Scene) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def colour_questions(scene: Scene) -> list[QA]:
-    out = []
-    for obj in scene.objects:
-        if sum(o.shape == obj.shape for o in scene.objects) == 1:
-            for tpl in ("What color is the {}?", "What colour is the {}?", "Which color is the {}?"):
-                out.append(QA("color", tpl.format(obj.shape), obj.colour))
-    return out
+COLOUR_TEMPLATES = ("What color is the {}?", "What colour is the {}?", "Which color is the {}?")
+SHAPE_TEMPLATES = ("What shape is the {} object?", "What is the shape of the {} object?", "Which shape is {}?")
 
 
-def shape_questions(scene: Scene) -> list[QA]:
+def attribute_questions(scene: Scene, kind: str, named_by: str, asked: str, templates: tuple[str, ...]) -> list[QA]:
+    """Ask for attribute `asked` of every object that attribute `named_by` names uniquely."""
     out = []
     for obj in scene.objects:
-        if sum(o.colour == obj.colour for o in scene.objects) == 1:
-            for tpl in ("What shape is the {} object?", "What is the shape of the {} object?", "Which shape is {}?"):
-                out.append(QA("shape", tpl.format(obj.colour), obj.shape))
+        name = getattr(obj, named_by)
+        if sum(getattr(o, named_by) == name for o in scene.objects) == 1:
+            out += [QA(kind, tpl.format(name), getattr(obj, asked)) for tpl in templates]
     return out
 
 
@@ -291,8 +287,8 @@ def caption_questions(scene: Scene) -> list[QA]:
 def questions_by_kind(scene: Scene, rng: random.Random) -> dict[str, list[QA]]:
     """Every unambiguous question about the scene, grouped by kind (empty kinds left out)."""
     groups = {
-        "color": colour_questions(scene),
-        "shape": shape_questions(scene),
+        "color": attribute_questions(scene, "color", "shape", "colour", COLOUR_TEMPLATES),
+        "shape": attribute_questions(scene, "shape", "colour", "shape", SHAPE_TEMPLATES),
         "count": count_questions(scene, rng),
         "position": position_questions(scene),
         "yesno": yesno_questions(scene, rng),

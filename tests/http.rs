@@ -121,6 +121,15 @@ impl Server {
     }
 
     /// POST JSON; returns status, headers of interest and the body as JSON (or a string).
+    /// A chat completion request whose response the caller reads as it arrives (streaming).
+    fn chat_response(&self, request: &Value) -> ureq::http::Response<ureq::Body> {
+        agent()
+            .post(self.url("/v1/chat/completions"))
+            .header("Content-Type", "application/json")
+            .send(request.to_string())
+            .unwrap()
+    }
+
     fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let (status, _, body) = self.post_raw(path, &body.to_string(), "application/json", &[]);
         (status, body)
@@ -299,11 +308,7 @@ fn streaming_concatenates_to_the_non_streaming_text() {
     let mut request = greedy(messages, 40);
     request["stream"] = json!(true);
     request["stream_options"] = json!({"include_usage": true});
-    let response = agent()
-        .post(server.url("/v1/chat/completions"))
-        .header("Content-Type", "application/json")
-        .send(request.to_string())
-        .unwrap();
+    let response = server.chat_response(&request);
     assert_eq!(response.status(), 200);
     assert!(response.headers().get("content-type").unwrap().to_str().unwrap().starts_with("text/event-stream"));
     let events = read_events(response.into_body().into_reader());
@@ -602,11 +607,7 @@ fn a_request_past_its_deadline_ends_with_504() {
     assert!(start.elapsed() < Duration::from_secs(20));
     let mut streaming = long.clone();
     streaming["stream"] = json!(true);
-    let response = agent()
-        .post(server.url("/v1/chat/completions"))
-        .header("Content-Type", "application/json")
-        .send(streaming.to_string())
-        .unwrap();
+    let response = server.chat_response(&streaming);
     assert_eq!(response.status(), 200);
     let events = read_events(response.into_body().into_reader());
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
@@ -847,11 +848,7 @@ fn sigterm_lets_requests_in_flight_finish_then_exits() {
         "model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "temperature": 0,
         "max_tokens": 1500, "ignore_eos": true, "stream": true,
     });
-    let response = agent()
-        .post(server.url("/v1/chat/completions"))
-        .header("Content-Type", "application/json")
-        .send(request.to_string())
-        .unwrap();
+    let response = server.chat_response(&request);
     assert_eq!(response.status(), 200);
     let mut reader = BufReader::new(response.into_body().into_reader());
     let mut first = String::new();

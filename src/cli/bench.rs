@@ -47,7 +47,7 @@ pub struct BenchArgs {
 }
 
 /// One run's times, in seconds.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy)]
 struct Sample {
     image_decode_s: f64,
     preprocess_s: f64,
@@ -168,49 +168,51 @@ pub fn run(settings: &Settings, args: &BenchArgs) -> Result<(), CliError> {
     } else {
         None
     };
-    let mut report = json!({
-        "model": args.model.model,
-        "precision": args.model.precision.map(|p| p.to_string()),
-        "image": args.image,
-        "no_split": args.no_split,
-        "prompt_tokens": prompt_tokens,
-        "new_tokens": args.new_tokens,
-        "runs": args.runs,
-        "load_s": load_s,
-        "peak_rss_bytes": peak_rss_bytes(),
-    });
-    for (name, measure) in MEASURES {
-        report[name] = json!(spread(&samples, measure));
-    }
+    let mut rows: Vec<(&str, Spread)> =
+        MEASURES.iter().map(|&(name, measure)| (name, spread(&samples, measure))).collect();
     if let Some(repeated) = &repeated {
-        report["repeated_image_time_to_first_token_s"] = json!(spread(repeated, |s| s.time_to_first_token_s));
+        rows.push(("repeated_image_time_to_first_token_s", spread(repeated, |s| s.time_to_first_token_s)));
     }
+    let peak_rss = peak_rss_bytes();
     let mut out = std::io::stdout().lock();
-    let written = if args.json { writeln!(out, "{report}") } else { write!(out, "{}", table(&report)) };
+    let written = if args.json {
+        let mut report = json!({
+            "model": args.model.model,
+            "precision": args.model.precision.map(|p| p.to_string()),
+            "image": args.image,
+            "no_split": args.no_split,
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": args.new_tokens,
+            "runs": args.runs,
+            "load_s": load_s,
+            "peak_rss_bytes": peak_rss,
+        });
+        for (name, spread) in &rows {
+            report[*name] = json!(spread);
+        }
+        writeln!(out, "{report}")
+    } else {
+        let header = format!(
+            "model        {} ({prompt_tokens} prompt tokens, {} new tokens, {} runs)",
+            args.model.model, args.new_tokens, args.runs
+        );
+        write_table(&mut out, &header, &rows, peak_rss)
+    };
     written.map_err(|e| CliError::Output(e.to_string()))
 }
 
-fn table(report: &serde_json::Value) -> String {
-    let mut out = format!(
-        "model        {} ({} prompt tokens, {} new tokens, {} runs)\n",
-        report["model"].as_str().unwrap_or_default(),
-        report["prompt_tokens"],
-        report["new_tokens"],
-        report["runs"]
-    );
-    let rows = MEASURES.iter().map(|(name, _)| *name).chain(["repeated_image_time_to_first_token_s"]);
-    for name in rows {
-        let s = &report[name];
-        if s.is_null() {
-            continue;
-        }
-        let (median, min, max) = (s["median"].as_f64(), s["min"].as_f64(), s["max"].as_f64());
-        if let (Some(median), Some(min), Some(max)) = (median, min, max) {
-            out += &format!("{name:<38} {median:>10.4}  [{min:.4} .. {max:.4}]\n");
-        }
+fn write_table(
+    out: &mut impl Write,
+    header: &str,
+    rows: &[(&str, Spread)],
+    peak_rss: Option<u64>,
+) -> std::io::Result<()> {
+    writeln!(out, "{header}")?;
+    for (name, s) in rows {
+        writeln!(out, "{name:<38} {:>10.4}  [{:.4} .. {:.4}]", s.median, s.min, s.max)?;
     }
-    if let Some(bytes) = report["peak_rss_bytes"].as_u64() {
-        out += &format!("{:<38} {:>10.1}\n", "peak_rss_mb", bytes as f64 / (1 << 20) as f64);
+    if let Some(bytes) = peak_rss {
+        writeln!(out, "{:<38} {:>10.1}", "peak_rss_mb", bytes as f64 / (1 << 20) as f64)?;
     }
-    out
+    Ok(())
 }

@@ -7,7 +7,6 @@
 //! misses. Bounded in bytes, least recently used out first. One cache serves all workers of a
 //! model version; a reload starts a new one (the features depend on the weights).
 
-use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
@@ -56,8 +55,8 @@ fn size_of(features: &Array2<f32>) -> usize {
 impl FeatureCache {
     /// `None` for a zero capacity: the cache is off.
     pub fn new(capacity_bytes: usize) -> Option<Self> {
-        NonZeroUsize::new(capacity_bytes)?;
-        Some(Self { capacity_bytes, state: Mutex::new(State { entries: LruCache::unbounded(), bytes: 0 }) })
+        (capacity_bytes > 0)
+            .then(|| Self { capacity_bytes, state: Mutex::new(State { entries: LruCache::unbounded(), bytes: 0 }) })
     }
 
     pub fn key(inputs: &[NamedTensor]) -> FeatureKey {
