@@ -364,3 +364,26 @@ fn cli_bench_times_the_stages_and_can_skip_splitting() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--runs and --new-tokens must be at least 1"));
 }
+
+#[test]
+fn cli_bench_refuses_bad_arguments_with_their_reason() {
+    let reference = fixture();
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vlmserve"))
+            .args(["bench", "--model"])
+            .arg(reference.package_dir())
+            .args(extra)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // A malformed override is a usage error (clap's exit code 2), naming the value.
+    let (code, stderr) = run(&["--processor", "nonsense"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("\"nonsense\" is not KEY=VALUE"), "{stderr}");
+    // A missing image file names the file and the OS error, without a panic.
+    let (code, stderr) = run(&["--image", "/no/such/picture.png"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("error: /no/such/picture.png: No such file"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
