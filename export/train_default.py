@@ -141,6 +141,7 @@ def token_patches() -> np.ndarray:
 
 
 TOKEN_PATCHES = token_patches()
+TOKEN_OF_PATCH = {int(p): t for t, patches in enumerate(TOKEN_PATCHES) for p in patches}
 
 
 def probe_targets(scene: synthetic.Scene) -> dict[str, np.ndarray]:
@@ -162,11 +163,10 @@ def probe_targets(scene: synthetic.Scene) -> dict[str, np.ndarray]:
             out["shape"][t] = 1 + shapes.index(obj.shape)
             out["x"][t] = min(GRID - 1, int(obj.cx / scene.width * GRID))
             out["y"][t] = min(GRID - 1, int(obj.cy / scene.height * GRID))
-    patch_of = {int(p): t for t, ps in enumerate(TOKEN_PATCHES) for p in ps}
     for obj in scene.objects:
         px = min(side - 1, int(obj.cx / scene.width * side))
         py = min(side - 1, int(obj.cy / scene.height * side))
-        out["centre"][patch_of[py * side + px]] = 1
+        out["centre"][TOKEN_OF_PATCH[py * side + px]] = 1
     return out
 
 

@@ -1,7 +1,7 @@
 //! The question page at `GET /`: static files compiled into the binary (no external scripts or
 //! fonts), talking to the server only through the public API.
 
-use actix_web::http::header::{self, ContentType};
+use actix_web::http::header;
 use actix_web::{HttpResponse, web};
 
 use super::errors::ApiError;
@@ -14,7 +14,7 @@ const ASSETS: &[(&str, &str, &str)] = &[
 
 /// `GET /`.
 pub async fn index() -> HttpResponse {
-    page_response(ContentType::html().to_string().as_str(), include_str!("page/index.html"))
+    page_response("text/html; charset=utf-8", include_str!("page/index.html"))
 }
 
 /// `GET /page/{file}`.
