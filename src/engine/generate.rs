@@ -9,9 +9,9 @@ use ort::value::{DynValue, Tensor, TensorElementType};
 use serde::Serialize;
 
 use super::EngineError;
+use super::batch::Batch;
 use super::detokenize::Detokenizer;
 use super::feature_cache::FeatureCache;
-use super::kv_cache::KvCache;
 use super::model::{Model, Processor};
 use super::sampler::{Sampler, SamplingParams};
 use super::stop::{FinishReason, StopRules};
@@ -156,61 +156,25 @@ impl Processor {
 
 impl Model {
     /// Generate from `prompt`, calling `on_token` for every token; it may stop generation.
+    /// A batch of one: the same steps as concurrent sequences take, with the whole prompt
+    /// prefilled in one decoder call.
     pub fn generate(
         &mut self,
         prompt: &Prompt,
         params: &GenerationParams,
         on_token: &mut dyn FnMut(Event) -> Flow,
     ) -> Result<Completion, EngineError> {
-        self.check_prompt(prompt, params)?;
-        let start = Instant::now();
-        let mut timings = Timings { preprocess_s: prompt.preprocess_time.as_secs_f64(), ..Timings::default() };
-
-        let features = match &prompt.images {
-            Some(images) => Some(self.image_features(&images.inputs, &mut timings)?),
-            None => None,
-        };
-        timings.vision_s = start.elapsed().as_secs_f64();
-
-        let prefill_start = Instant::now();
-        let embeds = self.prompt_embeddings(&prompt.input_ids, features)?;
-        let mut cache = KvCache::empty(&self.decoder.layout)?;
-        let (mut logits, _) = self.decoder.forward(embeds, prompt.positions.prompt.clone(), &mut cache)?;
-        timings.prefill_s = prefill_start.elapsed().as_secs_f64();
-
-        let stop = self.stop_rules(params);
-        let mut run = Run::new(prompt, &stop, Sampler::new(params.sampling.clone()));
-        let decode_start = Instant::now();
-        let finish = loop {
-            let token = run.sampler.sample(&mut logits, &run.history);
-            if run.token_ids.is_empty() {
-                timings.time_to_first_token_s = start.elapsed().as_secs_f64();
+        let mut batch = Batch::new(&self.decoder.layout, usize::MAX);
+        batch.admit(self, (), prompt.clone(), params).map_err(|(_, e)| e)?;
+        loop {
+            if let Some((_, result)) = batch.step(self, &mut |_, event| on_token(event)).finished.pop() {
+                return result;
             }
-            if let Some(reason) = run.accept(self, token, on_token)? {
-                break reason;
-            }
-            let step_start = Instant::now();
-            let embeds = self.embedder.embed(&[token])?;
-            let position = prompt.positions.next + run.token_ids.len() as i64 - 1;
-            let in_embed = step_start.elapsed();
-            let (next, in_decoder) = self.decoder.forward(embeds, self.family.step_positions(position), &mut cache)?;
-            logits = next;
-            timings.decode_steps += 1;
-            timings.decode_in_runtime_s += (in_embed + in_decoder).as_secs_f64();
-        };
-        timings.decode_s = decode_start.elapsed().as_secs_f64();
-        run.finish(self, on_token)?;
-        Ok(Completion {
-            token_ids: run.token_ids,
-            text: run.text,
-            prompt_tokens: prompt.input_ids.len(),
-            finish_reason: finish,
-            timings,
-        })
+        }
     }
 
     /// The vision encoder's output for `inputs`, from the feature cache when it has them.
-    fn image_features(
+    pub(super) fn image_features(
         &mut self,
         inputs: &[NamedTensor],
         timings: &mut Timings,
@@ -226,10 +190,15 @@ impl Model {
         Ok(features)
     }
 
-    /// Token embeddings with the image features written over the image-token rows.
-    fn prompt_embeddings(&mut self, ids: &[u32], features: Option<Arc<Array2<f32>>>) -> Result<DynValue, EngineError> {
-        let embeds = self.embedder.embed(ids)?;
-        let Some(features) = features else { return Ok(embeds) };
+    /// Token embeddings `[1, len, hidden]` with the image features written over the
+    /// image-token rows.
+    pub(super) fn prompt_embeddings(
+        &mut self,
+        ids: &[u32],
+        features: Option<Arc<Array2<f32>>>,
+    ) -> Result<ArrayD<f32>, EngineError> {
+        let mut array = to_f32_array(&self.embedder.embed(ids, 1)?, "inputs_embeds")?;
+        let Some(features) = features else { return Ok(array) };
         let image_token = self.family.image_token_id();
         let rows: Vec<usize> = ids.iter().enumerate().filter(|(_, id)| **id == image_token).map(|(i, _)| i).collect();
         if rows.len() != features.nrows() {
@@ -239,7 +208,6 @@ impl Model {
                 features.nrows()
             )));
         }
-        let mut array = to_f32_array(&embeds, "inputs_embeds")?;
         if array.ndim() != 3 || array.shape()[2] != features.ncols() {
             return Err(EngineError::GraphMismatch(format!(
                 "embeddings {:?} and image features {:?} differ in width",
@@ -250,11 +218,11 @@ impl Model {
         for (feature, &row) in features.rows().into_iter().zip(&rows) {
             array.index_axis_mut(Axis(0), 0).index_axis_mut(Axis(0), row).assign(&feature);
         }
-        float_value(array, self.decoder.embeds_type())
+        Ok(array)
     }
 }
 
-fn float_value(array: ArrayD<f32>, ty: TensorElementType) -> Result<DynValue, EngineError> {
+pub(super) fn float_value(array: ArrayD<f32>, ty: TensorElementType) -> Result<DynValue, EngineError> {
     Ok(match ty {
         TensorElementType::Float16 => Tensor::from_array(array.mapv(half::f16::from_f32))?.into_dyn(),
         _ => Tensor::from_array(array)?.into_dyn(),
@@ -262,8 +230,8 @@ fn float_value(array: ArrayD<f32>, ty: TensorElementType) -> Result<DynValue, En
 }
 
 /// The state of one generation's output: tokens, text, and what has been streamed.
-struct Run<'s> {
-    stop: &'s StopRules,
+pub(super) struct Run {
+    stop: StopRules,
     sampler: Sampler,
     history: Vec<u32>,
     token_ids: Vec<u32>,
@@ -274,12 +242,12 @@ struct Run<'s> {
     cut: bool,
 }
 
-impl<'s> Run<'s> {
-    fn new(prompt: &Prompt, stop: &'s StopRules, sampler: Sampler) -> Self {
+impl Run {
+    pub(super) fn new(prompt_ids: &[u32], stop: StopRules, sampler: Sampler) -> Self {
         Self {
             stop,
             sampler,
-            history: prompt.input_ids.clone(),
+            history: prompt_ids.to_vec(),
             token_ids: Vec::new(),
             detokenizer: Detokenizer::new(),
             text: String::new(),
@@ -288,8 +256,17 @@ impl<'s> Run<'s> {
         }
     }
 
+    /// Sample the next token from `logits`.
+    pub(super) fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        self.sampler.sample(logits, &self.history)
+    }
+
+    pub(super) fn token_ids(&self) -> &[u32] {
+        &self.token_ids
+    }
+
     /// Record `token`, stream what is safe to show, and say whether generation is over.
-    fn accept(
+    pub(super) fn accept(
         &mut self,
         model: &Model,
         token: u32,
@@ -320,8 +297,15 @@ impl<'s> Run<'s> {
         flow
     }
 
-    /// Flush text held back for a possible stop string or an incomplete character.
-    fn finish(&mut self, model: &Model, on_token: &mut dyn FnMut(Event) -> Flow) -> Result<(), EngineError> {
+    /// Flush text held back for a possible stop string or an incomplete character, and
+    /// return the completion.
+    pub(super) fn finish(
+        mut self,
+        model: &Model,
+        finish_reason: FinishReason,
+        timings: Timings,
+        on_token: &mut dyn FnMut(Event) -> Flow,
+    ) -> Result<Completion, EngineError> {
         if !self.cut {
             self.text.push_str(&self.detokenizer.finish(&model.tokenizer)?);
         }
@@ -329,6 +313,7 @@ impl<'s> Run<'s> {
             let last = self.token_ids.last().copied().unwrap_or_default();
             self.emit(last, self.text.len(), on_token);
         }
-        Ok(())
+        let prompt_tokens = self.history.len() - self.token_ids.len();
+        Ok(Completion { token_ids: self.token_ids, text: self.text, prompt_tokens, finish_reason, timings })
     }
 }

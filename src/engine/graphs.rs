@@ -11,7 +11,7 @@ use ort::value::{DynValue, Tensor, TensorElementType};
 
 use super::EngineError;
 use super::kv_cache::{KvCache, KvLayout};
-use super::tensors::{last_row, to_f32_array, to_value};
+use super::tensors::{last_rows, to_f32_array, to_value};
 use crate::family::{NamedTensor, TensorData};
 use crate::runtime::{self, GraphOptions};
 
@@ -94,7 +94,7 @@ impl TensorData {
     }
 }
 
-/// The token embedder: `input_ids [1, s]` to `inputs_embeds [1, s, hidden]`.
+/// The token embedder: `input_ids [b, s]` to `inputs_embeds [b, s, hidden]`.
 #[derive(Debug)]
 pub struct Embedder {
     session: Session,
@@ -115,10 +115,10 @@ impl Embedder {
         &self.session
     }
 
-    /// Embeddings of `ids`, left in ONNX Runtime's memory.
-    pub fn embed(&mut self, ids: &[u32]) -> Result<DynValue, EngineError> {
+    /// Embeddings of `ids` as `[rows, ids / rows, hidden]`, left in ONNX Runtime's memory.
+    pub fn embed(&mut self, ids: &[u32], rows: usize) -> Result<DynValue, EngineError> {
         let ids: Vec<i64> = ids.iter().map(|&id| i64::from(id)).collect();
-        let tensor = Tensor::from_array(([1usize, ids.len()], ids))?;
+        let tensor = Tensor::from_array(([rows, ids.len() / rows], ids))?;
         let mut outputs = self.session.run(ort::inputs!["input_ids" => tensor])?;
         outputs
             .remove(self.output.as_str())
@@ -161,21 +161,19 @@ impl Decoder {
         self.embeds_type
     }
 
-    /// Run one forward pass over `embeds` (`[1, s, hidden]`) after the cached positions and
-    /// return the last position's logits. The cache is advanced in place. Returns the time
-    /// spent inside ONNX Runtime.
+    /// Run one forward pass over `embeds` (`[rows, s, hidden]`) after the cached positions and
+    /// return each row's last-position logits. The cache is advanced in place. Also returns the
+    /// time spent inside ONNX Runtime.
     pub fn forward(
         &mut self,
         embeds: DynValue,
         positions: ArrayD<i64>,
         cache: &mut KvCache,
-    ) -> Result<(Vec<f32>, Duration), EngineError> {
+    ) -> Result<(Vec<Vec<f32>>, Duration), EngineError> {
         let new = embeds.shape().get(1).copied().unwrap_or(0) as usize;
-        let total = cache.len + new;
-        let mask = Tensor::from_array(([1usize, total], vec![1i64; total]))?;
         let mut inputs: Inputs = vec![
             (Cow::Borrowed("inputs_embeds"), embeds.into()),
-            (Cow::Borrowed("attention_mask"), mask.into()),
+            (Cow::Borrowed("attention_mask"), Tensor::from_array(cache.attention_mask(new))?.into()),
             (Cow::Borrowed("position_ids"), Tensor::from_array(positions)?.into()),
         ];
         if self.has_cache_branch {
@@ -188,13 +186,18 @@ impl Decoder {
         let start = Instant::now();
         let mut outputs = self.session.run(inputs)?;
         let in_ort = start.elapsed();
-        let logits = last_row(&outputs["logits"])?;
-        for ((_, present), slot) in self.layout.tensors.iter().zip(cache.values.iter_mut()) {
-            *slot = outputs
-                .remove(present.as_str())
-                .ok_or_else(|| EngineError::GraphMismatch(format!("decoder did not return {present}")))?;
-        }
-        cache.len = total;
+        let logits = last_rows(&outputs["logits"])?;
+        let present = self
+            .layout
+            .tensors
+            .iter()
+            .map(|(_, present)| {
+                outputs
+                    .remove(present.as_str())
+                    .ok_or_else(|| EngineError::GraphMismatch(format!("decoder did not return {present}")))
+            })
+            .collect::<Result<_, _>>()?;
+        cache.advance(present, new);
         Ok((logits, in_ort))
     }
 }

@@ -6,6 +6,7 @@
 //! generation thread; `generate` takes `&mut self` because ONNX Runtime sessions must not run
 //! concurrently.
 
+mod batch;
 mod detokenize;
 mod feature_cache;
 mod generate;
@@ -16,6 +17,7 @@ mod sampler;
 mod stop;
 mod tensors;
 
+pub use batch::{Batch, Finished, Step};
 pub use detokenize::Detokenizer;
 pub use feature_cache::FeatureCache;
 pub use generate::{Completion, Event, Flow, GenerationParams, Prompt, Timings};
@@ -52,6 +54,8 @@ pub enum EngineError {
         "the prompt has {prompt_tokens} tokens; with max_new_tokens {max_new_tokens} it exceeds the context of {context} tokens"
     )]
     PromptTooLong { prompt_tokens: usize, max_new_tokens: usize, context: usize },
+    #[error("the batch this request was decoded in failed: {0}")]
+    BatchFailed(String),
     #[error("invalid generation parameter: {0}")]
     InvalidParameter(String),
 }

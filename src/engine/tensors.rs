@@ -33,24 +33,29 @@ pub fn to_f32_array(value: &DynValue, name: &str) -> Result<ArrayD<f32>, EngineE
     }
 }
 
-/// The last row of a `[1, seq, vocab]` logits output, as f32.
-pub fn last_row(value: &DynValue) -> Result<Vec<f32>, EngineError> {
-    let row = |shape: &[i64]| -> Result<(usize, usize), EngineError> {
-        match shape {
-            [1, seq, vocab] if *seq > 0 => Ok(((*seq as usize - 1) * *vocab as usize, *vocab as usize)),
-            other => Err(EngineError::GraphMismatch(format!("logits have shape {other:?}, expected [1, seq, vocab]"))),
+/// The last position's logits of every batch row of a `[batch, seq, vocab]` output, as f32.
+pub fn last_rows(value: &DynValue) -> Result<Vec<Vec<f32>>, EngineError> {
+    fn rows<T: Copy>(shape: &[i64], data: &[T], f32_of: impl Fn(T) -> f32) -> Result<Vec<Vec<f32>>, EngineError> {
+        let &[batch, seq, vocab] = shape else {
+            return Err(EngineError::GraphMismatch(format!(
+                "logits have shape {shape:?}, expected [batch, seq, vocab]"
+            )));
+        };
+        if seq == 0 {
+            return Err(EngineError::GraphMismatch("logits have no positions".into()));
         }
-    };
+        let (seq, vocab) = (seq as usize, vocab as usize);
+        let row = |b: usize| data[(b * seq + seq - 1) * vocab..][..vocab].iter().map(|&v| f32_of(v)).collect();
+        Ok((0..batch as usize).map(row).collect())
+    }
     match value.dtype().tensor_type() {
         Some(TensorElementType::Float32) => {
             let (shape, data) = value.try_extract_tensor::<f32>()?;
-            let (start, len) = row(shape)?;
-            Ok(data[start..start + len].to_vec())
+            rows(shape, data, |v| v)
         }
         Some(TensorElementType::Float16) => {
             let (shape, data) = value.try_extract_tensor::<f16>()?;
-            let (start, len) = row(shape)?;
-            Ok(data[start..start + len].iter().map(|v| v.to_f32()).collect())
+            rows(shape, data, f16::to_f32)
         }
         other => Err(EngineError::GraphMismatch(format!("logits are {other:?}, expected float"))),
     }

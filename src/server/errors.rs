@@ -132,7 +132,8 @@ impl From<EngineError> for ApiError {
             | EngineError::Package(_)
             | EngineError::Runtime(_)
             | EngineError::Ort(_)
-            | EngineError::GraphMismatch(_) => Self::internal(message),
+            | EngineError::GraphMismatch(_)
+            | EngineError::BatchFailed(_) => Self::internal(message),
         }
     }
 }

@@ -1,0 +1,152 @@
+//! Continuous batching in the engine: sequences of different lengths, with and without images,
+//! joining at different steps, prefilled in small chunks and leaving at different times, each
+//! produce exactly the tokens PyTorch's `generate` produced for them alone.
+
+mod common;
+
+use common::{Case, Reference, references};
+use vlmserve::engine::{Batch, Completion, EngineError, Flow, GenerationParams, Model};
+use vlmserve::package::Precision;
+
+struct Tagged {
+    case: usize,
+    max_new: usize,
+    events: usize,
+    streamed: String,
+    /// Stop (as a client that went away) after this many tokens.
+    stop_after: Option<usize>,
+}
+
+fn params(max_new_tokens: usize) -> GenerationParams {
+    GenerationParams { max_new_tokens, ..GenerationParams::default() }
+}
+
+fn admit(
+    batch: &mut Batch<Tagged>,
+    model: &Model,
+    reference: &Reference,
+    case: usize,
+    max_new: usize,
+    stop: Option<usize>,
+) {
+    let c: &Case = &reference.cases[case];
+    let prompt = model.prepare(&c.chat_messages(), &c.decoded_images(&reference.dir)).unwrap();
+    let tag = Tagged { case, max_new, events: 0, streamed: String::new(), stop_after: stop };
+    batch.admit(model, tag, prompt, &params(max_new)).map_err(|(_, e)| e).unwrap();
+}
+
+/// Step until the batch is empty; admits `later` (case, max_new_tokens) one per step meanwhile.
+fn drain(
+    batch: &mut Batch<Tagged>,
+    model: &mut Model,
+    reference: &Reference,
+    mut later: Vec<(usize, usize)>,
+) -> Vec<(Tagged, Result<Completion, EngineError>)> {
+    let mut done = Vec::new();
+    let mut widest = 0;
+    while !batch.is_empty() || !later.is_empty() {
+        if let Some((case, max_new)) = later.pop() {
+            admit(batch, model, reference, case, max_new, None);
+        }
+        let step = batch.step(model, &mut |tag, event| {
+            tag.events += 1;
+            tag.streamed.push_str(event.text);
+            match tag.stop_after {
+                Some(n) if tag.events >= n => Flow::Stop,
+                _ => Flow::Continue,
+            }
+        });
+        widest = widest.max(step.decode_rows);
+        done.extend(step.finished);
+    }
+    assert!(widest >= 3, "several sequences must have shared a decode step (widest {widest})");
+    assert_eq!(batch.kv_bytes(model.kv_layout()), 0, "an empty batch holds no cache");
+    done
+}
+
+#[test]
+fn concurrent_sequences_give_their_single_stream_tokens() {
+    let reference = references().remove(0);
+    let mut model = reference.load(Precision::Fp32);
+    // Chunks of 64 tokens: the long prompts are prefilled over several steps while others decode.
+    let mut batch = Batch::new(model.kv_layout(), 64);
+    let n = reference.cases.len();
+    let full = reference.max_new_tokens;
+    // Half the cases at once with different token budgets, the rest joining one per step.
+    for case in 0..n / 2 {
+        admit(&mut batch, &model, &reference, case, full - 3 * case, None);
+    }
+    let later: Vec<(usize, usize)> = (n / 2..n).map(|case| (case, full - case)).collect();
+    let done = drain(&mut batch, &mut model, &reference, later);
+    assert_eq!(done.len(), n);
+    for (tag, result) in done {
+        let case = &reference.cases[tag.case];
+        let completion = result.unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let expected = &case.generated_ids[..completion.token_ids.len()];
+        assert_eq!(completion.token_ids, expected, "{}: batched tokens differ from PyTorch's", case.name);
+        // The reference ran to its full length without an end of sequence.
+        assert_eq!(completion.token_ids.len(), tag.max_new, "{}: length", case.name);
+        assert_eq!(tag.streamed, completion.text, "{}: streamed text", case.name);
+        assert_eq!(completion.prompt_tokens, case.input_ids.len());
+        assert!(completion.timings.decode_steps + 1 >= completion.token_ids.len());
+    }
+}
+
+#[test]
+fn a_sequence_that_stops_mid_batch_leaves_the_others_unchanged() {
+    let reference = references().remove(0);
+    let mut model = reference.load(Precision::Fp32);
+    let mut batch = Batch::new(model.kv_layout(), usize::MAX);
+    let full = reference.max_new_tokens;
+    let cases: Vec<usize> = (0..reference.cases.len()).take(4).collect();
+    for &case in &cases {
+        // The second sequence's client goes away after 5 tokens.
+        admit(&mut batch, &model, &reference, case, full, (case == cases[1]).then_some(5));
+    }
+    let done = drain(&mut batch, &mut model, &reference, Vec::new());
+    for (tag, result) in done {
+        let case = &reference.cases[tag.case];
+        let completion = result.unwrap();
+        if tag.stop_after.is_some() {
+            assert_eq!(completion.finish_reason, vlmserve::engine::FinishReason::Cancelled);
+            assert_eq!(completion.token_ids, case.generated_ids[..5]);
+        } else {
+            assert_eq!(completion.token_ids, case.generated_ids, "{}", case.name);
+        }
+    }
+}
+
+#[test]
+fn fp16_batches_match_fp16_single_streams() {
+    let reference = references().remove(0);
+    let mut model = reference.load(Precision::Fp16);
+    let alone: Vec<Vec<u32>> = reference
+        .cases
+        .iter()
+        .map(|c| {
+            let prompt = model.prepare(&c.chat_messages(), &c.decoded_images(&reference.dir)).unwrap();
+            model.generate(&prompt, &params(reference.max_new_tokens), &mut |_| Flow::Continue).unwrap().token_ids
+        })
+        .collect();
+    let mut batch = Batch::new(model.kv_layout(), 128);
+    for case in 0..reference.cases.len() {
+        admit(&mut batch, &model, &reference, case, reference.max_new_tokens, None);
+    }
+    for (tag, result) in drain(&mut batch, &mut model, &reference, Vec::new()) {
+        assert_eq!(result.unwrap().token_ids, alone[tag.case], "{}", reference.cases[tag.case].name);
+    }
+}
+
+#[test]
+fn a_bad_prompt_is_refused_at_admission_without_touching_the_batch() {
+    let reference = references().remove(0);
+    let model = reference.load(Precision::Fp32);
+    let mut batch: Batch<u32> = Batch::new(model.kv_layout(), 64);
+    let case = &reference.cases[0];
+    let prompt = model.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir)).unwrap();
+    let context = model.info.context_length;
+    let (tag, error) = batch.admit(&model, 7, prompt, &params(context)).unwrap_err();
+    assert_eq!(tag, 7);
+    assert!(matches!(error, EngineError::PromptTooLong { .. }), "{error}");
+    assert!(batch.is_empty());
+}
