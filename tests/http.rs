@@ -319,14 +319,13 @@ fn streaming_concatenates_to_the_non_streaming_text() {
     assert_eq!(usage.unwrap(), whole["usage"]);
 }
 
-#[test]
-fn concurrent_requests_each_equal_their_sequential_result() {
-    let server = Server::start(&config_toml(&package_dir(), "[scheduler]\nconcurrency = 2\nqueue_size = 16\n"));
+/// Text-only, one-image and two-image requests of different lengths and token budgets.
+fn mixed_requests(n: usize) -> Vec<Value> {
     let one = image_bytes("images/one_image_0.png");
     let tiny = image_bytes("images/tiny_image_0.png");
-    let requests: Vec<Value> = (0..16)
+    (0..n)
         .map(|i| {
-            let question = format!("Question number {i}: what is here?");
+            let question = format!("Question number {i}: what is here?{}", " Look closely.".repeat(i % 4));
             let message = match i % 3 {
                 0 => json!({"role": "user", "content": question}),
                 1 => user_with_images(std::slice::from_ref(&one), &question),
@@ -334,7 +333,36 @@ fn concurrent_requests_each_equal_their_sequential_result() {
             };
             greedy(json!([message]), 12 + i)
         })
-        .collect();
+        .collect()
+}
+
+fn post_all(server: &Server, requests: &[Value]) -> Vec<(u16, Value)> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = requests.iter().map(|r| s.spawn(|| server.post("/v1/chat/completions", r))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Mean sequences per decode step since `before` (sum, count) of the batch-size histogram.
+fn mean_batch_since(server: &Server, before: (f64, f64)) -> f64 {
+    let sum = server.metric("vlmserve_batch_size_sum", "") - before.0;
+    let count = server.metric("vlmserve_batch_size_count", "") - before.1;
+    sum / count
+}
+
+fn batch_histogram(server: &Server) -> (f64, f64) {
+    (server.metric("vlmserve_batch_size_sum", ""), server.metric("vlmserve_batch_size_count", ""))
+}
+
+#[test]
+fn concurrent_requests_each_equal_their_sequential_result() {
+    // One worker, so concurrent requests must share its decode steps; small prefill chunks, so
+    // the long image prompts are prefilled between other requests' decode steps.
+    let server = Server::start(&config_toml(
+        &package_dir(),
+        "[scheduler]\nconcurrency = 1\nmax_batch_size = 8\nprefill_chunk_tokens = 96\nqueue_size = 16\n",
+    ));
+    let requests = mixed_requests(16);
     let sequential: Vec<Value> = requests
         .iter()
         .map(|r| {
@@ -343,15 +371,57 @@ fn concurrent_requests_each_equal_their_sequential_result() {
             body
         })
         .collect();
-    let concurrent: Vec<(u16, Value)> = std::thread::scope(|s| {
-        let handles: Vec<_> = requests.iter().map(|r| s.spawn(|| server.post("/v1/chat/completions", r))).collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let before = batch_histogram(&server);
+    // A streaming client that leaves after two tokens, in the middle of the batch.
+    let leaver = json!({
+        "model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "temperature": 0,
+        "max_tokens": 500, "ignore_eos": true, "stream": true,
+    });
+    let concurrent = std::thread::scope(|s| {
+        let leaving = s.spawn(|| {
+            let mut reader = BufReader::new(server.chat_response(&leaver).into_body().into_reader());
+            let mut line = String::new();
+            for _ in 0..4 {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+            }
+        });
+        let answers = post_all(&server, &requests);
+        leaving.join().unwrap();
+        answers
     });
     for (i, ((status, body), expected)) in concurrent.iter().zip(&sequential).enumerate() {
         assert_eq!(*status, 200, "request {i}: {body}");
         assert_eq!(token_ids(body), token_ids(expected), "request {i}");
         assert_eq!(text(body), text(expected), "request {i}");
     }
+    let mean = mean_batch_since(&server, before);
+    assert!(mean > 2.0, "concurrent requests should share decode steps (mean batch {mean:.2})");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.metric("vlmserve_requests_finished_total", "reason=\"cancelled\"") < 1.0 {
+        assert!(Instant::now() < deadline, "the client that left was not cancelled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(server.metric("vlmserve_kv_cache_bytes", ""), 0.0, "an idle worker holds no cache");
+    assert!(server.metric("vlmserve_batch_step_duration_seconds_count", "phase=\"prefill\"") > 0.0);
+}
+
+#[test]
+fn requests_beyond_the_kv_budget_wait_instead_of_failing() {
+    // A budget smaller than any request: each runs alone, the others wait in the queue.
+    let server = Server::start(&config_toml(
+        &package_dir(),
+        "[scheduler]\nconcurrency = 1\nmax_batch_size = 8\nmax_kv_bytes = 1\nqueue_size = 16\n",
+    ));
+    let requests = mixed_requests(4);
+    let answers = post_all(&server, &requests);
+    for (i, (status, body)) in answers.iter().enumerate() {
+        assert_eq!(*status, 200, "request {i}: {body}");
+        assert_eq!(body["usage"]["completion_tokens"], 12 + i, "{body}");
+    }
+    let steps = server.metric("vlmserve_batch_size_count", "");
+    let single = server.metric("vlmserve_batch_size_bucket", "le=\"1\"");
+    assert!(steps > 0.0 && single == steps, "{single} of {steps} steps had one sequence");
 }
 
 /// A PNG of `width` x `height` (black).
@@ -496,7 +566,7 @@ fn a_model_that_failed_to_load_is_not_ready_503() {
 fn a_full_queue_answers_429_at_once_and_accepted_requests_complete() {
     let server = Server::start(&config_toml(
         &package_dir(),
-        "[scheduler]\nconcurrency = 1\nqueue_size = 2\nretry_after_s = 2\n",
+        "[scheduler]\nconcurrency = 1\nmax_batch_size = 1\nqueue_size = 2\nretry_after_s = 2\n",
     ));
     let long = json!({"model": MODEL, "messages": [{"role": "user", "content": "Count."}], "temperature": 0, "max_tokens": 1500, "ignore_eos": true});
     // All ten leave together, so the burst arrives well within one generation.
@@ -764,7 +834,9 @@ fn reload_under_load_swaps_atomically_and_survives_corrupt_files() {
     copy_dir(&package_dir(), &package);
     let server = Server::start(&config_toml(
         &package,
-        "admin_token = \"secret-token\"\n[scheduler]\nconcurrency = 1\nqueue_size = 64\n",
+        // One sequence at a time: int8 graphs quantize activations per tensor, so a batched
+        // int8 answer may differ from a lone one, and this test tells versions apart by answers.
+        "admin_token = \"secret-token\"\n[scheduler]\nconcurrency = 1\nmax_batch_size = 1\nqueue_size = 64\n",
     ));
     let reload = |token: &str| {
         let (status, _, body) = server.post_raw(

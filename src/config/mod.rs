@@ -96,8 +96,16 @@ impl Default for ServerSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SchedulerSettings {
-    /// Sequences generating at once per model; each holds its own copy of the sessions.
+    /// Copies of each model (worker threads with their own sessions), each decoding a batch.
     pub concurrency: usize,
+    /// Most sequences one worker decodes together (one decoder call per step for all).
+    pub max_batch_size: usize,
+    /// KV-cache bytes one worker may hold for its batch (each sequence counted at prompt plus
+    /// max_tokens, padded to the longest); requests beyond it wait in the queue. 0 = a quarter
+    /// of the machine's memory.
+    pub max_kv_bytes: u64,
+    /// Most prompt tokens prefilled per step, so that running streams wait at most one chunk.
+    pub prefill_chunk_tokens: usize,
     /// Requests admitted beyond `concurrency` that wait (while their images are prepared and
     /// in the queue); more are refused with 429.
     pub queue_size: usize,
@@ -111,7 +119,16 @@ pub struct SchedulerSettings {
 
 impl Default for SchedulerSettings {
     fn default() -> Self {
-        Self { concurrency: 1, queue_size: 32, retry_after_s: 1, warmup: true, image_feature_cache_mb: 256 }
+        Self {
+            concurrency: 1,
+            max_batch_size: 8,
+            max_kv_bytes: 0,
+            prefill_chunk_tokens: 512,
+            queue_size: 32,
+            retry_after_s: 1,
+            warmup: true,
+            image_feature_cache_mb: 256,
+        }
     }
 }
 
@@ -236,6 +253,12 @@ impl Settings {
         }
         if self.scheduler.concurrency == 0 {
             return bad("scheduler.concurrency", "must be at least 1");
+        }
+        if self.scheduler.max_batch_size == 0 {
+            return bad("scheduler.max_batch_size", "must be at least 1");
+        }
+        if self.scheduler.prefill_chunk_tokens == 0 {
+            return bad("scheduler.prefill_chunk_tokens", "must be at least 1");
         }
         Ok(())
     }

@@ -95,6 +95,14 @@ impl<T> Batch<T> {
         self.pending.iter().map(|p| &p.tag).chain(self.rows.iter().map(|r| &r.tag))
     }
 
+    /// Drop every sequence (after a panic left the batch in an unknown state) and return their
+    /// tags, so their owners can be told.
+    pub fn abandon(&mut self) -> Vec<T> {
+        self.cache.clear();
+        let pending = self.pending.drain(..).map(|p| p.tag);
+        pending.chain(self.rows.drain(..).map(|r| r.tag)).collect()
+    }
+
     /// Cache bytes held now, padding included.
     pub fn kv_bytes(&self, layout: &KvLayout) -> usize {
         self.cache.bytes(layout) + self.pending.iter().map(|p| p.cache.bytes(layout)).sum::<usize>()

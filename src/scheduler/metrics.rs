@@ -43,6 +43,8 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     pub reloads: IntCounterVec,
     pub batch_size: HistogramVec,
+    pub step_duration: HistogramVec,
+    pub kv_cache_bytes: IntGaugeVec,
     pub feature_cache_lookups: IntCounterVec,
     pub feature_cache_bytes: IntGaugeVec,
 }
@@ -116,6 +118,13 @@ impl Metrics {
                 &["model"],
                 &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
             ),
+            step_duration: histogram(
+                "batch_step_duration_seconds",
+                "Time of one batch step's prefill (vision encoder and prompt chunks) and decode (one decoder call)",
+                &["model", "phase"],
+                LATENCY_BUCKETS,
+            ),
+            kv_cache_bytes: gauge("kv_cache_bytes", "KV-cache bytes held by the model's batches", &["model"]),
             feature_cache_lookups: counter(
                 "image_feature_cache_lookups_total",
                 "Requests with images by image-feature cache result (hit, miss)",

@@ -9,8 +9,9 @@
 //! workers exit once their queue is empty and the last handle is gone.
 //!
 //! A [`Job`] is one sequence: a prepared prompt, its parameters, its deadline, a cancellation
-//! flag and an event sink. Workers run one job at a time today; batching decode steps means a
-//! worker popping several jobs and stepping them together, with the same job type.
+//! flag and an event sink. Each worker decodes its jobs as one continuous batch (see
+//! `worker`): up to `max_batch_size` sequences within `max_kv_bytes` of KV cache; admission
+//! allows `concurrency x max_batch_size + queue_size` requests in flight.
 //!
 //! Nothing here knows HTTP: the server turns [`SchedulerError`] into statuses.
 
@@ -342,6 +343,9 @@ impl Scheduler {
             in_flight: slot.in_flight.clone(),
             metrics: self.metrics.clone(),
             feature_cache: FeatureCache::new(self.config.image_feature_cache_mb << 20).map(Arc::new),
+            max_batch_size: self.config.max_batch_size,
+            max_kv_bytes: kv_budget(self.config.max_kv_bytes),
+            prefill_chunk_tokens: self.config.prefill_chunk_tokens,
         })?;
         slot.versions.store(number, Ordering::SeqCst);
         Ok(Arc::new(Version {
@@ -377,7 +381,7 @@ impl Scheduler {
         }
         let slot = self.slot(name)?;
         let version = slot.current().ok_or_else(|| SchedulerError::NotReady(name.into()))?;
-        let limit = self.config.concurrency + self.config.queue_size;
+        let limit = self.config.concurrency * self.config.max_batch_size + self.config.queue_size;
         let admitted =
             slot.in_flight.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < limit).then_some(n + 1)).is_ok();
         if !admitted {
@@ -453,6 +457,19 @@ impl Scheduler {
     }
 }
 
+/// `scheduler.max_kv_bytes`, where 0 means a quarter of the machine's memory (4 GiB when it
+/// cannot be read).
+fn kv_budget(configured: u64) -> usize {
+    if configured > 0 {
+        return configured as usize;
+    }
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+        line.split_whitespace().nth(1)?.parse::<usize>().ok()
+    });
+    total_kib.map_or(4 << 30, |kib| kib * 1024 / 4)
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -460,8 +477,14 @@ mod tests {
     use super::*;
 
     fn scheduler(concurrency: usize, queue_size: usize) -> Arc<Scheduler> {
-        let config =
-            SchedulerSettings { concurrency, queue_size, retry_after_s: 7, warmup: false, image_feature_cache_mb: 0 };
+        let config = SchedulerSettings {
+            concurrency,
+            queue_size,
+            retry_after_s: 7,
+            warmup: false,
+            image_feature_cache_mb: 0,
+            ..Default::default()
+        };
         Scheduler::new(&[ModelSettings::for_path(Path::new("/nonexistent/m"))], config, Metrics::new())
     }
 

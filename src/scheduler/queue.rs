@@ -48,6 +48,13 @@ impl Queue {
         }
     }
 
+    /// The next job if there is one and `fits` accepts it; never waits. The queue stays in
+    /// order: a job that does not fit holds back the ones behind it.
+    pub fn pop_if(&self, fits: impl FnOnce(&Job) -> bool) -> Option<Job> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.jobs.front().is_some_and(fits) { inner.jobs.pop_front() } else { None }
+    }
+
     pub fn close(&self) {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
         self.ready.notify_all();

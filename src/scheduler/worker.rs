@@ -1,5 +1,7 @@
 //! Worker threads: each owns one loaded [`Model`] (its sessions need exclusive access) and runs
-//! the jobs of its version's queue, one sequence at a time.
+//! the jobs of its version's queue as one continuous batch: jobs join between decode steps
+//! while the batch has room (`max_batch_size`) and KV budget (`max_kv_bytes`), and leave when
+//! they finish.
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -9,9 +11,13 @@ use std::time::Instant;
 
 use super::metrics::{Metrics, Stage};
 use super::queue::Queue;
-use super::{Job, JobEvent, SchedulerError};
-use crate::engine::{EngineError, FeatureCache, FinishReason, Flow, GenerationParams, Model, ModelOptions, Processor};
+use super::{CancelToken, Job, JobEvent, SchedulerError};
+use crate::engine::{
+    Batch, Completion, EngineError, Event, FeatureCache, FinishReason, Flow, GenerationParams, KvLayout, Model,
+    ModelOptions, Processor, Step,
+};
 use crate::preprocess::chat_template::ChatMessage;
+use prometheus::Histogram;
 
 pub struct WorkerSpec {
     pub model: String,
@@ -25,6 +31,10 @@ pub struct WorkerSpec {
     pub metrics: Arc<Metrics>,
     /// One for all of this version's workers; `None` when off.
     pub feature_cache: Option<Arc<FeatureCache>>,
+    pub max_batch_size: usize,
+    /// KV-cache bytes this worker's batch may reserve.
+    pub max_kv_bytes: usize,
+    pub prefill_chunk_tokens: usize,
 }
 
 /// Start `spec.count` workers, each loading (and warming up) its own copy of the model.
@@ -86,16 +96,69 @@ fn load(spec: &WorkerSpec) -> Result<Model, EngineError> {
 }
 
 fn serve(mut model: Model, spec: &WorkerSpec) {
-    while let Some(job) = spec.queue.pop() {
-        let events = job.events.clone();
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run(&mut model, job, spec)));
-        if outcome.is_err() {
-            tracing::error!(model = %spec.model, "generation panicked");
-            spec.metrics.finished.with_label_values(&[&spec.model, "error"]).inc();
-            let _ = events.send(JobEvent::Failed(SchedulerError::WorkerGone));
+    let layout = model.kv_layout().clone();
+    let mut batch: Batch<Active> = Batch::new(&layout, spec.prefill_chunk_tokens);
+    loop {
+        if batch.is_empty() {
+            // Idle: wait for work.
+            let Some(job) = spec.queue.pop() else { break };
+            admit(&mut batch, &model, job, spec);
+        }
+        while batch.len() < spec.max_batch_size {
+            let held: Vec<usize> = batch.tags().map(|a| a.reserved).collect();
+            let fits = |job: &Job| fits_budget(&held, reservation(job, &layout), spec.max_kv_bytes);
+            let Some(job) = spec.queue.pop_if(fits) else { break };
+            admit(&mut batch, &model, job, spec);
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let step = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            batch.step(&mut model, &mut |active, event| on_token(active, event))
+        }));
+        match step {
+            Ok(step) => {
+                record_step(spec, &step, batch.kv_bytes(&layout));
+                for (active, result) in step.finished {
+                    report(active, result, spec);
+                }
+            }
+            Err(_) => {
+                tracing::error!(model = %spec.model, "generation panicked");
+                for active in batch.abandon() {
+                    spec.metrics.finished.with_label_values(&[&spec.model, "error"]).inc();
+                    let _ = active.events.send(JobEvent::Failed(SchedulerError::WorkerGone));
+                }
+            }
         }
     }
     tracing::debug!(model = %spec.model, "worker exits");
+}
+
+/// Cache bytes a job may come to hold: its prompt plus every token it may generate.
+fn reservation(job: &Job, layout: &KvLayout) -> usize {
+    (job.prompt.input_ids.len() + job.params.max_new_tokens) * layout.bytes_per_token()
+}
+
+/// Whether a sequence reserving `new` bytes may join sequences holding `held`: the batch's
+/// cache is padded to its longest row, so it can grow to rows x the largest reservation. A
+/// worker with nothing to do takes any job (one sequence is bounded by the context anyway).
+fn fits_budget(held: &[usize], new: usize, budget: usize) -> bool {
+    let widest = held.iter().copied().max().unwrap_or(0).max(new);
+    held.is_empty() || (held.len() + 1) * widest <= budget
+}
+
+fn record_step(spec: &WorkerSpec, step: &Step<Active>, kv_bytes: usize) {
+    let name = spec.model.as_str();
+    let metrics = &spec.metrics;
+    if step.decode_rows > 0 {
+        metrics.batch_size.with_label_values(&[name]).observe(step.decode_rows as f64);
+        metrics.step_duration.with_label_values(&[name, "decode"]).observe(step.decode_s);
+    }
+    if step.prefill_s > 0.0 {
+        metrics.step_duration.with_label_values(&[name, "prefill"]).observe(step.prefill_s);
+    }
+    metrics.kv_cache_bytes.with_label_values(&[name]).set(kv_bytes as i64);
 }
 
 /// Marks a job running for as long as it lives, so the gauges stay right even on panic.
@@ -116,9 +179,28 @@ impl Drop for Running<'_> {
     }
 }
 
-fn run(model: &mut Model, job: Job, spec: &WorkerSpec) {
-    let metrics = &spec.metrics;
+/// A job in a worker's batch: where its events go and the clocks its metrics need.
+struct Active<'a> {
+    events: tokio::sync::mpsc::UnboundedSender<JobEvent>,
+    cancel: CancelToken,
+    deadline: Option<Instant>,
+    timeout_s: f64,
+    enqueued: Instant,
+    started: Instant,
+    last_token: Option<Instant>,
+    deadline_hit: bool,
+    has_images: bool,
+    /// KV bytes counted against the worker's budget.
+    reserved: usize,
+    ttft: Histogram,
+    itl: Histogram,
+    _running: Running<'a>,
+}
+
+/// Move a queued job into the batch, unless its client left or its deadline passed.
+fn admit<'a>(batch: &mut Batch<Active<'a>>, model: &Model, job: Job, spec: &'a WorkerSpec) {
     let name = spec.model.as_str();
+    let metrics = &spec.metrics;
     let finished = |reason: &str| metrics.finished.with_label_values(&[name, reason]).inc();
     let started = Instant::now();
     metrics.queue_duration.with_label_values(&[name]).observe((started - job.enqueued).as_secs_f64());
@@ -126,41 +208,61 @@ fn run(model: &mut Model, job: Job, spec: &WorkerSpec) {
         finished("cancelled");
         return;
     }
-    let past_deadline = |now: Instant| job.deadline.is_some_and(|d| now >= d);
     let timeout_s = job.timeout.map_or(0.0, |t| t.as_secs_f64());
-    if past_deadline(started) {
+    if job.deadline.is_some_and(|d| started >= d) {
         finished("deadline");
         let _ = job.events.send(JobEvent::Failed(SchedulerError::DeadlineExceeded(timeout_s)));
         return;
     }
-    let _running = Running::start(spec);
-    metrics.batch_size.with_label_values(&[name]).observe(1.0);
-    let mut last_token: Option<Instant> = None;
-    let mut deadline_hit = false;
-    let ttft = metrics.time_to_first_token.with_label_values(&[name]);
-    let itl = metrics.inter_token_latency.with_label_values(&[name]);
-    let result = model.generate(&job.prompt, &job.params, &mut |event| {
-        let now = Instant::now();
-        match last_token {
-            None => ttft.observe((now - started).as_secs_f64()),
-            Some(last) => itl.observe((now - last).as_secs_f64()),
-        }
-        last_token = Some(now);
-        if job.cancel.is_cancelled() || job.events.is_closed() {
+    let active = Active {
+        reserved: reservation(&job, model.kv_layout()),
+        events: job.events,
+        cancel: job.cancel,
+        deadline: job.deadline,
+        timeout_s,
+        enqueued: job.enqueued,
+        started,
+        last_token: None,
+        deadline_hit: false,
+        has_images: job.prompt.images.is_some(),
+        ttft: metrics.time_to_first_token.with_label_values(&[name]),
+        itl: metrics.inter_token_latency.with_label_values(&[name]),
+        _running: Running::start(spec),
+    };
+    if let Err((active, e)) = batch.admit(model, active, job.prompt, &job.params) {
+        report(active, Err(e), spec);
+    }
+}
+
+/// Stream one token to its client; stop the sequence if the client left or time is up.
+fn on_token(active: &mut Active, event: Event) -> Flow {
+    let now = Instant::now();
+    match active.last_token {
+        None => active.ttft.observe((now - active.started).as_secs_f64()),
+        Some(last) => active.itl.observe((now - last).as_secs_f64()),
+    }
+    active.last_token = Some(now);
+    if active.cancel.is_cancelled() || active.events.is_closed() {
+        return Flow::Stop;
+    }
+    if active.deadline.is_some_and(|d| now >= d) {
+        active.deadline_hit = true;
+        return Flow::Stop;
+    }
+    if !event.text.is_empty() {
+        let token = JobEvent::Token { token_id: event.token_id, text: event.text.to_string() };
+        if active.events.send(token).is_err() {
             return Flow::Stop;
         }
-        if past_deadline(now) {
-            deadline_hit = true;
-            return Flow::Stop;
-        }
-        if !event.text.is_empty() {
-            let token = JobEvent::Token { token_id: event.token_id, text: event.text.to_string() };
-            if job.events.send(token).is_err() {
-                return Flow::Stop;
-            }
-        }
-        Flow::Continue
-    });
+    }
+    Flow::Continue
+}
+
+/// Tell the client how its sequence ended and count it.
+fn report(active: Active, result: Result<Completion, EngineError>, spec: &WorkerSpec) {
+    let metrics = &spec.metrics;
+    let name = spec.model.as_str();
+    let finished = |reason: &str| metrics.finished.with_label_values(&[name, reason]).inc();
     match result {
         Ok(completion) => {
             let t = &completion.timings;
@@ -169,16 +271,16 @@ fn run(model: &mut Model, job: Job, spec: &WorkerSpec) {
             metrics.stage(name, Stage::Prefill, t.prefill_s);
             metrics.stage(name, Stage::Decode, t.decode_s);
             metrics.generation_tokens.with_label_values(&[name]).inc_by(completion.token_ids.len() as u64);
-            if let (Some(cache), Some(_)) = (&spec.feature_cache, &job.prompt.images) {
+            if let (Some(cache), true) = (&spec.feature_cache, active.has_images) {
                 let result = if t.vision_cache_hit { "hit" } else { "miss" };
                 metrics.feature_cache_lookups.with_label_values(&[name, result]).inc();
                 metrics.feature_cache_bytes.with_label_values(&[name]).set(cache.bytes() as i64);
             }
             metrics.prompt_tokens.with_label_values(&[name]).inc_by(completion.prompt_tokens as u64);
             match completion.finish_reason {
-                FinishReason::Cancelled if deadline_hit => {
+                FinishReason::Cancelled if active.deadline_hit => {
                     finished("deadline");
-                    let _ = job.events.send(JobEvent::Failed(SchedulerError::DeadlineExceeded(timeout_s)));
+                    let _ = active.events.send(JobEvent::Failed(SchedulerError::DeadlineExceeded(active.timeout_s)));
                 }
                 FinishReason::Cancelled => {
                     tracing::debug!(model = name, tokens = completion.token_ids.len(), "generation cancelled");
@@ -193,19 +295,19 @@ fn run(model: &mut Model, job: Job, spec: &WorkerSpec) {
                         prompt_tokens = completion.prompt_tokens,
                         completion_tokens = completion.token_ids.len(),
                         finish = reason,
-                        queued_s = (started - job.enqueued).as_secs_f64(),
+                        queued_s = (active.started - active.enqueued).as_secs_f64(),
                         ttft_s = t.time_to_first_token_s,
-                        total_s = started.elapsed().as_secs_f64(),
+                        total_s = active.started.elapsed().as_secs_f64(),
                         "generation finished"
                     );
-                    let _ = job.events.send(JobEvent::Done(completion));
+                    let _ = active.events.send(JobEvent::Done(completion));
                 }
             }
         }
         Err(e) => {
             tracing::warn!(model = name, "generation failed: {e}");
             finished("error");
-            let _ = job.events.send(JobEvent::Failed(SchedulerError::Engine(e)));
+            let _ = active.events.send(JobEvent::Failed(SchedulerError::Engine(e)));
         }
     }
 }
