@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Case, Reference, references};
-use vlmserve::engine::{Batch, Completion, EngineError, Flow, GenerationParams, Model};
+use vlmserve::engine::{Batch, Completion, EngineError, Flow, GenerationParams, Limits, Model};
 use vlmserve::package::Precision;
 
 struct Tagged {
@@ -68,8 +68,9 @@ fn drain(
 fn concurrent_sequences_give_their_single_stream_tokens() {
     let reference = references().remove(0);
     let mut model = reference.load(Precision::Fp32);
-    // Chunks of 64 tokens: the long prompts are prefilled over several steps while others decode.
-    let mut batch = Batch::new(model.kv_layout(), 64);
+    // Chunks of 64 tokens and 3 tiles: long prompts and multi-tile images are encoded and
+    // prefilled over several steps while others decode, tiles of different requests together.
+    let mut batch = Batch::new(model.kv_layout(), Limits { prefill_tokens: 64, vision_tiles: 3 });
     let n = reference.cases.len();
     let full = reference.max_new_tokens;
     // Half the cases at once with different token budgets, the rest joining one per step.
@@ -96,7 +97,7 @@ fn concurrent_sequences_give_their_single_stream_tokens() {
 fn a_sequence_that_stops_mid_batch_leaves_the_others_unchanged() {
     let reference = references().remove(0);
     let mut model = reference.load(Precision::Fp32);
-    let mut batch = Batch::new(model.kv_layout(), usize::MAX);
+    let mut batch = Batch::new(model.kv_layout(), Limits::ALONE);
     let full = reference.max_new_tokens;
     let cases: Vec<usize> = (0..reference.cases.len()).take(4).collect();
     for &case in &cases {
@@ -128,7 +129,7 @@ fn fp16_batches_match_fp16_single_streams() {
             model.generate(&prompt, &params(reference.max_new_tokens), &mut |_| Flow::Continue).unwrap().token_ids
         })
         .collect();
-    let mut batch = Batch::new(model.kv_layout(), 128);
+    let mut batch = Batch::new(model.kv_layout(), Limits { prefill_tokens: 128, vision_tiles: 2 });
     for case in 0..reference.cases.len() {
         admit(&mut batch, &model, &reference, case, reference.max_new_tokens, None);
     }
@@ -141,7 +142,7 @@ fn fp16_batches_match_fp16_single_streams() {
 fn a_bad_prompt_is_refused_at_admission_without_touching_the_batch() {
     let reference = references().remove(0);
     let model = reference.load(Precision::Fp32);
-    let mut batch: Batch<u32> = Batch::new(model.kv_layout(), 64);
+    let mut batch: Batch<u32> = Batch::new(model.kv_layout(), Limits::ALONE);
     let case = &reference.cases[0];
     let prompt = model.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir)).unwrap();
     let context = model.info.context_length;

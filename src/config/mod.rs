@@ -106,6 +106,9 @@ pub struct SchedulerSettings {
     pub max_kv_bytes: u64,
     /// Most prompt tokens prefilled per step, so that running streams wait at most one chunk.
     pub prefill_chunk_tokens: usize,
+    /// Most image tiles through the vision encoder per step, several requests' tiles in one
+    /// call; bounds both the pause a large image causes and the encoder's memory.
+    pub vision_tiles_per_step: usize,
     /// Requests admitted beyond `concurrency` that wait (while their images are prepared and
     /// in the queue); more are refused with 429.
     pub queue_size: usize,
@@ -124,6 +127,7 @@ impl Default for SchedulerSettings {
             max_batch_size: 8,
             max_kv_bytes: 0,
             prefill_chunk_tokens: 512,
+            vision_tiles_per_step: 4,
             queue_size: 32,
             retry_after_s: 1,
             warmup: true,
@@ -259,6 +263,9 @@ impl Settings {
         }
         if self.scheduler.prefill_chunk_tokens == 0 {
             return bad("scheduler.prefill_chunk_tokens", "must be at least 1");
+        }
+        if self.scheduler.vision_tiles_per_step == 0 {
+            return bad("scheduler.vision_tiles_per_step", "must be at least 1");
         }
         Ok(())
     }

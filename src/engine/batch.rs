@@ -1,22 +1,28 @@
 //! Continuous batching: the sequences of a [`Batch`] share each decoder call.
 //!
-//! A sequence is admitted with its prompt, prefilled in chunks (bounded per step, so running
-//! sequences never wait for a long prompt as a whole), then joins the decode batch: one decoder
-//! call per step advances every row by one token, each with its own positions and attention
-//! mask (see [`KvCache`] for the left-padded layout). Rows leave as soon as they finish. The
-//! same code serves a single request ([`Model::generate`] is a batch of one), so batched and
-//! single-stream generation cannot drift apart.
+//! A sequence is admitted with its prompt. Its images go through the vision encoder a few tiles
+//! per step, tiles of several sequences in one call (bounded by [`Limits::vision_tiles`]); its
+//! prompt is then prefilled in chunks (bounded by [`Limits::prefill_tokens`]), so running
+//! sequences never wait for a large image or a long prompt as a whole. It then joins the decode
+//! batch: one decoder call per step advances every row by one token, each with its own
+//! positions and attention mask (see [`KvCache`] for the left-padded layout). Rows leave as
+//! soon as they finish. The same code serves a single request ([`Model::generate`] is a batch
+//! of one), so batched and single-stream generation cannot drift apart.
 
 use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::Arc;
 use std::time::Instant;
 
-use ndarray::{ArrayD, Axis, Slice};
+use ndarray::{Array2, ArrayD, Axis, Slice};
 
 use super::EngineError;
+use super::feature_cache::{FeatureCache, FeatureKey};
 use super::generate::{Completion, Event, Flow, GenerationParams, Prompt, Run, Timings, float_value};
 use super::kv_cache::{KvCache, KvLayout};
 use super::model::Model;
 use super::sampler::Sampler;
+use crate::family::{NamedTensor, ProcessedImages, TensorData};
 
 /// What the owner of a sequence hears about it: its tokens, through the callback it passed
 /// to [`Batch::step`] with its tag, and its end.
@@ -33,15 +39,45 @@ struct Sequence {
     position: i64,
 }
 
+/// Images on their way through the vision encoder.
+struct VisionWork {
+    images: ProcessedImages,
+    key: Option<FeatureKey>,
+    /// Tiles encoded so far, and their feature rows.
+    done: usize,
+    rows: Vec<Array2<f32>>,
+}
+
 /// A sequence whose prompt is not entirely in its cache yet.
 struct Pending<T> {
     tag: T,
     seq: Sequence,
-    prompt: Prompt,
-    /// `[1, prompt, hidden]`, built (vision encoder included) at the first chunk.
+    input_ids: Vec<u32>,
+    positions: ArrayD<i64>,
+    /// `Some` until every tile is encoded.
+    vision: Option<VisionWork>,
+    features: Option<Arc<Array2<f32>>>,
+    /// `[1, prompt, hidden]`, built at the first prompt chunk.
     embeds: Option<ArrayD<f32>>,
     done: usize,
     cache: KvCache,
+}
+
+/// How much prefill work one step may do besides decoding.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Prompt tokens through the decoder.
+    pub prefill_tokens: usize,
+    /// Image tiles through the vision encoder (an image set the family cannot split counts
+    /// as one).
+    pub vision_tiles: usize,
+}
+
+impl Limits {
+    /// A lone request: its prompt in one decoder call (fastest when nobody waits), its tiles
+    /// four at a time (encoding all of a large image's tiles at once costs memory and, on a
+    /// CPU, time per tile).
+    pub const ALONE: Limits = Limits { prefill_tokens: usize::MAX, vision_tiles: 4 };
 }
 
 /// A sequence in the decode batch: row `i` of the batch's cache.
@@ -66,19 +102,14 @@ pub struct Batch<T> {
     pending: VecDeque<Pending<T>>,
     rows: Vec<Row<T>>,
     cache: KvCache,
-    /// Most prompt tokens prefilled per step.
-    prefill_chunk: usize,
+    limits: Limits,
 }
 
 impl<T> Batch<T> {
     /// An empty batch for a decoder with this cache layout.
-    pub fn new(layout: &KvLayout, prefill_chunk: usize) -> Self {
-        Self {
-            pending: VecDeque::new(),
-            rows: Vec::new(),
-            cache: KvCache::none(layout),
-            prefill_chunk: prefill_chunk.max(1),
-        }
+    pub fn new(layout: &KvLayout, limits: Limits) -> Self {
+        let limits = Limits { prefill_tokens: limits.prefill_tokens.max(1), vision_tiles: limits.vision_tiles.max(1) };
+        Self { pending: VecDeque::new(), rows: Vec::new(), cache: KvCache::none(layout), limits }
     }
 
     /// Sequences admitted and not finished.
@@ -128,7 +159,25 @@ impl<T> Batch<T> {
             decoding_since: None,
             position: prompt.positions.next,
         };
-        self.pending.push_back(Pending { tag, seq, prompt, embeds: None, done: 0, cache });
+        let Prompt { input_ids, images, positions, .. } = prompt;
+        let vision = images.map(|images| VisionWork {
+            key: model.feature_cache.as_ref().map(|_| FeatureCache::key(&images.inputs)),
+            images,
+            done: 0,
+            rows: Vec::new(),
+        });
+        let pending = Pending {
+            tag,
+            seq,
+            input_ids,
+            positions: positions.prompt,
+            vision,
+            features: None,
+            embeds: None,
+            done: 0,
+            cache,
+        };
+        self.pending.push_back(pending);
         Ok(())
     }
 
@@ -138,6 +187,7 @@ impl<T> Batch<T> {
     pub fn step(&mut self, model: &mut Model, on_token: &mut dyn FnMut(&mut T, Event) -> Flow) -> Step<T> {
         let mut finished = Vec::new();
         let start = Instant::now();
+        self.encode_images(model, &mut finished);
         self.prefill(model, &mut finished);
         let prefill_s = start.elapsed().as_secs_f64();
         self.sample(model, on_token, &mut finished);
@@ -151,19 +201,117 @@ impl<T> Batch<T> {
         Step { finished, decode_rows, prefill_s, decode_s: start.elapsed().as_secs_f64() }
     }
 
+    /// Run the vision encoder on up to `vision_tiles` tiles of the pending sequences, in
+    /// admission order, tiles of several sequences in one call where the family allows it.
+    fn encode_images(&mut self, model: &mut Model, finished: &mut Vec<Finished<T>>) {
+        let mut budget = self.limits.vision_tiles;
+        let mut splittable: Vec<(usize, Range<usize>)> = Vec::new();
+        let mut whole: Vec<usize> = Vec::new();
+        for (i, pending) in self.pending.iter_mut().enumerate() {
+            if budget == 0 {
+                break;
+            }
+            if from_cache(model, pending) {
+                continue;
+            }
+            let Some(work) = &pending.vision else { continue };
+            let tiles = work.images.tiles();
+            let take = if work.images.tile_tokens.is_some() { budget.min(tiles - work.done) } else { tiles };
+            budget = budget.saturating_sub(take);
+            match work.images.tile_tokens {
+                Some(_) => splittable.push((i, work.done..work.done + take)),
+                None => whole.push(i),
+            }
+        }
+        let mut calls: Vec<Vec<(usize, Range<usize>)>> = whole
+            .into_iter()
+            .map(|i| vec![(i, 0..self.pending[i].vision.as_ref().map_or(0, |w| w.images.tiles()))])
+            .collect();
+        if !splittable.is_empty() {
+            calls.push(splittable);
+        }
+        let mut failed = Vec::new();
+        for call in calls {
+            if let Err(e) = self.encode_call(model, &call) {
+                failed.extend(call.iter().map(|(i, _)| (*i, e.to_string())));
+            }
+        }
+        for (i, message) in failed.into_iter().rev() {
+            if let Some(pending) = self.pending.remove(i) {
+                finished.push((pending.tag, Err(EngineError::BatchFailed(message))));
+            }
+        }
+    }
+
+    /// One vision-encoder call over the given tiles of the given pending sequences (one
+    /// sequence's whole set when it cannot be split), features handed back to each.
+    fn encode_call(&mut self, model: &mut Model, call: &[(usize, Range<usize>)]) -> Result<(), EngineError> {
+        let start = Instant::now();
+        let inputs = {
+            let parts: Vec<(&ProcessedImages, Range<usize>)> = call
+                .iter()
+                .map(|(i, range)| (&self.pending[*i].vision.as_ref().expect("has images").images, range.clone()))
+                .collect();
+            vision_inputs(&parts)?
+        };
+        let features = model.vision.encode(&inputs)?;
+        let seconds = start.elapsed().as_secs_f64();
+        let mut row = 0;
+        for (i, range) in call {
+            let pending = &mut self.pending[*i];
+            let work = pending.vision.as_mut().expect("has images");
+            let rows = match work.images.tile_tokens {
+                Some(per_tile) => range.len() * per_tile,
+                None => features.nrows(),
+            };
+            if row + rows > features.nrows() {
+                return Err(EngineError::GraphMismatch(format!(
+                    "the vision encoder returned {} feature rows for {} expected",
+                    features.nrows(),
+                    row + rows
+                )));
+            }
+            work.rows.push(features.slice(ndarray::s![row..row + rows, ..]).to_owned());
+            row += rows;
+            work.done = range.end;
+            pending.seq.timings.vision_s += seconds;
+            if work.done == work.images.tiles() {
+                let work = pending.vision.take().expect("has images");
+                let views: Vec<_> = work.rows.iter().map(|r| r.view()).collect();
+                let all = Arc::new(
+                    ndarray::concatenate(Axis(0), &views).map_err(|e| EngineError::GraphMismatch(e.to_string()))?,
+                );
+                if let (Some(cache), Some(key)) = (&model.feature_cache, work.key) {
+                    cache.insert(key, all.clone());
+                }
+                pending.features = Some(all);
+            }
+        }
+        Ok(())
+    }
+
+    /// Prefill up to `prefill_tokens` prompt tokens of the pending sequences whose images are
+    /// encoded, in admission order; those done join the decode batch.
     fn prefill(&mut self, model: &mut Model, finished: &mut Vec<Finished<T>>) {
-        let mut budget = self.prefill_chunk;
-        while budget > 0
-            && let Some(mut pending) = self.pending.pop_front()
-        {
-            match prefill_chunk(model, &mut pending, budget) {
-                Err(e) => finished.push((pending.tag, Err(e))),
+        let mut budget = self.limits.prefill_tokens;
+        let mut i = 0;
+        while budget > 0 && i < self.pending.len() {
+            if self.pending[i].vision.is_some() {
+                i += 1;
+                continue;
+            }
+            match prefill_chunk(model, &mut self.pending[i], budget) {
+                Err(e) => {
+                    let pending = self.pending.remove(i).expect("index in range");
+                    finished.push((pending.tag, Err(e)));
+                }
                 Ok((used, None)) => {
                     budget -= used;
-                    self.pending.push_front(pending);
+                    i += 1;
                 }
                 Ok((used, Some(logits))) => {
                     budget -= used;
+                    let pending = self.pending.remove(i).expect("index in range");
                     if let Err(e) = self.cache.join(pending.cache) {
                         finished.push((pending.tag, Err(e)));
                         continue;
@@ -239,33 +387,62 @@ impl<T> Batch<T> {
     }
 }
 
-/// Prefill up to `budget` more prompt tokens of `pending`. Returns the tokens used and, once
-/// the whole prompt is in, the logits of its last position.
+/// Take a pending sequence's image features from the feature cache, if there; says whether
+/// it did.
+fn from_cache<T>(model: &Model, pending: &mut Pending<T>) -> bool {
+    let Some(work) = &pending.vision else { return false };
+    let (Some(cache), Some(key), 0) = (&model.feature_cache, &work.key, work.done) else { return false };
+    let Some(features) = cache.get(key) else { return false };
+    pending.vision = None;
+    pending.features = Some(features);
+    pending.seq.timings.vision_cache_hit = true;
+    true
+}
+
+/// The vision-encoder inputs for tiles `range` of each image set, joined along axis 0.
+fn vision_inputs(parts: &[(&ProcessedImages, Range<usize>)]) -> Result<Vec<NamedTensor>, EngineError> {
+    let first = parts[0].0;
+    if parts.len() == 1 && parts[0].1 == (0..first.tiles()) {
+        return Ok(first.inputs.clone());
+    }
+    first
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(n, input)| {
+            let slices: Vec<TensorData> = parts
+                .iter()
+                .map(|(images, range)| match images.inputs.get(n) {
+                    Some(other) if other.name == input.name => Ok(other.data.slice_first_axis(range.clone())),
+                    _ => Err(EngineError::GraphMismatch("image sets with different vision inputs".into())),
+                })
+                .collect::<Result<_, _>>()?;
+            let refs: Vec<&TensorData> = slices.iter().collect();
+            let data = TensorData::concat_first_axis(&refs)
+                .ok_or_else(|| EngineError::GraphMismatch(format!("tiles of different shapes in {}", input.name)))?;
+            Ok(NamedTensor { name: input.name.clone(), data })
+        })
+        .collect()
+}
+
+/// Prefill up to `budget` more prompt tokens of `pending` (its images are encoded). Returns
+/// the tokens used and, once the whole prompt is in, the logits of its last position.
 fn prefill_chunk<T>(
     model: &mut Model,
     pending: &mut Pending<T>,
     budget: usize,
 ) -> Result<(usize, Option<Vec<f32>>), EngineError> {
     let seq = &mut pending.seq;
+    let start = Instant::now();
     let embeds = match &pending.embeds {
         Some(embeds) => embeds,
-        None => {
-            let start = Instant::now();
-            let features = match &pending.prompt.images {
-                Some(images) => Some(model.image_features(&images.inputs, &mut seq.timings)?),
-                None => None,
-            };
-            seq.timings.vision_s = start.elapsed().as_secs_f64();
-            pending.prompt.images = None;
-            pending.embeds.insert(model.prompt_embeddings(&pending.prompt.input_ids, features)?)
-        }
+        None => pending.embeds.insert(model.prompt_embeddings(&pending.input_ids, pending.features.take())?),
     };
-    let start = Instant::now();
-    let total = pending.prompt.input_ids.len();
+    let total = pending.input_ids.len();
     let chunk = budget.min(total - pending.done);
     let range = Slice::from(pending.done..pending.done + chunk);
     let inputs = float_value(embeds.slice_axis(Axis(1), range).to_owned(), model.decoder.embeds_type())?;
-    let positions = &pending.prompt.positions.prompt;
+    let positions = &pending.positions;
     let positions = positions.slice_axis(Axis(positions.ndim() - 1), range).to_owned();
     let (mut logits, _) = model.decoder.forward(inputs, positions, &mut pending.cache)?;
     pending.done += chunk;

@@ -9,14 +9,13 @@ use ort::value::{DynValue, Tensor, TensorElementType};
 use serde::Serialize;
 
 use super::EngineError;
-use super::batch::Batch;
+use super::batch::{Batch, Limits};
 use super::detokenize::Detokenizer;
-use super::feature_cache::FeatureCache;
 use super::model::{Model, Processor};
 use super::sampler::{Sampler, SamplingParams};
 use super::stop::{FinishReason, StopRules};
 use super::tensors::to_f32_array;
-use crate::family::{NamedTensor, Positions, ProcessedImages};
+use crate::family::{Positions, ProcessedImages};
 use crate::preprocess::chat_template::ChatMessage;
 
 /// A prompt ready for the graphs: token ids, processed images and position ids.
@@ -164,30 +163,13 @@ impl Model {
         params: &GenerationParams,
         on_token: &mut dyn FnMut(Event) -> Flow,
     ) -> Result<Completion, EngineError> {
-        let mut batch = Batch::new(&self.decoder.layout, usize::MAX);
+        let mut batch = Batch::new(&self.decoder.layout, Limits::ALONE);
         batch.admit(self, (), prompt.clone(), params).map_err(|(_, e)| e)?;
         loop {
             if let Some((_, result)) = batch.step(self, &mut |_, event| on_token(event)).finished.pop() {
                 return result;
             }
         }
-    }
-
-    /// The vision encoder's output for `inputs`, from the feature cache when it has them.
-    pub(super) fn image_features(
-        &mut self,
-        inputs: &[NamedTensor],
-        timings: &mut Timings,
-    ) -> Result<Arc<Array2<f32>>, EngineError> {
-        let Some(cache) = self.feature_cache.clone() else { return Ok(Arc::new(self.vision.encode(inputs)?)) };
-        let key = FeatureCache::key(inputs);
-        if let Some(features) = cache.get(&key) {
-            timings.vision_cache_hit = true;
-            return Ok(features);
-        }
-        let features = Arc::new(self.vision.encode(inputs)?);
-        cache.insert(key, features.clone());
-        Ok(features)
     }
 
     /// Token embeddings `[1, len, hidden]` with the image features written over the

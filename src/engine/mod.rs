@@ -17,7 +17,7 @@ mod sampler;
 mod stop;
 mod tensors;
 
-pub use batch::{Batch, Finished, Step};
+pub use batch::{Batch, Finished, Limits, Step};
 pub use detokenize::Detokenizer;
 pub use feature_cache::FeatureCache;
 pub use generate::{Completion, Event, Flow, GenerationParams, Prompt, Timings};

@@ -186,6 +186,7 @@ impl Family for Idefics3 {
                 NamedTensor { name: "pixel_attention_mask".into(), data: TensorData::Bool(mask.into_dyn()) },
             ],
             layouts,
+            tile_tokens: Some(self.image_seq_len),
         })
     }
 

@@ -58,11 +58,64 @@ pub struct ProcessedImages {
     pub inputs: Vec<NamedTensor>,
     /// One entry per image, in prompt order; their token counts sum to the feature rows.
     pub layouts: Vec<ImageLayout>,
+    /// `Some(n)` when axis 0 of every input indexes tiles that the encoder treats
+    /// independently, each giving `n` feature rows: the engine may then encode a request's
+    /// tiles in chunks, and tiles of several requests in one call.
+    pub tile_tokens: Option<usize>,
 }
 
 impl ProcessedImages {
     pub fn total_tokens(&self) -> usize {
         self.layouts.iter().map(|l| l.tokens).sum()
+    }
+
+    /// Units the encoder can take apart: tiles, or the whole set when it cannot be split.
+    pub fn tiles(&self) -> usize {
+        match (self.tile_tokens, self.inputs.first()) {
+            (Some(_), Some(input)) => input.data.len_of_first_axis(),
+            _ => 1,
+        }
+    }
+}
+
+impl TensorData {
+    pub fn len_of_first_axis(&self) -> usize {
+        match self {
+            TensorData::F32(a) => a.len_of(ndarray::Axis(0)),
+            TensorData::I64(a) => a.len_of(ndarray::Axis(0)),
+            TensorData::Bool(a) => a.len_of(ndarray::Axis(0)),
+        }
+    }
+
+    /// Entries `range` along axis 0.
+    pub fn slice_first_axis(&self, range: std::ops::Range<usize>) -> Self {
+        let slice = ndarray::Slice::from(range);
+        match self {
+            TensorData::F32(a) => TensorData::F32(a.slice_axis(ndarray::Axis(0), slice).to_owned()),
+            TensorData::I64(a) => TensorData::I64(a.slice_axis(ndarray::Axis(0), slice).to_owned()),
+            TensorData::Bool(a) => TensorData::Bool(a.slice_axis(ndarray::Axis(0), slice).to_owned()),
+        }
+    }
+
+    /// `parts` joined along axis 0; `None` when their kinds or other axes differ.
+    pub fn concat_first_axis(parts: &[&TensorData]) -> Option<Self> {
+        fn join<T: Clone>(arrays: Vec<&ArrayD<T>>) -> Option<ArrayD<T>> {
+            let views: Vec<_> = arrays.iter().map(|a| a.view()).collect();
+            ndarray::concatenate(ndarray::Axis(0), &views).ok()
+        }
+        macro_rules! all {
+            ($variant:ident) => {
+                parts
+                    .iter()
+                    .map(|p| if let TensorData::$variant(a) = p { Some(a) } else { None })
+                    .collect::<Option<Vec<_>>>()
+            };
+        }
+        match parts.first()? {
+            TensorData::F32(_) => join(all!(F32)?).map(TensorData::F32),
+            TensorData::I64(_) => join(all!(I64)?).map(TensorData::I64),
+            TensorData::Bool(_) => join(all!(Bool)?).map(TensorData::Bool),
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 pub use metrics::{Metrics, Stage};
 
 use crate::config::{ModelSettings, SchedulerSettings};
-use crate::engine::{Completion, EngineError, FeatureCache, GenerationParams, ModelOptions, Processor, Prompt};
+use crate::engine::{Completion, EngineError, FeatureCache, GenerationParams, Limits, ModelOptions, Processor, Prompt};
 use queue::Queue;
 
 /// Why the scheduler could not run a request.
@@ -345,7 +345,10 @@ impl Scheduler {
             feature_cache: FeatureCache::new(self.config.image_feature_cache_mb << 20).map(Arc::new),
             max_batch_size: self.config.max_batch_size,
             max_kv_bytes: kv_budget(self.config.max_kv_bytes),
-            prefill_chunk_tokens: self.config.prefill_chunk_tokens,
+            limits: Limits {
+                prefill_tokens: self.config.prefill_chunk_tokens,
+                vision_tiles: self.config.vision_tiles_per_step,
+            },
         })?;
         slot.versions.store(number, Ordering::SeqCst);
         Ok(Arc::new(Version {

@@ -13,7 +13,7 @@ use super::metrics::{Metrics, Stage};
 use super::queue::Queue;
 use super::{CancelToken, Job, JobEvent, SchedulerError};
 use crate::engine::{
-    Batch, Completion, EngineError, Event, FeatureCache, FinishReason, Flow, GenerationParams, KvLayout, Model,
+    Batch, Completion, EngineError, Event, FeatureCache, FinishReason, Flow, GenerationParams, KvLayout, Limits, Model,
     ModelOptions, Processor, Step,
 };
 use crate::preprocess::chat_template::ChatMessage;
@@ -34,7 +34,7 @@ pub struct WorkerSpec {
     pub max_batch_size: usize,
     /// KV-cache bytes this worker's batch may reserve.
     pub max_kv_bytes: usize,
-    pub prefill_chunk_tokens: usize,
+    pub limits: Limits,
 }
 
 /// Start `spec.count` workers, each loading (and warming up) its own copy of the model.
@@ -97,7 +97,7 @@ fn load(spec: &WorkerSpec) -> Result<Model, EngineError> {
 
 fn serve(mut model: Model, spec: &WorkerSpec) {
     let layout = model.kv_layout().clone();
-    let mut batch: Batch<Active> = Batch::new(&layout, spec.prefill_chunk_tokens);
+    let mut batch: Batch<Active> = Batch::new(&layout, spec.limits);
     loop {
         if batch.is_empty() {
             // Idle: wait for work.
