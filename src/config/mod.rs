@@ -158,6 +158,10 @@ pub struct ModelSettings {
     pub optimization_level: u8,
     #[serde(default)]
     pub graphs: GraphOverrides,
+    /// Image-processor settings over the package's (`[models.processor]`, e.g.
+    /// `do_image_splitting = false` for one tile per image).
+    #[serde(default)]
+    pub processor: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// Per-graph settings that replace the model-wide ones.
@@ -293,7 +297,7 @@ impl Settings {
             embed_tokens: choice(Graph::EmbedTokens),
             decoder: choice(Graph::Decoder),
             onnxruntime_library: self.runtime.onnxruntime_library.clone(),
-            processor_overrides: Vec::new(),
+            processor_overrides: model.processor.clone().into_iter().collect(),
         }
     }
 }
@@ -310,6 +314,7 @@ impl ModelSettings {
             fallback_to_cpu: false,
             optimization_level: full_optimization(),
             graphs: GraphOverrides::default(),
+            processor: Default::default(),
         }
     }
 
@@ -360,6 +365,17 @@ mod tests {
             assert_eq!(model.providers, cpu_only());
         }
         assert_eq!(settings.scheduler.image_feature_cache_mb, 256);
+        assert_eq!((settings.scheduler.max_batch_size, settings.scheduler.prefill_chunk_tokens), (8, 512));
+    }
+
+    #[test]
+    fn a_models_processor_table_becomes_processor_overrides() {
+        let settings =
+            parse("[[models]]\nname = \"m\"\npath = \"p\"\n[models.processor]\ndo_image_splitting = false\n").unwrap();
+        let options = settings.model_options(&settings.models[0]);
+        assert_eq!(options.processor_overrides, [("do_image_splitting".to_string(), serde_json::Value::Bool(false))]);
+        let zero = parse("[scheduler]\nmax_batch_size = 0\n").unwrap();
+        assert!(zero.validate().unwrap_err().to_string().contains("scheduler.max_batch_size"));
     }
 
     #[test]

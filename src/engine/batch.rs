@@ -48,8 +48,17 @@ struct VisionWork {
     rows: Vec<Array2<f32>>,
 }
 
+/// A vision-encoder call running on its own thread.
+struct VisionCall {
+    handle: std::thread::JoinHandle<Result<Array2<f32>, EngineError>>,
+    /// `(pending id, tiles)` it encodes, in input order.
+    parts: Vec<(u64, Range<usize>)>,
+    started: Instant,
+}
+
 /// A sequence whose prompt is not entirely in its cache yet.
 struct Pending<T> {
+    id: u64,
     tag: T,
     seq: Sequence,
     input_ids: Vec<u32>,
@@ -103,13 +112,22 @@ pub struct Batch<T> {
     rows: Vec<Row<T>>,
     cache: KvCache,
     limits: Limits,
+    vision_call: Option<VisionCall>,
+    next_id: u64,
 }
 
 impl<T> Batch<T> {
     /// An empty batch for a decoder with this cache layout.
     pub fn new(layout: &KvLayout, limits: Limits) -> Self {
         let limits = Limits { prefill_tokens: limits.prefill_tokens.max(1), vision_tiles: limits.vision_tiles.max(1) };
-        Self { pending: VecDeque::new(), rows: Vec::new(), cache: KvCache::none(layout), limits }
+        Self {
+            pending: VecDeque::new(),
+            rows: Vec::new(),
+            cache: KvCache::none(layout),
+            limits,
+            vision_call: None,
+            next_id: 0,
+        }
     }
 
     /// Sequences admitted and not finished.
@@ -130,6 +148,7 @@ impl<T> Batch<T> {
     /// tags, so their owners can be told.
     pub fn abandon(&mut self) -> Vec<T> {
         self.cache.clear();
+        self.vision_call = None; // the encoder thread finishes on its own
         let pending = self.pending.drain(..).map(|p| p.tag);
         pending.chain(self.rows.drain(..).map(|r| r.tag)).collect()
     }
@@ -166,7 +185,9 @@ impl<T> Batch<T> {
             done: 0,
             rows: Vec::new(),
         });
+        self.next_id += 1;
         let pending = Pending {
+            id: self.next_id,
             tag,
             seq,
             input_ids,
@@ -201,76 +222,118 @@ impl<T> Batch<T> {
         Step { finished, decode_rows, prefill_s, decode_s: start.elapsed().as_secs_f64() }
     }
 
-    /// Run the vision encoder on up to `vision_tiles` tiles of the pending sequences, in
-    /// admission order, tiles of several sequences in one call where the family allows it.
-    fn encode_images(&mut self, model: &mut Model, finished: &mut Vec<Finished<T>>) {
-        let mut budget = self.limits.vision_tiles;
-        let mut splittable: Vec<(usize, Range<usize>)> = Vec::new();
-        let mut whole: Vec<usize> = Vec::new();
-        for (i, pending) in self.pending.iter_mut().enumerate() {
-            if budget == 0 {
-                break;
-            }
-            if from_cache(model, pending) {
-                continue;
-            }
-            let Some(work) = &pending.vision else { continue };
-            let tiles = work.images.tiles();
-            let take = if work.images.tile_tokens.is_some() { budget.min(tiles - work.done) } else { tiles };
-            budget = budget.saturating_sub(take);
-            match work.images.tile_tokens {
-                Some(_) => splittable.push((i, work.done..work.done + take)),
-                None => whole.push(i),
-            }
-        }
-        let mut calls: Vec<Vec<(usize, Range<usize>)>> = whole
-            .into_iter()
-            .map(|i| vec![(i, 0..self.pending[i].vision.as_ref().map_or(0, |w| w.images.tiles()))])
-            .collect();
-        if !splittable.is_empty() {
-            calls.push(splittable);
-        }
-        let mut failed = Vec::new();
-        for call in calls {
-            if let Err(e) = self.encode_call(model, &call) {
-                failed.extend(call.iter().map(|(i, _)| (*i, e.to_string())));
-            }
-        }
-        for (i, message) in failed.into_iter().rev() {
-            if let Some(pending) = self.pending.remove(i) {
-                finished.push((pending.tag, Err(EngineError::BatchFailed(message))));
+    /// Keep the vision encoder busy on its own thread, beside prefill and decode: collect a
+    /// finished call's features, and start the next call on up to `vision_tiles` tiles of the
+    /// pending sequences (admission order, several sequences' tiles in one call where the
+    /// family allows it). Waits for the encoder only when nothing else can run.
+    fn encode_images(&mut self, model: &Model, finished: &mut Vec<Finished<T>>) {
+        loop {
+            let idle = self.rows.is_empty() && self.pending.iter().all(|p| p.vision.is_some());
+            match &self.vision_call {
+                Some(call) if idle || call.handle.is_finished() => {
+                    let call = self.vision_call.take().expect("checked");
+                    let result = call
+                        .handle
+                        .join()
+                        .unwrap_or_else(|_| Err(EngineError::BatchFailed("the vision encoder panicked".into())));
+                    self.deliver(model, &call.parts, call.started, result, finished);
+                }
+                Some(_) => return,
+                None => {
+                    if !self.start_vision(model, finished) || !idle {
+                        return;
+                    }
+                }
             }
         }
     }
 
-    /// One vision-encoder call over the given tiles of the given pending sequences (one
-    /// sequence's whole set when it cannot be split), features handed back to each.
-    fn encode_call(&mut self, model: &mut Model, call: &[(usize, Range<usize>)]) -> Result<(), EngineError> {
-        let start = Instant::now();
-        let inputs = {
-            let parts: Vec<(&ProcessedImages, Range<usize>)> = call
-                .iter()
-                .map(|(i, range)| (&self.pending[*i].vision.as_ref().expect("has images").images, range.clone()))
-                .collect();
-            vision_inputs(&parts)?
-        };
-        let features = model.vision.encode(&inputs)?;
-        let seconds = start.elapsed().as_secs_f64();
-        let mut row = 0;
-        for (i, range) in call {
-            let pending = &mut self.pending[*i];
-            let work = pending.vision.as_mut().expect("has images");
-            let rows = match work.images.tile_tokens {
-                Some(per_tile) => range.len() * per_tile,
-                None => features.nrows(),
-            };
-            if row + rows > features.nrows() {
-                return Err(EngineError::GraphMismatch(format!(
-                    "the vision encoder returned {} feature rows for {} expected",
-                    features.nrows(),
-                    row + rows
-                )));
+    /// Start one vision-encoder call; false when no pending sequence needs one.
+    fn start_vision(&mut self, model: &Model, finished: &mut Vec<Finished<T>>) -> bool {
+        let mut budget = self.limits.vision_tiles;
+        let mut parts: Vec<(u64, Range<usize>)> = Vec::new();
+        for pending in self.pending.iter_mut() {
+            if budget == 0 || from_cache(model, pending) {
+                continue;
             }
+            let Some(work) = &pending.vision else { continue };
+            let tiles = work.images.tiles();
+            if work.images.tile_tokens.is_none() {
+                // A set the family cannot split goes alone, whatever its size.
+                if parts.is_empty() {
+                    parts.push((pending.id, 0..tiles));
+                }
+                break;
+            }
+            let take = budget.min(tiles - work.done);
+            budget -= take;
+            parts.push((pending.id, work.done..work.done + take));
+        }
+        if parts.is_empty() {
+            return false;
+        }
+        let inputs = {
+            let sets: Vec<(&ProcessedImages, Range<usize>)> = parts
+                .iter()
+                .map(|(id, range)| (&self.get(*id).vision.as_ref().expect("has images").images, range.clone()))
+                .collect();
+            vision_inputs(&sets)
+        };
+        let encoder = model.vision.clone();
+        let spawned = inputs.and_then(|inputs| {
+            std::thread::Builder::new()
+                .name("vision-encoder".into())
+                .spawn(move || encoder.lock().unwrap_or_else(|e| e.into_inner()).encode(&inputs))
+                .map_err(|e| EngineError::BatchFailed(format!("could not start the vision encoder: {e}")))
+        });
+        match spawned {
+            Ok(handle) => self.vision_call = Some(VisionCall { handle, parts, started: Instant::now() }),
+            Err(e) => self.fail_pending(&parts, &e, finished),
+        }
+        true
+    }
+
+    fn get(&self, id: u64) -> &Pending<T> {
+        self.pending.iter().find(|p| p.id == id).expect("a sequence with images in flight stays pending")
+    }
+
+    fn find(&mut self, id: u64) -> &mut Pending<T> {
+        self.pending.iter_mut().find(|p| p.id == id).expect("a sequence with images in flight stays pending")
+    }
+
+    /// Hand a vision call's feature rows to the sequences whose tiles it encoded.
+    fn deliver(
+        &mut self,
+        model: &Model,
+        parts: &[(u64, Range<usize>)],
+        started: Instant,
+        result: Result<Array2<f32>, EngineError>,
+        finished: &mut Vec<Finished<T>>,
+    ) {
+        let seconds = started.elapsed().as_secs_f64();
+        let features = match result {
+            Ok(features) => features,
+            Err(e) => return self.fail_pending(parts, &e, finished),
+        };
+        let expected: usize = parts
+            .iter()
+            .map(|(id, range)| {
+                let work = self.get(*id).vision.as_ref().expect("has images");
+                work.images.tile_tokens.map_or(features.nrows(), |per_tile| range.len() * per_tile)
+            })
+            .sum();
+        if expected != features.nrows() {
+            let e = EngineError::GraphMismatch(format!(
+                "the vision encoder returned {} feature rows for {expected} image tokens",
+                features.nrows()
+            ));
+            return self.fail_pending(parts, &e, finished);
+        }
+        let mut row = 0;
+        for (id, range) in parts {
+            let pending = self.find(*id);
+            let work = pending.vision.as_mut().expect("has images");
+            let rows = work.images.tile_tokens.map_or(features.nrows(), |per_tile| range.len() * per_tile);
             work.rows.push(features.slice(ndarray::s![row..row + rows, ..]).to_owned());
             row += rows;
             work.done = range.end;
@@ -278,16 +341,23 @@ impl<T> Batch<T> {
             if work.done == work.images.tiles() {
                 let work = pending.vision.take().expect("has images");
                 let views: Vec<_> = work.rows.iter().map(|r| r.view()).collect();
-                let all = Arc::new(
-                    ndarray::concatenate(Axis(0), &views).map_err(|e| EngineError::GraphMismatch(e.to_string()))?,
-                );
+                let all = Arc::new(ndarray::concatenate(Axis(0), &views).expect("rows of one width"));
                 if let (Some(cache), Some(key)) = (&model.feature_cache, work.key) {
                     cache.insert(key, all.clone());
                 }
                 pending.features = Some(all);
             }
         }
-        Ok(())
+    }
+
+    /// The pending sequences of a failed vision call fail with it.
+    fn fail_pending(&mut self, parts: &[(u64, Range<usize>)], error: &EngineError, finished: &mut Vec<Finished<T>>) {
+        for (id, _) in parts {
+            if let Some(index) = self.pending.iter().position(|p| p.id == *id) {
+                let pending = self.pending.remove(index).expect("found");
+                finished.push((pending.tag, Err(EngineError::BatchFailed(error.to_string()))));
+            }
+        }
     }
 
     /// Prefill up to `prefill_tokens` prompt tokens of the pending sequences whose images are

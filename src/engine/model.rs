@@ -3,7 +3,7 @@
 
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokenizers::Tokenizer;
 
@@ -92,7 +92,8 @@ pub struct Processor {
 #[derive(Debug)]
 pub struct Model {
     pub processor: Arc<Processor>,
-    pub(super) vision: VisionEncoder,
+    /// Shared with the thread that runs it beside prefill and decode.
+    pub(super) vision: Arc<Mutex<VisionEncoder>>,
     pub(super) embedder: Embedder,
     pub(super) decoder: Decoder,
     /// Shared with the other workers of the same model version; `None` when off.
@@ -135,6 +136,7 @@ impl Model {
         };
         let processor = Processor { info, package, family, tokenizer, template };
         processor.check_consistency(&decoder.layout)?;
+        let vision = Arc::new(Mutex::new(vision));
         Ok(Self { processor: Arc::new(processor), vision, embedder, decoder, feature_cache: None })
     }
 
@@ -153,7 +155,8 @@ impl Model {
         let describe = |outlets: &[ort::value::Outlet]| {
             outlets.iter().map(|o| format!("{}: {}", o.name(), o.dtype())).collect::<Vec<_>>()
         };
-        let sessions = [self.vision.session(), self.embedder.session(), self.decoder.session()];
+        let vision = self.vision.lock().unwrap_or_else(|e| e.into_inner());
+        let sessions = [vision.session(), self.embedder.session(), self.decoder.session()];
         Graph::ALL.into_iter().zip(sessions).map(|(g, s)| (g, describe(s.inputs()), describe(s.outputs()))).collect()
     }
 }

@@ -117,6 +117,11 @@ fn build_session(
     let mut builder = Session::builder(env)
         .map_err(|e| err(e.to_string()))?
         .with_optimization_level(level)
+        .map_err(|e| err(e.to_string()))?
+        // Idle pool threads sleep instead of spinning: the vision encoder runs beside the
+        // decoder (continuous batching), and spinning threads of one session would take the
+        // cores the other needs.
+        .with_intra_op_spinning(false)
         .map_err(|e| err(e.to_string()))?;
     let threads = providers.iter().find_map(|p| match p {
         Provider::Cpu(cpu) => cpu.threads,
