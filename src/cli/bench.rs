@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::{CliError, ModelArgs};
 use crate::config::Settings;
-use crate::engine::{FeatureCache, Flow, GenerationParams, Model};
+use crate::engine::{Completion, FeatureCache, Flow, GenerationParams, Model};
 use crate::preprocess::chat_template::ChatMessage;
 use crate::preprocess::{ImageLimits, decode_image};
 
@@ -92,7 +92,7 @@ struct Workload<'a> {
 }
 
 impl Workload<'_> {
-    fn run(&self, model: &mut Model) -> Result<(Sample, usize), CliError> {
+    fn run(&self, model: &mut Model) -> Result<(Sample, Completion), CliError> {
         let start = Instant::now();
         let images = match &self.image {
             Some((path, bytes)) => vec![
@@ -116,21 +116,22 @@ impl Workload<'_> {
             time_to_first_token_s: image_decode_s + t.preprocess_s + t.time_to_first_token_s,
             decode_tokens_per_second: t.decode_tokens_per_second(),
         };
-        Ok((sample, completion.prompt_tokens))
+        Ok((sample, completion))
     }
 
-    fn repeat(&self, model: &mut Model, warmup: usize, runs: usize) -> Result<(Vec<Sample>, usize), CliError> {
-        let mut prompt_tokens = 0;
+    /// Samples of `runs` runs after `warmup`, and the last run's completion.
+    fn repeat(&self, model: &mut Model, warmup: usize, runs: usize) -> Result<(Vec<Sample>, Completion), CliError> {
         for _ in 0..warmup {
             self.run(model)?;
         }
-        let mut samples = Vec::with_capacity(runs);
-        for _ in 0..runs {
-            let (sample, tokens) = self.run(model)?;
+        let (first, mut last) = self.run(model)?;
+        let mut samples = vec![first];
+        for _ in 1..runs {
+            let (sample, completion) = self.run(model)?;
             samples.push(sample);
-            prompt_tokens = tokens;
+            last = completion;
         }
-        Ok((samples, prompt_tokens))
+        Ok((samples, last))
     }
 }
 
@@ -160,7 +161,8 @@ pub fn run(settings: &Settings, args: &BenchArgs) -> Result<(), CliError> {
         None => None,
     };
     let workload = Workload { image, args };
-    let (samples, prompt_tokens) = workload.repeat(&mut model, args.warmup, args.runs)?;
+    let (samples, completion) = workload.repeat(&mut model, args.warmup, args.runs)?;
+    let prompt_tokens = completion.prompt_tokens;
     let repeated = if args.repeated_image && workload.image.is_some() {
         let cache = FeatureCache::new(1 << 30).map(Arc::new);
         let mut cached = model.with_feature_cache(cache);
@@ -186,6 +188,7 @@ pub fn run(settings: &Settings, args: &BenchArgs) -> Result<(), CliError> {
             "runs": args.runs,
             "load_s": load_s,
             "peak_rss_bytes": peak_rss,
+            "token_ids": completion.token_ids,
         });
         for (name, spread) in &rows {
             report[*name] = json!(spread);

@@ -127,7 +127,7 @@ impl Default for SchedulerSettings {
             max_batch_size: 8,
             max_kv_bytes: 0,
             prefill_chunk_tokens: 512,
-            vision_tiles_per_step: 4,
+            vision_tiles_per_step: 1,
             queue_size: 32,
             retry_after_s: 1,
             warmup: true,

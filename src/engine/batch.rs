@@ -433,10 +433,7 @@ impl<T> Batch<T> {
         let embeds = model.embedder.embed(&ids, ids.len())?;
         let positions: Vec<ArrayD<i64>> =
             self.rows.iter().map(|r| model.family.step_positions(r.seq.position)).collect();
-        let views: Vec<_> = positions.iter().map(|p| p.view()).collect();
-        let batch_axis = Axis(positions[0].ndim() - 2);
-        let positions = ndarray::concatenate(batch_axis, &views)
-            .map_err(|e| EngineError::GraphMismatch(format!("position ids: {e}")))?;
+        let positions = stack_rows(&positions)?;
         let in_embed = start.elapsed();
         let (logits, in_decoder) = model.decoder.forward(embeds, positions, &mut self.cache)?;
         let in_runtime = (in_embed + in_decoder).as_secs_f64();
@@ -455,6 +452,14 @@ impl<T> Batch<T> {
         self.cache.clear();
         finished.extend(self.rows.drain(..).map(|row| (row.tag, Err(EngineError::BatchFailed(message.clone())))));
     }
+}
+
+/// One step's position ids for the batch from each row's: `[1, 1]` rows become `[rows, 1]`,
+/// M-RoPE's `[3, 1, 1]` become `[3, rows, 1]` (the batch axis is second to last).
+fn stack_rows(positions: &[ArrayD<i64>]) -> Result<ArrayD<i64>, EngineError> {
+    let views: Vec<_> = positions.iter().map(|p| p.view()).collect();
+    let batch_axis = Axis(positions[0].ndim().saturating_sub(2));
+    ndarray::concatenate(batch_axis, &views).map_err(|e| EngineError::GraphMismatch(format!("position ids: {e}")))
 }
 
 /// Take a pending sequence's image features from the feature cache, if there; says whether
@@ -518,4 +523,25 @@ fn prefill_chunk<T>(
     pending.done += chunk;
     seq.timings.prefill_s += start.elapsed().as_secs_f64();
     Ok((chunk, (pending.done == total).then(|| logits.remove(0))))
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::{ArrayD, IxDyn};
+
+    use super::stack_rows;
+
+    #[test]
+    fn step_positions_stack_on_the_batch_axis_for_1d_and_mrope_layouts() {
+        let one = |p: i64| ArrayD::from_elem(IxDyn(&[1, 1]), p);
+        let stacked = stack_rows(&[one(5), one(9)]).unwrap();
+        assert_eq!(stacked.shape(), [2, 1]);
+        assert_eq!(stacked.iter().copied().collect::<Vec<_>>(), [5, 9]);
+
+        let mrope = |p: i64| ArrayD::from_shape_vec(IxDyn(&[3, 1, 1]), vec![p, p + 100, p + 200]).unwrap();
+        let stacked = stack_rows(&[mrope(5), mrope(9)]).unwrap();
+        assert_eq!(stacked.shape(), [3, 2, 1]);
+        // Each of the three sections (temporal, height, width) lists the rows in order.
+        assert_eq!(stacked.iter().copied().collect::<Vec<_>>(), [5, 9, 105, 109, 205, 209]);
+    }
 }

@@ -17,8 +17,8 @@ use crate::runtime::{self, GraphOptions};
 
 type Inputs<'v> = Vec<(Cow<'static, str>, SessionInputValue<'v>)>;
 
-fn open(env: &Environment, path: &Path, options: &GraphOptions) -> Result<Session, EngineError> {
-    Ok(runtime::open_session(env, path, options)?)
+fn open(env: &Environment, path: &Path, options: &GraphOptions, spinning: bool) -> Result<Session, EngineError> {
+    Ok(runtime::open_session(env, path, options, spinning)?)
 }
 
 fn input_type(session: &Session, name: &str) -> Option<TensorElementType> {
@@ -45,7 +45,8 @@ pub struct VisionEncoder {
 
 impl VisionEncoder {
     pub fn open(env: &Environment, path: &Path, options: &GraphOptions) -> Result<Self, EngineError> {
-        Ok(Self { session: open(env, path, options)? })
+        // It runs on its own thread beside the decoder: its idle threads must not spin.
+        Ok(Self { session: open(env, path, options, false)? })
     }
 
     pub fn session(&self) -> &Session {
@@ -103,7 +104,7 @@ pub struct Embedder {
 
 impl Embedder {
     pub fn open(env: &Environment, path: &Path, options: &GraphOptions) -> Result<Self, EngineError> {
-        let session = open(env, path, options)?;
+        let session = open(env, path, options, true)?;
         if input_type(&session, "input_ids").is_none() {
             return Err(EngineError::GraphMismatch("embed_tokens has no input_ids input".into()));
         }
@@ -137,7 +138,7 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn open(env: &Environment, path: &Path, options: &GraphOptions) -> Result<Self, EngineError> {
-        let session = open(env, path, options)?;
+        let session = open(env, path, options, true)?;
         for name in ["inputs_embeds", "attention_mask", "position_ids"] {
             if input_type(&session, name).is_none() {
                 return Err(EngineError::GraphMismatch(format!("decoder has no {name} input")));

@@ -87,15 +87,23 @@ pub fn init(explicit: Option<&Path>, providers: &[Provider]) -> Result<&'static 
 
 /// Build a session for one graph file. A provider that cannot be registered is an error,
 /// unless `fallback_to_cpu` is set, in which case the graph runs on CPU with a warning.
-pub fn open_session(env: &Environment, path: &Path, options: &GraphOptions) -> Result<Session, RuntimeError> {
+/// Open `path` as a session. `spinning`: idle intra-op threads spin (lowest latency for a
+/// session that runs call after call, like the decoder) instead of sleeping (for one that runs
+/// beside others, like the vision encoder, whose spinning threads would take their cores).
+pub fn open_session(
+    env: &Environment,
+    path: &Path,
+    options: &GraphOptions,
+    spinning: bool,
+) -> Result<Session, RuntimeError> {
     if !path.is_file() {
         return Err(RuntimeError::Session { path: path.display().to_string(), message: "file not found".into() });
     }
-    match build_session(env, path, options, &options.providers) {
+    match build_session(env, path, options, &options.providers, spinning) {
         Err(RuntimeError::ProviderUnavailable { provider, message }) if options.fallback_to_cpu => {
             tracing::warn!(provider, %message, graph = %path.display(), "provider unavailable, falling back to CPU");
             let cpu: Vec<Provider> = options.providers.iter().filter(|p| !p.is_gpu()).cloned().collect();
-            build_session(env, path, options, &cpu)
+            build_session(env, path, options, &cpu, spinning)
         }
         other => other,
     }
@@ -106,6 +114,7 @@ fn build_session(
     path: &Path,
     options: &GraphOptions,
     providers: &[Provider],
+    spinning: bool,
 ) -> Result<Session, RuntimeError> {
     let err = |message: String| RuntimeError::Session { path: path.display().to_string(), message };
     let level = match options.optimization_level {
@@ -118,10 +127,7 @@ fn build_session(
         .map_err(|e| err(e.to_string()))?
         .with_optimization_level(level)
         .map_err(|e| err(e.to_string()))?
-        // Idle pool threads sleep instead of spinning: the vision encoder runs beside the
-        // decoder (continuous batching), and spinning threads of one session would take the
-        // cores the other needs.
-        .with_intra_op_spinning(false)
+        .with_intra_op_spinning(spinning)
         .map_err(|e| err(e.to_string()))?;
     let threads = providers.iter().find_map(|p| match p {
         Provider::Cpu(cpu) => cpu.threads,

@@ -1,0 +1,244 @@
+#!/usr/bin/env python
+"""vlmserve against what users would run instead, side by side in one run.
+
+    .venv/bin/python bench/compare.py --out docs/benchmarks.md
+
+Peers, on the same image, prompt and number of new tokens (eos ignored), each in its own
+process (so peak RSS is its own), one after the other for each scenario:
+  vlmserve   `target/release/vlmserve bench --json` on the package (FP32).
+  onnx_loop  a Python onnxruntime loop as a user would write it: the HF processor, the
+             package's three sessions, the KV cache fed back as numpy arrays.
+  pytorch    transformers `generate` (eager attention, FP32) on the checkpoint.
+Scenarios: S1 one tile (splitting off), S2 the processor's defaults (a 512x512 image becomes
+17 tiles). Time to first token runs from the image file to the first token (processor
+included); decode tokens/s is over the tokens after the first. A memory-bandwidth probe gives
+the decode ceiling: read bandwidth / bytes of decoder weights. Prints ratios (vlmserve / peer)
+and checks that all three produce the same greedy tokens in S1.
+
+The model is export/bench_model.py's (SmolVLM-256M shapes, random weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from docs_section import write_section
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "export"))
+
+PROMPT = "Describe the image."
+PEERS = ("vlmserve", "onnx_loop", "pytorch")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def inputs_for(processor, image_path: str, split: bool):
+    from PIL import Image
+
+    image = Image.open(image_path).convert("RGB")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(text=prompt, images=[image], return_tensors="pt", do_image_splitting=split)
+
+
+def run_pytorch(args) -> dict:
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    from families import idefics3
+
+    torch.set_num_threads(args.threads)
+    model, processor = idefics3.load(str(Path(args.model_dir) / "checkpoint"))
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    samples, tokens = [], []
+    for _ in range(args.runs):
+        start = time.perf_counter()
+        inputs = inputs_for(processor, args.image, args.split)
+        clock = Clock()
+        with torch.no_grad():
+            out = model.generate(
+                **inputs, do_sample=False, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, streamer=clock
+            )
+        first, last = clock.times[1], clock.times[-1]  # times[0] is the prompt
+        samples.append((first - start, (args.new_tokens - 1) / (last - first)))
+        tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
+    return summary(samples, tokens, inputs["input_ids"].shape[1])
+
+
+def run_onnx_loop(args) -> dict:
+    import numpy as np
+    from transformers import AutoProcessor
+
+    from onnx_runner import OnnxPackage
+
+    package = OnnxPackage(Path(args.model_dir) / "package", "fp32", threads=args.threads)
+    processor = AutoProcessor.from_pretrained(Path(args.model_dir) / "package")
+    samples, tokens = [], []
+    for _ in range(args.runs):
+        start = time.perf_counter()
+        inputs = {k: v.numpy() for k, v in inputs_for(processor, args.image, args.split).items()}
+        ids = inputs["input_ids"]
+        embeds = package.family.prompt_embeddings(package, ids, inputs["pixel_values"], inputs["pixel_attention_mask"])
+        mask = np.ones((1, ids.shape[1]), np.int64)
+        positions = np.arange(ids.shape[1], dtype=np.int64)[None]
+        logits, past = package.decode(embeds, mask, positions, package.empty_past(1))
+        tokens = [int(np.argmax(logits[0, -1]))]
+        first = time.perf_counter()
+        for _ in range(args.new_tokens - 1):
+            mask = np.ones((1, mask.shape[1] + 1), np.int64)
+            positions = np.array([[mask.shape[1] - 1]], np.int64)
+            logits, past = package.decode(package.embed(np.array([[tokens[-1]]])), mask, positions, past)
+            tokens.append(int(np.argmax(logits[0, -1])))
+        last = time.perf_counter()
+        samples.append((first - start, (args.new_tokens - 1) / (last - first)))
+    return summary(samples, tokens, ids.shape[1])
+
+
+def run_vlmserve(args) -> dict:
+    cmd = [str(REPO / "target/release/vlmserve"), "bench", "--model", str(Path(args.model_dir) / "package")]
+    cmd += ["--image", args.image, "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), "--warmup", "0"]
+    cmd += ["--prompt", PROMPT, "--json"] + ([] if args.split else ["--no-split"])
+    report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    return {
+        "ttft_s": report["time_to_first_token_s"]["median"],
+        "decode_tok_s": report["decode_tokens_per_second"]["median"],
+        "peak_rss_mb": report["peak_rss_bytes"] / 2**20,
+        "tokens": report["token_ids"],
+        "prompt_tokens": report["prompt_tokens"],
+    }
+
+
+def summary(samples: list[tuple[float, float]], tokens: list[int], prompt_tokens: int) -> dict:
+    return {
+        "ttft_s": statistics.median(s[0] for s in samples),
+        "decode_tok_s": statistics.median(s[1] for s in samples),
+        "peak_rss_mb": peak_rss_mb(),
+        "tokens": tokens,
+        "prompt_tokens": prompt_tokens,
+    }
+
+
+def read_bandwidth_gb_s() -> float:
+    """Best of five sums over a 1 GiB array: bytes read per second."""
+    import numpy as np
+
+    a = np.ones(2**27, np.float64)
+    best = min(_timed(a.sum) for _ in range(5))
+    return a.nbytes / best / 1e9
+
+
+def _timed(f) -> float:
+    start = time.perf_counter()
+    f()
+    return time.perf_counter() - start
+
+
+def peer(name: str, scenario: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--peer", name, "--scenario", scenario, "--model-dir", args.model_dir]
+    cmd += ["--image", args.image, "--new-tokens", str(args.new_tokens), "--runs", str(args.runs)]
+    cmd += ["--threads", str(args.threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def report(results: dict, args, bandwidth: float, decoder_bytes: int) -> str:
+    ceiling = bandwidth * 1e9 / decoder_bytes
+    lines = [
+        "| scenario | peer | prompt tokens | time to first token (s) | decode tok/s | peak RSS (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for scenario, peers in results.items():
+        for name, r in peers.items():
+            lines.append(
+                f"| {scenario} | {name} | {r['prompt_tokens']} | {r['ttft_s']:.2f} | {r['decode_tok_s']:.1f} | {r['peak_rss_mb']:.0f} |"
+            )
+    lines += ["", "| scenario | ratio (vlmserve / peer) | time to first token | decode tok/s | peak RSS |", "|---|---|---|---|---|"]
+    for scenario, peers in results.items():
+        ours = peers["vlmserve"]
+        for name in PEERS[1:]:
+            r = peers[name]
+            lines.append(
+                f"| {scenario} | / {name} | {ours['ttft_s'] / r['ttft_s']:.2f}x | {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x "
+                f"| {ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}x |"
+            )
+    s1 = results.get("S1", {})
+    same = {name: r["tokens"] == s1["vlmserve"]["tokens"] for name, r in s1.items()} if s1 else {}
+    lines += [
+        "",
+        f"Read bandwidth {bandwidth:.1f} GB/s; decoder weights {decoder_bytes / 1e6:.0f} MB; decode ceiling "
+        f"{ceiling:.1f} tok/s; vlmserve S1 decode at {results['S1']['vlmserve']['decode_tok_s'] / ceiling:.0%} of it."
+        if "S1" in results
+        else "",
+        f"Greedy tokens in S1 equal to vlmserve's: {', '.join(f'{k} {v}' for k, v in same.items())}.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", default="bench/models/smolvlm-256m-shaped")
+    parser.add_argument("--image", default="bench/models/scene-512.png", help="made from the red-circle scene when missing")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--scenarios", default="S1,S2")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--peer", choices=PEERS, help=argparse.SUPPRESS)
+    parser.add_argument("--scenario", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peer:
+        args.split = args.scenario == "S2"
+        result = {"vlmserve": run_vlmserve, "onnx_loop": run_onnx_loop, "pytorch": run_pytorch}[args.peer](args)
+        print(json.dumps(result))
+        return
+    if not Path(args.image).exists():
+        from PIL import Image
+
+        Image.open(REPO / "tests/fixtures/scenes/red-circle.png").convert("RGB").resize((512, 512)).save(args.image)
+    bandwidth = read_bandwidth_gb_s()
+    decoder_bytes = (Path(args.model_dir) / "package/onnx/decoder_model_merged.onnx").stat().st_size
+    results = {}
+    for scenario in args.scenarios.split(","):
+        results[scenario] = {}
+        for name in PEERS:
+            results[scenario][name] = peer(name, scenario, args)
+            r = results[scenario][name]
+            print(f"{scenario} {name}: ttft {r['ttft_s']:.2f} s, decode {r['decode_tok_s']:.1f} tok/s, {r['peak_rss_mb']:.0f} MB", flush=True)
+    text = report(results, args, bandwidth, decoder_bytes)
+    print(text)
+    if args.out:
+        header = (
+            f"## Peers: vlmserve, a Python onnxruntime loop, PyTorch ({datetime.date.today()}, "
+            f"{platform.machine()}, {os.cpu_count()} CPUs)\n\n"
+            f"`.venv/bin/python bench/compare.py --new-tokens {args.new_tokens} --runs {args.runs} --scenarios {args.scenarios}`: "
+            f"FP32, SmolVLM-256M-shaped model (random weights), a 512x512 image, \"{PROMPT}\", "
+            f"{args.new_tokens} new tokens, medians of {args.runs} runs, each peer in its own process.\n\n"
+        )
+        write_section(args.out, "## Peers:", header + text)
+
+
+if __name__ == "__main__":
+    main()
