@@ -71,6 +71,7 @@ def to_fp16(src: Path, dst: Path) -> None:
     # converter trusts; the converter re-infers them.
     del model.graph.value_info[:]
     _isolate_graph_outputs(model)
+    _unshare_small_initializers(model)
     with warnings.catch_warnings():
         # "-3.4e38 will be truncated to -10000": the attention mask fill value;
         # -1e4 still zeroes the softmax weight in fp16.
@@ -108,6 +109,33 @@ def _isolate_graph_outputs(model: onnx.ModelProto) -> None:
                 node.input[i] = renamed[name]
     for name, value in renamed.items():
         model.graph.node.append(helper.make_node("Identity", [value], [name], name=f"{name}__identity"))
+
+
+def _unshare_small_initializers(model: onnx.ModelProto, max_bytes: int = 1 << 20) -> None:
+    """Give every reader of a small shared initializer its own copy.
+
+    The exporter stores identical constants once: with freshly initialised weights every zero
+    bias is one tensor, read by LayerNormalization (kept fp32) and by the attention Adds
+    (fp16). The converter then keeps the shared tensor fp32 and the Adds mix float16 and
+    float, which ONNX Runtime refuses to load. Large shared weights (tied embeddings) are left
+    alone; they are never read by both kinds of op.
+    """
+    initializers = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if name in initializers:
+                readers.setdefault(name, []).append((node, index))
+    for name, uses in readers.items():
+        tensor = initializers[name]
+        if len(uses) < 2 or len(tensor.raw_data or b"") + 4 * len(tensor.float_data) > max_bytes:
+            continue
+        for k, (node, index) in enumerate(uses[1:], start=1):
+            copy = onnx.TensorProto()
+            copy.CopyFrom(tensor)
+            copy.name = f"{name}__{k}"
+            model.graph.initializer.append(copy)
+            node.input[index] = copy.name
 
 
 def _rotary_nodes(model: onnx.ModelProto) -> list[str]:
