@@ -120,7 +120,7 @@ def run_onnx_loop(args) -> dict:
 def run_vlmserve(args) -> dict:
     cmd = [str(REPO / "target/release/vlmserve"), "bench", "--model", str(Path(args.model_dir) / "package")]
     cmd += ["--image", args.image, "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), "--warmup", "0"]
-    cmd += ["--prompt", PROMPT, "--json"] + ([] if args.split else ["--no-split"])
+    cmd += ["--prompt", PROMPT, "--json", "--precision", args.precision] + ([] if args.split else ["--no-split"])
     report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     return {
         "ttft_s": report["time_to_first_token_s"]["median"],
@@ -157,8 +157,9 @@ def _timed(f) -> float:
     return time.perf_counter() - start
 
 
-def peer(name: str, scenario: str, args) -> dict:
+def peer(name: str, scenario: str, args, precision: str = "fp32") -> dict:
     cmd = [sys.executable, __file__, "--peer", name, "--scenario", scenario, "--model-dir", args.model_dir]
+    cmd += ["--precision", precision]
     cmd += ["--image", args.image, "--new-tokens", str(args.new_tokens), "--runs", str(args.runs)]
     cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -185,8 +186,16 @@ def report(results: dict, args, bandwidth: float, decoder_bytes: int) -> str:
                 f"| {scenario} | / {name} | {ours['ttft_s'] / r['ttft_s']:.2f}x | {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x "
                 f"| {ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}x |"
             )
+        for name in [n for n in peers if n.startswith("vlmserve ")]:
+            r, torch = peers[name], peers["pytorch"]
+            same = sum(1 for a, b in zip(r["tokens"], ours["tokens"]) if a == b)
+            lines.append(
+                f"| {scenario} | {name} / pytorch fp32 | {r['ttft_s'] / torch['ttft_s']:.2f}x "
+                f"| {r['decode_tok_s'] / ours['decode_tok_s']:.2f}x of vlmserve fp32 | {r['peak_rss_mb'] / torch['peak_rss_mb']:.2f}x "
+                f"(greedy tokens equal to fp32's: {same}/{len(ours['tokens'])}) |"
+            )
     s1 = results.get("S1", {})
-    same = {name: r["tokens"] == s1["vlmserve"]["tokens"] for name, r in s1.items()} if s1 else {}
+    same = {name: s1[name]["tokens"] == s1["vlmserve"]["tokens"] for name in PEERS} if s1 else {}
     lines += [
         "",
         f"Read bandwidth {bandwidth:.1f} GB/s; decoder weights {decoder_bytes / 1e6:.0f} MB; decode ceiling "
@@ -206,6 +215,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--scenarios", default="S1,S2")
+    parser.add_argument("--precisions", default="fp32", help="vlmserve's variants; the peers run fp32")
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--peer", choices=PEERS, help=argparse.SUPPRESS)
     parser.add_argument("--scenario", help=argparse.SUPPRESS)
@@ -224,17 +235,19 @@ def main() -> None:
     results = {}
     for scenario in args.scenarios.split(","):
         results[scenario] = {}
-        for name in PEERS:
-            results[scenario][name] = peer(name, scenario, args)
-            r = results[scenario][name]
-            print(f"{scenario} {name}: ttft {r['ttft_s']:.2f} s, decode {r['decode_tok_s']:.1f} tok/s, {r['peak_rss_mb']:.0f} MB", flush=True)
+        runs = [(name, "fp32") for name in PEERS] + [("vlmserve", p) for p in args.precisions.split(",") if p != "fp32"]
+        for name, precision in runs:
+            label = name if precision == "fp32" else f"{name} {precision}"
+            results[scenario][label] = r = peer(name, scenario, args, precision)
+            print(f"{scenario} {label}: ttft {r['ttft_s']:.2f} s, decode {r['decode_tok_s']:.1f} tok/s, {r['peak_rss_mb']:.0f} MB", flush=True)
     text = report(results, args, bandwidth, decoder_bytes)
     print(text)
     if args.out:
         header = (
             f"## Peers: vlmserve, a Python onnxruntime loop, PyTorch ({datetime.date.today()}, "
             f"{platform.machine()}, {os.cpu_count()} CPUs)\n\n"
-            f"`.venv/bin/python bench/compare.py --new-tokens {args.new_tokens} --runs {args.runs} --scenarios {args.scenarios}`: "
+            f"`.venv/bin/python bench/compare.py --new-tokens {args.new_tokens} --runs {args.runs} --scenarios {args.scenarios} "
+            f"--precisions {args.precisions}`: "
             f"FP32, SmolVLM-256M-shaped model (random weights), a 512x512 image, \"{PROMPT}\", "
             f"{args.new_tokens} new tokens, medians of {args.runs} runs, each peer in its own process.\n\n"
         )

@@ -74,8 +74,7 @@ def build(seed: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="writes checkpoint/ and package/")
-    # fp16 export of a model this size still fails (a float16/float Add in the vision encoder).
-    parser.add_argument("--precisions", default="fp32")
+    parser.add_argument("--precisions", default="fp32,fp16,int8")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer-only", action="store_true", help="rewrite the tokenizer files of an existing OUT")
     args = parser.parse_args()
