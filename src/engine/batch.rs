@@ -454,6 +454,26 @@ impl<T> Batch<T> {
     }
 }
 
+impl Model {
+    /// Generate from `prompt`, calling `on_token` for every token; it may stop generation.
+    /// A batch of one: the same steps as concurrent sequences take, with the whole prompt
+    /// prefilled in one decoder call.
+    pub fn generate(
+        &mut self,
+        prompt: &Prompt,
+        params: &GenerationParams,
+        on_token: &mut dyn FnMut(Event) -> Flow,
+    ) -> Result<Completion, EngineError> {
+        let mut batch = Batch::new(&self.decoder.layout, Limits::ALONE);
+        batch.admit(self, (), prompt.clone(), params).map_err(|(_, e)| e)?;
+        loop {
+            if let Some((_, result)) = batch.step(self, &mut |_, event| on_token(event)).finished.pop() {
+                return result;
+            }
+        }
+    }
+}
+
 /// One step's position ids for the batch from each row's: `[1, 1]` rows become `[rows, 1]`,
 /// M-RoPE's `[3, 1, 1]` become `[3, rows, 1]` (the batch axis is second to last).
 fn stack_rows(positions: &[ArrayD<i64>]) -> Result<ArrayD<i64>, EngineError> {

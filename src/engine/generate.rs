@@ -1,4 +1,5 @@
-//! From messages and images to tokens: prompt preparation, then vision, prefill and decode.
+//! From messages and images to a prompt, the settings and results of a generation, and one
+//! sequence's output state (`Run`); the steps that run the graphs are in `batch.rs`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,7 +10,6 @@ use ort::value::{DynValue, Tensor, TensorElementType};
 use serde::Serialize;
 
 use super::EngineError;
-use super::batch::{Batch, Limits};
 use super::detokenize::Detokenizer;
 use super::model::{Model, Processor};
 use super::sampler::{Sampler, SamplingParams};
@@ -154,24 +154,6 @@ impl Processor {
 }
 
 impl Model {
-    /// Generate from `prompt`, calling `on_token` for every token; it may stop generation.
-    /// A batch of one: the same steps as concurrent sequences take, with the whole prompt
-    /// prefilled in one decoder call.
-    pub fn generate(
-        &mut self,
-        prompt: &Prompt,
-        params: &GenerationParams,
-        on_token: &mut dyn FnMut(Event) -> Flow,
-    ) -> Result<Completion, EngineError> {
-        let mut batch = Batch::new(&self.decoder.layout, Limits::ALONE);
-        batch.admit(self, (), prompt.clone(), params).map_err(|(_, e)| e)?;
-        loop {
-            if let Some((_, result)) = batch.step(self, &mut |_, event| on_token(event)).finished.pop() {
-                return result;
-            }
-        }
-    }
-
     /// Token embeddings `[1, len, hidden]` with the image features written over the
     /// image-token rows.
     pub(super) fn prompt_embeddings(
