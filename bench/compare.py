@@ -89,7 +89,6 @@ def run_pytorch(args) -> dict:
 
 
 def run_onnx_loop(args) -> dict:
-    import numpy as np
     from transformers import AutoProcessor
 
     from onnx_runner import OnnxPackage
@@ -100,21 +99,19 @@ def run_onnx_loop(args) -> dict:
     for _ in range(args.runs):
         start = time.perf_counter()
         inputs = {k: v.numpy() for k, v in inputs_for(processor, args.image, args.split).items()}
-        ids = inputs["input_ids"]
-        embeds = package.family.prompt_embeddings(package, ids, inputs["pixel_values"], inputs["pixel_attention_mask"])
-        mask = np.ones((1, ids.shape[1]), np.int64)
-        positions = np.arange(ids.shape[1], dtype=np.int64)[None]
-        logits, past = package.decode(embeds, mask, positions, package.empty_past(1))
-        tokens = [int(np.argmax(logits[0, -1]))]
-        first = time.perf_counter()
-        for _ in range(args.new_tokens - 1):
-            mask = np.ones((1, mask.shape[1] + 1), np.int64)
-            positions = np.array([[mask.shape[1] - 1]], np.int64)
-            logits, past = package.decode(package.embed(np.array([[tokens[-1]]])), mask, positions, past)
-            tokens.append(int(np.argmax(logits[0, -1])))
-        last = time.perf_counter()
-        samples.append((first - start, (args.new_tokens - 1) / (last - first)))
-    return summary(samples, tokens, ids.shape[1])
+        times: list[float] = []
+        result = package.greedy(
+            inputs["input_ids"],
+            inputs["pixel_values"],
+            inputs["pixel_attention_mask"],
+            max_new_tokens=args.new_tokens,
+            eos_token_ids=[],
+            keep_logits=False,
+            on_token=lambda _token: times.append(time.perf_counter()),
+        )
+        tokens = result.tokens
+        samples.append((times[0] - start, (args.new_tokens - 1) / (times[-1] - times[0])))
+    return summary(samples, tokens, inputs["input_ids"].shape[1])
 
 
 def run_vlmserve(args) -> dict:

@@ -78,11 +78,15 @@ class OnnxPackage:
         max_new_tokens: int = 24,
         eos_token_ids: list[int] | None = None,
         forced_tokens: list[int] | None = None,
+        keep_logits: bool = True,
+        on_token=None,
     ) -> DecodeResult:
         """Greedy decoding of one prompt (batch 1), with the KV cache.
 
         forced_tokens: teacher forcing, feed these tokens instead of the argmax
         (used to compare variants' logits along the same token path).
+        keep_logits=False keeps no logits (benchmarks: the prefill's are prompt x vocabulary).
+        on_token(token) is called as each token is chosen (benchmarks time them).
         """
         eos = set(eos_token_ids if eos_token_ids is not None else self.eos_token_ids())
         input_ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
@@ -90,13 +94,15 @@ class OnnxPackage:
         mask = np.ones((1, input_ids.shape[1]), np.int64)
         positions = np.arange(input_ids.shape[1], dtype=np.int64)[None]
         logits, past = self.decode(embeds, mask, positions, self.empty_past(1))
-        result = DecodeResult(tokens=[], logits=[logits[0]])
+        result = DecodeResult(tokens=[], logits=[logits[0]] if keep_logits else [])
         row = logits[0, -1]
         steps = len(forced_tokens) if forced_tokens is not None else max_new_tokens
         for step in range(steps):
             token = int(forced_tokens[step]) if forced_tokens is not None else int(np.argmax(row))
             result.tokens.append(token)
-            if step > 0:
+            if on_token is not None:
+                on_token(token)
+            if step > 0 and keep_logits:
                 result.logits.append(row)
             if forced_tokens is None and token in eos:
                 break

@@ -129,16 +129,24 @@ fn fp16_batches_match_fp16_single_streams() {
         .iter()
         .map(|c| {
             let prompt = model.prepare(&c.chat_messages(), &c.decoded_images(&reference.dir)).unwrap();
-            model.generate(&prompt, &params(reference.max_new_tokens), &mut |_| Flow::Continue).unwrap().token_ids
+            model.generate(prompt, &params(reference.max_new_tokens), &mut |_| Flow::Continue).unwrap().token_ids
         })
         .collect();
     let mut batch = Batch::new(model.kv_layout(), Limits { prefill_tokens: 600, vision_tiles: 64 });
     for case in 0..reference.cases.len() {
         admit(&mut batch, &model, &reference, case, reference.max_new_tokens, None);
     }
+    let (mut agreed, mut total) = (0, 0);
     for (tag, result) in drain(&mut batch, &mut model, &reference, Vec::new(), 3) {
-        assert_eq!(result.unwrap().token_ids, alone[tag.case], "{}", reference.cases[tag.case].name);
+        let case = &reference.cases[tag.case];
+        let tokens = result.unwrap().token_ids;
+        assert_eq!(tokens, alone[tag.case], "{}", case.name);
+        agreed += common::agreement(&tokens, &case.generated_ids);
+        total += case.generated_ids.len();
     }
+    // Anchored to PyTorch's FP32 tokens with the bound tests/parity.rs holds fp16 to.
+    let share = agreed as f64 / total as f64;
+    assert!(share >= 0.6, "fp16 agreement with PyTorch fp32 {share:.2}");
 }
 
 #[test]

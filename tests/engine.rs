@@ -49,7 +49,7 @@ fn generate(
     params: &GenerationParams,
 ) -> Result<vlmserve::engine::Completion, EngineError> {
     let prompt = model.prepare(messages, &[])?;
-    model.generate(&prompt, params, &mut |_| Flow::Continue)
+    model.generate(prompt, params, &mut |_| Flow::Continue)
 }
 
 #[test]
@@ -171,7 +171,7 @@ fn stop_strings_cut_the_answer_and_streaming_agrees() {
     let prompt = model.prepare(&case.chat_messages(), &[]).unwrap();
     let mut streamed = String::new();
     let out = model
-        .generate(&prompt, &params, &mut |e| {
+        .generate(prompt, &params, &mut |e| {
             streamed.push_str(e.text);
             Flow::Continue
         })
@@ -189,7 +189,7 @@ fn a_callback_can_stop_generation() {
     let params = GenerationParams { max_new_tokens: 20, ignore_eos: true, ..Default::default() };
     let mut seen = 0;
     let out = model
-        .generate(&prompt, &params, &mut |_| {
+        .generate(prompt, &params, &mut |_| {
             seen += 1;
             if seen == 3 { Flow::Stop } else { Flow::Continue }
         })
@@ -306,7 +306,7 @@ fn a_repeated_image_reuses_its_features_and_gives_the_same_tokens() {
     let params = GenerationParams { max_new_tokens: reference.max_new_tokens, ..GenerationParams::default() };
     let mut run = |case: &common::Case| {
         let prompt = model.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir)).unwrap();
-        let completion = model.generate(&prompt, &params, &mut |_| Flow::Continue).unwrap();
+        let completion = model.generate(prompt, &params, &mut |_| Flow::Continue).unwrap();
         // Greedy tokens equal PyTorch's whether the features came from the encoder or the cache.
         assert_eq!(completion.token_ids, case.generated_ids, "{}", case.name);
         completion.timings.vision_cache_hit

@@ -15,7 +15,7 @@ fn greedy(max_new_tokens: usize) -> GenerationParams {
 fn run(model: &mut Model, prompt: &Prompt, max_new_tokens: usize) -> Completion {
     let mut streamed = String::new();
     let completion = model
-        .generate(prompt, &greedy(max_new_tokens), &mut |e| {
+        .generate(prompt.clone(), &greedy(max_new_tokens), &mut |e| {
             streamed.push_str(e.text);
             Flow::Continue
         })

@@ -81,7 +81,7 @@ pub fn run(settings: &Settings, args: &AskArgs) -> Result<(), CliError> {
     let prompt = model.prepare(&[message], &images)?;
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
-    let completion = model.generate(&prompt, &args.params(), &mut |event| {
+    let completion = model.generate(prompt, &args.params(), &mut |event| {
         if args.json {
             return Flow::Continue;
         }

@@ -105,7 +105,7 @@ impl Workload<'_> {
         let prompt = model.prepare(&[ChatMessage::user(images.len(), &self.args.prompt)], &images)?;
         let params =
             GenerationParams { max_new_tokens: self.args.new_tokens, ignore_eos: true, ..GenerationParams::default() };
-        let completion = model.generate(&prompt, &params, &mut |_| Flow::Continue)?;
+        let completion = model.generate(prompt, &params, &mut |_| Flow::Continue)?;
         let t = &completion.timings;
         let sample = Sample {
             image_decode_s,

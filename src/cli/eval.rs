@@ -172,7 +172,7 @@ fn answer(
         .prepare(&[ChatMessage::user(1, &item.question)], std::slice::from_ref(image))
         .map_err(|e| e.to_string())?;
     let params = GenerationParams { max_new_tokens, ..GenerationParams::default() };
-    let completion = model.generate(&prompt, &params, &mut |_| Flow::Continue).map_err(|e| e.to_string())?;
+    let completion = model.generate(prompt, &params, &mut |_| Flow::Continue).map_err(|e| e.to_string())?;
     let prediction = completion.text.trim().to_string();
     let score = if item.kind == CAPTION {
         f64::from(u8::from(item.answers.iter().any(|a| normalize_answer(a) == normalize_answer(&prediction))))

@@ -457,15 +457,15 @@ impl<T> Batch<T> {
 impl Model {
     /// Generate from `prompt`, calling `on_token` for every token; it may stop generation.
     /// A batch of one: the same steps as concurrent sequences take, with the whole prompt
-    /// prefilled in one decoder call.
+    /// prefilled in one decoder call. Takes the prompt (its pixels move into the batch).
     pub fn generate(
         &mut self,
-        prompt: &Prompt,
+        prompt: Prompt,
         params: &GenerationParams,
         on_token: &mut dyn FnMut(Event) -> Flow,
     ) -> Result<Completion, EngineError> {
         let mut batch = Batch::new(&self.decoder.layout, Limits::ALONE);
-        batch.admit(self, (), prompt.clone(), params).map_err(|(_, e)| e)?;
+        batch.admit(self, (), prompt, params).map_err(|(_, e)| e)?;
         loop {
             if let Some((_, result)) = batch.step(self, &mut |_, event| on_token(event)).finished.pop() {
                 return result;

@@ -145,12 +145,16 @@ impl KvCache {
     }
 
     /// Keep the rows where `keep` is true, dropping padding columns no row needs any more.
+    /// Called after every step: costs nothing when every row stays.
     pub fn retain(&mut self, keep: &[bool]) -> Result<(), EngineError> {
+        if keep.iter().all(|&k| k) {
+            return Ok(());
+        }
         let rows: Vec<(&KvCache, usize)> = (0..self.rows()).filter(|&r| keep[r]).map(|r| (&*self, r)).collect();
-        match rows.len() {
-            0 => self.clear(),
-            n if n == self.rows() => {}
-            _ => *self = Self::gather(&rows, self.element_type)?,
+        if rows.is_empty() {
+            self.clear();
+        } else {
+            *self = Self::gather(&rows, self.element_type)?;
         }
         Ok(())
     }

@@ -89,7 +89,7 @@ fn load(spec: &WorkerSpec) -> Result<Model, EngineError> {
     if spec.warmup {
         let prompt = model.prepare(&[ChatMessage::user(0, "Hello")], &[])?;
         let params = GenerationParams { max_new_tokens: 1, ..GenerationParams::default() };
-        model.generate(&prompt, &params, &mut |_| Flow::Continue)?;
+        model.generate(prompt, &params, &mut |_| Flow::Continue)?;
     }
     tracing::debug!(model = %spec.model, seconds = start.elapsed().as_secs_f64(), "worker loaded");
     Ok(model)
