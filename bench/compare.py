@@ -102,8 +102,7 @@ def run_onnx_loop(args) -> dict:
         times: list[float] = []
         result = package.greedy(
             inputs["input_ids"],
-            inputs["pixel_values"],
-            inputs["pixel_attention_mask"],
+            package.family.processor_images(inputs),
             max_new_tokens=args.new_tokens,
             eos_token_ids=[],
             keep_logits=False,

@@ -55,8 +55,8 @@ class OnnxPackage:
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         return self.sessions["embed_tokens"].run(None, {"input_ids": input_ids.astype(np.int64)})[0]
 
-    def image_features(self, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray) -> np.ndarray:
-        feeds = {"pixel_values": pixel_values.astype(np.float32), "pixel_attention_mask": pixel_attention_mask.astype(bool)}
+    def image_features(self, feeds: dict) -> np.ndarray:
+        """vision_encoder on feeds named as its inputs (the family's vision_feeds)."""
         return self.sessions["vision_encoder"].run(None, feeds)[0]
 
     def decode(self, inputs_embeds, attention_mask, position_ids, past):
@@ -73,8 +73,7 @@ class OnnxPackage:
     def greedy(
         self,
         input_ids: np.ndarray,
-        pixel_values: np.ndarray | None = None,
-        pixel_attention_mask: np.ndarray | None = None,
+        images: dict | None = None,
         max_new_tokens: int = 24,
         eos_token_ids: list[int] | None = None,
         forced_tokens: list[int] | None = None,
@@ -83,6 +82,8 @@ class OnnxPackage:
     ) -> DecodeResult:
         """Greedy decoding of one prompt (batch 1), with the KV cache.
 
+        images: the family's image arrays from the processor (None for text only).
+
         forced_tokens: teacher forcing, feed these tokens instead of the argmax
         (used to compare variants' logits along the same token path).
         keep_logits=False keeps no logits (benchmarks: the prefill's are prompt x vocabulary).
@@ -90,9 +91,9 @@ class OnnxPackage:
         """
         eos = set(eos_token_ids if eos_token_ids is not None else self.eos_token_ids())
         input_ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
-        embeds = self.family.prompt_embeddings(self, input_ids, pixel_values, pixel_attention_mask)
+        embeds = self.family.prompt_embeddings(self, input_ids, images)
         mask = np.ones((1, input_ids.shape[1]), np.int64)
-        positions = np.arange(input_ids.shape[1], dtype=np.int64)[None]
+        positions, next_position = self.family.prompt_positions(self.config, input_ids, images)
         logits, past = self.decode(embeds, mask, positions, self.empty_past(1))
         result = DecodeResult(tokens=[], logits=[logits[0]] if keep_logits else [])
         row = logits[0, -1]
@@ -109,7 +110,7 @@ class OnnxPackage:
             if step == steps - 1:
                 break
             mask = np.ones((1, mask.shape[1] + 1), np.int64)
-            positions = np.array([[mask.shape[1] - 1]], np.int64)
+            positions = self.family.step_positions(next_position + step)
             logits, past = self.decode(self.embed(np.array([[token]])), mask, positions, past)
             row = logits[0, -1]
         return result

@@ -10,6 +10,7 @@ int8  dynamic quantization of the MatMul weights (QInt8); activations, the
 from __future__ import annotations
 
 import logging
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,15 +178,34 @@ def to_int8(src: Path, dst: Path) -> None:
 
     # quantize_dynamic logs a "consider pre-processing" hint on every call.
     logging.getLogger().setLevel(logging.ERROR)
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul"],
-        # Only weight matmuls; Q@K^T and attn@V have no constant operand.
-        extra_options={"MatMulConstBOnly": True},
-        use_external_data_format=src.stat().st_size + _external_bytes(src) > 1_800_000_000,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        inferable = Path(tmp) / src.name
+        _without_value_info(src, inferable)
+        quantize_dynamic(
+            str(inferable),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            # Only weight matmuls; Q@K^T and attn@V have no constant operand.
+            extra_options={"MatMulConstBOnly": True},
+            use_external_data_format=src.stat().st_size + _external_bytes(src) > 1_800_000_000,
+        )
+
+
+def _without_value_info(src: Path, dst: Path) -> None:
+    """A copy of src without the exporter's intermediate shapes.
+
+    The quantizer re-runs strict shape inference, which rejects some shapes the
+    exporter recorded (Qwen2-VL's vision attention splits one qkv projection
+    into three and keeps the unsplit width on the parts); inferred from
+    scratch they agree. External weights are linked, not copied.
+    """
+    model = onnx.load(str(src), load_external_data=False)
+    del model.graph.value_info[:]
+    onnx.save(model, str(dst))
+    data = src.with_name(f"{src.name}.data")
+    if data.exists():
+        (dst.parent / data.name).symlink_to(data)
 
 
 def _external_bytes(path: Path) -> int:

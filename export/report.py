@@ -37,18 +37,18 @@ def _agreement(tokens: list[int], reference: list[int]) -> dict:
 
 def fp32_parity(family, model, package_dir: Path, inputs: dict, n_tokens: int) -> tuple[dict, list[int]]:
     onnx_pkg = OnnxPackage(package_dir, "fp32")
-    pv, pam, ids = inputs["pixel_values"], inputs["pixel_attention_mask"], inputs["input_ids"]
+    ids, images = inputs["input_ids"], inputs["images"]
 
-    features = onnx_pkg.image_features(pv.reshape(-1, *pv.shape[-3:]), pam.reshape(-1, *pam.shape[-2:]))
-    torch_features = family.torch_image_features(model, pv, pam)
+    features = onnx_pkg.image_features(family.vision_feeds(images, onnx_pkg.config))
+    torch_features = family.torch_image_features(model, images)
     feature_diff = _max_diff(features.reshape(torch_features.shape), torch_features)
 
     # No eos stop: always compare n_tokens steps.
-    result = onnx_pkg.greedy(ids, pv, pam, max_new_tokens=n_tokens, eos_token_ids=[])
-    torch_logits = family.torch_path_logits(model, ids, pv, pam, result.tokens)
+    result = onnx_pkg.greedy(ids, images, max_new_tokens=n_tokens, eos_token_ids=[])
+    torch_logits = family.torch_path_logits(model, ids, images, result.tokens)
     logit_diff = _max_diff(_path_logits(result), torch_logits)
 
-    torch_tokens = family.torch_greedy(model, ids, pv, pam, max_new_tokens=n_tokens)
+    torch_tokens = family.torch_greedy(model, ids, images, max_new_tokens=n_tokens)
     report = {
         "max_abs_logit_diff_vs_pytorch": logit_diff,
         "max_abs_image_features_diff_vs_pytorch": feature_diff,
@@ -60,9 +60,9 @@ def fp32_parity(family, model, package_dir: Path, inputs: dict, n_tokens: int) -
 
 def variant_parity(package_dir: Path, variant: str, inputs: dict, fp32_result) -> dict:
     pkg = OnnxPackage(package_dir, variant)
-    pv, pam, ids = inputs["pixel_values"], inputs["pixel_attention_mask"], inputs["input_ids"]
-    forced = pkg.greedy(ids, pv, pam, forced_tokens=fp32_result.tokens)
-    free = pkg.greedy(ids, pv, pam, max_new_tokens=len(fp32_result.tokens), eos_token_ids=[])
+    ids, images = inputs["input_ids"], inputs["images"]
+    forced = pkg.greedy(ids, images, forced_tokens=fp32_result.tokens)
+    free = pkg.greedy(ids, images, max_new_tokens=len(fp32_result.tokens), eos_token_ids=[])
     # Per-step argmax under teacher forcing: unlike free decoding, one early
     # flip does not make every later token disagree.
     step_rows = [forced.logits[0][-1], *forced.logits[1:]]
@@ -85,7 +85,7 @@ def build_report(family, model, processor, package_dir: Path, variants: list[str
     report = {
         "reference": {
             "prompt_tokens": int(inputs["input_ids"].shape[1]),
-            "image_tiles": int(np.prod(inputs["pixel_values"].shape[:2])),
+            "image_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum()),
             "new_tokens": n_tokens,
             "fp32_greedy_tokens": fp32_result.tokens,
         },

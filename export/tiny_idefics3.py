@@ -102,26 +102,35 @@ def corpus(n_sentences: int = 600, seed: int = 1234) -> list[str]:
 
 def build_tokenizer(vocab_size: int = 700, texts: list[str] | None = None) -> PreTrainedTokenizerFast:
     """Byte-level BPE (like SmolVLM's GPT-2 style tokenizer) trained on `texts` (default: the embedded corpus)."""
+    return byte_level_tokenizer(
+        vocab_size,
+        corpus() if texts is None else texts,
+        BASE_SPECIALS,
+        ADDED_SPECIALS,
+        CHAT_TEMPLATE,
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+
+
+def byte_level_tokenizer(vocab_size, texts, base_specials, added_specials, chat_template, **special_tokens) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts`, `base_specials` first (lowest ids), `added_specials` after the vocabulary."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=BASE_SPECIALS,
+        special_tokens=base_specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus() if texts is None else texts, trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|im_start|>",
-        eos_token="<end_of_utterance>",
-        unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=ADDED_SPECIALS,
-        model_max_length=2048,
+        tokenizer_object=tok, additional_special_tokens=added_specials, model_max_length=2048, **special_tokens
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast
 
 

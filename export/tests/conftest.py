@@ -36,6 +36,11 @@ def case_inputs(name):
     )
 
 
+def images_of(pv, pam):
+    """The family's images dict for OnnxPackage.greedy and the torch helpers."""
+    return None if pv is None else {"pixel_values": pv, "pixel_attention_mask": pam}
+
+
 @pytest.fixture(scope="session")
 def torch_model():
     import torch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import CASES, IMAGE_CASES, case_inputs
+from conftest import CASES, IMAGE_CASES, case_inputs, images_of
 
 from families import idefics3
 
@@ -14,8 +14,8 @@ ATOL = 1e-4  # the export contract: fp32 graphs match PyTorch within 1e-4 max ab
 @pytest.mark.parametrize("name", IMAGE_CASES)
 def test_vision_encoder_matches_pytorch(name, torch_model, fp32_package):
     _, pv, pam = case_inputs(name)
-    expected = idefics3.torch_image_features(torch_model, pv, pam)
-    got = fp32_package.image_features(pv.reshape(-1, *pv.shape[-3:]), pam.reshape(-1, *pam.shape[-2:]))
+    expected = idefics3.torch_image_features(torch_model, images_of(pv, pam))
+    got = fp32_package.image_features(idefics3.vision_feeds(images_of(pv, pam)))
     assert got.shape == (pv.shape[1], 16, 64)
     assert np.abs(got.reshape(expected.shape) - expected).max() <= ATOL
 
@@ -27,10 +27,10 @@ def test_vision_encoder_partial_mask_matches_pytorch(torch_model, fp32_package):
     pam[0, 1, 40:, :] = False  # bottom rows padded
     pam[0, 2, :, 20:] = False  # right columns padded
     pv[~np.broadcast_to(pam[:, :, None], pv.shape)] = 0.0
-    expected = idefics3.torch_image_features(torch_model, pv, pam)
-    got = fp32_package.image_features(pv[0], pam[0])
+    expected = idefics3.torch_image_features(torch_model, images_of(pv, pam))
+    got = fp32_package.image_features(images_of(pv[0], pam[0]))
     assert np.abs(got.reshape(expected.shape) - expected).max() <= ATOL
-    full = fp32_package.image_features(pv[0], np.ones_like(pam[0]))
+    full = fp32_package.image_features(images_of(pv[0], np.ones_like(pam[0])))
     assert np.abs(full - got).max() > 1e-2  # the mask really matters
 
 
@@ -47,8 +47,8 @@ def test_decoder_logits_match_pytorch(name, torch_model, fp32_package):
     """Prefill (past length 0) and every cached step along the reference tokens."""
     ids, pv, pam = case_inputs(name)
     tokens = CASES[name]["generated_ids"]
-    expected = idefics3.torch_path_logits(torch_model, ids, pv, pam, tokens)
-    result = fp32_package.greedy(ids, pv, pam, forced_tokens=tokens)
+    expected = idefics3.torch_path_logits(torch_model, ids, images_of(pv, pam), tokens)
+    result = fp32_package.greedy(ids, images_of(pv, pam), forced_tokens=tokens)
     got = np.concatenate([result.logits[0], np.stack(result.logits[1:])])
     assert got.shape == expected.shape == (ids.shape[1] + len(tokens) - 1, 642)
     assert np.abs(got - expected).max() <= ATOL
@@ -58,7 +58,7 @@ def test_decoder_logits_match_pytorch(name, torch_model, fp32_package):
 def test_fp32_greedy_equals_reference(name, fp32_package):
     ids, pv, pam = case_inputs(name)
     case = CASES[name]
-    result = fp32_package.greedy(ids, pv, pam, max_new_tokens=24)
+    result = fp32_package.greedy(ids, images_of(pv, pam), max_new_tokens=24)
     assert result.tokens == case["generated_ids"]
     assert len(result.tokens) == 24
 

@@ -17,7 +17,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import CASES, FIXTURE, REFERENCE, case_inputs
+from conftest import CASES, FIXTURE, REFERENCE, case_inputs, images_of
 
 PACKAGE = FIXTURE / REFERENCE["package"]
 VARIANTS = json.loads((PACKAGE / "onnx" / "variants.json").read_text())
@@ -87,8 +87,8 @@ def test_variant_on_reference_cases(variant, name):
     max_diff, min_agree = BOUNDS[variant]
     ids, pv, pam = case_inputs(name)
     tokens = CASES[name]["generated_ids"]
-    forced = OnnxPackage(PACKAGE, variant).greedy(ids, pv, pam, forced_tokens=tokens)
-    fp32 = OnnxPackage(PACKAGE, "fp32").greedy(ids, pv, pam, forced_tokens=tokens)
+    forced = OnnxPackage(PACKAGE, variant).greedy(ids, images_of(pv, pam), forced_tokens=tokens)
+    fp32 = OnnxPackage(PACKAGE, "fp32").greedy(ids, images_of(pv, pam), forced_tokens=tokens)
     rows = [forced.logits[0][-1], *forced.logits[1:]]
     assert sum(int(np.argmax(r)) == t for r, t in zip(rows, tokens)) >= min_agree
     diff = max(np.abs(a - b).max() for a, b in zip(forced.logits, fp32.logits))

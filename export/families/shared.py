@@ -1,0 +1,235 @@
+"""What every family shares: the two text graphs (embed_tokens and
+decoder_model_merged), PyTorch's greedy tokens and logit paths, and the export
+report's reference input.
+
+  embed_tokens          input_ids [b,s] i64 -> inputs_embeds [b,s,hidden]
+  decoder_model_merged  inputs_embeds, attention_mask [b,past+s], position_ids
+                        ([b,s], or [3,b,s] for M-RoPE), past_key_values.{i}.key/value
+                        [b,kv_heads,past,head_dim] -> logits [b,s,vocab],
+                        present.{i}.key/value [b,kv_heads,past+s,head_dim]
+
+A family passes its text model (a transformers decoder without LM head), the
+LM head and the text config; position ids keep whatever layout the text model
+takes, so the same wrapper serves 1-D rotary and multimodal rotary decoders.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def text_dims(text) -> dict:
+    heads = text.num_attention_heads
+    return dict(
+        hidden=text.hidden_size,
+        layers=text.num_hidden_layers,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        vocab=text.vocab_size,
+    )
+
+
+def _modules():
+    from torch import nn
+    from transformers import DynamicCache
+
+    class EmbedTokens(nn.Module):
+        def __init__(self, embed_tokens):
+            super().__init__()
+            self.embed_tokens = embed_tokens
+
+        def forward(self, input_ids):
+            return self.embed_tokens(input_ids)
+
+    class Decoder(nn.Module):
+        """Text model + LM head with an explicit KV cache (past length may be 0)."""
+
+        def __init__(self, text_model, lm_head, text_config):
+            super().__init__()
+            self.text_model = text_model
+            self.lm_head = lm_head
+            self.text_config = text_config
+
+        def forward(self, inputs_embeds, attention_mask, position_ids, past):
+            cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])), config=self.text_config)
+            out = self.text_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            present = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (self.lm_head(out.last_hidden_state), *present)
+
+    return EmbedTokens, Decoder
+
+
+def graph_specs(embed_tokens, text_model, lm_head, text_config, position_axes: int = 0) -> list:
+    """GraphSpecs of embed_tokens and decoder_model_merged.
+
+    position_axes=0 gives position_ids [b, s]; 3 gives [3, b, s] (M-RoPE).
+    """
+    import torch
+    from torch.export import Dim
+
+    from onnx_graph import GraphSpec
+
+    EmbedTokens, Decoder = _modules()
+    dims = text_dims(text_config)
+    # Example sizes are >= 2 so the exporter does not specialise them to 1.
+    batch, seq, past = 2, 3, 5
+    b, s = Dim("batch_size"), Dim("sequence_length")
+    ids = torch.randint(0, dims["vocab"], (batch, seq))
+    embed_spec = GraphSpec(
+        name="embed_tokens",
+        module=EmbedTokens(embed_tokens),
+        args=(ids,),
+        input_names=["input_ids"],
+        output_names=["inputs_embeds"],
+        dynamic_shapes={"input_ids": {0: b, 1: s}},
+    )
+
+    p, total = Dim("past_sequence_length", min=0), Dim("total_sequence_length")
+    kv_shape = (batch, dims["kv_heads"], past, dims["head_dim"])
+    past_kv = [torch.randn(kv_shape) for _ in range(2 * dims["layers"])]
+    past_names = [f"past_key_values.{i}.{kv}" for i in range(dims["layers"]) for kv in ("key", "value")]
+    present_names = [f"present.{i}.{kv}" for i in range(dims["layers"]) for kv in ("key", "value")]
+    positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    position_dims = {0: b, 1: s}
+    if position_axes:
+        positions = positions.expand(position_axes, batch, seq).contiguous()
+        position_dims = {1: b, 2: s}
+    decoder_spec = GraphSpec(
+        name="decoder_model_merged",
+        module=Decoder(text_model, lm_head, text_config),
+        args=(
+            torch.randn(batch, seq, dims["hidden"]),
+            torch.ones(batch, past + seq, dtype=torch.long),
+            positions,
+            past_kv,
+        ),
+        input_names=["inputs_embeds", "attention_mask", "position_ids", *past_names],
+        output_names=["logits", *present_names],
+        dynamic_shapes={
+            "inputs_embeds": {0: b, 1: s},
+            "attention_mask": {0: b, 1: total},
+            "position_ids": position_dims,
+            "past": [{0: b, 2: p}] * len(past_kv),
+        },
+        output_dim_names={name: {2: "total_sequence_length"} for name in present_names},
+    )
+    return [embed_spec, decoder_spec]
+
+
+def sample_feeds(text: dict, graph: str, rng, position_axes: int = 0) -> dict:
+    """Small valid inputs for embed_tokens or the decoder (past length > 0), from config.json's text_config."""
+    if graph == "embed_tokens":
+        return {"input_ids": rng.integers(0, text["vocab_size"], (1, 5))}
+    heads = text["num_attention_heads"]
+    kv_heads = text.get("num_key_value_heads") or heads
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    past, seq = 4, 3
+    positions = np.arange(past, past + seq, dtype=np.int64)[None]
+    if position_axes:
+        positions = np.broadcast_to(positions, (position_axes, 1, seq)).copy()
+    feeds = {
+        "inputs_embeds": rng.standard_normal((1, seq, text["hidden_size"])).astype(np.float32),
+        "attention_mask": np.ones((1, past + seq), np.int64),
+        "position_ids": positions,
+    }
+    for i in range(text["num_hidden_layers"]):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = rng.standard_normal((1, kv_heads, past, head_dim)).astype(np.float32)
+    return feeds
+
+
+def torch_path_logits(model, prompt_kwargs: dict, tokens, step_positions=None) -> np.ndarray:
+    """PyTorch logits along a token path, [s + len(tokens) - 1, vocab].
+
+    Prefill logits for every prompt position, then one row per fed token
+    (tokens[:-1]) through the KV cache, as generate() does, with the model's
+    own position handling. Not one full-sequence pass: a generated image token
+    must stay a plain token embedding, while a full pass would try to merge
+    image features into it. prompt_kwargs: the processor's tensors;
+    step_positions(k): position_ids of the k-th fed token, for models whose
+    forward cannot derive them from the attention mask alone.
+    """
+    import torch
+
+    ids = prompt_kwargs["input_ids"]
+    rows = []
+    with torch.no_grad():
+        out = model(**prompt_kwargs, attention_mask=torch.ones_like(ids), use_cache=True)
+        rows.append(out.logits[0])
+        length = ids.shape[1]
+        for k, token in enumerate(tokens[:-1]):
+            length += 1
+            extra = {} if step_positions is None else {"position_ids": torch.from_numpy(step_positions(k))}
+            out = model(
+                input_ids=torch.tensor([[token]]),
+                attention_mask=torch.ones(1, length, dtype=torch.long),
+                past_key_values=out.past_key_values,
+                use_cache=True,
+                **extra,
+            )
+            rows.append(out.logits[0])
+    return torch.cat(rows).numpy()
+
+
+def torch_greedy(model, prompt_kwargs: dict, max_new_tokens: int) -> list[int]:
+    """model.generate(do_sample=False) on the processor's tensors: the new tokens only."""
+    import torch
+
+    ids = prompt_kwargs["input_ids"]
+    with torch.no_grad():
+        out = model.generate(**prompt_kwargs, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens)
+    return out[0, ids.shape[1] :].tolist()
+
+
+# Question asked about reference_image() in the export report.
+REFERENCE_PROMPT = "Describe this image."
+
+
+def reference_image():
+    """A deterministic synthetic scene (no files, no network)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (96, 72), (235, 235, 220))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((8, 10, 44, 46), fill=(200, 30, 40))
+    draw.rectangle((52, 20, 88, 60), fill=(30, 90, 200))
+    draw.line((0, 70, 95, 40), fill=(20, 150, 60), width=3)
+    return image
+
+
+def reference_inputs(processor, processor_images) -> dict:
+    """The export report's input: reference_image() and REFERENCE_PROMPT through the processor
+    (numpy): input_ids and the family's images dict (processor_images of the output)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": REFERENCE_PROMPT}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=prompt, images=[reference_image()], return_tensors="np")
+    return {"input_ids": inputs["input_ids"], "images": processor_images(inputs)}
+
+
+def image_arrays(inputs, dtypes: dict) -> dict | None:
+    """The image arrays of a processor output in the graphs' types (None without images)."""
+    if inputs.get("pixel_values") is None:
+        return None
+    return {name: np.asarray(inputs[name]).astype(dtype) for name, dtype in dtypes.items()}
+
+
+def merge_image_features(embeds: np.ndarray, input_ids: np.ndarray, image_token_id: int, features) -> np.ndarray:
+    """Each image token's embedding replaced by the next feature row (masked_scatter's order)."""
+    slots = input_ids[0] == image_token_id
+    if features is None:
+        if slots.any():
+            raise ValueError("prompt has image tokens but no images")
+        return embeds
+    features = features.reshape(-1, embeds.shape[-1])
+    if features.shape[0] != slots.sum():
+        raise ValueError(f"{slots.sum()} image tokens but {features.shape[0]} image feature rows")
+    embeds[0, slots] = features
+    return embeds
