@@ -1,15 +1,20 @@
 #!/usr/bin/env python
-"""Regenerate tests/fixtures/idefics3-tiny/ (deterministic, seeded, offline).
+"""Regenerate a test fixture (deterministic, seeded, offline):
 
-    .venv/bin/python export/make_fixtures.py
+    .venv/bin/python export/make_fixtures.py                       # tests/fixtures/idefics3-tiny
+    .venv/bin/python export/make_fixtures.py --model-type qwen2_vl   # tests/fixtures/qwen2-vl-tiny
+    .venv/bin/python export/make_fixtures.py --model-type qwen2_5_vl # tests/fixtures/qwen2.5-vl-tiny
 
-1. Builds the tiny Idefics3 checkpoint (tiny_idefics3.py), trying seeds in
-   order until greedy outputs are long (no early eos), varied, and free of
-   near-ties (so ONNX-vs-PyTorch argmax is stable). Saves it to checkpoint/.
+1. Builds the tiny checkpoint (tiny_idefics3.py / tiny_qwen2_vl.py), trying
+   seeds in order until greedy outputs are long (no early eos), varied, and
+   free of near-ties (so ONNX-vs-PyTorch argmax is stable). Saves it to
+   checkpoint/.
 2. Draws the test images with PIL and saves them as PNG in images/.
 3. Reloads checkpoint + processor from disk (exactly what is committed) and
-   records, per case, transformers' prompt, expanded prompt, input_ids, pixel
-   arrays and model.generate output in reference.json + arrays/*.npy.
+   records, per case, transformers' prompt, expanded prompt, input_ids, the
+   processor's image arrays (and for M-RoPE families the position ids of
+   get_rope_index and the vision-encoder inputs) and model.generate output in
+   reference.json + arrays/*.npy.
 4. Exports the checkpoint with export.py (fp32, fp16, int8) into package/.
 """
 
@@ -29,10 +34,12 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tiny_idefics3 as tiny  # noqa: E402
-from families import idefics3  # noqa: E402
+import tiny_qwen2_vl  # noqa: E402
+from families import family_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURE = REPO / "tests" / "fixtures" / "idefics3-tiny"
+FIXTURES = {"idefics3": "idefics3-tiny", "qwen2_vl": "qwen2-vl-tiny", "qwen2_5_vl": "qwen2.5-vl-tiny"}
+FIXTURE = REPO / "tests" / "fixtures" / FIXTURES["idefics3"]  # set by main()
 MAX_NEW_TOKENS = 24
 INIT_STD = 0.2
 MIN_MARGIN = 0.005  # smallest allowed top-1 minus top-2 logit gap on every greedy path (>100x the fp32 ONNX error)
@@ -69,6 +76,14 @@ def make_images() -> dict[str, list[Image.Image]]:
         "rgba": [rgba],
         "long_prompt": [scene((90, 90), (255, 255, 255), [("ellipse", (10, 10, 80, 80), (0, 0, 0)), ("ellipse", (30, 30, 60, 60), (255, 255, 0))])],
     }
+
+
+# Dynamic-resolution families keep the aspect ratio: extreme ones get cases of their own.
+EXTREME_IMAGES = {
+    "very_wide": [scene((900, 60), (230, 240, 250), [("rectangle", (20, 10, 200, 50), (200, 0, 0)), ("ellipse", (600, 5, 660, 55), (0, 120, 0))])],
+    "very_tall": [scene((50, 700), (250, 240, 230), [("ellipse", (5, 30, 45, 70), (0, 0, 200)), ("rectangle", (10, 500, 40, 650), (250, 180, 0))])],
+}
+EXTREME_TEXT = {"very_wide": "Describe this wide banner.", "very_tall": "Describe this tall strip."}
 
 
 LONG_TEXT = " ".join(tiny.corpus(40, seed=99)[:32]) + " Now describe the image in detail."
@@ -111,27 +126,26 @@ def process(processor, prompt: str, images: list[Image.Image]) -> tuple[dict, st
     return inputs, captured["text"]
 
 
-def generate(model, inputs) -> tuple[list[int], float]:
+def generate(family, model, inputs) -> tuple[list[int], float]:
     """Greedy new tokens from model.generate and the smallest top-1/top-2 logit gap on that path."""
     ids = inputs["input_ids"]
-    pv, pam = inputs.get("pixel_values"), inputs.get("pixel_attention_mask")
-    pam = None if pam is None else pam.astype(bool)
-    tokens = idefics3.torch_greedy(model, ids, pv, pam, max_new_tokens=MAX_NEW_TOKENS)
-    logits = idefics3.torch_path_logits(model, ids, pv, pam, tokens)[ids.shape[1] - 1 :]
+    images = family.processor_images(inputs)
+    tokens = family.torch_greedy(model, ids, images, max_new_tokens=MAX_NEW_TOKENS)
+    logits = family.torch_path_logits(model, ids, images, tokens)[ids.shape[1] - 1 :]
     top2 = np.sort(logits, axis=-1)[:, -2:]
     return tokens, float((top2[:, 1] - top2[:, 0]).min())
 
 
 # --- seed selection --------------------------------------------------------------
-def choose_seed(processor, images: dict) -> int:
+def choose_seed(family, build_model, processor, images: dict) -> int:
     for seed in range(50):
-        model = tiny.build_model(processor.tokenizer, seed=seed, std=INIT_STD)
+        model = build_model(seed)
         ok = True
         for name in CASE_TEXT:
             imgs = images.get(name, [])
             prompt = processor.apply_chat_template(messages_for(name, len(imgs)), add_generation_prompt=True, tokenize=False)
             inputs, _ = process(processor, prompt, imgs)
-            tokens, margin = generate(model, inputs)
+            tokens, margin = generate(family, model, inputs)
             if len(tokens) < MAX_NEW_TOKENS or len(set(tokens)) < MIN_DISTINCT or margin < MIN_MARGIN:
                 print(f"seed {seed}: rejected on {name} (len {len(tokens)}, distinct {len(set(tokens))}, margin {margin:.3g})")
                 ok = False
@@ -148,7 +162,7 @@ def save_array(name: str, array: np.ndarray) -> dict:
     return {"file": str(path.relative_to(FIXTURE)), "shape": list(array.shape), "dtype": str(array.dtype)}
 
 
-def record_case(name: str, model, processor, image_files: list[Path]) -> dict:
+def record_case(family, name: str, model, processor, image_files: list[Path]) -> dict:
     # Re-open the committed PNGs so the reference sees exactly the files (mode L, RGBA...).
     images = [Image.open(p) for p in image_files]
     for im in images:
@@ -159,7 +173,7 @@ def record_case(name: str, model, processor, image_files: list[Path]) -> dict:
     input_ids = inputs["input_ids"][0].tolist()
     # The expanded prompt must be what produced input_ids (no special tokens added on top).
     assert processor.tokenizer(expanded, add_special_tokens=False)["input_ids"] == input_ids, name
-    tokens, margin = generate(model, inputs)
+    tokens, margin = generate(family, model, inputs)
     case = {
         "name": name,
         "images": [str(p.relative_to(FIXTURE)) for p in image_files],
@@ -167,37 +181,61 @@ def record_case(name: str, model, processor, image_files: list[Path]) -> dict:
         "prompt": prompt,
         "expanded_prompt": expanded,
         "input_ids": input_ids,
-        "pixel_values": None,
-        "pixel_attention_mask": None,
+        **{key: None for key in IMAGE_ARRAYS[family.NAME]},
         "image_sizes": [[im.height, im.width] for im in images],
         "image_modes": [im.mode for im in images],
         "generated_ids": tokens,
         "generated_text": processor.tokenizer.decode(tokens, skip_special_tokens=True),
         "min_top2_margin": margin,
     }
-    if images:
-        case["pixel_values"] = save_array(f"{name}.pixel_values", inputs["pixel_values"].astype(np.float32))
-        # The processor returns int64 0/1; the vision graph takes bool.
-        case["pixel_attention_mask"] = save_array(f"{name}.pixel_attention_mask", inputs["pixel_attention_mask"].astype(bool))
+    arrays = family.processor_images(inputs) or {}
+    if family.NAME == "qwen2_vl":
+        ids = inputs["input_ids"]
+        case["position_ids"] = save_array(f"{name}.position_ids", family.torch_rope_index(model, ids, arrays or None))
+        if arrays:
+            arrays.update(family.vision_feeds(arrays, model.config.to_dict()))
+            arrays["image_features"] = family.torch_image_features(model, arrays)
+    for key, array in arrays.items():
+        case[key] = save_array(f"{name}.{key}", array)
     return case
 
 
+# The image arrays a case records (None for text-only cases), per family.
+IMAGE_ARRAYS = {"idefics3": ("pixel_values", "pixel_attention_mask"), "qwen2_vl": ("pixel_values", "image_grid_thw")}
+
+
+def builders(model_type: str):
+    """(processor, seed -> model) for the tiny checkpoint of model_type."""
+    if model_type == "idefics3":
+        processor = tiny.build_processor()
+        return processor, lambda seed: tiny.build_model(processor.tokenizer, seed=seed, std=INIT_STD)
+    processor = tiny_qwen2_vl.build_processor(model_type)
+    return processor, lambda seed: tiny_qwen2_vl.build_model(model_type, processor.tokenizer, seed=seed, std=INIT_STD)
+
+
 def main() -> None:
+    global FIXTURE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-type", default="idefics3", choices=sorted(FIXTURES))
     parser.add_argument("--skip-export", action="store_true", help="do not (re)build package/")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(2)
+    FIXTURE = REPO / "tests" / "fixtures" / FIXTURES[args.model_type]
+    family = family_for(args.model_type)
 
-    processor = tiny.build_processor()
+    processor, build_model = builders(args.model_type)
     images = make_images()
-    seed = choose_seed(processor, images)
+    if family.NAME != "idefics3":
+        images.update(EXTREME_IMAGES)
+        CASE_TEXT.update(EXTREME_TEXT)
+    seed = choose_seed(family, build_model, processor, images)
     print(f"using seed {seed}")
 
     for sub in ("checkpoint", "images", "arrays"):
         shutil.rmtree(FIXTURE / sub, ignore_errors=True)
         (FIXTURE / sub).mkdir(parents=True)
-    model = tiny.build_model(processor.tokenizer, seed=seed, std=INIT_STD)
+    model = build_model(seed)
     model.save_pretrained(FIXTURE / "checkpoint")
     processor.save_pretrained(FIXTURE / "checkpoint")
 
@@ -209,17 +247,14 @@ def main() -> None:
             im.save(path)
             image_files[name].append(path)
 
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     ckpt = FIXTURE / "checkpoint"
-    model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
-    processor = AutoProcessor.from_pretrained(ckpt)
-    cases = [record_case(name, model, processor, image_files.get(name, [])) for name in CASE_TEXT]
+    model, processor = family.load(str(ckpt))
+    cases = [record_case(family, name, model, processor, image_files.get(name, [])) for name in CASE_TEXT]
 
     import transformers
 
     reference = {
-        "family": "idefics3",
+        "family": family.NAME,
         "model_type": model.config.model_type,
         "package": "package",
         "checkpoint": "checkpoint",

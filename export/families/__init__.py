@@ -1,9 +1,12 @@
 """Registry of model families, keyed by config.json's model_type.
 
 A family module provides: NAME, MODEL_TYPES, GRAPHS, load(src),
-graph_specs(model), reference_inputs(processor), torch_image_features,
-torch_logits, torch_greedy and prompt_embeddings (see idefics3.py).
-Adding a family (e.g. Qwen2-VL) means adding one module and one line below.
+graph_specs(model), reference_inputs(processor), processor_images(inputs)
+(the image arrays of a processor output, the `images` dict the other
+functions take), vision_feeds(images, config), torch_image_features,
+torch_path_logits, torch_greedy, prompt_embeddings, prompt_positions,
+step_positions, optimizer_settings and sample_feeds (see idefics3.py).
+Adding a family means adding one module and one line below.
 Family modules import torch lazily so that resolving a family (and rejecting
 bad input) stays instant.
 """
@@ -12,9 +15,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import idefics3
+from . import idefics3, qwen2_vl
 
-FAMILIES: list[ModuleType] = [idefics3]
+FAMILIES: list[ModuleType] = [idefics3, qwen2_vl]
 
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.MODEL_TYPES}
 

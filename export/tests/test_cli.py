@@ -14,7 +14,7 @@ import pytest
 from conftest import EXPORT_DIR, FIXTURE
 
 SCRIPT = EXPORT_DIR / "export.py"
-SUPPORTED = "Supported families: idefics3 (model_type: idefics3, smolvlm)"
+SUPPORTED = "Supported families: idefics3 (model_type: idefics3, smolvlm); qwen2_vl (model_type: qwen2_vl, qwen2_5_vl)"
 
 
 def run_export(model, out, *extra):
