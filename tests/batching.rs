@@ -30,7 +30,7 @@ fn admit(
     stop: Option<usize>,
 ) {
     let c: &Case = &reference.cases[case];
-    let prompt = model.prepare(&c.chat_messages(), &c.decoded_images(&reference.dir)).unwrap();
+    let prompt = model.prepare(&c.chat_messages(), &c.decoded_images(&reference.dir), &[]).unwrap();
     let tag = Tagged { case, max_new, events: 0, streamed: String::new(), stop_after: stop };
     batch.admit(model, tag, prompt, &params(max_new)).map_err(|(_, e)| e).unwrap();
 }
@@ -67,7 +67,13 @@ fn drain(
 
 #[test]
 fn concurrent_sequences_give_their_single_stream_tokens() {
-    let reference = references().remove(0);
+    // Every family: Qwen2-VL's three-axis positions stack and chunk like 1-D ones.
+    for reference in references() {
+        concurrent_sequences_of(&reference);
+    }
+}
+
+fn concurrent_sequences_of(reference: &Reference) {
     let mut model = reference.load(Precision::Fp32);
     // Chunks of 64 tokens and 3 tiles: long prompts and multi-tile images are encoded and
     // prefilled over several steps while others decode, tiles of different requests together.
@@ -76,11 +82,11 @@ fn concurrent_sequences_give_their_single_stream_tokens() {
     let full = reference.max_new_tokens;
     // Half the cases at once with different token budgets, the rest joining one per step.
     for case in 0..n / 2 {
-        admit(&mut batch, &model, &reference, case, full - 3 * case, None);
+        admit(&mut batch, &model, reference, case, full - 3 * case, None);
     }
     let later: Vec<(usize, usize)> = (n / 2..n).map(|case| (case, full - case)).collect();
     // How many overlap depends on the vision thread's timing; what must hold is the tokens.
-    let done = drain(&mut batch, &mut model, &reference, later, 1);
+    let done = drain(&mut batch, &mut model, reference, later, 1);
     assert_eq!(done.len(), n);
     for (tag, result) in done {
         let case = &reference.cases[tag.case];
@@ -128,7 +134,7 @@ fn fp16_batches_match_fp16_single_streams() {
         .cases
         .iter()
         .map(|c| {
-            let prompt = model.prepare(&c.chat_messages(), &c.decoded_images(&reference.dir)).unwrap();
+            let prompt = model.prepare(&c.chat_messages(), &c.decoded_images(&reference.dir), &[]).unwrap();
             model.generate(prompt, &params(reference.max_new_tokens), &mut |_| Flow::Continue).unwrap().token_ids
         })
         .collect();
@@ -155,7 +161,7 @@ fn a_bad_prompt_is_refused_at_admission_without_touching_the_batch() {
     let model = reference.load(Precision::Fp32);
     let mut batch: Batch<u32> = Batch::new(model.kv_layout(), Limits::ALONE);
     let case = &reference.cases[0];
-    let prompt = model.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir)).unwrap();
+    let prompt = model.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir), &[]).unwrap();
     let context = model.info.context_length;
     let (tag, error) = batch.admit(&model, 7, prompt, &params(context)).unwrap_err();
     assert_eq!(tag, 7);

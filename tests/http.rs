@@ -1038,3 +1038,63 @@ fn remote_image_urls_from_allowed_hosts_only() {
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
     });
 }
+
+/// A Qwen2.5-VL server: answers equal PyTorch's, `detail` and `max_pixels` bound what an image
+/// costs (the server's processor settings cap them from above), an image beyond the cap is
+/// resized down, and one beyond the hard pixel limit is refused with 413.
+#[test]
+fn qwen2_vl_serves_with_per_image_budgets() {
+    let fixture = common::root().join("tests/fixtures/qwen2.5-vl-tiny");
+    let reference = common::references().into_iter().find(|r| r.dir == fixture).unwrap();
+    // The fixture allows 32 image tokens; `detail: low` 8 here.
+    let toml = format!(
+        "[[models]]\nname = \"qwen\"\npath = {:?}\n[models.processor]\nlow_detail_max_pixels = 6272\n\n\
+         [server]\nhttp_workers = 2\nmax_image_side = 4000\nmax_image_pixels = 4000000\n",
+        fixture.join("package").display().to_string()
+    );
+    let server = Server::start(&toml);
+    let chat = |image_url: Value, max_tokens: usize| {
+        let content =
+            json!([{"type": "image_url", "image_url": image_url}, {"type": "text", "text": "What is in the image?"}]);
+        let body =
+            json!({"model": "qwen", "max_tokens": max_tokens, "messages": [{"role": "user", "content": content}]});
+        server.post("/v1/chat/completions", &body)
+    };
+
+    // Token for token PyTorch's answer, from the fixture's image file.
+    let case = reference.cases.iter().find(|c| c.name == "one_image").unwrap();
+    let one_image = data_url(&std::fs::read(fixture.join(&case.images[0])).unwrap());
+    let (status, body) = chat(json!({"url": one_image}), 24);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["prompt_tokens"], case.input_ids.len(), "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], case.generated_text, "{body}");
+
+    // A 1600x1200 image is resized to the server's 32 tokens (not refused), `low` to at most 8,
+    // `max_pixels` to what it names; each answer comes back.
+    let large = data_url(&png(1600, 1200));
+    let prompt_tokens = |image_url: Value| {
+        let (status, body) = chat(image_url, 2);
+        assert_eq!(status, 200, "{body}");
+        assert!(body["choices"][0]["message"]["content"].is_string(), "{body}");
+        body["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let high = prompt_tokens(json!({"url": large, "detail": "high"}));
+    let auto = prompt_tokens(json!({"url": large}));
+    let low = prompt_tokens(json!({"url": large, "detail": "low"}));
+    let capped = prompt_tokens(json!({"url": large, "max_pixels": 12 * 28 * 28}));
+    let beyond_cap = prompt_tokens(json!({"url": large, "max_pixels": 100_000_000}));
+    let text_tokens = high - 24; // smart_resize: 1600x1200 in 32 tokens' worth is 168x112, 24 tokens
+    assert_eq!((auto, beyond_cap), (high, high));
+    assert_eq!(low - text_tokens, 6, "56x84 pixels");
+    assert_eq!(capped - text_tokens, 12, "112x84 pixels");
+
+    // Over the hard pixel limit: 413; a bad budget: 400 naming the field.
+    let (s, b) = chat(json!({"url": data_url(&png(2100, 2000))}), 2);
+    assert_error(s, &b, 413, "image_too_large");
+    let (s, b) = chat(json!({"url": large, "detail": "tiny"}), 2);
+    assert_error(s, &b, 400, "invalid_request");
+    assert_eq!(b["error"]["param"], "messages[0].content[0].image_url.detail");
+    // A strip beyond the processor's aspect ratio limit is a clear 400.
+    let (s, b) = chat(json!({"url": data_url(&png(3000, 10))}), 2);
+    assert_error(s, &b, 400, "invalid_image");
+}

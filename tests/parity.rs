@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::{Case, Reference, agreement, read_bool, read_f32, references, unbatch};
+use common::{Case, Reference, agreement, read_bool, read_f32, read_i64, references, unbatch};
 use vlmserve::engine::{Completion, Flow, GenerationParams, Model, Prompt};
-use vlmserve::family::{NamedTensor, TensorData};
+use vlmserve::family::TensorData;
 use vlmserve::package::Precision;
 
 fn greedy(max_new_tokens: usize) -> GenerationParams {
@@ -25,22 +25,30 @@ fn run(model: &mut Model, prompt: &Prompt, max_new_tokens: usize) -> Completion 
 }
 
 fn our_prompt(model: &Model, reference: &Reference, case: &Case) -> Prompt {
-    model.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir)).unwrap()
+    model.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir), &[]).unwrap()
 }
 
-/// The same prompt, but with the processor's own pixel values instead of ours.
+/// The same prompt, but with the vision-encoder inputs transformers computed instead of ours.
 fn reference_prompt(model: &Model, reference: &Reference, case: &Case) -> Prompt {
     let ours = our_prompt(model, reference, case);
     let images = ours.images.clone().map(|mut images| {
-        let pixels = unbatch(read_f32(&reference.dir, case.pixel_values.as_ref().unwrap()));
-        let mask = unbatch(read_bool(&reference.dir, case.pixel_attention_mask.as_ref().unwrap()));
-        images.inputs = vec![
-            NamedTensor { name: "pixel_values".into(), data: TensorData::F32(pixels) },
-            NamedTensor { name: "pixel_attention_mask".into(), data: TensorData::Bool(mask) },
-        ];
+        for input in &mut images.inputs {
+            let recorded =
+                case.array(&input.name).unwrap_or_else(|| panic!("{}: no {} recorded", case.name, input.name));
+            input.data = match &input.data {
+                TensorData::F32(a) => TensorData::F32(batchless(read_f32(&reference.dir, &recorded), a.ndim())),
+                TensorData::I64(a) => TensorData::I64(batchless(read_i64(&reference.dir, &recorded), a.ndim())),
+                TensorData::Bool(a) => TensorData::Bool(batchless(read_bool(&reference.dir, &recorded), a.ndim())),
+            };
+        }
         images
     });
     model.prompt_from_ids(case.input_ids.clone(), images)
+}
+
+/// A recorded array with the processor's batch axis dropped where ours has none.
+fn batchless<T: Clone>(array: ndarray::ArrayD<T>, ndim: usize) -> ndarray::ArrayD<T> {
+    if array.ndim() == ndim + 1 { unbatch(array) } else { array }
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Image preprocessing against Pillow and transformers: Pillow-exact resizing, PIL-equivalent
-//! decoding (cases from `export/make_resize_cases.py`), the Idefics3 processor's pixel values
-//! for every fixture case, and rejection of bad input.
+//! decoding (cases from `export/make_resize_cases.py`), the Idefics3 and Qwen2-VL processors'
+//! pixel values, grids and positions for every fixture case, and rejection of bad input.
 
 mod common;
 
@@ -117,12 +117,12 @@ const IDENTICAL: f32 = 1e-6;
 
 #[test]
 fn idefics3_pixels_and_prompts_match_the_processor() {
-    for reference in common::references() {
+    for reference in common::references().into_iter().filter(|r| r.family == "idefics3") {
         let package = reference.package_dir();
         let family = idefics3_for(&package);
         for case in &reference.cases {
             let images = case.decoded_images(&reference.dir);
-            let processed = family.process_images(&images).unwrap();
+            let processed = family.process_images(&images, &[]).unwrap();
             let expanded = family.expand_prompt(&case.prompt, &processed.layouts).unwrap();
             assert_eq!(expanded, case.expanded_prompt, "{}: expanded prompt", case.name);
             let (Some(pixels), Some(mask)) = (&case.pixel_values, &case.pixel_attention_mask) else {
@@ -139,6 +139,12 @@ fn idefics3_pixels_and_prompts_match_the_processor() {
 }
 
 fn idefics3_for(package: &Path) -> Idefics3 {
+    let (config, processor) = package_settings(package);
+    Idefics3::from_configs(&config, &processor).unwrap()
+}
+
+/// `config.json` and the image-processor settings of a package.
+fn package_settings(package: &Path) -> (serde_json::Value, serde_json::Value) {
     let read = |name: &str| -> Option<serde_json::Value> {
         let text = std::fs::read_to_string(package.join(name)).ok()?;
         Some(serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}")))
@@ -147,7 +153,76 @@ fn idefics3_for(package: &Path) -> Idefics3 {
     // Prefer preprocessor_config.json; otherwise processor_config.json's nested shape.
     let processor =
         read("preprocessor_config.json").or_else(|| read("processor_config.json")).expect("processor settings");
-    Idefics3::from_configs(&config, &processor).unwrap()
+    (config, processor)
+}
+
+/// Qwen2-VL normalizes with the CLIP std (~0.27): transformers' float32 arithmetic, which we
+/// repeat, leaves nothing but rounding.
+const QWEN_PIXEL_TOLERANCE: f32 = 1e-4;
+
+#[test]
+fn qwen2_vl_pixels_grids_and_positions_match_the_processor() {
+    let references: Vec<_> = common::references().into_iter().filter(|r| r.family == "qwen2_vl").collect();
+    assert_eq!(references.len(), 2, "Qwen2-VL and Qwen2.5-VL fixtures");
+    for reference in references {
+        let (config, processor) = package_settings(&reference.package_dir());
+        let family = vlmserve::family::for_model_type(&config, &processor).unwrap();
+        for case in &reference.cases {
+            let name = format!("{} {}", config["model_type"], case.name);
+            let images = case.decoded_images(&reference.dir);
+            let processed = family.process_images(&images, &[]).unwrap();
+            let expanded = family.expand_prompt(&case.prompt, &processed.layouts).unwrap();
+            assert_eq!(expanded, case.expanded_prompt, "{name}: expanded prompt");
+            let positions = family.prompt_positions(&case.input_ids, &processed.layouts);
+            let theirs = common::read_i64(&reference.dir, &case.array("position_ids").unwrap());
+            assert_eq!(positions.prompt, theirs, "{name}: position ids");
+            assert_eq!(positions.next, theirs.iter().max().unwrap() + 1, "{name}: first decode position");
+            if images.is_empty() {
+                continue;
+            }
+            let grids = common::read_i64(&reference.dir, &case.array("image_grid_thw").unwrap());
+            let ours: Vec<i64> = processed.layouts.iter().flat_map(|l| l.grid.map(|g| g as i64)).collect();
+            assert_eq!(ours, grids.iter().copied().collect::<Vec<_>>(), "{name}: image_grid_thw");
+            for input in &processed.inputs {
+                let recorded = case.array(&input.name).unwrap_or_else(|| panic!("{name}: {} not recorded", input.name));
+                match &input.data {
+                    TensorData::F32(ours) => {
+                        let theirs = common::read_f32(&reference.dir, &recorded);
+                        assert_eq!(ours.shape(), theirs.shape(), "{name}: {} shape", input.name);
+                        let largest = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                        assert!(largest <= QWEN_PIXEL_TOLERANCE, "{name}: {} differs by {largest}", input.name);
+                    }
+                    TensorData::I64(ours) => {
+                        assert_eq!(ours, &common::read_i64(&reference.dir, &recorded), "{name}: {}", input.name);
+                    }
+                    TensorData::Bool(_) => panic!("{name}: Qwen2-VL has no boolean inputs"),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn qwen2_vl_image_budgets_bound_the_tokens() {
+    use vlmserve::family::{Detail, ImageBudget};
+    let reference = common::references().into_iter().find(|r| r.family == "qwen2_vl").unwrap();
+    let (config, mut processor) = package_settings(&reference.package_dir());
+    processor["image_processor"]["low_detail_max_pixels"] = serde_json::json!(8 * 28 * 28);
+    let family = vlmserve::family::for_model_type(&config, &processor).unwrap();
+    let image = RgbImage::from_pixel(640, 480, image::Rgb([10, 200, 30]));
+    let tokens = |budget: ImageBudget| {
+        let processed = family.process_images(std::slice::from_ref(&image), &[budget]).unwrap();
+        assert_eq!(processed.total_tokens(), family.image_tokens_for_size(640, 480, budget), "estimate = actual");
+        processed.total_tokens()
+    };
+    let high = tokens(ImageBudget { detail: Detail::High, max_pixels: None });
+    let low = tokens(ImageBudget { detail: Detail::Low, max_pixels: None });
+    let capped = tokens(ImageBudget { detail: Detail::Auto, max_pixels: Some(12 * 28 * 28) });
+    // transformers' smart_resize of 480x640 within 32, 8 and 12 tokens' worth of pixels:
+    // 112x168 (24 tokens), 56x84 (6), 84x112 (12).
+    assert_eq!((high, low, capped), (24, 6, 12));
+    // A budget above the server's cap changes nothing.
+    assert_eq!(tokens(ImageBudget { detail: Detail::High, max_pixels: Some(1 << 30) }), high);
 }
 
 fn compare_pixels(name: &str, ours: &ArrayD<f32>, theirs: &ArrayD<f32>) {

@@ -78,7 +78,7 @@ pub fn run(settings: &Settings, args: &AskArgs) -> Result<(), CliError> {
         .collect::<Result<Vec<_>, _>>()?;
     let image_decode_s = decode_start.elapsed().as_secs_f64();
     let message = ChatMessage::user(images.len(), &args.prompt);
-    let prompt = model.prepare(&[message], &images)?;
+    let prompt = model.prepare(&[message], &images, &[])?;
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
     let completion = model.generate(prompt, &args.params(), &mut |event| {

@@ -102,7 +102,7 @@ impl Workload<'_> {
             None => Vec::new(),
         };
         let image_decode_s = start.elapsed().as_secs_f64();
-        let prompt = model.prepare(&[ChatMessage::user(images.len(), &self.args.prompt)], &images)?;
+        let prompt = model.prepare(&[ChatMessage::user(images.len(), &self.args.prompt)], &images, &[])?;
         let params =
             GenerationParams { max_new_tokens: self.args.new_tokens, ignore_eos: true, ..GenerationParams::default() };
         let completion = model.generate(prompt, &params, &mut |_| Flow::Continue)?;

@@ -7,6 +7,7 @@ use clap::Args;
 use super::{CliError, ModelArgs};
 use crate::config::Settings;
 use crate::engine::Model;
+use crate::family::ImageBudget;
 use crate::package::Graph;
 
 #[derive(Debug, Args)]
@@ -43,7 +44,7 @@ fn describe(model: &Model) -> String {
     );
     let _ = writeln!(out, "tokens per image:");
     for (w, h) in SAMPLE_SIZES {
-        let _ = writeln!(out, "  {w}x{h}: {}", model.family.image_tokens_for_size(w, h));
+        let _ = writeln!(out, "  {w}x{h}: {}", model.family.image_tokens_for_size(w, h, ImageBudget::default()));
     }
     let described = model.describe_graphs();
     for ((graph, precision, path, providers), (_, inputs, outputs)) in info.graphs.iter().zip(described) {

@@ -15,7 +15,7 @@ use super::model::{Model, Processor};
 use super::sampler::{Sampler, SamplingParams};
 use super::stop::{FinishReason, StopRules};
 use super::tensors::to_f32_array;
-use crate::family::{Positions, ProcessedImages};
+use crate::family::{ImageBudget, Positions, ProcessedImages};
 use crate::preprocess::chat_template::ChatMessage;
 
 /// A prompt ready for the graphs: token ids, processed images and position ids.
@@ -92,8 +92,14 @@ pub struct Completion {
 }
 
 impl Processor {
-    /// Render the chat template, process the images and tokenize the expanded prompt.
-    pub fn prepare(&self, messages: &[ChatMessage], images: &[RgbImage]) -> Result<Prompt, EngineError> {
+    /// Render the chat template, process the images (each within its budget, see
+    /// [`ImageBudget::of`]) and tokenize the expanded prompt.
+    pub fn prepare(
+        &self,
+        messages: &[ChatMessage],
+        images: &[RgbImage],
+        budgets: &[ImageBudget],
+    ) -> Result<Prompt, EngineError> {
         let start = Instant::now();
         let wanted: usize = messages.iter().map(ChatMessage::image_count).sum();
         if wanted != images.len() {
@@ -105,7 +111,7 @@ impl Processor {
             return Err(EngineError::EmptyPrompt);
         }
         let text = self.template.render(messages)?;
-        let processed = if images.is_empty() { None } else { Some(self.family.process_images(images)?) };
+        let processed = if images.is_empty() { None } else { Some(self.family.process_images(images, budgets)?) };
         let layouts = processed.as_ref().map(|p| p.layouts.as_slice()).unwrap_or_default();
         let expanded = self.family.expand_prompt(&text, layouts)?;
         let encoding = self.tokenizer.encode(expanded, true).map_err(|e| EngineError::Tokenizer(e.to_string()))?;

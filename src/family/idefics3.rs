@@ -11,15 +11,16 @@ use image::RgbImage;
 use ndarray::{Array3, Array4, s};
 use serde_json::Value;
 
-use super::{Family, FamilyError, ImageLayout, NamedTensor, ProcessedImages, TensorData};
+use super::settings::{CONFIG, PROCESSOR, Settings, config_int, invalid, positive, token_id};
+use super::{
+    Detail, Family, FamilyError, ImageBudget, ImageLayout, NamedTensor, ProcessedImages, TensorData,
+    expand_placeholders,
+};
 use crate::preprocess::normalize::Normalization;
 use crate::preprocess::{Filter, resize};
 
 /// transformers' `MAX_IMAGE_SIZE`: no resized edge exceeds 4k.
 const MAX_IMAGE_SIZE: u32 = 4096;
-
-const CONFIG: &str = "config.json";
-const PROCESSOR: &str = "preprocessor_config.json";
 
 /// Settings of one Idefics3-style model; pure, shared by all requests.
 #[derive(Debug, Clone)]
@@ -77,13 +78,14 @@ impl Idefics3 {
             None => image_seq_len_from_config(config)?,
         };
         Ok(Self {
-            image_token_id: image_token_id(config)?,
+            image_token_id: token_id(config, "image_token_id", 128_257)?,
             image_seq_len,
             longest_edge,
             tile,
             split: settings.flag("do_image_splitting")?,
             filter,
-            normalization: settings.normalization()?,
+            // IMAGENET_STANDARD_MEAN / _STD.
+            normalization: settings.normalization(([0.5; 3], [0.5; 3]))?,
             tokens: PromptTokens {
                 image: settings.token("image_token")?.unwrap_or("<image>").to_string(),
                 fake: settings.token("fake_image_token")?.unwrap_or("<fake_token_around_image>").to_string(),
@@ -92,13 +94,15 @@ impl Idefics3 {
         })
     }
 
-    /// Where an image of this size ends up, without touching pixels.
-    fn plan(&self, width: u32, height: u32) -> Plan {
-        let resized = match self.longest_edge {
+    /// Where an image of this size ends up under `budget`, without touching pixels.
+    /// `detail: low` turns splitting off (one tile); `max_pixels` lowers the longest edge until
+    /// the resized image's area fits, which means fewer tiles.
+    fn plan(&self, width: u32, height: u32, budget: ImageBudget) -> Plan {
+        let resized = match self.longest_edge(width, height, budget) {
             Some(edge) => longest_edge_size(width, height, edge),
             None => (width, height),
         };
-        if !self.split {
+        if !self.split || budget.detail == Detail::Low {
             return Plan { resized, tiled: (self.tile, self.tile), rows: 0, cols: 0 };
         }
         let tiled = whole_tiles_size(resized.0, resized.1, self.tile);
@@ -111,6 +115,15 @@ impl Idefics3 {
         Plan { resized, tiled, rows, cols }
     }
 
+    /// `size.longest_edge`, lowered so that the resized area stays within `budget.max_pixels`.
+    fn longest_edge(&self, width: u32, height: u32, budget: ImageBudget) -> Option<u32> {
+        let edge = self.longest_edge?;
+        let Some(cap) = budget.max_pixels else { return Some(edge) };
+        let aspect = f64::from(width.max(height)) / f64::from(width.min(height).max(1));
+        let fitting = (cap as f64 * aspect).sqrt().floor() as u32;
+        Some(edge.min(fitting.max(1)))
+    }
+
     /// Unsplit images are one frame; split ones are their tiles plus the global image.
     fn layout(&self, plan: &Plan) -> ImageLayout {
         let frames = (plan.rows * plan.cols) as usize + 1;
@@ -118,8 +131,8 @@ impl Idefics3 {
     }
 
     /// The frames of one image, in the order the vision encoder takes them.
-    fn frames(&self, image: &RgbImage) -> (Vec<RgbImage>, Plan) {
-        let plan = self.plan(image.width(), image.height());
+    fn frames(&self, image: &RgbImage, budget: ImageBudget) -> (Vec<RgbImage>, Plan) {
+        let plan = self.plan(image.width(), image.height(), budget);
         let resized = resize(image, plan.resized.0, plan.resized.1, self.filter);
         let tiled = resize(&resized, plan.tiled.0, plan.tiled.1, self.filter);
         if plan.rows == 0 && plan.cols == 0 {
@@ -171,11 +184,11 @@ impl Family for Idefics3 {
         self.image_token_id
     }
 
-    fn process_images(&self, images: &[RgbImage]) -> Result<ProcessedImages, FamilyError> {
+    fn process_images(&self, images: &[RgbImage], budgets: &[ImageBudget]) -> Result<ProcessedImages, FamilyError> {
         let mut frames = Vec::new();
         let mut layouts = Vec::with_capacity(images.len());
-        for image in images {
-            let (image_frames, plan) = self.frames(image);
+        for (i, image) in images.iter().enumerate() {
+            let (image_frames, plan) = self.frames(image, ImageBudget::of(budgets, i));
             frames.extend(image_frames);
             layouts.push(self.layout(&plan));
         }
@@ -190,23 +203,12 @@ impl Family for Idefics3 {
         })
     }
 
-    fn image_tokens_for_size(&self, width: u32, height: u32) -> usize {
-        self.layout(&self.plan(width, height)).tokens
+    fn image_tokens_for_size(&self, width: u32, height: u32, budget: ImageBudget) -> usize {
+        self.layout(&self.plan(width, height, budget)).tokens
     }
 
     fn expand_prompt(&self, prompt: &str, layouts: &[ImageLayout]) -> Result<String, FamilyError> {
-        let placeholder = self.tokens.image.as_str();
-        let placeholders = prompt.matches(placeholder).count();
-        if placeholders != layouts.len() {
-            return Err(FamilyError::ImageCountMismatch { placeholders, images: layouts.len() });
-        }
-        let mut pieces = prompt.split(placeholder);
-        let mut expanded = pieces.next().unwrap_or_default().to_string();
-        for (piece, layout) in pieces.zip(layouts) {
-            expanded.push_str(&self.image_text(layout));
-            expanded.push_str(piece);
-        }
-        Ok(expanded)
+        expand_placeholders(prompt, &self.tokens.image, layouts, |layout| self.image_text(layout))
     }
 }
 
@@ -298,111 +300,6 @@ fn image_seq_len_from_config(config: &Value) -> Result<usize, FamilyError> {
     }
 }
 
-fn image_token_id(config: &Value) -> Result<u32, FamilyError> {
-    let id = config_int(&config["image_token_id"], "image_token_id")?.unwrap_or(128_257);
-    u32::try_from(id).map_err(|_| invalid(CONFIG, format!("image_token_id {id} is out of range")))
-}
-
-fn config_int(value: &Value, key: &str) -> Result<Option<u64>, FamilyError> {
-    match value {
-        Value::Null => Ok(None),
-        v => v.as_u64().map(Some).ok_or_else(|| invalid(CONFIG, format!("{key} must be a non-negative integer"))),
-    }
-}
-
-/// A positive count from the processor settings.
-fn positive(n: i64, key: &str) -> Result<usize, FamilyError> {
-    usize::try_from(n).ok().filter(|&n| n > 0).ok_or_else(|| invalid(PROCESSOR, format!("{key} must be positive")))
-}
-
-fn invalid(file: &'static str, message: String) -> FamilyError {
-    FamilyError::InvalidConfig { file, message }
-}
-
-/// Image-processor settings, in either of the shapes packages store them.
-struct Settings<'a>(&'a Value);
-
-impl<'a> Settings<'a> {
-    fn get(&self, key: &str) -> Option<&'a Value> {
-        let found = |v: &'a Value| v.get(key).filter(|v| !v.is_null());
-        found(self.0).or_else(|| self.0.get("image_processor").and_then(found))
-    }
-
-    /// A boolean switch; every switch Idefics3 reads defaults to true.
-    fn flag(&self, key: &str) -> Result<bool, FamilyError> {
-        match self.get(key) {
-            None => Ok(true),
-            Some(v) => v.as_bool().ok_or_else(|| invalid(PROCESSOR, format!("{key} must be true or false"))),
-        }
-    }
-
-    fn int(&self, key: &str) -> Result<Option<i64>, FamilyError> {
-        self.get(key)
-            .map(|v| v.as_i64().ok_or_else(|| invalid(PROCESSOR, format!("{key} must be an integer"))))
-            .transpose()
-    }
-
-    /// A token string, stored plain or as a serialized `AddedToken` (`{"content": ...}`).
-    fn token(&self, key: &str) -> Result<Option<&'a str>, FamilyError> {
-        self.get(key)
-            .map(|v| {
-                v.as_str()
-                    .or_else(|| v["content"].as_str())
-                    .ok_or_else(|| invalid(PROCESSOR, format!("{key} must be a token string")))
-            })
-            .transpose()
-    }
-
-    /// `{"longest_edge": n}` settings (`size`, `max_image_size`).
-    fn longest_edge(&self, key: &str) -> Result<Option<u32>, FamilyError> {
-        let Some(value) = self.get(key) else {
-            return Ok(None);
-        };
-        let edge = value["longest_edge"].as_u64().and_then(|n| u32::try_from(n).ok()).filter(|&n| n > 0);
-        edge.map(Some)
-            .ok_or_else(|| invalid(PROCESSOR, format!("{key} must be {{\"longest_edge\": <positive integer>}}")))
-    }
-
-    fn normalization(&self) -> Result<Normalization, FamilyError> {
-        let rescale_factor = match self.flag("do_rescale")? {
-            true => Some(self.number("rescale_factor")?.unwrap_or(1.0 / 255.0)),
-            false => None,
-        };
-        let mean_std = match self.flag("do_normalize")? {
-            // IMAGENET_STANDARD_MEAN / _STD.
-            true => Some((
-                self.per_channel("image_mean")?.unwrap_or([0.5; 3]),
-                self.per_channel("image_std")?.unwrap_or([0.5; 3]),
-            )),
-            false => None,
-        };
-        Ok(Normalization { rescale_factor, mean_std })
-    }
-
-    fn number(&self, key: &str) -> Result<Option<f64>, FamilyError> {
-        self.get(key)
-            .map(|v| v.as_f64().ok_or_else(|| invalid(PROCESSOR, format!("{key} must be a number"))))
-            .transpose()
-    }
-
-    /// A number or a list of three, cast to `f32` as numpy casts mean and std.
-    fn per_channel(&self, key: &str) -> Result<Option<[f32; 3]>, FamilyError> {
-        let Some(value) = self.get(key) else {
-            return Ok(None);
-        };
-        let bad = || invalid(PROCESSOR, format!("{key} must be a number or a list of 3 numbers"));
-        if let Some(x) = value.as_f64() {
-            return Ok(Some([x as f32; 3]));
-        }
-        let list = value.as_array().filter(|l| l.len() == 3).ok_or_else(bad)?;
-        let mut out = [0.0; 3];
-        for (dst, v) in out.iter_mut().zip(list) {
-            *dst = v.as_f64().ok_or_else(bad)? as f32;
-        }
-        Ok(Some(out))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,21 +324,41 @@ mod tests {
         let family = smolvlm(true);
         assert_eq!(family.image_seq_len, 64);
         assert_eq!(family.image_token_id(), 49190);
-        assert_eq!(family.plan(512, 512), Plan { resized: (2048, 2048), tiled: (2048, 2048), rows: 4, cols: 4 });
-        assert_eq!(family.image_tokens_for_size(512, 512), 1088);
-        assert_eq!(smolvlm(false).image_tokens_for_size(512, 512), 64);
+        assert_eq!(
+            family.plan(512, 512, ImageBudget::default()),
+            Plan { resized: (2048, 2048), tiled: (2048, 2048), rows: 4, cols: 4 }
+        );
+        assert_eq!(family.image_tokens_for_size(512, 512, ImageBudget::default()), 1088);
+        assert_eq!(smolvlm(false).image_tokens_for_size(512, 512, ImageBudget::default()), 64);
+    }
+
+    #[test]
+    fn budgets_cost_fewer_tiles() {
+        let family = smolvlm(true);
+        let low = ImageBudget { detail: Detail::Low, max_pixels: None };
+        assert_eq!(family.image_tokens_for_size(512, 512, low), 64);
+        // At most 1024x1024 pixels: a 1024 longest edge is 2x2 tiles and the global image.
+        let capped = ImageBudget { detail: Detail::High, max_pixels: Some(1024 * 1024) };
+        assert_eq!(family.plan(512, 512, capped).rows, 2);
+        assert_eq!(family.image_tokens_for_size(512, 512, capped), 5 * 64);
     }
 
     #[test]
     fn wide_and_tiny_images() {
         let family = smolvlm(true);
         // 190x70: 2048 x int(2048 / (190/70)) = 754 -> even 754; to tiles 2048 x 1024.
-        assert_eq!(family.plan(190, 70), Plan { resized: (2048, 754), tiled: (2048, 1024), rows: 2, cols: 4 });
-        assert_eq!(family.image_tokens_for_size(190, 70), 9 * 64);
+        assert_eq!(
+            family.plan(190, 70, ImageBudget::default()),
+            Plan { resized: (2048, 754), tiled: (2048, 1024), rows: 2, cols: 4 }
+        );
+        assert_eq!(family.image_tokens_for_size(190, 70, ImageBudget::default()), 9 * 64);
         // 1x1 upscales to 2048x2048.
-        assert_eq!(family.plan(1, 1).rows, 4);
+        assert_eq!(family.plan(1, 1, ImageBudget::default()).rows, 4);
         // Extreme aspect: height truncates to 0, min 1, then a whole tile.
-        assert_eq!(family.plan(10_000, 1), Plan { resized: (2048, 1), tiled: (2048, 512), rows: 1, cols: 4 });
+        assert_eq!(
+            family.plan(10_000, 1, ImageBudget::default()),
+            Plan { resized: (2048, 1), tiled: (2048, 512), rows: 1, cols: 4 }
+        );
     }
 
     #[test]
@@ -455,7 +372,7 @@ mod tests {
     #[test]
     fn unsplit_prompt_is_one_global_block() {
         let family = smolvlm(false);
-        let layout = family.layout(&family.plan(30, 20));
+        let layout = family.layout(&family.plan(30, 20, ImageBudget::default()));
         assert_eq!(layout, ImageLayout { grid: [1, 0, 0], tokens: 64 });
         let text = family.expand_prompt("A<image>B", &[layout]).unwrap();
         let expected =
@@ -488,7 +405,7 @@ mod tests {
     fn processed_frames_match_layout() {
         let family = smolvlm(true);
         let image = RgbImage::from_pixel(40, 20, image::Rgb([255, 0, 128]));
-        let processed = family.process_images(&[image]).unwrap();
+        let processed = family.process_images(&[image], &[]).unwrap();
         assert_eq!(processed.layouts, vec![ImageLayout { grid: [1, 2, 4], tokens: 9 * 64 }]);
         let TensorData::F32(pixels) = &processed.inputs[0].data else { panic!("pixel_values is f32") };
         assert_eq!(pixels.shape(), &[9, 3, 512, 512]);

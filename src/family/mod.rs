@@ -6,8 +6,11 @@
 //! one file here and one line in [`for_model_type`].
 
 mod idefics3;
+mod qwen2_vl;
+mod settings;
 
 pub use idefics3::Idefics3;
+pub use qwen2_vl::Qwen2Vl;
 
 use image::RgbImage;
 use ndarray::ArrayD;
@@ -23,10 +26,40 @@ pub enum FamilyError {
     ImageCountMismatch { placeholders: usize, images: usize },
     #[error("image preprocessing failed: {0}")]
     Preprocess(#[from] crate::preprocess::PreprocessError),
+    /// An image the family's processor cannot take (e.g. too extreme an aspect ratio).
+    #[error("unsupported image: {0}")]
+    UnsupportedImage(String),
 }
 
 /// Model types (`config.json` `model_type`) we can run, for error messages.
-pub const SUPPORTED: &str = "idefics3, smolvlm (SmolVLM, SmolVLM2, Idefics3)";
+pub const SUPPORTED: &str =
+    "idefics3, smolvlm (SmolVLM, SmolVLM2, Idefics3); qwen2_vl, qwen2_5_vl (Qwen2-VL, Qwen2.5-VL)";
+
+/// OpenAI's `detail` of an image: how much of the image a client wants the model to see.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Detail {
+    /// The model's full budget (as `High`).
+    #[default]
+    Auto,
+    /// A small, cheap rendering: the family decides what that means (fewer pixels, one tile).
+    Low,
+    High,
+}
+
+/// What a client lets one image cost. The server's processor settings cap it from above;
+/// `max_pixels` (our extension) bounds the area the image is resized to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImageBudget {
+    pub detail: Detail,
+    pub max_pixels: Option<u64>,
+}
+
+impl ImageBudget {
+    /// The budget of image `index`; images without one get the default.
+    pub fn of(budgets: &[ImageBudget], index: usize) -> ImageBudget {
+        budgets.get(index).copied().unwrap_or_default()
+    }
+}
 
 /// A tensor handed to a graph, typed by what ONNX expects.
 #[derive(Debug, Clone)]
@@ -140,12 +173,13 @@ pub trait Family: Send + Sync + std::fmt::Debug {
     /// Token id whose positions receive the vision encoder's feature rows.
     fn image_token_id(&self) -> u32;
 
-    /// Turn decoded RGB images into vision-encoder inputs and per-image layouts.
-    fn process_images(&self, images: &[RgbImage]) -> Result<ProcessedImages, FamilyError>;
+    /// Turn decoded RGB images into vision-encoder inputs and per-image layouts; `budgets[i]`
+    /// bounds image `i` (see [`ImageBudget::of`]).
+    fn process_images(&self, images: &[RgbImage], budgets: &[ImageBudget]) -> Result<ProcessedImages, FamilyError>;
 
-    /// How many image tokens each image of this size will cost, without processing it
-    /// (used for admission before any pixel work).
-    fn image_tokens_for_size(&self, width: u32, height: u32) -> usize;
+    /// How many image tokens an image of this size will cost under `budget`, without
+    /// processing it (used for admission before any pixel work).
+    fn image_tokens_for_size(&self, width: u32, height: u32, budget: ImageBudget) -> usize;
 
     /// Replace each image placeholder of a rendered prompt with that image's tokens.
     fn expand_prompt(&self, prompt: &str, layouts: &[ImageLayout]) -> Result<String, FamilyError>;
@@ -165,6 +199,27 @@ pub trait Family: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// `prompt` with its `index`-th occurrence of `placeholder` replaced by `image_text(layouts[index])`;
+/// every image needs exactly one placeholder.
+fn expand_placeholders(
+    prompt: &str,
+    placeholder: &str,
+    layouts: &[ImageLayout],
+    image_text: impl Fn(&ImageLayout) -> String,
+) -> Result<String, FamilyError> {
+    let placeholders = prompt.matches(placeholder).count();
+    if placeholders != layouts.len() {
+        return Err(FamilyError::ImageCountMismatch { placeholders, images: layouts.len() });
+    }
+    let mut pieces = prompt.split(placeholder);
+    let mut expanded = pieces.next().unwrap_or_default().to_string();
+    for (piece, layout) in pieces.zip(layouts) {
+        expanded.push_str(&image_text(layout));
+        expanded.push_str(piece);
+    }
+    Ok(expanded)
+}
+
 /// Build the family for a package from its `config.json` and image-processor settings.
 pub fn for_model_type(
     config: &serde_json::Value,
@@ -173,6 +228,7 @@ pub fn for_model_type(
     let model_type = config["model_type"].as_str().unwrap_or_default();
     match model_type {
         "idefics3" | "smolvlm" => Ok(Box::new(Idefics3::from_configs(config, processor)?)),
+        "qwen2_vl" | "qwen2_5_vl" => Ok(Box::new(Qwen2Vl::from_configs(config, processor)?)),
         other => Err(FamilyError::UnsupportedModelType(other.to_string())),
     }
 }

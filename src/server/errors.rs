@@ -122,6 +122,7 @@ impl From<EngineError> for ApiError {
             EngineError::Preprocess(p) => p.into(),
             EngineError::Family(FamilyError::Preprocess(p)) => p.into(),
             EngineError::Family(FamilyError::ImageCountMismatch { .. }) => Self::invalid_param("messages", message),
+            EngineError::Family(FamilyError::UnsupportedImage(_)) => Self::invalid(message).with_code("invalid_image"),
             EngineError::EmptyPrompt => Self::invalid_param("messages", message),
             EngineError::PromptTooLong { .. } => {
                 Self::invalid_param("messages", message).with_code("context_length_exceeded")

@@ -9,8 +9,9 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::errors::ApiError;
-use super::request::{self, ImageSource, PrepareInput, RemoteImages, Running};
+use super::request::{self, PrepareInput, RemoteImages, RequestImage, Running};
 use crate::engine::{Completion, FinishReason, GenerationParams, SamplingParams};
+use crate::family::{Detail, ImageBudget};
 use crate::preprocess::ImageLimits;
 use crate::preprocess::chat_template::{ChatMessage, ContentPart};
 use crate::scheduler::{JobEvent, SchedulerError};
@@ -156,13 +157,40 @@ impl ChatRequest {
     }
 }
 
+/// `image_url.detail` (OpenAI: `auto`, `low`, `high`) and `image_url.max_pixels` (ours: the
+/// largest area the image may be resized to); the model's processor settings cap both.
+fn image_budget(image_url: Option<&Value>, param: &str) -> Result<ImageBudget, ApiError> {
+    let Some(Value::Object(fields)) = image_url else { return Ok(ImageBudget::default()) };
+    let detail = match fields.get("detail") {
+        None | Some(Value::Null) => Detail::Auto,
+        Some(Value::String(d)) if d == "auto" => Detail::Auto,
+        Some(Value::String(d)) if d == "low" => Detail::Low,
+        Some(Value::String(d)) if d == "high" => Detail::High,
+        Some(_) => {
+            let param = format!("{param}.detail");
+            return Err(ApiError::invalid_param(&param, format!("{param} must be \"auto\", \"low\" or \"high\"")));
+        }
+    };
+    let max_pixels = match fields.get("max_pixels") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64().filter(|&n| n > 0) {
+            Some(n) => Some(n),
+            None => {
+                let param = format!("{param}.max_pixels");
+                return Err(ApiError::invalid_param(&param, format!("{param} must be a positive integer")));
+            }
+        },
+    };
+    Ok(ImageBudget { detail, max_pixels })
+}
+
 /// OpenAI messages as chat-template messages, plus the image bytes in order.
 fn parse_messages(
     messages: &[Value],
     limits: &ImageLimits,
     max_images: usize,
     remote: Option<&RemoteImages>,
-) -> Result<(Vec<ChatMessage>, Vec<ImageSource>), ApiError> {
+) -> Result<(Vec<ChatMessage>, Vec<RequestImage>), ApiError> {
     let mut out = Vec::with_capacity(messages.len());
     let mut images = Vec::new();
     for (i, message) in messages.iter().enumerate() {
@@ -219,7 +247,10 @@ fn parse_messages(
                                 )
                                 .with_param(&at));
                             }
-                            images.push(request::image_from_url(url, &format!("{at}.image_url"), limits, remote)?);
+                            let param = format!("{at}.image_url");
+                            let source = request::image_from_url(url, &param, limits, remote)?;
+                            let budget = image_budget(part.get("image_url"), &param)?;
+                            images.push(RequestImage { source, budget });
                             content.push(ContentPart::Image);
                         }
                         Some(other) => {
@@ -447,6 +478,7 @@ fn model_json(model: &crate::scheduler::ModelStatus) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::request::ImageSource;
 
     fn limits() -> ImageLimits {
         ImageLimits { max_pixels: 1 << 20, max_side: 1024, max_bytes: 1 << 20 }
@@ -463,7 +495,30 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert_eq!(out[1].content[0], ContentPart::Image);
         assert_eq!(images.len(), 1);
-        assert!(matches!(&images[0], ImageSource::Bytes(b) if b.starts_with(b"\x89PNG")));
+        assert!(matches!(&images[0].source, ImageSource::Bytes(b) if b.starts_with(b"\x89PNG")));
+        assert_eq!(images[0].budget, ImageBudget::default());
+    }
+
+    #[test]
+    fn image_detail_and_max_pixels_become_the_budget() {
+        let part =
+            |image_url: Value| json!({"role": "user", "content": [{"type": "image_url", "image_url": image_url}]});
+        let png = "data:image/png;base64,iVBORw0KGgo=";
+        let parse = |image_url| parse_messages(&[part(image_url)], &limits(), 4, None);
+        let (_, images) = parse(json!({"url": png, "detail": "low", "max_pixels": 50000})).unwrap();
+        assert_eq!(images[0].budget, ImageBudget { detail: Detail::Low, max_pixels: Some(50000) });
+        for bad in [
+            json!({"url": png, "detail": "medium"}),
+            json!({"url": png, "max_pixels": 0}),
+            json!({"url": png, "max_pixels": "big"}),
+        ] {
+            let err = parse(bad.clone()).unwrap_err();
+            assert_eq!(err.status.as_u16(), 400, "{bad}");
+            assert!(
+                err.param.as_deref().is_some_and(|p| p.ends_with(".detail") || p.ends_with(".max_pixels")),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

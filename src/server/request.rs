@@ -13,6 +13,7 @@ use futures_util::StreamExt;
 use super::AppState;
 use super::errors::ApiError;
 use crate::engine::{Completion, EngineError, GenerationParams, Processor, Prompt};
+use crate::family::ImageBudget;
 use crate::preprocess::chat_template::ChatMessage;
 use crate::preprocess::{ImageLimits, decode_image};
 use crate::scheduler::{Admission, CancelOnDrop, CancelToken, JobEvent, SchedulerError, Stage};
@@ -44,6 +45,13 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")).with_code("invalid_json"))
+}
+
+/// One image of a request: where it comes from, and what the client lets it cost.
+#[derive(Debug)]
+pub struct RequestImage {
+    pub source: ImageSource,
+    pub budget: ImageBudget,
 }
 
 /// An image as a request gives it: bytes, or a remote URL fetched while preparing.
@@ -197,7 +205,7 @@ pub fn decode_base64(data: &str, param: &str, limits: &ImageLimits) -> Result<Ve
 /// Everything needed to prepare a prompt off the async threads.
 pub struct PrepareInput {
     pub messages: Vec<ChatMessage>,
-    pub images: Vec<ImageSource>,
+    pub images: Vec<RequestImage>,
     pub params: GenerationParams,
     /// `max_new_tokens` was not given: use `default_max_tokens`, cut to what the context leaves.
     pub default_max_tokens: Option<usize>,
@@ -218,9 +226,10 @@ fn prepare_blocking(
     remote: Option<&RemoteImages>,
 ) -> Result<Prepared, ApiError> {
     let PrepareInput { messages, images, mut params, default_max_tokens } = input;
+    let budgets: Vec<ImageBudget> = images.iter().map(|image| image.budget).collect();
     let images = images
         .into_iter()
-        .map(|source| match (source, remote) {
+        .map(|image| match (image.source, remote) {
             (ImageSource::Bytes(bytes), _) => Ok(bytes),
             (ImageSource::Remote { url, param }, Some(remote)) => remote.fetch(&url, &param),
             (ImageSource::Remote { param, .. }, None) => {
@@ -232,7 +241,7 @@ fn prepare_blocking(
     let context = processor.info.context_length;
     // Image tokens are known from the headers: refuse over-budget requests before any pixel work.
     let mut image_tokens = 0usize;
-    for bytes in &images {
+    for (bytes, budget) in images.iter().zip(&budgets) {
         let dims = image::ImageReader::new(Cursor::new(bytes.as_slice()))
             .with_guessed_format()
             .ok()
@@ -242,7 +251,7 @@ fn prepare_blocking(
             && h <= limits.max_side
             && u64::from(w) * u64::from(h) <= limits.max_pixels
         {
-            image_tokens += processor.family.image_tokens_for_size(w, h);
+            image_tokens += processor.family.image_tokens_for_size(w, h, *budget);
         }
     }
     let min_new = if default_max_tokens.is_some() { 1 } else { params.max_new_tokens };
@@ -262,7 +271,7 @@ fn prepare_blocking(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let image_decode_s = start.elapsed().as_secs_f64();
-    let prompt = processor.prepare(&messages, &decoded)?;
+    let prompt = processor.prepare(&messages, &decoded, &budgets)?;
     if let Some(default) = default_max_tokens {
         params.max_new_tokens = default.min(context.saturating_sub(prompt.input_ids.len())).max(1);
     }

@@ -13,8 +13,9 @@ use serde_json::json;
 
 use super::AppState;
 use super::errors::ApiError;
-use super::request::{self, ImageSource, PrepareInput};
+use super::request::{self, ImageSource, PrepareInput, RequestImage};
 use crate::engine::{GenerationParams, SamplingParams};
+use crate::family::ImageBudget;
 use crate::preprocess::chat_template::ChatMessage;
 
 #[derive(Debug, Default, Deserialize)]
@@ -77,7 +78,7 @@ pub async fn vqa(
     let admission = state.scheduler.admit(&model)?;
     let input = PrepareInput {
         messages: vec![ChatMessage::user(1, question)],
-        images: vec![ImageSource::Bytes(image)],
+        images: vec![RequestImage { source: ImageSource::Bytes(image), budget: ImageBudget::default() }],
         params,
         default_max_tokens: fields.max_tokens.is_none().then_some(state.default_max_tokens),
     };

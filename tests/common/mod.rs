@@ -22,7 +22,7 @@ pub struct Reference {
     pub dir: PathBuf,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct ArrayRef {
     pub file: String,
     pub shape: Vec<usize>,
@@ -40,6 +40,9 @@ pub struct Case {
     pub pixel_attention_mask: Option<ArrayRef>,
     pub generated_ids: Vec<u32>,
     pub generated_text: String,
+    /// Every other recorded field; arrays among them are read with [`Case::array`].
+    #[serde(flatten)]
+    pub other: std::collections::HashMap<String, serde_json::Value>,
 }
 
 pub fn root() -> PathBuf {
@@ -78,6 +81,15 @@ impl Reference {
 }
 
 impl Case {
+    /// A recorded array by name (`pixel_values`, `image_grid_thw`, `position_ids`, ...).
+    pub fn array(&self, name: &str) -> Option<ArrayRef> {
+        match name {
+            "pixel_values" => self.pixel_values.clone(),
+            "pixel_attention_mask" => self.pixel_attention_mask.clone(),
+            _ => self.other.get(name).and_then(|v| serde_json::from_value(v.clone()).ok()),
+        }
+    }
+
     pub fn decoded_images(&self, dir: &Path) -> Vec<RgbImage> {
         self.images
             .iter()
@@ -110,6 +122,12 @@ impl Case {
 
 pub fn read_f32(dir: &Path, array: &ArrayRef) -> ArrayD<f32> {
     let a: ArrayD<f32> = ndarray_npy::read_npy(dir.join(&array.file)).unwrap();
+    assert_eq!(a.shape(), array.shape.as_slice());
+    a
+}
+
+pub fn read_i64(dir: &Path, array: &ArrayRef) -> ArrayD<i64> {
+    let a: ArrayD<i64> = ndarray_npy::read_npy(dir.join(&array.file)).unwrap();
     assert_eq!(a.shape(), array.shape.as_slice());
     a
 }
