@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Load benchmark: vlmserve under 1, 4, 8, 16 concurrent streaming clients.
 
-    python3 bench/load.py --package bench/models/smolvlm-256m-shaped/package --out docs/benchmarks.md
+    python3 bench/load.py --package bench/models/smolvlm-256m-shaped/package-optimized --out docs/benchmarks.md
 
 Starts `target/release/vlmserve serve` on the package (one tile per image: splitting off),
 then, per level, runs N clients that each send --requests streaming chat requests back to
@@ -192,7 +192,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--package", default="bench/models/smolvlm-256m-shaped/package")
+    parser.add_argument("--package", default="bench/models/smolvlm-256m-shaped/package-optimized")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--image", default="tests/fixtures/scenes/red-circle.png")
     parser.add_argument("--clients", default="1,4,8,16")

@@ -11,7 +11,10 @@ pixel shuffle 4 (64 tokens per 512x512 tile), SmolLM2-135M (30 layers, hidden 57
 512 tiles and splitting on (a 512x512 image becomes 17 tiles). The tokenizer is the tiny test
 one, padded with plain added tokens up to the vocabulary so that every id the random model
 picks decodes to text (streamed, as a real model's tokens are).
-Output goes to an ignored folder: about 1 GB per precision, never committed.
+Two packages: package/ as export.py writes it with default flags (what a user's own
+onnxruntime loop runs) and package-optimized/ with --optimize (ONNX Runtime's fusions on the
+fp32 graphs, parity-checked: vlmserve at its best).
+Output goes to an ignored folder: about 1 GB per precision and package, never committed.
 """
 
 from __future__ import annotations
@@ -77,9 +80,10 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,fp16,int8")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer-only", action="store_true", help="rewrite the tokenizer files of an existing OUT")
+    parser.add_argument("--packages", default="package,package-optimized", help="which of the two packages to (re)write")
     args = parser.parse_args()
     if args.tokenizer_only:
-        for folder in ("checkpoint", "package"):
+        for folder in ("checkpoint", *args.packages.split(",")):
             padded_tokenizer().save_pretrained(args.out / folder)
         return
     model, processor = build(args.seed)
@@ -89,8 +93,10 @@ def main() -> None:
     model.save_pretrained(checkpoint)
     processor.save_pretrained(checkpoint)
     script = Path(__file__).resolve().parent / "export.py"
-    cmd = [sys.executable, str(script), "--model", str(checkpoint), "--out", str(args.out / "package")]
-    subprocess.run(cmd + ["--precisions", args.precisions], check=True)
+    for package in args.packages.split(","):
+        flags = {"package": [], "package-optimized": ["--optimize"]}[package]
+        cmd = [sys.executable, str(script), "--model", str(checkpoint), "--out", str(args.out / package)]
+        subprocess.run(cmd + ["--precisions", args.precisions, *flags], check=True)
 
 
 if __name__ == "__main__":

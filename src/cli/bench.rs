@@ -55,6 +55,8 @@ struct Sample {
     prefill_s: f64,
     time_to_first_token_s: f64,
     decode_tokens_per_second: f64,
+    /// Share of the decode steps' time spent outside ONNX Runtime's run calls.
+    decode_outside_runtime_share: f64,
 }
 
 /// Median and range of one measure over the runs.
@@ -76,13 +78,14 @@ fn spread(samples: &[Sample], measure: fn(&Sample) -> f64) -> Spread {
 /// A named measure of a run.
 type Measure = (&'static str, fn(&Sample) -> f64);
 
-const MEASURES: [Measure; 6] = [
+const MEASURES: [Measure; 7] = [
     ("image_decode_s", |s| s.image_decode_s),
     ("preprocess_s", |s| s.preprocess_s),
     ("vision_s", |s| s.vision_s),
     ("prefill_s", |s| s.prefill_s),
     ("time_to_first_token_s", |s| s.time_to_first_token_s),
     ("decode_tokens_per_second", |s| s.decode_tokens_per_second),
+    ("decode_outside_runtime_share", |s| s.decode_outside_runtime_share),
 ];
 
 /// What one run needs: the image's bytes (decoded every run, as a server would) and the question.
@@ -115,6 +118,7 @@ impl Workload<'_> {
             // From the image file's bytes to the first token.
             time_to_first_token_s: image_decode_s + t.preprocess_s + t.time_to_first_token_s,
             decode_tokens_per_second: t.decode_tokens_per_second(),
+            decode_outside_runtime_share: if t.decode_s > 0.0 { 1.0 - t.decode_in_runtime_s / t.decode_s } else { 0.0 },
         };
         Ok((sample, completion))
     }
