@@ -85,15 +85,23 @@ def export_package(args: argparse.Namespace) -> dict:
         onnx_dir = staging / "onnx"
         onnx_dir.mkdir()
         export_fp32(family, model, onnx_dir)
+        # Under --optimize, int8 quantizes the fused fp32 graphs (the quantizer passes contrib
+        # ops through); fp16 is always made from the unfused ones, which its converter knows.
+        from_fused = {"fp32", "int8"} if args.optimize else {"fp32"}
         for variant in variants[1:]:
-            make_variants(family, variant, onnx_dir)
+            if variant not in from_fused:
+                make_variants(family, variant, onnx_dir)
         fused = None
         if args.optimize:
             from optimize import optimize_package
 
             log("fusing fp32 graphs")
             fused = optimize_package(family, onnx_dir, args.atol)
-        write_json(onnx_dir / "variants.json", variants_manifest(family, onnx_dir, variants, fused or {}))
+        for variant in variants[1:]:
+            if variant in from_fused:
+                make_variants(family, variant, onnx_dir)
+        manifest = variants_manifest(family, onnx_dir, variants, fused or {}, from_fused)
+        write_json(onnx_dir / "variants.json", manifest)
 
         from report import build_report
 
@@ -132,7 +140,7 @@ def make_variants(family, variant: str, onnx_dir: Path) -> None:
         make_variant(variant, graph_path(onnx_dir, graph, "fp32"), graph_path(onnx_dir, graph, variant))
 
 
-def variants_manifest(family, onnx_dir: Path, variants: list[str], fused: dict) -> dict:
+def variants_manifest(family, onnx_dir: Path, variants: list[str], fused: dict, from_fused: set[str]) -> dict:
     """variants.json: per variant and graph, the file, weight dtype and I/O element types."""
     from onnx_graph import initializer_bytes_by_dtype, io_types
 
@@ -146,7 +154,7 @@ def variants_manifest(family, onnx_dir: Path, variants: list[str], fused: dict) 
                 "file": f"onnx/{path.name}",
                 "weight_dtype": VARIANTS[variant].weight_dtype,
                 # Fused graphs use com.microsoft contrib ops (ONNX Runtime only).
-                "fused": variant == "fp32" and graph in fused,
+                "fused": variant in from_fused and graph in fused,
                 "initializer_bytes": initializer_bytes_by_dtype(path),
                 "inputs": inputs,
                 "outputs": outputs,

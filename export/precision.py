@@ -186,8 +186,9 @@ def to_int8(src: Path, dst: Path) -> None:
             str(dst),
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul"],
-            # Only weight matmuls; Q@K^T and attn@V have no constant operand.
-            extra_options={"MatMulConstBOnly": True},
+            # Only weight matmuls; Q@K^T and attn@V have no constant operand. Outputs of fused
+            # contrib ops (--optimize) have no inferred type: they are float.
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
             use_external_data_format=src.stat().st_size + _external_bytes(src) > 1_800_000_000,
         )
 

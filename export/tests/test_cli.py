@@ -94,7 +94,8 @@ def test_unknown_precision(tmp_path):
 def test_user_saved_checkpoint_exports(tmp_path):
     """save_pretrained by the user (model + processor) -> export.py, no code edits.
 
-    Also exercises --optimize (fused fp32 graphs must keep PyTorch parity).
+    Also exercises --optimize (fused fp32 graphs must keep PyTorch parity; int8 is quantized
+    from them).
     """
     import onnx
 
@@ -104,17 +105,22 @@ def test_user_saved_checkpoint_exports(tmp_path):
     AutoModelForImageTextToText.from_pretrained(FIXTURE / "checkpoint").save_pretrained(src)
     AutoProcessor.from_pretrained(FIXTURE / "checkpoint").save_pretrained(src)
     out = tmp_path / "pkg"
-    proc = run_export(src, out, "--precisions", "fp32", "--optimize")
+    proc = run_export(src, out, "--precisions", "fp32,int8", "--optimize")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "export_report.json").read_text())
     assert report["variants"]["fp32"]["max_abs_logit_diff_vs_pytorch"] <= 1e-4
     assert report["variants"]["fp32"]["greedy_tokens_agree"] == 24
     variants = json.loads((out / "onnx" / "variants.json").read_text())
-    assert list(variants["variants"]) == ["fp32"]
+    assert list(variants["variants"]) == ["fp32", "int8"]
     assert variants["variants"]["fp32"]["graphs"]["decoder_model_merged"]["fused"] is True
+    assert variants["variants"]["int8"]["graphs"]["decoder_model_merged"]["fused"] is True
+    int8_ops = {n.op_type for n in onnx.load(out / "onnx" / "decoder_model_merged_int8.onnx").graph.node}
+    assert {"SkipSimplifiedLayerNormalization", "DynamicQuantizeLinear", "MatMulInteger"} <= int8_ops, int8_ops
+    assert report["variants"]["int8"]["teacher_forced_argmax_agree"] >= 10
     assert report["optimized_fp32_max_abs_diff"]["decoder_model_merged"] <= 1e-4
     decoder_ops = {n.op_type for n in onnx.load(out / "onnx" / "decoder_model_merged.onnx").graph.node}
     assert "SkipSimplifiedLayerNormalization" in decoder_ops
     assert sorted(p.name for p in (out / "onnx").glob("*.onnx")) == [
-        "decoder_model_merged.onnx", "embed_tokens.onnx", "vision_encoder.onnx"]
+        "decoder_model_merged.onnx", "decoder_model_merged_int8.onnx", "embed_tokens.onnx",
+        "embed_tokens_int8.onnx", "vision_encoder.onnx", "vision_encoder_int8.onnx"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
