@@ -21,6 +21,8 @@ cu_seqlens, which gives the same softmax over each segment.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from . import shared
@@ -89,8 +91,8 @@ def _vision_module():
             super().__init__()
             self.visual = model.model.visual
             self.full_blocks = set(getattr(self.visual, "fullatt_block_indexes", range(len(self.visual.blocks))))
-            module = __import__(type(self.visual).__module__, fromlist=["apply_rotary_pos_emb_vision"])
-            self.rotary = module.apply_rotary_pos_emb_vision
+            # The rotary function of the tower's own modeling file (Qwen2-VL's or Qwen2.5-VL's).
+            self.rotary = sys.modules[type(self.visual).__module__].apply_rotary_pos_emb_vision
 
         def forward(self, pixel_values, vision_position_ids, attention_segments, window_patch_index=None, window_segments=None):
             visual = self.visual
