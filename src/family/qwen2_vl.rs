@@ -383,6 +383,23 @@ mod tests {
     }
 
     #[test]
+    fn pixel_bounds_come_from_size_or_the_keys_that_override_it() {
+        let config = json!({"model_type": "qwen2_vl"});
+        let saved = json!({"image_processor": {"size": {"shortest_edge": 3136, "longest_edge": 50176}}});
+        let family = Qwen2Vl::from_configs(&config, &saved).unwrap();
+        assert_eq!((family.min_pixels, family.max_pixels), (3136, 50176));
+        // `[models.processor] max_pixels = ...` lands at the top level and wins, as in transformers.
+        let mut overridden = saved.clone();
+        overridden["max_pixels"] = json!(12_544);
+        assert_eq!(Qwen2Vl::from_configs(&config, &overridden).unwrap().max_pixels, 12_544);
+        // Older packages name the size keys like the top-level ones.
+        let older = json!({"size": {"min_pixels": 784, "max_pixels": 1_003_520}});
+        let family = Qwen2Vl::from_configs(&config, &older).unwrap();
+        assert_eq!((family.min_pixels, family.max_pixels), (784, 1_003_520));
+        assert!(Qwen2Vl::from_configs(&config, &json!({"max_pixels": 0})).is_err());
+    }
+
+    #[test]
     fn positions_follow_get_rope_index() {
         let family = qwen("qwen2_vl");
         // text, text, a 2x3 merged grid (4x6 patches), text.
