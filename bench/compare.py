@@ -18,6 +18,11 @@ the decode ceiling: read bandwidth / bytes of decoder weights. Prints ratios (vl
 and checks that all three produce the same greedy tokens in S1.
 
 The model is export/bench_model.py's (SmolVLM-256M shapes, random weights).
+
+On a GPU host, --cuda runs every peer on the GPU: vlmserve with the CUDA provider on all
+graphs, the loop with onnxruntime's CUDAExecutionProvider, PyTorch on cuda; --peer-precision
+fp16 puts the loop on the package's fp16 graphs and PyTorch in float16 (the issue's GPU
+reference: PyTorch eager FP16). The CPU bandwidth probe is then skipped. Not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ def run_pytorch(args) -> dict:
 
     torch.set_num_threads(args.threads)
     model, processor = idefics3.load(str(Path(args.model_dir) / "checkpoint"))
+    device = "cuda" if args.cuda else "cpu"
+    model = model.to(device, {"fp32": torch.float32, "fp16": torch.float16}[args.peer_precision])
 
     class Clock(BaseStreamer):
         def __init__(self):
@@ -78,7 +85,9 @@ def run_pytorch(args) -> dict:
     samples, tokens = [], []
     for _ in range(args.runs):
         start = time.perf_counter()
-        inputs = inputs_for(processor, args.image, args.split)
+        inputs = inputs_for(processor, args.image, args.split).to(device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         clock = Clock()
         with torch.no_grad():
             out = model.generate(
@@ -95,7 +104,8 @@ def run_onnx_loop(args) -> dict:
 
     from onnx_runner import OnnxPackage
 
-    package = OnnxPackage(Path(args.model_dir) / "package", "fp32", threads=args.threads)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.cuda else ["CPUExecutionProvider"]
+    package = OnnxPackage(Path(args.model_dir) / "package", args.peer_precision, threads=args.threads, providers=providers)
     processor = AutoProcessor.from_pretrained(Path(args.model_dir) / "package")
     samples, tokens = [], []
     for _ in range(args.runs):
@@ -121,7 +131,15 @@ def vlmserve_package(model_dir: str) -> Path:
 
 
 def run_vlmserve(args) -> dict:
-    cmd = [str(REPO / "target/release/vlmserve"), "bench", "--model", str(vlmserve_package(args.model_dir))]
+    model = str(vlmserve_package(args.model_dir))
+    cmd = [str(REPO / "target/release/vlmserve"), "bench"]
+    if args.cuda:
+        # Every graph on the CUDA provider, through a configuration naming the package.
+        config = Path(args.model_dir) / "compare-cuda.toml"
+        config.write_text(f'[[models]]\nname = "bench"\npath = {json.dumps(model)}\nproviders = [{{ kind = "cuda" }}]\n')
+        cmd += ["--config", str(config)]
+        model = "bench"
+    cmd += ["--model", model]
     cmd += ["--image", args.image, "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), "--warmup", "0"]
     cmd += ["--prompt", PROMPT, "--json", "--precision", args.precision] + ([] if args.split else ["--no-split"])
     # FP32 also times the same image again through the image-feature cache.
@@ -168,13 +186,12 @@ def peer(name: str, scenario: str, args, precision: str = "fp32") -> dict:
     cmd = [sys.executable, __file__, "--peer", name, "--scenario", scenario, "--model-dir", args.model_dir]
     cmd += ["--precision", precision]
     cmd += ["--image", args.image, "--new-tokens", str(args.new_tokens), "--runs", str(args.runs)]
-    cmd += ["--threads", str(args.threads)]
+    cmd += ["--threads", str(args.threads), "--peer-precision", args.peer_precision] + (["--cuda"] if args.cuda else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def report(results: dict, args, bandwidth: float, decoder_bytes: int) -> str:
-    ceiling = bandwidth * 1e9 / decoder_bytes
+def report(results: dict, args, bandwidth: float | None, decoder_bytes: int) -> str:
     lines = [
         "| scenario | peer | prompt tokens | time to first token (s) | decode tok/s | peak RSS (MB) |",
         "|---|---|---|---|---|---|",
@@ -197,7 +214,7 @@ def report(results: dict, args, bandwidth: float, decoder_bytes: int) -> str:
             r, torch = peers[name], peers["pytorch"]
             same = sum(1 for a, b in zip(r["tokens"], ours["tokens"]) if a == b)
             lines.append(
-                f"| {scenario} | {name} / pytorch fp32 | {r['ttft_s'] / torch['ttft_s']:.2f}x "
+                f"| {scenario} | {name} / pytorch {args.peer_precision} | {r['ttft_s'] / torch['ttft_s']:.2f}x "
                 f"| {r['decode_tok_s'] / ours['decode_tok_s']:.2f}x of vlmserve fp32 | {r['peak_rss_mb'] / torch['peak_rss_mb']:.2f}x "
                 f"(greedy tokens equal to fp32's: {same}/{len(ours['tokens'])}) |"
             )
@@ -205,10 +222,7 @@ def report(results: dict, args, bandwidth: float, decoder_bytes: int) -> str:
     same = {name: s1[name]["tokens"] == s1["vlmserve"]["tokens"] for name in PEERS} if s1 else {}
     lines += [
         "",
-        f"Read bandwidth {bandwidth:.1f} GB/s; decoder weights {decoder_bytes / 1e6:.0f} MB; decode ceiling "
-        f"{ceiling:.1f} tok/s; vlmserve S1 decode at {results['S1']['vlmserve']['decode_tok_s'] / ceiling:.0%} of it."
-        if "S1" in results
-        else "",
+        ceiling_line(results, bandwidth, decoder_bytes),
         f"Greedy tokens in S1 equal to vlmserve's: {', '.join(f'{k} {v}' for k, v in same.items())}.",
     ]
     for scenario, peers in results.items():
@@ -221,6 +235,18 @@ def report(results: dict, args, bandwidth: float, decoder_bytes: int) -> str:
     return "\n".join(lines)
 
 
+def ceiling_line(results: dict, bandwidth: float | None, decoder_bytes: int) -> str:
+    """The CPU decode ceiling: read bandwidth over the decoder's weight bytes."""
+    if bandwidth is None or "S1" not in results:
+        return ""
+    ceiling = bandwidth * 1e9 / decoder_bytes
+    share = results["S1"]["vlmserve"]["decode_tok_s"] / ceiling
+    return (
+        f"Read bandwidth {bandwidth:.1f} GB/s; decoder weights {decoder_bytes / 1e6:.0f} MB; decode ceiling "
+        f"{ceiling:.1f} tok/s; vlmserve S1 decode at {share:.0%} of it."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", default="bench/models/smolvlm-256m-shaped")
@@ -231,6 +257,8 @@ def main() -> None:
     parser.add_argument("--scenarios", default="S1,S2")
     parser.add_argument("--precisions", default="fp32", help="vlmserve's variants; the peers run fp32")
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--cuda", action="store_true", help="every peer on the GPU (see above)")
+    parser.add_argument("--peer-precision", default="fp32", choices=["fp32", "fp16"], help="the loop's graphs and PyTorch's dtype")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--peer", choices=PEERS, help=argparse.SUPPRESS)
     parser.add_argument("--scenario", help=argparse.SUPPRESS)
@@ -244,7 +272,7 @@ def main() -> None:
         from PIL import Image
 
         Image.open(REPO / "tests/fixtures/scenes/red-circle.png").convert("RGB").resize((512, 512)).save(args.image)
-    bandwidth = read_bandwidth_gb_s(args.threads)
+    bandwidth = None if args.cuda else read_bandwidth_gb_s(args.threads)
     decoder_bytes = (Path(args.model_dir) / "package/onnx/decoder_model_merged.onnx").stat().st_size
     results = {}
     for scenario in args.scenarios.split(","):

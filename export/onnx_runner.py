@@ -27,7 +27,7 @@ class DecodeResult:
 
 
 class OnnxPackage:
-    def __init__(self, package_dir: Path, variant: str = "fp32", threads: int = 2):
+    def __init__(self, package_dir: Path, variant: str = "fp32", threads: int = 2, providers=("CPUExecutionProvider",)):
         self.dir = Path(package_dir)
         self.config = json.loads((self.dir / "config.json").read_text())
         self.variants = json.loads((self.dir / "onnx" / "variants.json").read_text())
@@ -37,7 +37,7 @@ class OnnxPackage:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         self.sessions = {
-            graph: ort.InferenceSession(str(self.dir / info["file"]), options, providers=["CPUExecutionProvider"])
+            graph: ort.InferenceSession(str(self.dir / info["file"]), options, providers=list(providers))
             for graph, info in self.variant["graphs"].items()
         }
         decoder = self.sessions["decoder_model_merged"]
