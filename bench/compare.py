@@ -36,6 +36,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -131,20 +132,20 @@ def vlmserve_package(model_dir: str) -> Path:
 
 
 def run_vlmserve(args) -> dict:
-    model = str(vlmserve_package(args.model_dir))
-    cmd = [str(REPO / "target/release/vlmserve"), "bench"]
-    if args.cuda:
-        # Every graph on the CUDA provider, through a configuration naming the package.
-        config = Path(args.model_dir) / "compare-cuda.toml"
-        config.write_text(f'[[models]]\nname = "bench"\npath = {json.dumps(model)}\nproviders = [{{ kind = "cuda" }}]\n')
-        cmd += ["--config", str(config)]
-        model = "bench"
-    cmd += ["--model", model]
-    cmd += ["--image", args.image, "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), "--warmup", "0"]
-    cmd += ["--prompt", PROMPT, "--json", "--precision", args.precision] + ([] if args.split else ["--no-split"])
+    package = str(vlmserve_package(args.model_dir))
+    options = ["--image", args.image, "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), "--warmup", "0"]
+    options += ["--prompt", PROMPT, "--json", "--precision", args.precision] + ([] if args.split else ["--no-split"])
     # FP32 also times the same image again through the image-feature cache.
-    cmd += ["--repeated-image"] if args.precision == "fp32" else []
-    report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    options += ["--repeated-image"] if args.precision == "fp32" else []
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as config:
+        model = ["--model", package]
+        if args.cuda:
+            # Every graph on the CUDA provider: a configuration that names the package "bench".
+            config.write(f'[[models]]\nname = "bench"\npath = {json.dumps(package)}\nproviders = [{{ kind = "cuda" }}]\n')
+            config.flush()
+            model = ["--model", "bench", "--config", config.name]
+        cmd = [str(REPO / "target/release/vlmserve"), "bench", *model, *options]
+        report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     return {
         "ttft_s": report["time_to_first_token_s"]["median"],
         "decode_tok_s": report["decode_tokens_per_second"]["median"],

@@ -84,6 +84,7 @@ EXTREME_IMAGES = {
     "very_tall": [scene((50, 700), (250, 240, 230), [("ellipse", (5, 30, 45, 70), (0, 0, 200)), ("rectangle", (10, 500, 40, 650), (250, 180, 0))])],
 }
 EXTREME_TEXT = {"very_wide": "Describe this wide banner.", "very_tall": "Describe this tall strip."}
+EXTREME_CASES_FOR = ("qwen2_vl", "qwen2_5_vl")
 
 
 LONG_TEXT = " ".join(tiny.corpus(40, seed=99)[:32]) + " Now describe the image in detail."
@@ -181,27 +182,17 @@ def record_case(family, name: str, model, processor, image_files: list[Path]) ->
         "prompt": prompt,
         "expanded_prompt": expanded,
         "input_ids": input_ids,
-        **{key: None for key in IMAGE_ARRAYS[family.NAME]},
+        **{key: None for key in family.IMAGE_KEYS},
         "image_sizes": [[im.height, im.width] for im in images],
         "image_modes": [im.mode for im in images],
         "generated_ids": tokens,
         "generated_text": processor.tokenizer.decode(tokens, skip_special_tokens=True),
         "min_top2_margin": margin,
     }
-    arrays = family.processor_images(inputs) or {}
-    if family.NAME == "qwen2_vl":
-        ids = inputs["input_ids"]
-        case["position_ids"] = save_array(f"{name}.position_ids", family.torch_rope_index(model, ids, arrays or None))
-        if arrays:
-            arrays.update(family.vision_feeds(arrays, model.config.to_dict()))
-            arrays["image_features"] = family.torch_image_features(model, arrays)
+    arrays = family.reference_arrays(model, inputs["input_ids"], family.processor_images(inputs))
     for key, array in arrays.items():
         case[key] = save_array(f"{name}.{key}", array)
     return case
-
-
-# The image arrays a case records (None for text-only cases), per family.
-IMAGE_ARRAYS = {"idefics3": ("pixel_values", "pixel_attention_mask"), "qwen2_vl": ("pixel_values", "image_grid_thw")}
 
 
 def builders(model_type: str):
@@ -226,7 +217,7 @@ def main() -> None:
 
     processor, build_model = builders(args.model_type)
     images = make_images()
-    if family.NAME != "idefics3":
+    if args.model_type in EXTREME_CASES_FOR:
         images.update(EXTREME_IMAGES)
         CASE_TEXT.update(EXTREME_TEXT)
     seed = choose_seed(family, build_model, processor, images)

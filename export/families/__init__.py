@@ -1,11 +1,12 @@
 """Registry of model families, keyed by config.json's model_type.
 
-A family module provides: NAME, MODEL_TYPES, GRAPHS, load(src),
+A family module provides: NAME, MODEL_TYPES, GRAPHS, IMAGE_KEYS, load(src),
 graph_specs(model), reference_inputs(processor), processor_images(inputs)
 (the image arrays of a processor output, the `images` dict the other
 functions take), vision_feeds(images, config), torch_image_features,
 torch_path_logits, torch_greedy, prompt_embeddings, prompt_positions,
-step_positions, optimizer_settings and sample_feeds (see idefics3.py).
+step_positions, optimizer_settings, sample_feeds and reference_arrays (what
+make_fixtures.py records per case) (see idefics3.py).
 Adding a family means adding one module and one line below.
 Family modules import torch lazily so that resolving a family (and rejecting
 bad input) stays instant.

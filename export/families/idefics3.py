@@ -23,6 +23,7 @@ from . import shared
 NAME = "idefics3"
 MODEL_TYPES = ("idefics3", "smolvlm")
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
+IMAGE_KEYS = ("pixel_values", "pixel_attention_mask")
 
 
 # --- loading -------------------------------------------------------------
@@ -108,7 +109,12 @@ def reference_inputs(processor) -> dict:
 
 def processor_images(inputs) -> dict | None:
     """The image arrays of a processor output (the `images` dict the other functions take)."""
-    return shared.image_arrays(inputs, {"pixel_values": np.float32, "pixel_attention_mask": bool})
+    return shared.image_arrays(inputs, dict(zip(IMAGE_KEYS, (np.float32, bool))))
+
+
+def reference_arrays(model, input_ids, images) -> dict:
+    """What a fixture case records beside the prompt: the processor's image arrays."""
+    return dict(images or {})
 
 
 def vision_feeds(images: dict, config: dict | None = None) -> dict:

@@ -185,7 +185,18 @@ def reference_inputs(processor) -> dict:
 
 
 def processor_images(inputs) -> dict | None:
-    return shared.image_arrays(inputs, {"pixel_values": np.float32, "image_grid_thw": np.int64})
+    return shared.image_arrays(inputs, dict(zip(IMAGE_KEYS, (np.float32, np.int64))))
+
+
+def reference_arrays(model, input_ids, images) -> dict:
+    """What a fixture case records beside the prompt: get_rope_index's positions and, with
+    images, the processor's arrays, the vision-encoder inputs and PyTorch's image features."""
+    arrays = {"position_ids": torch_rope_index(model, input_ids, images)}
+    if images is not None:
+        arrays.update(images)
+        arrays.update(vision_feeds(images, model.config.to_dict()))
+        arrays["image_features"] = torch_image_features(model, images)
+    return arrays
 
 
 def _torch_kwargs(model, input_ids, images) -> dict:

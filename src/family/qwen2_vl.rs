@@ -396,7 +396,9 @@ mod tests {
         let older = json!({"size": {"min_pixels": 784, "max_pixels": 1_003_520}});
         let family = Qwen2Vl::from_configs(&config, &older).unwrap();
         assert_eq!((family.min_pixels, family.max_pixels), (784, 1_003_520));
-        assert!(Qwen2Vl::from_configs(&config, &json!({"max_pixels": 0})).is_err());
+        let err = Qwen2Vl::from_configs(&config, &json!({"max_pixels": 0})).unwrap_err();
+        assert!(matches!(&err, FamilyError::InvalidConfig { file: PROCESSOR, .. }), "{err}");
+        assert!(err.to_string().contains("max_pixels must be positive"), "{err}");
     }
 
     #[test]
