@@ -221,6 +221,11 @@ def attribute_questions(scene: Scene, kind: str, named_by: str, asked: str, temp
     return out
 
 
+def matching(scene: Scene, **attrs: str) -> tuple[int, ...]:
+    """Indices of the objects whose attributes equal attrs (all objects for none)."""
+    return tuple(i for i, o in enumerate(scene.objects) if all(getattr(o, k) == v for k, v in attrs.items()))
+
+
 def count_questions(scene: Scene, rng: random.Random) -> list[QA]:
     n = str(len(scene.objects))
     out = [QA("count", "How many shapes are there?", n), QA("count", "How many objects are in the image?", n)]
