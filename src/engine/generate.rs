@@ -114,7 +114,7 @@ impl Processor {
         let processed = if images.is_empty() { None } else { Some(self.family.process_images(images, budgets)?) };
         let layouts = processed.as_ref().map(|p| p.layouts.as_slice()).unwrap_or_default();
         let expanded = self.family.expand_prompt(&text, layouts)?;
-        let encoding = self.tokenizer.encode(expanded, true).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let encoding = self.tokenizer.encode(expanded, true).map_err(|e| EngineError::Encode(e.to_string()))?;
         let mut prompt = self.prompt_from_ids(encoding.get_ids().to_vec(), processed);
         prompt.preprocess_time = start.elapsed();
         Ok(prompt)

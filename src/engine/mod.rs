@@ -42,8 +42,12 @@ pub enum EngineError {
     Family(#[from] FamilyError),
     #[error(transparent)]
     Preprocess(#[from] PreprocessError),
+    /// The package's tokenizer failed to load or to decode generated ids (our fault).
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// The request's prompt could not be tokenized (the caller's text).
+    #[error("the prompt could not be tokenized: {0}")]
+    Encode(String),
     #[error("ONNX Runtime: {0}")]
     Ort(String),
     #[error("the graphs do not match the package: {0}")]

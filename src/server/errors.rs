@@ -128,8 +128,9 @@ impl From<EngineError> for ApiError {
                 Self::invalid_param("messages", message).with_code("context_length_exceeded")
             }
             EngineError::InvalidParameter(_) => Self::invalid(message).with_code("invalid_parameter"),
-            EngineError::Tokenizer(_) => Self::invalid_param("messages", message).with_code("tokenization_failed"),
+            EngineError::Encode(_) => Self::invalid_param("messages", message).with_code("tokenization_failed"),
             EngineError::Family(_)
+            | EngineError::Tokenizer(_)
             | EngineError::Package(_)
             | EngineError::Runtime(_)
             | EngineError::Ort(_)
@@ -194,5 +195,10 @@ mod tests {
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         let e: ApiError = SchedulerError::UnknownModel { name: "x".into(), known: "m".into() }.into();
         assert_eq!((e.status.as_u16(), e.body()["error"]["param"].as_str()), (404, Some("model")));
+        // The caller's text failing to tokenize is their error; our tokenizer failing is ours.
+        let e: ApiError = EngineError::Encode("x".into()).into();
+        assert_eq!((e.status.as_u16(), e.body()["error"]["code"].as_str()), (400, Some("tokenization_failed")));
+        let e: ApiError = EngineError::Tokenizer("x".into()).into();
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
     }
 }
