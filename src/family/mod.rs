@@ -46,6 +46,19 @@ pub enum Detail {
     High,
 }
 
+impl std::str::FromStr for Detail {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Detail::Auto),
+            "low" => Ok(Detail::Low),
+            "high" => Ok(Detail::High),
+            _ => Err(format!("{s:?} is not \"auto\", \"low\" or \"high\"")),
+        }
+    }
+}
+
 /// What a client lets one image cost. The server's processor settings cap it from above;
 /// `max_pixels` (our extension) bounds the area the image is resized to.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

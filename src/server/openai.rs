@@ -162,14 +162,13 @@ impl ChatRequest {
 fn image_budget(image_url: Option<&Value>, param: &str) -> Result<ImageBudget, ApiError> {
     let Some(Value::Object(fields)) = image_url else { return Ok(ImageBudget::default()) };
     let detail = match fields.get("detail") {
-        None | Some(Value::Null) => Detail::Auto,
-        Some(Value::String(d)) if d == "auto" => Detail::Auto,
-        Some(Value::String(d)) if d == "low" => Detail::Low,
-        Some(Value::String(d)) if d == "high" => Detail::High,
-        Some(_) => {
-            let param = format!("{param}.detail");
-            return Err(ApiError::invalid_param(&param, format!("{param} must be \"auto\", \"low\" or \"high\"")));
-        }
+        None | Some(Value::Null) => Some(Detail::Auto),
+        Some(Value::String(d)) => d.parse().ok(),
+        Some(_) => None,
+    };
+    let Some(detail) = detail else {
+        let param = format!("{param}.detail");
+        return Err(ApiError::invalid_param(&param, format!("{param} must be \"auto\", \"low\" or \"high\"")));
     };
     let max_pixels = match fields.get("max_pixels") {
         None | Some(Value::Null) => None,
