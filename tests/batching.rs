@@ -168,3 +168,38 @@ fn a_bad_prompt_is_refused_at_admission_without_touching_the_batch() {
     assert!(matches!(error, EngineError::PromptTooLong { .. }), "{error}");
     assert!(batch.is_empty());
 }
+
+#[test]
+fn a_sequence_withdrawn_before_its_first_token_leaves_the_batch_and_the_others_unchanged() {
+    let reference = references().remove(0);
+    let mut model = reference.load(Precision::Fp32);
+    // One tile per vision call and 32-token prefill chunks: every prompt takes several steps.
+    let mut batch = Batch::new(model.kv_layout(), Limits { prefill_tokens: 32, vision_tiles: 1 });
+    let with_images: Vec<usize> =
+        (0..reference.cases.len()).filter(|&c| !reference.cases[c].images.is_empty()).collect();
+    let (kept, leaving) = (with_images[0], with_images[1]);
+    admit(&mut batch, &model, &reference, kept, reference.max_new_tokens, None);
+    admit(&mut batch, &model, &reference, leaving, reference.max_new_tokens, None);
+    assert!(batch.withdraw(|_| false).is_empty());
+    // Its client leaves after the first step: it goes as soon as no tile of it is in the
+    // encoder, before any token of its own.
+    let mut withdrawn = Vec::new();
+    for _ in 0..20 {
+        let step = batch.step(&mut model, &mut |tag, _| {
+            tag.events += 1;
+            Flow::Continue
+        });
+        assert!(step.finished.is_empty());
+        withdrawn.extend(batch.withdraw(|tag| tag.case == leaving));
+        if !withdrawn.is_empty() {
+            break;
+        }
+    }
+    let withdrawn: Vec<(usize, usize)> = withdrawn.iter().map(|t| (t.case, t.events)).collect();
+    assert_eq!(withdrawn, [(leaving, 0)], "withdrawn once, before any token");
+    assert_eq!(batch.len(), 1);
+    let done = drain(&mut batch, &mut model, &reference, Vec::new(), 1);
+    let (tag, result) = done.into_iter().next().unwrap();
+    assert_eq!(tag.case, kept);
+    assert_eq!(result.unwrap().token_ids, reference.cases[kept].generated_ids);
+}

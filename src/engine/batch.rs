@@ -70,6 +70,9 @@ struct Pending<T> {
     embeds: Option<ArrayD<f32>>,
     done: usize,
     cache: KvCache,
+    /// Withdrawn while its tiles were in the encoder: no more tiles start, and it goes when they
+    /// come back.
+    leaving: bool,
 }
 
 /// How much prefill work one step may do besides decoding.
@@ -154,6 +157,25 @@ impl<T> Batch<T> {
         pending.chain(self.rows.drain(..).map(|r| r.tag)).collect()
     }
 
+    /// Drop the pending sequences (not decoding yet) that `gone` picks, such as clients that left
+    /// before their first token, so their remaining tiles and prompt are never computed; returns
+    /// their tags. One whose tiles are in the encoder now starts no more tiles and goes at the
+    /// first call after they come back.
+    pub fn withdraw(&mut self, gone: impl Fn(&T) -> bool) -> Vec<T> {
+        let encoding: Vec<u64> = self.vision_call.iter().flat_map(|c| c.parts.iter().map(|(id, _)| *id)).collect();
+        let mut out = Vec::new();
+        for pending in std::mem::take(&mut self.pending) {
+            if !gone(&pending.tag) {
+                self.pending.push_back(pending);
+            } else if encoding.contains(&pending.id) {
+                self.pending.push_back(Pending { leaving: true, ..pending });
+            } else {
+                out.push(pending.tag);
+            }
+        }
+        out
+    }
+
     /// Cache bytes held now, padding included.
     pub fn kv_bytes(&self, layout: &KvLayout) -> usize {
         self.cache.bytes(layout) + self.pending.iter().map(|p| p.cache.bytes(layout)).sum::<usize>()
@@ -198,6 +220,7 @@ impl<T> Batch<T> {
             embeds: None,
             done: 0,
             cache,
+            leaving: false,
         };
         self.pending.push_back(pending);
         Ok(())
@@ -254,7 +277,7 @@ impl<T> Batch<T> {
         let mut budget = self.limits.vision_tiles;
         let mut parts: Vec<(u64, Range<usize>)> = Vec::new();
         for pending in self.pending.iter_mut() {
-            if budget == 0 || from_cache(model, pending) {
+            if budget == 0 || pending.leaving || from_cache(model, pending) {
                 continue;
             }
             let Some(work) = &pending.vision else { continue };
@@ -367,7 +390,7 @@ impl<T> Batch<T> {
         let mut budget = self.limits.prefill_tokens;
         let mut i = 0;
         while budget > 0 && i < self.pending.len() {
-            if self.pending[i].vision.is_some() {
+            if self.pending[i].vision.is_some() || self.pending[i].leaving {
                 i += 1;
                 continue;
             }

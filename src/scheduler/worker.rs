@@ -110,6 +110,11 @@ fn serve(mut model: Model, spec: &WorkerSpec) {
             let Some(job) = spec.queue.pop_if(fits) else { break };
             admit(&mut batch, &model, job, spec);
         }
+        // A client that leaves while its images are encoded or its prompt prefilled stops costing
+        // compute at once, not at its first token.
+        for _ in batch.withdraw(|active| active.cancel.is_cancelled() || active.events.is_closed()) {
+            spec.metrics.finished.with_label_values(&[&spec.model, "cancelled"]).inc();
+        }
         if batch.is_empty() {
             continue;
         }
