@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::errors::ApiError;
-use super::request::{self, PrepareInput, RemoteImages, RequestImage, Running};
+use super::request::{self, PrepareInput, RemoteImages, RequestImage, Running, Started};
 use crate::engine::{Completion, FinishReason, GenerationParams, SamplingParams};
 use crate::family::{Detail, ImageBudget};
 use crate::preprocess::ImageLimits;
@@ -289,12 +289,9 @@ pub async fn chat_completions(
     let (params, use_default) = request.params(state.default_temperature)?;
     let (messages, images) =
         parse_messages(&request.messages, &state.image_limits, state.max_images, state.remote_images.as_deref())?;
-    let model = request::model_name(&state, request.model.as_deref())?;
-    let admission = state.scheduler.admit(&model)?;
     let input =
         PrepareInput { messages, images, params, default_max_tokens: use_default.then_some(state.default_max_tokens) };
-    let prepared = request::prepare(&state, &admission, input).await?;
-    let running = request::submit(&state, admission, prepared, arrived);
+    let Started { model, running, .. } = request::start(&state, request.model.as_deref(), input, arrived).await?;
     let id = format!("chatcmpl-{:032x}", rand::random::<u128>());
     let created = request::unix_now();
     let return_ids = request.return_token_ids.unwrap_or(false);

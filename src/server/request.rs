@@ -279,8 +279,30 @@ fn prepare_blocking(
     Ok(Prepared { prompt, params, image_decode_s })
 }
 
+/// A generation under way, as the endpoints answer from it.
+pub struct Started {
+    pub model: String,
+    pub image_decode_s: f64,
+    pub running: Running,
+}
+
+/// Every generating endpoint's way in: resolve the model, take a place in its queue (429 when
+/// full), prepare on the blocking pool, submit.
+pub async fn start(
+    state: &AppState,
+    requested_model: Option<&str>,
+    input: PrepareInput,
+    arrived: Instant,
+) -> Result<Started, ApiError> {
+    let model = model_name(state, requested_model)?;
+    let admission = state.scheduler.admit(&model)?;
+    let prepared = prepare(state, &admission, input).await?;
+    let image_decode_s = prepared.image_decode_s;
+    Ok(Started { model, image_decode_s, running: submit(state, admission, prepared, arrived) })
+}
+
 /// Prepare on the blocking pool.
-pub async fn prepare(state: &AppState, admission: &Admission, input: PrepareInput) -> Result<Prepared, ApiError> {
+async fn prepare(state: &AppState, admission: &Admission, input: PrepareInput) -> Result<Prepared, ApiError> {
     let processor = admission.processor().clone();
     let limits = state.image_limits;
     let remote = state.remote_images.clone();
@@ -300,7 +322,7 @@ pub struct Running {
     pub _cancel: CancelOnDrop,
 }
 
-pub fn submit(state: &AppState, admission: Admission, prepared: Prepared, arrived: Instant) -> Running {
+fn submit(state: &AppState, admission: Admission, prepared: Prepared, arrived: Instant) -> Running {
     let cancel = CancelToken::default();
     let deadline = state.request_timeout.map(|t| (arrived + t, t));
     let events = admission.submit(prepared.prompt, prepared.params, deadline, cancel.clone());
@@ -320,7 +342,7 @@ pub async fn collect(mut running: Running) -> Result<Completion, ApiError> {
 }
 
 /// The model a request names, or the first configured one.
-pub fn model_name(state: &AppState, requested: Option<&str>) -> Result<String, ApiError> {
+fn model_name(state: &AppState, requested: Option<&str>) -> Result<String, ApiError> {
     match requested {
         Some(name) if !name.is_empty() => Ok(name.to_string()),
         _ => state

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::AppState;
 use super::errors::ApiError;
-use super::request::{self, ImageSource, PrepareInput, RequestImage};
+use super::request::{self, ImageSource, PrepareInput, RequestImage, Started};
 use crate::engine::{GenerationParams, SamplingParams};
 use crate::family::ImageBudget;
 use crate::preprocess::chat_template::ChatMessage;
@@ -74,17 +74,15 @@ pub async fn vqa(
         None => 1,
     };
     let params = GenerationParams { sampling, max_new_tokens, ..GenerationParams::default() };
-    let model = request::model_name(&state, fields.model.as_deref())?;
-    let admission = state.scheduler.admit(&model)?;
     let input = PrepareInput {
         messages: vec![ChatMessage::user(1, question)],
         images: vec![RequestImage { source: ImageSource::Bytes(image), budget: ImageBudget::default() }],
         params,
         default_max_tokens: fields.max_tokens.is_none().then_some(state.default_max_tokens),
     };
-    let prepared = request::prepare(&state, &admission, input).await?;
-    let image_decode_s = prepared.image_decode_s;
-    let completion = request::collect(request::submit(&state, admission, prepared, arrived)).await?;
+    let Started { model, image_decode_s, running } =
+        request::start(&state, fields.model.as_deref(), input, arrived).await?;
+    let completion = request::collect(running).await?;
     let generated = completion.token_ids.len();
     Ok(HttpResponse::Ok().json(json!({
         "answer": completion.text,
