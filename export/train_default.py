@@ -161,6 +161,12 @@ def centre_token(scene: synthetic.Scene, obj: synthetic.Obj) -> int:
     return TOKEN_OF_PATCH[py * side + px]
 
 
+def probe_batch(scenes: list[synthetic.Scene]) -> dict[str, torch.Tensor]:
+    """probe_targets of each scene, stacked into batch tensors."""
+    probes = [probe_targets(s) for s in scenes]
+    return {k: torch.from_numpy(np.stack([p[k] for p in probes])) for k in VisionProbe.SIZES}
+
+
 def probe_targets(scene: synthetic.Scene) -> dict[str, np.ndarray]:
     side = TILE // PATCH
     owners = np.asarray(synthetic.object_map(scene, TILE))
@@ -236,9 +242,8 @@ class Grounding:
 
     GENERIC = {"object", "objects", "shapes"}
 
-    def __init__(self, tokenizer, marker: list[int], image_token: int):
-        self.marker, self.image_token = marker, image_token
-        self.eou = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    def __init__(self, tokenizer, marker: list[int], eou: int, image_token: int):
+        self.marker, self.eou, self.image_token = marker, eou, image_token
         self.words = {}
         for token, i in tokenizer.get_vocab().items():
             word = tokenizer.convert_tokens_to_string([token]).strip().lower()
@@ -260,10 +265,11 @@ class Grounding:
                     out.append((i, synthetic.matching(scene, colour=word)))
                 colour = word
                 continue
+            named = {"colour": colour} if colour else {}
             if kind == "shape":
-                out.append((i, synthetic.matching(scene, shape=word, **({"colour": colour} if colour else {}))))
+                out.append((i, synthetic.matching(scene, shape=word, **named)))
             elif kind == "generic":
-                out.append((i, synthetic.matching(scene, **({"colour": colour} if colour else {}))))
+                out.append((i, synthetic.matching(scene, **named)))
             colour = None
         return out
 
@@ -297,31 +303,27 @@ class Batches:
         tokenizer = processor.tokenizer
         self.marker = tokenizer("<end_of_utterance>\nAssistant:", add_special_tokens=False)["input_ids"]
         self.eou = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
-        self.grounding = Grounding(tokenizer, self.marker, tokenizer.convert_tokens_to_ids("<image>"))
+        self.grounding = Grounding(tokenizer, self.marker, self.eou, tokenizer.convert_tokens_to_ids("<image>"))
 
     def batch(self, max_objects: int) -> tuple[dict, dict[str, torch.Tensor]]:
         """The model's inputs with labels, and the vision probe's and attention guide's targets."""
-        texts, images, probes, scenes = [], [], [], []
+        texts, images, scenes = [], [], []
         for _ in range(self.batch_size):
             scene = synthetic.random_scene(self.rng, max_objects)
             qas = turn_order(synthetic.sample_questions(scene, self.rng, MAX_TURNS, KIND_WEIGHTS))
             texts.append(self.processor.apply_chat_template(conversation(qas), tokenize=False))
             images.append([synthetic.render(scene)])
-            probes.append(probe_targets(scene))
             scenes.append(scene)
         batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
         batch["labels"] = answer_labels(batch["input_ids"], self.marker, self.eou)
-        targets = {k: torch.from_numpy(np.stack([p[k] for p in probes])) for k in VisionProbe.SIZES}
-        targets |= self.grounding.targets(batch["input_ids"], scenes)
+        targets = probe_batch(scenes) | self.grounding.targets(batch["input_ids"], scenes)
         return dict(batch), targets
 
     def images(self, n: int) -> tuple[dict, dict[str, torch.Tensor]]:
         """n scenes as the vision encoder's inputs, with the probe's targets (no text)."""
         scenes = [synthetic.random_scene(self.rng) for _ in range(n)]
         pixels = self.processor.image_processor([[synthetic.render(s)] for s in scenes], return_tensors="pt")
-        probes = [probe_targets(s) for s in scenes]
-        targets = {k: torch.from_numpy(np.stack([p[k] for p in probes])) for k in VisionProbe.SIZES}
-        return dict(pixels), targets
+        return dict(pixels), probe_batch(scenes)
 
 
 def guide_loss(attentions: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -342,6 +344,30 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def optimise(name: str, optimizer, steps: int, args, losses_of) -> list[dict]:
+    """`steps` AdamW steps on sum(weight * loss) of the (loss, weight) pairs that
+    losses_of(step) names, under the warm-up and cosine schedule, with gradients clipped to 1;
+    a history entry (running means of each loss) every 50 steps."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    start, running, history = time.time(), {}, []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, args.lr, args.warmup)
+        losses = losses_of(step)
+        sum(weight * loss for loss, weight in losses.values()).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for k, (loss, _) in losses.items():
+            running[k] = loss.item() if k not in running else 0.95 * running[k] + 0.05 * loss.item()
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            elapsed = time.time() - start
+            history.append({"step": step + 1} | {k: round(v, 4) for k, v in running.items()} | {"elapsed_s": round(elapsed, 1)})
+            shown = " ".join(f"{k} {v:.4f}" for k, v in running.items())
+            print(f"{name} step {step + 1}/{steps} {shown} {elapsed / 60:.1f} min", flush=True)
+    return history
+
+
 def warm_up_vision(model, probe: VisionProbe, features: dict, batches: Batches, args) -> list[dict]:
     """Train the vision encoder and connector on the probe alone first: without the text model
     a step costs a tenth, and the text model then starts from image tokens that already say
@@ -349,22 +375,13 @@ def warm_up_vision(model, probe: VisionProbe, features: dict, batches: Batches, 
     gradients through unformed features slowed that further)."""
     params = list(model.model.vision_model.parameters()) + list(model.model.connector.parameters()) + list(probe.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    start, running, history = time.time(), None, []
-    for step in range(args.vision_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.vision_steps, args.lr, args.warmup)
+
+    def losses(_step: int) -> dict:
         pixels, targets = batches.images(args.vision_batch_size)
         model.model.get_image_features(**pixels)  # the connector's hook records the image tokens
-        loss = probe(features["image"], targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        if (step + 1) % 50 == 0 or step + 1 == args.vision_steps:
-            history.append({"step": step + 1, "probe": round(running, 4), "elapsed_s": round(time.time() - start, 1)})
-            print(f"vision step {step + 1}/{args.vision_steps} probe {running:.4f}", flush=True)
-    return history
+        return {"probe": (probe(features["image"], targets), 1.0)}
+
+    return optimise("vision", optimizer, args.vision_steps, args, losses)
 
 
 def train(model, batches: Batches, args) -> dict:
@@ -379,37 +396,26 @@ def train(model, batches: Batches, args) -> dict:
         [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr,
     )
-    model.set_attn_implementation("eager")  # the guide needs the attention weights
-    model.train()
-    start, running, history = time.time(), {}, []
-    for step in range(args.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+
+    def losses(step: int) -> dict:
         inputs, targets = batches.batch(max_objects(step, args.steps))
         out = model(**inputs, output_attentions=args.guide_weight > 0)
-        losses = {"loss": out.loss, "probe": probe(features["image"], targets)}
+        out_losses = {"loss": (out.loss, 1.0), "probe": (probe(features["image"], targets), args.probe_weight)}
         if args.guide_weight > 0:
-            losses["ground"] = guide_loss(out.attentions[GROUND_LAYER], targets["ground"])
-            losses["answer"] = guide_loss(out.attentions[ANSWER_LAYER], targets["answer"])
-        guides = losses.get("ground", 0.0) + args.answer_guide * losses.get("answer", 0.0)
-        total = losses["loss"] + args.probe_weight * losses["probe"] + args.guide_weight * guides
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        for k, v in losses.items():
-            running[k] = v.item() if k not in running else 0.95 * running[k] + 0.05 * v.item()
-        if (step + 1) % 50 == 0 or step + 1 == args.steps:
-            elapsed = time.time() - start
-            history.append({"step": step + 1} | {k: round(v, 4) for k, v in running.items()} | {"elapsed_s": round(elapsed, 1)})
-            shown = " ".join(f"{k} {v:.4f}" for k, v in running.items())
-            print(f"step {step + 1}/{args.steps} {shown} {elapsed / 60:.1f} min", flush=True)
+            ground = guide_loss(out.attentions[GROUND_LAYER], targets["ground"])
+            answer = guide_loss(out.attentions[ANSWER_LAYER], targets["answer"])
+            out_losses |= {"ground": (ground, args.guide_weight), "answer": (answer, args.guide_weight * args.answer_guide)}
+        return out_losses
+
+    model.set_attn_implementation("eager")  # the guides need the attention weights
+    model.train()
+    history = optimise("joint", optimizer, args.steps, args, losses)
     model.set_attn_implementation("sdpa")
     model.eval()
     return {
         "steps": args.steps,
-        "train_s": round(time.time() - start + (vision_history[-1]["elapsed_s"] if vision_history else 0.0), 1),
-        "final_loss": round(running["loss"], 4),
+        "train_s": round(sum(h[-1]["elapsed_s"] for h in (vision_history, history) if h), 1),
+        "final_loss": history[-1]["loss"],
         "vision_history": vision_history,
         "history": history,
     }
