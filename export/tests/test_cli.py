@@ -118,9 +118,23 @@ def test_user_saved_checkpoint_exports(tmp_path):
     assert {"SkipSimplifiedLayerNormalization", "DynamicQuantizeLinear", "MatMulInteger"} <= int8_ops, int8_ops
     assert report["variants"]["int8"]["teacher_forced_argmax_agree"] >= 10
     assert report["optimized_fp32_max_abs_diff"]["decoder_model_merged"] <= 1e-4
-    decoder_ops = {n.op_type for n in onnx.load(out / "onnx" / "decoder_model_merged.onnx").graph.node}
-    assert "SkipSimplifiedLayerNormalization" in decoder_ops
+    decoder = onnx.load(out / "onnx" / "decoder_model_merged.onnx").graph
+    assert "SkipSimplifiedLayerNormalization" in {n.op_type for n in decoder.node}
+    assert cache_copies(decoder) == 0
     assert sorted(p.name for p in (out / "onnx").glob("*.onnx")) == [
         "decoder_model_merged.onnx", "decoder_model_merged_int8.onnx", "embed_tokens.onnx",
         "embed_tokens_int8.onnx", "vision_encoder.onnx", "vision_encoder_int8.onnx"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def cache_copies(graph) -> int:
+    """Expand nodes that repeat a cached key/value head for its group of query heads
+    (transformers' repeat_kv: present -> Unsqueeze -> Expand), which grouped attention
+    avoids."""
+    producers = {output: node for node in graph.node for output in node.output}
+
+    def reads_cache(node) -> bool:
+        source = producers.get(node.input[0])
+        return source is not None and source.op_type == "Unsqueeze" and source.input[0].startswith("present.")
+
+    return sum(node.op_type == "Expand" and reads_cache(node) for node in graph.node)

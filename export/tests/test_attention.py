@@ -1,0 +1,34 @@
+"""The decoder's exported attention (families.shared.grouped_attention) against transformers'
+eager attention, which repeats each key/value head for its group of query heads."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from families.shared import grouped_attention
+
+
+@pytest.mark.parametrize("heads,kv_heads,q_len", [(9, 3, 1), (9, 3, 4), (4, 4, 3), (4, 1, 2)])
+def test_grouped_attention_equals_eager_attention(heads, kv_heads, q_len):
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    torch.manual_seed(0)
+    batch, kv_len, head_dim = 2, 7, 8
+    query = torch.randn(batch, heads, q_len, head_dim)
+    key = torch.randn(batch, kv_heads, kv_len, head_dim)
+    value = torch.randn(batch, kv_heads, kv_len, head_dim)
+    # Row 0 left-padded by two positions, both rows causal over the new positions.
+    allowed = torch.ones(batch, 1, q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
+    allowed[0, :, :, :2] = False
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False)
+
+    expected, _ = eager_attention_forward(module, query, key, value, mask, scaling=head_dim**-0.5)
+    got, weights = grouped_attention(module, query, key, value, mask, scaling=head_dim**-0.5)
+
+    assert got.shape == expected.shape == (batch, q_len, heads, head_dim)
+    assert torch.allclose(got, expected, atol=1e-6), (got - expected).abs().max()
+    assert weights is None
