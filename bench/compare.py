@@ -177,6 +177,30 @@ def read_bandwidth_gb_s(threads: int) -> float:
     return a.numel() * 4 / best / 1e9
 
 
+def matmul_gflop_s(threads: int) -> float:
+    """Best of five FP32 2048x2048 matrix products on every thread (PyTorch's BLAS): the rate
+    that bounds compute-bound work such as the vision encoder."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(2048, 2048)
+    best = min(_timed(lambda: a @ a) for _ in range(5))
+    return 2 * 2048**3 / best / 1e9
+
+
+def vision_gflop_per_tile(model_dir: str) -> float:
+    """Floating-point operations of one tile through the vision encoder and connector, from
+    the checkpoint's config (matrix products only: patch embedding, attention projections and
+    scores, MLP, the connector's projection)."""
+    config = json.loads((Path(model_dir) / "checkpoint/config.json").read_text())
+    vision, text = config["vision_config"], config["text_config"]
+    d, f, p = vision["hidden_size"], vision["intermediate_size"], vision["patch_size"]
+    n = (vision["image_size"] // p) ** 2
+    per_layer = 4 * n * d * d + 2 * n * d * f + 2 * n * n * d
+    macs = n * 3 * p * p * d + vision["num_hidden_layers"] * per_layer + n * d * text["hidden_size"]
+    return 2 * macs / 1e9
+
+
 def _timed(f) -> float:
     start = time.perf_counter()
     f()
@@ -192,7 +216,21 @@ def peer(name: str, scenario: str, args, precision: str = "fp32") -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def report(results: dict, args, bandwidth: float | None, decoder_bytes: int) -> str:
+def compute_floor_line(results: dict, gflop_s: float | None, tile_gflop: float) -> str:
+    """The CPU's floor under FP32 time to first token in S1: one tile's vision work at the
+    measured matrix-product rate, against 0.6x the loop's time."""
+    if gflop_s is None or "S1" not in results:
+        return ""
+    floor = tile_gflop / gflop_s
+    loop = results["S1"]["onnx_loop"]["ttft_s"]
+    return (
+        f"FP32 matrix products at {gflop_s:.0f} GFLOP/s; one tile through the vision encoder is {tile_gflop:.0f} GFLOP, "
+        f"so an FP32 S1 first token takes at least {floor:.2f} s on this CPU ({floor / loop:.2f}x the loop's "
+        f"{loop:.2f} s; 0.6x would be {0.6 * loop:.2f} s)."
+    )
+
+
+def report(results: dict, args, bandwidth: float | None, decoder_bytes: int, floor_line: str) -> str:
     lines = [
         "| scenario | peer | prompt tokens | time to first token (s) | decode tok/s | peak RSS (MB) |",
         "|---|---|---|---|---|---|",
@@ -224,6 +262,7 @@ def report(results: dict, args, bandwidth: float | None, decoder_bytes: int) -> 
     lines += [
         "",
         ceiling_line(results, bandwidth, decoder_bytes),
+        floor_line,
         f"Greedy tokens in S1 equal to vlmserve's: {', '.join(f'{k} {v}' for k, v in same.items())}.",
     ]
     for scenario, peers in results.items():
@@ -274,6 +313,7 @@ def main() -> None:
 
         Image.open(REPO / "tests/fixtures/scenes/red-circle.png").convert("RGB").resize((512, 512)).save(args.image)
     bandwidth = None if args.cuda else read_bandwidth_gb_s(args.threads)
+    gflop_s = None if args.cuda else matmul_gflop_s(args.threads)
     decoder_bytes = (Path(args.model_dir) / "package/onnx/decoder_model_merged.onnx").stat().st_size
     results = {}
     for scenario in args.scenarios.split(","):
@@ -283,7 +323,8 @@ def main() -> None:
             label = name if precision == "fp32" else f"{name} {precision}"
             results[scenario][label] = r = peer(name, scenario, args, precision)
             print(f"{scenario} {label}: ttft {r['ttft_s']:.2f} s, decode {r['decode_tok_s']:.1f} tok/s, {r['peak_rss_mb']:.0f} MB", flush=True)
-    text = report(results, args, bandwidth, decoder_bytes)
+    floor = compute_floor_line(results, gflop_s, vision_gflop_per_tile(args.model_dir))
+    text = report(results, args, bandwidth, decoder_bytes, floor)
     print(text)
     if args.out:
         header = (
