@@ -14,8 +14,10 @@ process (so peak RSS is its own), one after the other for each scenario:
 Scenarios: S1 one tile (splitting off), S2 the processor's defaults (a 512x512 image becomes
 17 tiles). Time to first token runs from the image file to the first token (processor
 included); decode tokens/s is over the tokens after the first. A memory-bandwidth probe gives
-the decode ceiling: read bandwidth / bytes of decoder weights. Prints ratios (vlmserve / peer)
-and checks that all three produce the same greedy tokens in S1.
+the decode ceiling: read bandwidth / bytes of decoder weights; a matrix-product probe gives the
+FP32 floor under time to first token: the tiles' vision-encoder FLOPs / the measured rate. Prints ratios (vlmserve / peer)
+and checks that all three produce the same greedy FP32 tokens in every scenario (exits 1
+if not, after writing the table).
 
 The model is export/bench_model.py's (SmolVLM-256M shapes, random weights).
 
@@ -216,21 +218,33 @@ def peer(name: str, scenario: str, args, precision: str = "fp32") -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def compute_floor_line(results: dict, gflop_s: float | None, tile_gflop: float) -> str:
-    """The CPU's floor under FP32 time to first token in S1: one tile's vision work at the
-    measured matrix-product rate, against 0.6x the loop's time."""
-    if gflop_s is None or "S1" not in results:
-        return ""
-    floor = tile_gflop / gflop_s
-    loop = results["S1"]["onnx_loop"]["ttft_s"]
-    return (
-        f"FP32 matrix products at {gflop_s:.0f} GFLOP/s; one tile through the vision encoder is {tile_gflop:.0f} GFLOP, "
-        f"so an FP32 S1 first token takes at least {floor:.2f} s on this CPU ({floor / loop:.2f}x the loop's "
-        f"{loop:.2f} s; 0.6x would be {0.6 * loop:.2f} s)."
-    )
+def scenario_tiles(args, scenario: str) -> int:
+    """Tiles the HF processor makes of the benchmark image in `scenario`."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(Path(args.model_dir) / "package")
+    return int(inputs_for(processor, args.image, scenario == "S2")["pixel_values"].shape[1])
 
 
-def report(results: dict, args, bandwidth: float | None, decoder_bytes: int, floor_line: str) -> str:
+def compute_floor_lines(results: dict, args, gflop_s: float | None) -> list[str]:
+    """The CPU's floor under FP32 time to first token per scenario: its tiles' vision work at
+    the measured matrix-product rate, against 0.6x the loop's time."""
+    if gflop_s is None:
+        return []
+    tile_gflop = vision_gflop_per_tile(args.model_dir)
+    lines = [f"FP32 matrix products at {gflop_s:.0f} GFLOP/s; one tile through the vision encoder is {tile_gflop:.0f} GFLOP."]
+    for scenario, peers in results.items():
+        tiles = scenario_tiles(args, scenario)
+        floor = tiles * tile_gflop / gflop_s
+        loop = peers["onnx_loop"]["ttft_s"]
+        lines.append(
+            f"{scenario} ({tiles} tile{'s' if tiles > 1 else ''}): an FP32 first token takes at least {floor:.2f} s on this CPU, "
+            f"{floor / loop:.2f}x the loop's {loop:.2f} s (0.6x would be {0.6 * loop:.2f} s)."
+        )
+    return lines
+
+
+def report(results: dict, args, bandwidth: float | None, decoder_bytes: int, floor_lines: list[str]) -> str:
     lines = [
         "| scenario | peer | prompt tokens | time to first token (s) | decode tok/s | peak RSS (MB) |",
         "|---|---|---|---|---|---|",
@@ -257,14 +271,9 @@ def report(results: dict, args, bandwidth: float | None, decoder_bytes: int, flo
                 f"| {r['decode_tok_s'] / ours['decode_tok_s']:.2f}x of vlmserve fp32 | {r['peak_rss_mb'] / torch['peak_rss_mb']:.2f}x "
                 f"(greedy tokens equal to fp32's: {same}/{len(ours['tokens'])}) |"
             )
-    s1 = results.get("S1", {})
-    same = {name: s1[name]["tokens"] == s1["vlmserve"]["tokens"] for name in PEERS} if s1 else {}
-    lines += [
-        "",
-        ceiling_line(results, bandwidth, decoder_bytes),
-        floor_line,
-        f"Greedy tokens in S1 equal to vlmserve's: {', '.join(f'{k} {v}' for k, v in same.items())}.",
-    ]
+    lines += ["", ceiling_line(results, bandwidth, decoder_bytes), *floor_lines]
+    for scenario, same in fp32_agreement(results).items():
+        lines.append(f"Greedy FP32 tokens in {scenario} equal to vlmserve's: {', '.join(f'{k} {v}' for k, v in same.items())}.")
     for scenario, peers in results.items():
         ours = peers["vlmserve"]
         lines.append(
@@ -273,6 +282,14 @@ def report(results: dict, args, bandwidth: float | None, decoder_bytes: int, flo
             f"{ours['outside_runtime']:.1%} of their time outside ONNX Runtime."
         )
     return "\n".join(lines)
+
+
+def fp32_agreement(results: dict) -> dict:
+    """Per scenario and FP32 peer: whether its greedy tokens equal vlmserve's."""
+    return {
+        scenario: {name: peers[name]["tokens"] == peers["vlmserve"]["tokens"] for name in PEERS}
+        for scenario, peers in results.items()
+    }
 
 
 def ceiling_line(results: dict, bandwidth: float | None, decoder_bytes: int) -> str:
@@ -323,8 +340,7 @@ def main() -> None:
             label = name if precision == "fp32" else f"{name} {precision}"
             results[scenario][label] = r = peer(name, scenario, args, precision)
             print(f"{scenario} {label}: ttft {r['ttft_s']:.2f} s, decode {r['decode_tok_s']:.1f} tok/s, {r['peak_rss_mb']:.0f} MB", flush=True)
-    floor = compute_floor_line(results, gflop_s, vision_gflop_per_tile(args.model_dir))
-    text = report(results, args, bandwidth, decoder_bytes, floor)
+    text = report(results, args, bandwidth, decoder_bytes, compute_floor_lines(results, args, gflop_s))
     print(text)
     if args.out:
         header = (
@@ -337,6 +353,9 @@ def main() -> None:
             f"{args.new_tokens} new tokens, medians of {args.runs} runs, each peer in its own process.\n\n"
         )
         write_section(args.out, "## Peers:", header + text)
+    differ = [f"{scenario} {name}" for scenario, same in fp32_agreement(results).items() for name, ok in same.items() if not ok]
+    if differ:
+        raise SystemExit(f"greedy FP32 tokens differ from vlmserve's: {', '.join(differ)}")
 
 
 if __name__ == "__main__":
