@@ -62,6 +62,7 @@ request_timeout_s = 0
 
 [scheduler]
 max_batch_size = {args.max_batch_size}
+{f"prefill_chunk_tokens = {args.prefill_chunk}" if args.prefill_chunk else ""}
 queue_size = 256
 image_feature_cache_mb = 0
 """
@@ -212,6 +213,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3, help="requests per client per level")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--prefill-chunk", type=int, help="scheduler.prefill_chunk_tokens (default: the server's)")
     parser.add_argument("--cuda", action="store_true", help="run every graph on the CUDA provider")
     parser.add_argument("--vision-threads", type=int, help="intra-op threads of the vision encoder")
     parser.add_argument("--out", type=Path, help="markdown file to write the table into")
@@ -263,6 +265,8 @@ def main() -> None:
             f"`python3 bench/load.py --package {args.package} --precision {args.precision} --clients {args.clients} "
             f"--requests {args.requests} --max-tokens {args.max_tokens}"
             + (f" --vision-threads {args.vision_threads}" if args.vision_threads else "")
+            + (f" --prefill-chunk {args.prefill_chunk}" if args.prefill_chunk else "")
+            + (f" --prefill-chunk {args.prefill_chunk}" if args.prefill_chunk else "")
             + (" --cuda" if args.cuda else "")
             + "`: each client sends its requests back to back, "
             f"one {args.image} image (one tile), \"Describe the image.\", {args.max_tokens} new tokens, eos ignored. "
