@@ -389,37 +389,43 @@ fn cli_bench_refuses_bad_arguments_with_their_reason() {
 }
 
 #[test]
-fn cli_ask_takes_the_image_budget_of_the_api() {
+fn cli_ask_and_bench_take_the_image_budget_of_the_api() {
     let fixture = common::root().join("tests/fixtures/qwen2.5-vl-tiny");
     let tmp = tempfile::tempdir().unwrap();
     let large = tmp.path().join("large.png");
     image::RgbImage::new(1600, 1200).save(&large).unwrap();
-    let ask = |budget: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_vlmserve"))
-            .args(["ask", "--json", "--max-new-tokens", "1", "--processor", "low_detail_max_pixels=6272", "--model"])
-            .arg(fixture.join("package"))
-            .arg("--image")
-            .arg(&large)
-            .args(budget)
-            .arg("What is in the image?")
-            .output()
-            .unwrap()
-    };
-    let prompt_tokens = |budget: &[&str]| {
-        let out = ask(budget);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["prompt_tokens"].as_u64().unwrap()
-    };
-    // As tests/http.rs's qwen2_vl_serves_with_per_image_budgets: 24 image tokens at the
-    // fixture's cap, 6 at `low` (56x84 pixels), 12 at 9408 pixels (112x84).
-    let high = prompt_tokens(&[]);
-    assert_eq!(prompt_tokens(&["--detail", "high"]), high);
-    assert_eq!(high - prompt_tokens(&["--detail", "low"]), 24 - 6);
-    assert_eq!(high - prompt_tokens(&["--max-pixels", "9408"]), 24 - 12);
-    for bad in [["--detail", "tiny"], ["--max-pixels", "0"]] {
-        let out = ask(&bad);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
-        assert!(stderr.contains(bad[0]) && !stderr.contains("panicked"), "{stderr}");
+    for command in [
+        &["ask", "--max-new-tokens", "1"][..],
+        &["bench", "--new-tokens", "1", "--runs", "1", "--warmup", "0", "--prompt"][..],
+    ] {
+        let run = |budget: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_vlmserve"))
+                .args(command)
+                .arg("What is in the image?")
+                .args(["--json", "--processor", "low_detail_max_pixels=6272", "--model"])
+                .arg(fixture.join("package"))
+                .arg("--image")
+                .arg(&large)
+                .args(budget)
+                .output()
+                .unwrap()
+        };
+        let prompt_tokens = |budget: &[&str]| {
+            let out = run(budget);
+            assert!(out.status.success(), "{command:?}: {}", String::from_utf8_lossy(&out.stderr));
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["prompt_tokens"].as_u64().unwrap()
+        };
+        // As tests/http.rs's qwen2_vl_serves_with_per_image_budgets: 24 image tokens at the
+        // fixture's cap, 6 at `low` (56x84 pixels), 12 at 9408 pixels (112x84).
+        let high = prompt_tokens(&[]);
+        assert_eq!(prompt_tokens(&["--detail", "high"]), high, "{command:?}");
+        assert_eq!(high - prompt_tokens(&["--detail", "low"]), 24 - 6, "{command:?}");
+        assert_eq!(high - prompt_tokens(&["--max-pixels", "9408"]), 24 - 12, "{command:?}");
+        for bad in [["--detail", "tiny"], ["--max-pixels", "0"]] {
+            let out = run(&bad);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{command:?}: {stderr}");
+            assert!(stderr.contains(bad[0]) && !stderr.contains("panicked"), "{stderr}");
+        }
     }
 }

@@ -7,10 +7,9 @@ use std::time::Instant;
 use clap::Args;
 use serde_json::json;
 
-use super::{CliError, ModelArgs};
+use super::{CliError, ImageBudgetArgs, ModelArgs};
 use crate::config::Settings;
 use crate::engine::{Flow, GenerationParams, SamplingParams};
-use crate::family::{Detail, ImageBudget};
 use crate::preprocess::chat_template::ChatMessage;
 use crate::preprocess::{ImageLimits, decode_image};
 
@@ -40,13 +39,8 @@ pub struct AskArgs {
     /// Stop when this text appears (repeatable); it is not part of the answer.
     #[arg(long)]
     pub stop: Vec<String>,
-    /// How much of each image the model sees, as the API's `image_url.detail`: `auto` or
-    /// `high` (the processor's full budget) or `low` (the family's cheap rendering).
-    #[arg(long, default_value = "auto")]
-    pub detail: Detail,
-    /// Largest area, in pixels, each image is resized to (the processor settings still cap it).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    pub max_pixels: Option<u64>,
+    #[command(flatten)]
+    pub budget: ImageBudgetArgs,
     /// Print `{"text", "token_ids", "prompt_tokens", "finish_reason", "timings"}` instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -86,8 +80,7 @@ pub fn run(settings: &Settings, args: &AskArgs) -> Result<(), CliError> {
         .collect::<Result<Vec<_>, _>>()?;
     let image_decode_s = decode_start.elapsed().as_secs_f64();
     let message = ChatMessage::user(images.len(), &args.prompt);
-    let budget = ImageBudget { detail: args.detail, max_pixels: args.max_pixels };
-    let prompt = model.prepare(&[message], &images, &vec![budget; images.len()])?;
+    let prompt = model.prepare(&[message], &images, &args.budget.per_image(images.len()))?;
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
     let completion = model.generate(prompt, &args.params(), &mut |event| {

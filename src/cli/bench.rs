@@ -12,7 +12,7 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::json;
 
-use super::{CliError, ModelArgs};
+use super::{CliError, ImageBudgetArgs, ModelArgs};
 use crate::config::Settings;
 use crate::engine::{Completion, FeatureCache, Flow, GenerationParams, Model};
 use crate::preprocess::chat_template::ChatMessage;
@@ -28,6 +28,8 @@ pub struct BenchArgs {
     /// One tile per image: the same as `--processor do_image_splitting=false`.
     #[arg(long)]
     pub no_split: bool,
+    #[command(flatten)]
+    pub budget: ImageBudgetArgs,
     #[arg(long, default_value = "Describe the image.")]
     pub prompt: String,
     /// Tokens generated per run (end of sequence ignored).
@@ -105,7 +107,8 @@ impl Workload<'_> {
             None => Vec::new(),
         };
         let image_decode_s = start.elapsed().as_secs_f64();
-        let prompt = model.prepare(&[ChatMessage::user(images.len(), &self.args.prompt)], &images, &[])?;
+        let message = ChatMessage::user(images.len(), &self.args.prompt);
+        let prompt = model.prepare(&[message], &images, &self.args.budget.per_image(images.len()))?;
         let params =
             GenerationParams { max_new_tokens: self.args.new_tokens, ignore_eos: true, ..GenerationParams::default() };
         let completion = model.generate(prompt, &params, &mut |_| Flow::Continue)?;

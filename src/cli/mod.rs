@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{ConfigError, ModelSettings, Settings};
 use crate::engine::{EngineError, Model};
+use crate::family::{Detail, ImageBudget};
 use crate::package::Precision;
 use crate::preprocess::PreprocessError;
 
@@ -79,6 +80,25 @@ pub struct ModelArgs {
     /// `--processor do_image_splitting=false`.
     #[arg(long = "processor", value_name = "KEY=JSON", value_parser = parse_setting)]
     pub processor: Vec<(String, serde_json::Value)>,
+}
+
+/// How much of each image the model sees: the API's per-image budget from the command line.
+#[derive(Debug, Clone, Args)]
+pub struct ImageBudgetArgs {
+    /// As the API's `image_url.detail`: `auto` or `high` (the processor's full budget) or `low`
+    /// (the family's cheap rendering).
+    #[arg(long, default_value = "auto")]
+    pub detail: Detail,
+    /// Largest area, in pixels, each image is resized to (the processor settings still cap it).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_pixels: Option<u64>,
+}
+
+impl ImageBudgetArgs {
+    /// The same budget for each of `images` images.
+    pub fn per_image(&self, images: usize) -> Vec<ImageBudget> {
+        vec![ImageBudget { detail: self.detail, max_pixels: self.max_pixels }; images]
+    }
 }
 
 /// `KEY=JSON`; a value that is not JSON is taken as a string.
