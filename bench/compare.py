@@ -15,9 +15,9 @@ Scenarios: S1 one tile (splitting off), S2 the processor's defaults (a 512x512 i
 17 tiles). Time to first token runs from the image file to the first token (processor
 included); decode tokens/s is over the tokens after the first. A memory-bandwidth probe gives
 the decode ceiling: read bandwidth / bytes of decoder weights; a matrix-product probe gives the
-FP32 floor under time to first token: the tiles' vision-encoder FLOPs / the measured rate. Prints ratios (vlmserve / peer)
-and checks that all three produce the same greedy FP32 tokens in every scenario (exits 1
-if not, after writing the table).
+FP32 floor under time to first token: the tiles' vision-encoder FLOPs / the measured rate.
+Prints ratios (vlmserve / peer) and checks that all three produce the same greedy FP32 tokens
+in every scenario (exits 1 if not, after writing the table).
 
 The model is export/bench_model.py's (SmolVLM-256M shapes, random weights).
 
@@ -218,23 +218,19 @@ def peer(name: str, scenario: str, args, precision: str = "fp32") -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def scenario_tiles(args, scenario: str) -> int:
-    """Tiles the HF processor makes of the benchmark image in `scenario`."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(Path(args.model_dir) / "package")
-    return int(inputs_for(processor, args.image, scenario == "S2")["pixel_values"].shape[1])
-
-
 def compute_floor_lines(results: dict, args, gflop_s: float | None) -> list[str]:
     """The CPU's floor under FP32 time to first token per scenario: its tiles' vision work at
     the measured matrix-product rate, against 0.6x the loop's time."""
     if gflop_s is None:
         return []
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(Path(args.model_dir) / "package")
     tile_gflop = vision_gflop_per_tile(args.model_dir)
     lines = [f"FP32 matrix products at {gflop_s:.0f} GFLOP/s; one tile through the vision encoder is {tile_gflop:.0f} GFLOP."]
     for scenario, peers in results.items():
-        tiles = scenario_tiles(args, scenario)
+        # Tiles the HF processor makes of the benchmark image in this scenario.
+        tiles = int(inputs_for(processor, args.image, scenario == "S2")["pixel_values"].shape[1])
         floor = tiles * tile_gflop / gflop_s
         loop = peers["onnx_loop"]["ttft_s"]
         lines.append(

@@ -266,7 +266,6 @@ def main() -> None:
             f"--requests {args.requests} --max-tokens {args.max_tokens}"
             + (f" --vision-threads {args.vision_threads}" if args.vision_threads else "")
             + (f" --prefill-chunk {args.prefill_chunk}" if args.prefill_chunk else "")
-            + (f" --prefill-chunk {args.prefill_chunk}" if args.prefill_chunk else "")
             + (" --cuda" if args.cuda else "")
             + "`: each client sends its requests back to back, "
             f"one {args.image} image (one tile), \"Describe the image.\", {args.max_tokens} new tokens, eos ignored. "
