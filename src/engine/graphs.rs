@@ -181,8 +181,11 @@ impl Decoder {
             let branch = Tensor::from_array(ArrayD::from_elem(IxDyn(&[1]), !cache.is_empty()))?;
             inputs.push((Cow::Borrowed("use_cache_branch"), branch.into()));
         }
-        for ((past, _), value) in self.layout.tensors.iter().zip(&cache.values) {
+        for ((past, _), value) in self.layout.tensors.iter().zip(&cache.recent) {
             inputs.push((Cow::Owned(past.clone()), value.view().into()));
+        }
+        for (older, value) in self.layout.older.iter().zip(&cache.older) {
+            inputs.push((Cow::Owned(older.clone()), value.view().into()));
         }
         let start = Instant::now();
         let mut outputs = self.session.run(inputs)?;
@@ -198,7 +201,7 @@ impl Decoder {
                     .ok_or_else(|| EngineError::GraphMismatch(format!("decoder did not return {present}")))
             })
             .collect::<Result<_, _>>()?;
-        cache.advance(present, new);
+        cache.advance(present, new)?;
         Ok((logits, in_ort))
     }
 }

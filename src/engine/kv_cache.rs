@@ -3,12 +3,15 @@
 //! Strategy: the cache lives in ONNX Runtime values. Each step's `present.*` outputs are moved
 //! (not copied) into the cache and handed back as the next step's `past_key_values.*` inputs,
 //! so no cache data crosses into Rust arrays per token. The first step feeds empty tensors
-//! (past length 0) shaped from the decoder's input metadata. With a standard attention export
-//! the graph itself concatenates past and new keys (one pass over the cache per step, inside
-//! ONNX Runtime). A batch of sequences shares one cache, left-padded to its longest row; rows
-//! are copied only when a sequence joins or leaves. The layout also sizes the memory budget.
+//! (past length 0) shaped from the decoder's input metadata. A decoder that concatenates past
+//! and new keys copies the whole cache at every step; one exported with an older block
+//! (`older_key_values.*`, read by attention but not returned) lets the cache keep most of its
+//! positions there, untouched, while the graph extends only a short recent block, whose
+//! positions move into the older block one cache tensor per step (see [`KvCache::advance`]).
+//! A batch of sequences shares one cache, left-padded to its longest row; rows are copied only
+//! when a sequence joins or leaves. The layout also sizes the memory budget.
 
-use ndarray::{Array2, s};
+use ndarray::{Array2, Axis, s};
 use ort::session::Session;
 use ort::value::{DynValue, PrimitiveTensorElementType, Tensor, TensorElementType};
 
@@ -20,6 +23,9 @@ use super::tensors::empty_float;
 pub struct KvLayout {
     /// `(past input name, present output name)` per cache tensor, keys and values of every layer.
     pub tensors: Vec<(String, String)>,
+    /// The older-block input of each cache tensor, in the same order; empty when the decoder
+    /// has none.
+    pub older: Vec<String>,
     pub layers: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
@@ -53,7 +59,8 @@ impl KvLayout {
         }
         let (kv_heads, head_dim, element_type) =
             dims.ok_or_else(|| EngineError::GraphMismatch("decoder has no past_key_values inputs".into()))?;
-        Ok(Self { layers: tensors.len() / 2, tensors, kv_heads, head_dim, element_type })
+        let older = older_inputs(session, &tensors)?;
+        Ok(Self { layers: tensors.len() / 2, tensors, older, kv_heads, head_dim, element_type })
     }
 
     /// Bytes of cache one token occupies across all layers.
@@ -66,31 +73,85 @@ impl KvLayout {
     }
 }
 
-/// The cache of a batch of sequences: one value per cache tensor, `[rows, kv_heads, width,
-/// head_dim]`. Row `i` holds its `lens[i]` positions right-aligned; the columns before them are
-/// padding that the attention mask hides (left padding, so every row appends at the same column).
-/// A decode step appends one column to every row inside ONNX Runtime; rows are only copied when
-/// a sequence joins or leaves the batch.
+/// `older_key_values.*` for every `past_key_values.*` input, or none at all. A decoder with
+/// older blocks splits each layer's keys and values at the same column, so its cache tensors
+/// must come as `past_key_values.{i}.key` then `.value`, layer by layer.
+fn older_inputs(session: &Session, tensors: &[(String, String)]) -> Result<Vec<String>, EngineError> {
+    let names: Vec<String> =
+        tensors.iter().map(|(past, _)| past.replacen("past_key_values", "older_key_values", 1)).collect();
+    let present = |name: &String| session.inputs().iter().any(|i| i.name() == name);
+    match names.iter().filter(|name| present(name)).count() {
+        0 => return Ok(Vec::new()),
+        n if n < names.len() => {
+            return Err(EngineError::GraphMismatch(format!(
+                "decoder has older_key_values inputs for {n} of its {} cache tensors",
+                names.len()
+            )));
+        }
+        _ => {}
+    }
+    let paired = tensors.iter().enumerate().all(|(t, (past, _))| {
+        *past == format!("past_key_values.{}.{}", t / 2, if t % 2 == 0 { "key" } else { "value" })
+    });
+    if !paired {
+        return Err(EngineError::GraphMismatch(
+            "a decoder with older_key_values inputs must take past_key_values.{i}.key and .value in layer order".into(),
+        ));
+    }
+    Ok(names)
+}
+
+/// The cache of a batch of sequences: per cache tensor, a recent block and (when the decoder
+/// has one) an older block, each `[rows, kv_heads, columns, head_dim]`. Row `i` holds its
+/// `lens[i]` positions right-aligned across the older block's columns then the recent block's;
+/// the columns before them are padding that the attention mask hides (left padding, so every
+/// row appends at the same column). A decode step appends one column to every row's recent
+/// block inside ONNX Runtime; rows are only copied when a sequence joins or leaves the batch.
 #[derive(Debug)]
 pub struct KvCache {
-    pub(super) values: Vec<DynValue>,
+    pub(super) recent: Vec<DynValue>,
+    /// Empty when the decoder has no older block.
+    pub(super) older: Vec<DynValue>,
     width: usize,
     lens: Vec<usize>,
     element_type: TensorElementType,
+    /// `(kv_heads, head_dim)`.
+    dims: (usize, usize),
+    split: bool,
+    /// The layer whose recent blocks move into its older blocks after the next single step.
+    turn: usize,
 }
 
 impl KvCache {
     /// An empty cache (past length 0) for one sequence.
     pub fn empty(layout: &KvLayout) -> Result<Self, EngineError> {
-        let dims = [1, layout.kv_heads, 0, layout.head_dim];
-        let values =
-            layout.tensors.iter().map(|_| empty_float(&dims, layout.element_type)).collect::<Result<_, _>>()?;
-        Ok(Self { values, width: 0, lens: vec![0], element_type: layout.element_type })
+        let mut cache = Self::none(layout);
+        cache.recent = cache.empty_blocks(1, layout.tensors.len())?;
+        if cache.split {
+            cache.older = cache.empty_blocks(1, layout.tensors.len())?;
+        }
+        cache.lens = vec![0];
+        Ok(cache)
     }
 
     /// A cache of no sequences, for a batch to join into.
     pub fn none(layout: &KvLayout) -> Self {
-        Self { values: Vec::new(), width: 0, lens: Vec::new(), element_type: layout.element_type }
+        Self {
+            recent: Vec::new(),
+            older: Vec::new(),
+            width: 0,
+            lens: Vec::new(),
+            element_type: layout.element_type,
+            dims: (layout.kv_heads, layout.head_dim),
+            split: !layout.older.is_empty(),
+            turn: 0,
+        }
+    }
+
+    /// `count` blocks of no columns for `rows` rows, shaped like this cache's.
+    fn empty_blocks(&self, rows: usize, count: usize) -> Result<Vec<DynValue>, EngineError> {
+        let dims = [rows, self.dims.0, 0, self.dims.1];
+        (0..count).map(|_| empty_float(&dims, self.element_type)).collect()
     }
 
     pub fn rows(&self) -> usize {
@@ -111,18 +172,46 @@ impl KvCache {
         self.width == 0
     }
 
-    /// The decoder's `attention_mask` for `new` positions appended to every row.
+    /// The decoder's `attention_mask` for `new` positions appended to every row (older block's
+    /// columns first).
     pub fn attention_mask(&self, new: usize) -> Array2<i64> {
         Array2::from_shape_fn((self.rows(), self.width + new), |(row, col)| {
             i64::from(col + self.lens[row] >= self.width)
         })
     }
 
-    /// Take the decoder's `present.*` outputs, `new` columns wider than before.
-    pub(super) fn advance(&mut self, values: Vec<DynValue>, new: usize) {
-        self.values = values;
+    /// Take the decoder's `present.*` outputs (the recent blocks, `new` columns wider). Then
+    /// one layer's recent blocks move into its older blocks (every layer's after a prompt
+    /// chunk): a recent block never holds more columns than there are layers, and each step
+    /// copies about one layer's share of the cache instead of all of it.
+    pub(super) fn advance(&mut self, values: Vec<DynValue>, new: usize) -> Result<(), EngineError> {
+        self.recent = values;
         self.width += new;
         self.lens.iter_mut().for_each(|len| *len += new);
+        if !self.split {
+            return Ok(());
+        }
+        let layers = self.recent.len() / 2;
+        let settle = if new > 1 {
+            0..2 * layers
+        } else {
+            let layer = self.turn;
+            self.turn = (layer + 1) % layers;
+            2 * layer..2 * layer + 2
+        };
+        for t in settle {
+            let empty = self.empty_blocks(self.rows(), 1)?.remove(0);
+            let recent = std::mem::replace(&mut self.recent[t], empty);
+            self.older[t] = if self.older[t].shape()[2] == 0 {
+                recent
+            } else {
+                match self.element_type {
+                    TensorElementType::Float16 => append_columns::<half::f16>(&self.older[t], &recent)?,
+                    _ => append_columns::<f32>(&self.older[t], &recent)?,
+                }
+            };
+        }
+        Ok(())
     }
 
     /// Append `other`'s rows after this cache's (copies both, unless this one is empty).
@@ -133,13 +222,14 @@ impl KvCache {
         }
         let rows: Vec<(&KvCache, usize)> =
             (0..self.rows()).map(|r| (&*self, r)).chain((0..other.rows()).map(|r| (&other, r))).collect();
-        *self = Self::gather(&rows, self.element_type)?;
+        *self = Self::gather(&rows)?;
         Ok(())
     }
 
     /// Drop every row.
     pub fn clear(&mut self) {
-        self.values.clear();
+        self.recent.clear();
+        self.older.clear();
         self.width = 0;
         self.lens.clear();
     }
@@ -154,27 +244,38 @@ impl KvCache {
         if rows.is_empty() {
             self.clear();
         } else {
-            *self = Self::gather(&rows, self.element_type)?;
+            *self = Self::gather(&rows)?;
         }
         Ok(())
     }
 
-    /// A new cache made of the given rows of existing caches, right-aligned.
-    fn gather(rows: &[(&KvCache, usize)], element_type: TensorElementType) -> Result<Self, EngineError> {
+    /// The blocks of cache tensor `t`, oldest first.
+    fn blocks(&self, t: usize) -> Vec<&DynValue> {
+        self.older.get(t).into_iter().chain(std::iter::once(&self.recent[t])).collect()
+    }
+
+    /// A new cache made of the given rows of existing caches, right-aligned, every position in
+    /// the older block when the decoder has one.
+    fn gather(rows: &[(&KvCache, usize)]) -> Result<Self, EngineError> {
+        let first = rows[0].0;
         let lens: Vec<usize> = rows.iter().map(|(cache, row)| cache.lens[*row]).collect();
         let width = lens.iter().copied().max().unwrap_or(0);
-        let tensors = rows[0].0.values.len();
-        let values = (0..tensors)
+        let gathered = (0..first.recent.len())
             .map(|t| {
-                let sources: Vec<(&DynValue, usize, usize)> =
-                    rows.iter().zip(&lens).map(|((cache, row), len)| (&cache.values[t], *row, *len)).collect();
-                match element_type {
+                let sources: Vec<(Vec<&DynValue>, usize, usize)> =
+                    rows.iter().zip(&lens).map(|((cache, row), len)| (cache.blocks(t), *row, *len)).collect();
+                match first.element_type {
                     TensorElementType::Float16 => gather_rows(&sources, width, half::f16::ZERO),
                     _ => gather_rows(&sources, width, 0f32),
                 }
             })
-            .collect::<Result<_, _>>()?;
-        Ok(Self { values, width, lens, element_type })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut cache = Self { recent: gathered, older: Vec::new(), width, lens, turn: 0, ..*first };
+        if cache.split {
+            let empty = cache.empty_blocks(cache.rows(), cache.recent.len())?;
+            cache.older = std::mem::replace(&mut cache.recent, empty);
+        }
+        Ok(cache)
     }
 
     /// Bytes the cache holds, padding included.
@@ -183,18 +284,141 @@ impl KvCache {
     }
 }
 
-/// `[sources.len(), heads, width, dim]` with source `i`'s last `len` columns of row `row`
-/// right-aligned in row `i`, zeros before them.
-fn gather_rows<T>(sources: &[(&DynValue, usize, usize)], width: usize, zero: T) -> Result<DynValue, EngineError>
+/// `[sources.len(), heads, width, dim]` with the last `len` columns of row `row` of source `i`
+/// (its blocks read as one, oldest first) right-aligned in row `i`, zeros before them.
+fn gather_rows<T>(sources: &[(Vec<&DynValue>, usize, usize)], width: usize, zero: T) -> Result<DynValue, EngineError>
 where
     T: PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static,
 {
-    let views = sources.iter().map(|(value, ..)| value.try_extract_array::<T>()).collect::<Result<Vec<_>, _>>()?;
-    let shape = views[0].shape();
-    let mut out = ndarray::Array4::from_elem((sources.len(), shape[1], width, shape[3]), zero);
-    for (i, (view, (_, row, len))) in views.iter().zip(sources).enumerate() {
-        let from = view.shape()[2] - len;
-        out.slice_mut(s![i, .., width - len.., ..]).assign(&view.slice(s![*row, .., from.., ..]));
+    let shape = sources[0].0[0].shape();
+    let mut out = ndarray::Array4::from_elem((sources.len(), shape[1] as usize, width, shape[3] as usize), zero);
+    for (i, (blocks, row, len)) in sources.iter().enumerate() {
+        // Fill from the right: the newest block's columns last.
+        let (mut end, mut left) = (width, *len);
+        for block in blocks.iter().rev() {
+            let view = block.try_extract_array::<T>()?;
+            let columns = view.shape()[2];
+            let take = left.min(columns);
+            out.slice_mut(s![i, .., end - take..end, ..]).assign(&view.slice(s![*row, .., columns - take.., ..]));
+            end -= take;
+            left -= take;
+        }
     }
     Ok(Tensor::from_array(out)?.into_dyn())
+}
+
+/// `a` then `b` along the column axis.
+fn append_columns<T>(a: &DynValue, b: &DynValue) -> Result<DynValue, EngineError>
+where
+    T: PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static,
+{
+    let (a, b) = (a.try_extract_array::<T>()?, b.try_extract_array::<T>()?);
+    let joined = ndarray::concatenate(Axis(2), &[a, b])
+        .map_err(|e| EngineError::GraphMismatch(format!("cache blocks of different shapes: {e}")))?;
+    Ok(Tensor::from_array(joined)?.into_dyn())
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::{Array4, ArrayView4, Axis, s};
+    use ort::value::{DynValue, Tensor, TensorElementType};
+
+    use super::{KvCache, KvLayout};
+
+    const HEADS: usize = 2;
+    const DIM: usize = 3;
+
+    /// Two layers with older blocks.
+    fn layout() -> KvLayout {
+        let tensors: Vec<(String, String)> = (0..2)
+            .flat_map(|l| ["key", "value"].map(|kv| (format!("past_key_values.{l}.{kv}"), format!("present.{l}.{kv}"))))
+            .collect();
+        let older = tensors.iter().map(|(past, _)| past.replace("past_", "older_")).collect();
+        KvLayout { tensors, older, layers: 2, kv_heads: HEADS, head_dim: DIM, element_type: TensorElementType::Float32 }
+    }
+
+    /// Columns `from..to` of one row, each holding `tag * 1000 + position` everywhere.
+    fn columns(tag: usize, from: usize, to: usize) -> Array4<f32> {
+        Array4::from_shape_fn((1, HEADS, to - from, DIM), |(_, _, c, _)| (tag * 1000 + from + c) as f32)
+    }
+
+    fn array(value: &DynValue) -> Array4<f32> {
+        value.try_extract_array::<f32>().unwrap().into_dimensionality().unwrap().to_owned()
+    }
+
+    /// What the decoder returns: each tensor's recent block with `new` positions appended.
+    fn present(cache: &KvCache, tag: usize, new: usize) -> Vec<DynValue> {
+        (0..cache.recent.len())
+            .map(|t| {
+                let recent = array(&cache.recent[t]);
+                let appended = columns(tag + t, cache.width(), cache.width() + new);
+                let rows: Vec<ArrayView4<f32>> = vec![appended.view(); cache.rows()];
+                let appended = ndarray::concatenate(Axis(0), &rows).unwrap();
+                let joined = ndarray::concatenate(Axis(2), &[recent.view(), appended.view()]).unwrap();
+                Tensor::from_array(joined).unwrap().into_dyn()
+            })
+            .collect()
+    }
+
+    /// Row `row` of tensor `t`, older block then recent block, as one position tag per column.
+    fn row(cache: &KvCache, t: usize, row: usize) -> Vec<f32> {
+        let (older, recent) = (array(&cache.older[t]), array(&cache.recent[t]));
+        let joined = ndarray::concatenate(Axis(2), &[older.view(), recent.view()]).unwrap();
+        joined.slice(s![row, 0, .., 0]).to_vec()
+    }
+
+    fn widths(cache: &KvCache) -> Vec<(i64, i64)> {
+        cache.older.iter().zip(&cache.recent).map(|(o, r)| (o.shape()[2], r.shape()[2])).collect()
+    }
+
+    #[test]
+    fn positions_move_into_the_older_block_one_layer_per_step_and_rows_keep_them_across_joins() {
+        crate::runtime::init(None, &[]).expect("ONNX Runtime (the test set-up installs it)");
+        let layout = layout();
+        let mut cache = KvCache::empty(&layout).unwrap();
+        // A prompt chunk lands in the older blocks of every layer (moved, as they were empty).
+        cache.advance(present(&cache, 0, 4), 4).unwrap();
+        assert_eq!(widths(&cache), [(4, 0); 4]);
+        // Single steps: layer 0's recent blocks move first, then layer 1's.
+        cache.advance(present(&cache, 0, 1), 1).unwrap();
+        assert_eq!(widths(&cache), [(5, 0), (5, 0), (4, 1), (4, 1)]);
+        cache.advance(present(&cache, 0, 1), 1).unwrap();
+        assert_eq!(widths(&cache), [(5, 1), (5, 1), (6, 0), (6, 0)]);
+        assert_eq!(row(&cache, 2, 0), [2000., 2001., 2002., 2003., 2004., 2005.]);
+        assert_eq!(cache.attention_mask(1).row(0).to_vec(), [1; 7]);
+
+        // A shorter sequence joins: both rows right-aligned, every position in the older blocks.
+        let mut other = KvCache::empty(&layout).unwrap();
+        other.advance(present(&other, 10, 3), 3).unwrap();
+        cache.join(other).unwrap();
+        assert_eq!((cache.rows(), cache.width()), (2, 6));
+        assert_eq!(widths(&cache), [(6, 0); 4]);
+        assert_eq!(row(&cache, 1, 0), [1000., 1001., 1002., 1003., 1004., 1005.]);
+        assert_eq!(row(&cache, 1, 1), [0., 0., 0., 11000., 11001., 11002.]);
+        assert_eq!(cache.attention_mask(1).row(1).to_vec(), [0, 0, 0, 1, 1, 1, 1]);
+
+        // The longer row leaves: the padding columns go with it.
+        cache.advance(present(&cache, 20, 1), 1).unwrap();
+        cache.retain(&[false, true]).unwrap();
+        assert_eq!((cache.rows(), cache.width()), (1, 4));
+        assert_eq!(row(&cache, 3, 0), [13000., 13001., 13002., 23006.]);
+        assert_eq!(cache.bytes(&layout), 4 * layout.bytes_per_token());
+    }
+
+    #[test]
+    fn a_decoder_without_older_blocks_keeps_every_position_in_the_recent_block() {
+        crate::runtime::init(None, &[]).expect("ONNX Runtime (the test set-up installs it)");
+        let layout = KvLayout { older: Vec::new(), ..layout() };
+        let mut cache = KvCache::empty(&layout).unwrap();
+        cache.advance(present(&cache, 0, 4), 4).unwrap();
+        cache.advance(present(&cache, 0, 1), 1).unwrap();
+        let mut other = KvCache::empty(&layout).unwrap();
+        other.advance(present(&other, 10, 2), 2).unwrap();
+        cache.join(other).unwrap();
+        assert!(cache.older.is_empty());
+        let recent: Vec<i64> = cache.recent.iter().map(|r| r.shape()[2]).collect();
+        assert_eq!(recent, [5; 4]);
+        let tags = array(&cache.recent[1]).slice(s![1, 0, .., 0]).to_vec();
+        assert_eq!(tags, [0., 0., 0., 11000., 11001.]);
+    }
 }
