@@ -43,6 +43,9 @@ class OnnxPackage:
         decoder = self.sessions["decoder_model_merged"]
         self.past_names = [i.name for i in decoder.get_inputs() if i.name.startswith("past_key_values.")]
         self.present_names = [o.name for o in decoder.get_outputs() if o.name.startswith("present.")]
+        # The older cache block (see families.shared): kept empty here, so the whole cache is the
+        # past block that the graph concatenates at every step, as a plain decoder does.
+        self.older_names = [i.name for i in decoder.get_inputs() if i.name.startswith("older_key_values.")]
         first_past = next(i for i in decoder.get_inputs() if i.name == self.past_names[0])
         self.kv_heads, self.head_dim = first_past.shape[1], first_past.shape[3]
         self.kv_dtype = NP_DTYPES[self.variant["graphs"]["decoder_model_merged"]["kv_cache_dtype"]]
@@ -62,6 +65,7 @@ class OnnxPackage:
     def decode(self, inputs_embeds, attention_mask, position_ids, past):
         feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids}
         feeds.update(zip(self.past_names, past))
+        feeds.update(zip(self.older_names, self.empty_past(inputs_embeds.shape[0])))
         out = self.sessions["decoder_model_merged"].run(["logits", *self.present_names], feeds)
         return out[0], out[1:]
 

@@ -3,10 +3,17 @@ decoder_model_merged), PyTorch's greedy tokens and logit paths, and the export
 report's reference input.
 
   embed_tokens          input_ids [b,s] i64 -> inputs_embeds [b,s,hidden]
-  decoder_model_merged  inputs_embeds, attention_mask [b,past+s], position_ids
-                        ([b,s], or [3,b,s] for M-RoPE), past_key_values.{i}.key/value
+  decoder_model_merged  inputs_embeds, attention_mask [b,older+past+s], position_ids
+                        ([b,s], or [3,b,s] for M-RoPE), older_key_values.{i}.key/value
+                        [b,kv_heads,older,head_dim], past_key_values.{i}.key/value
                         [b,kv_heads,past,head_dim] -> logits [b,s,vocab],
                         present.{i}.key/value [b,kv_heads,past+s,head_dim]
+
+The cache comes in two blocks per layer. Attention reads both; only the recent
+block (past) is concatenated with the new positions and returned as present,
+so a runtime that keeps a long older block and moves positions into it now
+and then does not copy the whole cache at every step. Feeding empty older
+blocks (length 0) gives the usual one-block decoder.
 
 A family passes its text model (a transformers decoder without LM head), the
 LM head and the text config; position ids keep whatever layout the text model
@@ -32,28 +39,57 @@ def text_dims(text) -> dict:
 GROUPED_ATTENTION = "vlmserve_grouped"
 
 
-def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, older_cache=None, **kwargs):
     """Eager attention without repeat_kv: the query heads that share a key/value head are
     stacked along the query axis, so one matrix product per key/value head serves the whole
     group. Equal to transformers' eager attention up to float rounding (export/tests/test_attention.py);
     the exported graph then reads each cached key/value head once per step instead of copying
     it for each of its query heads (an Expand per layer and step: with the cache's
     concatenation, a third of a batch-8 decode step in ONNX Runtime's profile).
+
+    older_cache = (blocks, padding): blocks[layer] = (keys, values) of the layer's older cache
+    block, read before key/value (the recent block and the new positions) under one softmax,
+    never concatenated with them; padding [b, older + recent] is the 2-D attention mask. The
+    masks then come from it per layer (layers may split their cache at different columns)
+    and attention_mask is not used.
     """
     import torch
 
     batch, heads, q_len, head_dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
+    older_keys, older_values = older_cache[0][module.layer_idx] if older_cache else (None, None)
+    if older_keys is not None:
+        older_mask, attention_mask = block_masks(older_cache[1], q_len, key.shape[2], query.dtype)
     # Head h uses key/value head h // group (repeat_kv's order).
     stacked = query.reshape(batch, kv_heads, group * q_len, head_dim)
     weights = torch.matmul(stacked, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         weights = weights.view(batch, kv_heads, group, q_len, -1) + attention_mask[:, :, None]
         weights = weights.view(batch, kv_heads, group * q_len, -1)
+    if older_keys is not None:
+        weights = torch.cat([torch.matmul(stacked, older_keys.transpose(2, 3)) * scaling + older_mask, weights], -1)
     weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    output = torch.matmul(weights, value).view(batch, heads, q_len, head_dim)
+    if older_keys is None:
+        output = torch.matmul(weights, value)
+    else:
+        older = older_keys.shape[2]
+        output = torch.matmul(weights[..., :older], older_values) + torch.matmul(weights[..., older:], value)
+    output = output.view(batch, heads, q_len, head_dim)
     return output.transpose(1, 2).contiguous(), None
+
+
+def block_masks(padding, q_len: int, recent: int, dtype):
+    """Additive masks of an older cache block, [b, 1, 1, older], and of the recent block with
+    the q_len new positions at its end, [b, 1, q_len, recent], from the 2-D attention mask
+    [b, older + recent]. Older positions precede every query: only their padding is masked."""
+    import torch
+
+    older = padding.shape[1] - recent
+    keep = padding != 0
+    causal = torch.arange(recent)[None, :] <= torch.arange(recent - q_len, recent)[:, None]
+    allowed = (keep[:, None, None, :older], keep[:, None, None, older:] & causal)
+    return tuple(torch.zeros(a.shape, dtype=dtype).masked_fill(~a, torch.finfo(dtype).min) for a in allowed)
 
 
 def _register_grouped_attention() -> None:
@@ -79,7 +115,8 @@ def _modules():
             return self.embed_tokens(input_ids)
 
     class Decoder(nn.Module):
-        """Text model + LM head with an explicit KV cache (past length may be 0)."""
+        """Text model + LM head with an explicit KV cache in two blocks per layer (the module
+        docstring); either may have length 0."""
 
         def __init__(self, text_model, lm_head, text_config):
             super().__init__()
@@ -87,17 +124,21 @@ def _modules():
             self.lm_head = lm_head
             self.text_config = text_config
 
-        def forward(self, inputs_embeds, attention_mask, position_ids, past):
+        def forward(self, inputs_embeds, attention_mask, position_ids, older, past):
             cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])), config=self.text_config)
+            # Attention builds its masks from the 2-D mask (grouped_attention), not from
+            # transformers' 4-D one, which assumes one cache length for every layer.
+            older_cache = (list(zip(older[0::2], older[1::2])), attention_mask)
             config = self.text_model.config
             eager, config._attn_implementation = config._attn_implementation, GROUPED_ATTENTION
             try:
                 out = self.text_model(
                     inputs_embeds=inputs_embeds,
-                    attention_mask=attention_mask,
+                    attention_mask=None,
                     position_ids=position_ids,
                     past_key_values=cache,
                     use_cache=True,
+                    older_cache=older_cache,
                 )
             finally:
                 config._attn_implementation = eager
@@ -134,10 +175,17 @@ def graph_specs(embed_tokens, text_model, lm_head, text_config, position_axes: i
         dynamic_shapes={"input_ids": {0: b, 1: s}},
     )
 
-    p, total = Dim("past_sequence_length", min=0), Dim("total_sequence_length")
+    total, older = Dim("total_sequence_length"), 4
+    # Each layer may split its cache at its own column (a runtime moves one layer's recent
+    # block into its older block per step), so every layer has its own lengths.
+    layer_dims = [
+        (Dim(f"older_sequence_length_{i}", min=0), Dim(f"past_sequence_length_{i}", min=0)) for i in range(dims["layers"])
+    ]
     kv_shape = (batch, dims["kv_heads"], past, dims["head_dim"])
     past_kv = [torch.randn(kv_shape) for _ in range(2 * dims["layers"])]
+    older_kv = [torch.randn(kv_shape[:2] + (older,) + kv_shape[3:]) for _ in past_kv]
     past_names = [f"past_key_values.{i}.{kv}" for i in range(dims["layers"]) for kv in ("key", "value")]
+    older_names = [name.replace("past_key_values", "older_key_values") for name in past_names]
     present_names = [f"present.{i}.{kv}" for i in range(dims["layers"]) for kv in ("key", "value")]
     positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
     position_dims = {0: b, 1: s}
@@ -149,19 +197,21 @@ def graph_specs(embed_tokens, text_model, lm_head, text_config, position_axes: i
         module=Decoder(text_model, lm_head, text_config),
         args=(
             torch.randn(batch, seq, dims["hidden"]),
-            torch.ones(batch, past + seq, dtype=torch.long),
+            torch.ones(batch, older + past + seq, dtype=torch.long),
             positions,
+            older_kv,
             past_kv,
         ),
-        input_names=["inputs_embeds", "attention_mask", "position_ids", *past_names],
+        input_names=["inputs_embeds", "attention_mask", "position_ids", *older_names, *past_names],
         output_names=["logits", *present_names],
         dynamic_shapes={
             "inputs_embeds": {0: b, 1: s},
             "attention_mask": {0: b, 1: total},
             "position_ids": position_dims,
-            "past": [{0: b, 2: p}] * len(past_kv),
+            "older": [{0: b, 2: o} for o, _ in layer_dims for _kv in range(2)],
+            "past": [{0: b, 2: p} for _, p in layer_dims for _kv in range(2)],
         },
-        output_dim_names={name: {2: "total_sequence_length"} for name in present_names},
+        output_dim_names={name: {2: f"present_sequence_length_{name.split('.')[1]}"} for name in present_names},
     )
     return [embed_spec, decoder_spec]
 
@@ -173,18 +223,20 @@ def sample_feeds(text: dict, graph: str, rng, position_axes: int = 0) -> dict:
     heads = text["num_attention_heads"]
     kv_heads = text.get("num_key_value_heads") or heads
     head_dim = text.get("head_dim") or text["hidden_size"] // heads
-    past, seq = 4, 3
-    positions = np.arange(past, past + seq, dtype=np.int64)[None]
+    older, past, seq = 2, 4, 3
+    positions = np.arange(older + past, older + past + seq, dtype=np.int64)[None]
     if position_axes:
         positions = np.broadcast_to(positions, (position_axes, 1, seq)).copy()
     feeds = {
         "inputs_embeds": rng.standard_normal((1, seq, text["hidden_size"])).astype(np.float32),
-        "attention_mask": np.ones((1, past + seq), np.int64),
+        "attention_mask": np.ones((1, older + past + seq), np.int64),
         "position_ids": positions,
     }
     for i in range(text["num_hidden_layers"]):
         for kv in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kv}"] = rng.standard_normal((1, kv_heads, past, head_dim)).astype(np.float32)
+            for block, length in (("older", older), ("past", past)):
+                name = f"{block}_key_values.{i}.{kv}"
+                feeds[name] = rng.standard_normal((1, kv_heads, length, head_dim)).astype(np.float32)
     return feeds
 
 

@@ -32,3 +32,29 @@ def test_grouped_attention_equals_eager_attention(heads, kv_heads, q_len):
     assert got.shape == expected.shape == (batch, q_len, heads, head_dim)
     assert torch.allclose(got, expected, atol=1e-6), (got - expected).abs().max()
     assert weights is None
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_older_block_is_read_under_one_softmax_with_the_recent_one(q_len):
+    """Keys and values split into an older block and a recent one, masked from the 2-D padding
+    mask, give eager attention over their concatenation with the causal 4-D mask."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    torch.manual_seed(1)
+    batch, heads, kv_heads, head_dim, older, recent = 2, 9, 3, 8, 4, 5
+    query = torch.randn(batch, heads, q_len, head_dim)
+    key = torch.randn(batch, kv_heads, older + recent, head_dim)
+    value = torch.randn(batch, kv_heads, older + recent, head_dim)
+    padding = torch.ones(batch, older + recent, dtype=torch.long)
+    padding[1, :3] = 0  # row 1 left-padded into the older block
+    allowed = torch.ones(batch, 1, q_len, older + recent, dtype=torch.bool).tril(older + recent - q_len)
+    allowed &= padding[:, None, None, :].bool()
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False, layer_idx=0)
+
+    expected, _ = eager_attention_forward(module, query, key, value, mask, scaling=head_dim**-0.5)
+    older_cache = ([(key[:, :, :older], value[:, :, :older])], padding)
+    got, _ = grouped_attention(
+        module, query, key[:, :, older:], value[:, :, older:], None, scaling=head_dim**-0.5, older_cache=older_cache
+    )
+    assert torch.allclose(got, expected, atol=1e-6), (got - expected).abs().max()

@@ -81,3 +81,39 @@ def test_decoder_batch_with_left_padding(torch_model, fp32_package):
     # Padded query rows attend to nothing meaningful; compare the real tokens only.
     real = mask.astype(bool)
     assert np.abs(logits[real] - expected[real]).max() <= ATOL
+
+
+@pytest.mark.parametrize("splits", [(1,), (5,), (9,), (9, 2)])
+def test_decoder_older_block_equals_one_block(fp32_package, splits):
+    """The cache split into an older block (layer i's first splits[i % len] columns, left
+    padding included; layers may split at different columns) and a recent one gives the
+    logits of the whole cache in the recent block, and present holds only the recent block
+    and the new positions."""
+    a = CASES["text_only"]["input_ids"][:12]
+    b = a[3:]
+    ids = np.array([a, [0] * 3 + b], np.int64)
+    mask = np.array([[1] * 12, [0] * 3 + [1] * 9], np.int64)
+    positions = np.clip(mask.cumsum(-1) - 1, 0, None)
+    embeds = fp32_package.embed(ids)
+    _, cache = fp32_package.decode(embeds[:, :9], mask[:, :9], positions[:, :9], fp32_package.empty_past(2))
+    session = fp32_package.sessions["decoder_model_merged"]
+    names = ["logits", *fp32_package.present_names]
+
+    def step(older, past):
+        feeds = {"inputs_embeds": embeds[:, 9:], "attention_mask": mask, "position_ids": positions[:, 9:]}
+        feeds.update(zip(fp32_package.older_names, older))
+        feeds.update(zip(fp32_package.past_names, past))
+        return session.run(names, feeds)
+
+    split = [splits[(t // 2) % len(splits)] for t in range(len(cache))]
+    older = [c[:, :, :at] for c, at in zip(cache, split)]
+    recent = [c[:, :, at:] for c, at in zip(cache, split)]
+    one = step(fp32_package.empty_past(2), cache)
+    two = step(older, recent)
+    assert np.abs(two[0] - one[0]).max() <= 1e-5
+    for whole, present, at in zip(one[1:], two[1:], split):
+        assert present.shape[2] == 9 - at + 3
+        assert np.abs(whole[:, :, at:] - present).max() <= 1e-5
+    # The older block is read: zeroing it changes the logits of the row that attends to it.
+    zeroed = step([np.zeros_like(c) for c in older], recent)
+    assert np.abs(zeroed[0][0] - one[0][0]).max() > 1e-3
