@@ -11,7 +11,7 @@
 //! A batch of sequences shares one cache, left-padded to its longest row; rows are copied only
 //! when a sequence joins or leaves. The layout also sizes the memory budget.
 
-use ndarray::{Array2, Axis, s};
+use ndarray::{Array2, s};
 use ort::session::Session;
 use ort::value::{DynValue, PrimitiveTensorElementType, Tensor, TensorElementType};
 
@@ -307,15 +307,26 @@ where
     Ok(Tensor::from_array(out)?.into_dyn())
 }
 
-/// `a` then `b` along the column axis.
+/// `a` then `b` along the column axis. Each `[row, head]` holds its columns contiguously in
+/// both, so the result is two slice copies per row and head. (With ndarray's concatenate, the
+/// time outside ONNX Runtime rose to 5.4% of an S2 decode step, from 0.8% before older blocks.)
 fn append_columns<T>(a: &DynValue, b: &DynValue) -> Result<DynValue, EngineError>
 where
     T: PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static,
 {
-    let (a, b) = (a.try_extract_array::<T>()?, b.try_extract_array::<T>()?);
-    let joined = ndarray::concatenate(Axis(2), &[a, b])
-        .map_err(|e| EngineError::GraphMismatch(format!("cache blocks of different shapes: {e}")))?;
-    Ok(Tensor::from_array(joined)?.into_dyn())
+    let ((shape, a), (b_shape, b)) = (a.try_extract_tensor::<T>()?, b.try_extract_tensor::<T>()?);
+    let lanes = (shape[0] * shape[1]) as usize;
+    let (a_lane, b_lane) = (a.len() / lanes.max(1), b.len() / lanes.max(1));
+    if b_shape[0] != shape[0] || b_shape[1] != shape[1] || b_shape[3] != shape[3] {
+        return Err(EngineError::GraphMismatch(format!("cache blocks of shapes {shape:?} and {b_shape:?}")));
+    }
+    let mut joined = Vec::with_capacity(a.len() + b.len());
+    for lane in 0..lanes {
+        joined.extend_from_slice(&a[lane * a_lane..(lane + 1) * a_lane]);
+        joined.extend_from_slice(&b[lane * b_lane..(lane + 1) * b_lane]);
+    }
+    let dims = [shape[0], shape[1], shape[2] + b_shape[2], shape[3]];
+    Ok(Tensor::from_array((dims, joined))?.into_dyn())
 }
 
 #[cfg(test)]
