@@ -47,11 +47,11 @@ def grouped_attention(module, query, key, value, attention_mask, scaling, dropou
     it for each of its query heads (an Expand per layer and step: with the cache's
     concatenation, a third of a batch-8 decode step in ONNX Runtime's profile).
 
-    older_cache = (blocks, padding): blocks[layer] = (keys, values) of the layer's older cache
+    older_cache = (blocks, mask): blocks[layer] = (keys, values) of the layer's older cache
     block, read before key/value (the recent block and the new positions) under one softmax,
-    never concatenated with them; padding [b, older + recent] is the 2-D attention mask. The
-    masks then come from it per layer (layers may split their cache at different columns)
-    and attention_mask is not used.
+    never concatenated with them; mask is causal_mask() of the 2-D attention mask, over both
+    blocks, and replaces attention_mask (transformers' assumes one cache length for every
+    layer, and layers may split their cache at different columns).
     """
     import torch
 
@@ -59,16 +59,16 @@ def grouped_attention(module, query, key, value, attention_mask, scaling, dropou
     kv_heads = key.shape[1]
     group = heads // kv_heads
     older_keys, older_values = older_cache[0][module.layer_idx] if older_cache else (None, None)
-    if older_keys is not None:
-        older_mask, attention_mask = block_masks(older_cache[1], q_len, key.shape[2], query.dtype)
     # Head h uses key/value head h // group (repeat_kv's order).
     stacked = query.reshape(batch, kv_heads, group * q_len, head_dim)
-    weights = torch.matmul(stacked, key.transpose(2, 3)) * scaling
+    weights = torch.matmul(stacked, key.transpose(2, 3))
+    if older_keys is not None:
+        weights = torch.cat([torch.matmul(stacked, older_keys.transpose(2, 3)), weights], -1)
+        attention_mask = older_cache[1]
+    weights = weights * scaling
     if attention_mask is not None:
         weights = weights.view(batch, kv_heads, group, q_len, -1) + attention_mask[:, :, None]
         weights = weights.view(batch, kv_heads, group * q_len, -1)
-    if older_keys is not None:
-        weights = torch.cat([torch.matmul(stacked, older_keys.transpose(2, 3)) * scaling + older_mask, weights], -1)
     weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     if older_keys is None:
         output = torch.matmul(weights, value)
@@ -79,17 +79,16 @@ def grouped_attention(module, query, key, value, attention_mask, scaling, dropou
     return output.transpose(1, 2).contiguous(), None
 
 
-def block_masks(padding, q_len: int, recent: int, dtype):
-    """Additive masks of an older cache block, [b, 1, 1, older], and of the recent block with
-    the q_len new positions at its end, [b, 1, q_len, recent], from the 2-D attention mask
-    [b, older + recent]. Older positions precede every query: only their padding is masked."""
+def causal_mask(padding, q_len: int, dtype):
+    """The additive attention mask [b, 1, q_len, n] of q_len new positions at the end of the 2-D
+    attention mask padding [b, n]: each sees the unpadded positions up to itself. Built once
+    per step for every layer, wherever a layer splits its cache."""
     import torch
 
-    older = padding.shape[1] - recent
-    keep = padding != 0
-    causal = torch.arange(recent)[None, :] <= torch.arange(recent - q_len, recent)[:, None]
-    allowed = (keep[:, None, None, :older], keep[:, None, None, older:] & causal)
-    return tuple(torch.zeros(a.shape, dtype=dtype).masked_fill(~a, torch.finfo(dtype).min) for a in allowed)
+    total = padding.shape[1]
+    causal = torch.arange(total)[None, :] <= torch.arange(total - q_len, total)[:, None]
+    allowed = (padding != 0)[:, None, None, :] & causal
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def _register_grouped_attention() -> None:
@@ -126,9 +125,10 @@ def _modules():
 
         def forward(self, inputs_embeds, attention_mask, position_ids, older, past):
             cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])), config=self.text_config)
-            # Attention builds its masks from the 2-D mask (grouped_attention), not from
-            # transformers' 4-D one, which assumes one cache length for every layer.
-            older_cache = (list(zip(older[0::2], older[1::2])), attention_mask)
+            # Attention takes its mask from here (grouped_attention), not transformers' 4-D one,
+            # which assumes one cache length for every layer.
+            mask = causal_mask(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype)
+            older_cache = (list(zip(older[0::2], older[1::2])), mask)
             config = self.text_model.config
             eager, config._attn_implementation = config._attn_implementation, GROUPED_ATTENTION
             try:

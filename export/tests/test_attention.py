@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from families.shared import grouped_attention
+from families.shared import causal_mask, grouped_attention
 
 
 @pytest.mark.parametrize("heads,kv_heads,q_len", [(9, 3, 1), (9, 3, 4), (4, 4, 3), (4, 1, 2)])
@@ -36,8 +36,8 @@ def test_grouped_attention_equals_eager_attention(heads, kv_heads, q_len):
 
 @pytest.mark.parametrize("q_len", [1, 3])
 def test_older_block_is_read_under_one_softmax_with_the_recent_one(q_len):
-    """Keys and values split into an older block and a recent one, masked from the 2-D padding
-    mask, give eager attention over their concatenation with the causal 4-D mask."""
+    """Keys and values split into an older block and a recent one give eager attention over
+    their concatenation; causal_mask builds the 4-D mask from the 2-D one."""
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
     torch.manual_seed(1)
@@ -53,7 +53,8 @@ def test_older_block_is_read_under_one_softmax_with_the_recent_one(q_len):
     module = SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False, layer_idx=0)
 
     expected, _ = eager_attention_forward(module, query, key, value, mask, scaling=head_dim**-0.5)
-    older_cache = ([(key[:, :, :older], value[:, :, :older])], padding)
+    assert torch.equal(causal_mask(padding, q_len, torch.float32), mask)
+    older_cache = ([(key[:, :, :older], value[:, :, :older])], mask)
     got, _ = grouped_attention(
         module, query, key[:, :, older:], value[:, :, older:], None, scaling=head_dim**-0.5, older_cache=older_cache
     )
