@@ -307,7 +307,7 @@ impl<T> Batch<T> {
         let spawned = inputs.and_then(|inputs| {
             std::thread::Builder::new()
                 .name("vision-encoder".into())
-                .spawn(move || encoder.lock().unwrap_or_else(|e| e.into_inner()).encode(&inputs))
+                .spawn(move || encoder.lock().unwrap_or_else(|e| e.into_inner()).encode(inputs))
                 .map_err(|e| EngineError::BatchFailed(format!("could not start the vision encoder: {e}")))
         });
         match spawned {

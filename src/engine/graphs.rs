@@ -53,18 +53,20 @@ impl VisionEncoder {
         &self.session
     }
 
-    /// Run the encoder and return its features as `[rows, hidden]` f32.
-    pub fn encode(&mut self, inputs: &[NamedTensor]) -> Result<Array2<f32>, EngineError> {
+    /// Run the encoder and return its features as `[rows, hidden]` f32. Takes the inputs, so
+    /// their pixels move into ONNX Runtime's values instead of being copied again.
+    pub fn encode(&mut self, inputs: Vec<NamedTensor>) -> Result<Array2<f32>, EngineError> {
         let mut values: Inputs = Vec::new();
-        for input in inputs {
-            let want = input_type(&self.session, &input.name)
-                .ok_or_else(|| EngineError::GraphMismatch(format!("vision encoder has no input {}", input.name)))?;
+        for NamedTensor { name, data } in inputs {
+            let want = input_type(&self.session, &name)
+                .ok_or_else(|| EngineError::GraphMismatch(format!("vision encoder has no input {name}")))?;
             // Some exports (transformers.js) take `[batch, images, ...]`: add the batch axis.
-            let data = match (&input.data, input_rank(&self.session, &input.name)) {
-                (d, Some(rank)) if rank == d.ndim() + 1 => d.clone().insert_batch_axis(),
-                (d, _) => d.clone(),
+            let data = match input_rank(&self.session, &name) {
+                Some(rank) if rank == data.ndim() + 1 => data.insert_batch_axis(),
+                _ => data,
             };
-            values.push((Cow::Owned(input.name.clone()), to_value(data, want, &input.name)?.into()));
+            let value = to_value(data, want, &name)?;
+            values.push((Cow::Owned(name), value.into()));
         }
         let name = output_name(&self.session, 0)?;
         let outputs = self.session.run(values)?;
