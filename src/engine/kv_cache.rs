@@ -59,7 +59,8 @@ impl KvLayout {
         }
         let (kv_heads, head_dim, element_type) =
             dims.ok_or_else(|| EngineError::GraphMismatch("decoder has no past_key_values inputs".into()))?;
-        let older = older_inputs(session, &tensors)?;
+        let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+        let older = older_inputs(&inputs, &tensors)?;
         Ok(Self { layers: tensors.len() / 2, tensors, older, kv_heads, head_dim, element_type })
     }
 
@@ -76,11 +77,10 @@ impl KvLayout {
 /// `older_key_values.*` for every `past_key_values.*` input, or none at all. A decoder with
 /// older blocks splits each layer's keys and values at the same column, so its cache tensors
 /// must come as `past_key_values.{i}.key` then `.value`, layer by layer.
-fn older_inputs(session: &Session, tensors: &[(String, String)]) -> Result<Vec<String>, EngineError> {
+fn older_inputs(inputs: &[&str], tensors: &[(String, String)]) -> Result<Vec<String>, EngineError> {
     let names: Vec<String> =
         tensors.iter().map(|(past, _)| past.replacen("past_key_values", "older_key_values", 1)).collect();
-    let present = |name: &String| session.inputs().iter().any(|i| i.name() == name);
-    match names.iter().filter(|name| present(name)).count() {
+    match names.iter().filter(|name| inputs.contains(&name.as_str())).count() {
         0 => return Ok(Vec::new()),
         n if n < names.len() => {
             return Err(EngineError::GraphMismatch(format!(
@@ -117,7 +117,6 @@ pub struct KvCache {
     element_type: TensorElementType,
     /// `(kv_heads, head_dim)`.
     dims: (usize, usize),
-    split: bool,
     /// The layer whose recent blocks move into its older blocks after the next single step.
     turn: usize,
 }
@@ -126,10 +125,8 @@ impl KvCache {
     /// An empty cache (past length 0) for one sequence.
     pub fn empty(layout: &KvLayout) -> Result<Self, EngineError> {
         let mut cache = Self::none(layout);
-        cache.recent = cache.empty_blocks(1, layout.tensors.len())?;
-        if cache.split {
-            cache.older = cache.empty_blocks(1, layout.tensors.len())?;
-        }
+        cache.recent = layout.tensors.iter().map(|_| cache.empty_block(1)).collect::<Result<_, _>>()?;
+        cache.older = layout.older.iter().map(|_| cache.empty_block(1)).collect::<Result<_, _>>()?;
         cache.lens = vec![0];
         Ok(cache)
     }
@@ -143,15 +140,13 @@ impl KvCache {
             lens: Vec::new(),
             element_type: layout.element_type,
             dims: (layout.kv_heads, layout.head_dim),
-            split: !layout.older.is_empty(),
             turn: 0,
         }
     }
 
-    /// `count` blocks of no columns for `rows` rows, shaped like this cache's.
-    fn empty_blocks(&self, rows: usize, count: usize) -> Result<Vec<DynValue>, EngineError> {
-        let dims = [rows, self.dims.0, 0, self.dims.1];
-        (0..count).map(|_| empty_float(&dims, self.element_type)).collect()
+    /// A block of no columns for `rows` rows, shaped like this cache's.
+    fn empty_block(&self, rows: usize) -> Result<DynValue, EngineError> {
+        empty_float(&[rows, self.dims.0, 0, self.dims.1], self.element_type)
     }
 
     pub fn rows(&self) -> usize {
@@ -188,7 +183,7 @@ impl KvCache {
         self.recent = values;
         self.width += new;
         self.lens.iter_mut().for_each(|len| *len += new);
-        if !self.split {
+        if self.older.is_empty() {
             return Ok(());
         }
         let layers = self.recent.len() / 2;
@@ -200,7 +195,7 @@ impl KvCache {
             2 * layer..2 * layer + 2
         };
         for t in settle {
-            let empty = self.empty_blocks(self.rows(), 1)?.remove(0);
+            let empty = self.empty_block(self.rows())?;
             let recent = std::mem::replace(&mut self.recent[t], empty);
             self.older[t] = if self.older[t].shape()[2] == 0 {
                 recent
@@ -271,8 +266,8 @@ impl KvCache {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut cache = Self { recent: gathered, older: Vec::new(), width, lens, turn: 0, ..*first };
-        if cache.split {
-            let empty = cache.empty_blocks(cache.rows(), cache.recent.len())?;
+        if !first.older.is_empty() {
+            let empty = (0..cache.recent.len()).map(|_| cache.empty_block(cache.rows())).collect::<Result<_, _>>()?;
             cache.older = std::mem::replace(&mut cache.recent, empty);
         }
         Ok(cache)
@@ -334,7 +329,7 @@ mod tests {
     use ndarray::{Array4, ArrayView4, Axis, s};
     use ort::value::{DynValue, Tensor, TensorElementType};
 
-    use super::{KvCache, KvLayout};
+    use super::{EngineError, KvCache, KvLayout, older_inputs};
 
     const HEADS: usize = 2;
     const DIM: usize = 3;
@@ -431,5 +426,25 @@ mod tests {
         assert_eq!(recent, [5; 4]);
         let tags = array(&cache.recent[1]).slice(s![1, 0, .., 0]).to_vec();
         assert_eq!(tags, [0., 0., 0., 11000., 11001.]);
+    }
+
+    #[test]
+    fn older_blocks_are_refused_unless_every_layer_has_them_in_key_value_order() {
+        let tensors = layout().tensors;
+        let past: Vec<&str> = tensors.iter().map(|(past, _)| past.as_str()).collect();
+        assert_eq!(older_inputs(&past, &tensors).unwrap(), Vec::<String>::new());
+        let all = [
+            "older_key_values.0.key",
+            "older_key_values.0.value",
+            "older_key_values.1.key",
+            "older_key_values.1.value",
+        ];
+        assert_eq!(older_inputs(&all, &tensors).unwrap(), all);
+        let err = older_inputs(&all[..3], &tensors).unwrap_err();
+        assert!(matches!(&err, EngineError::GraphMismatch(m) if m.contains("3 of its 4")), "{err}");
+        let mut swapped = tensors.clone();
+        swapped.swap(0, 1);
+        let err = older_inputs(&all, &swapped).unwrap_err();
+        assert!(matches!(&err, EngineError::GraphMismatch(m) if m.contains("layer order")), "{err}");
     }
 }
