@@ -137,7 +137,7 @@ def make_variants(family, variant: str, onnx_dir: Path) -> None:
 
     log(f"making {variant} variant")
     for graph in family.GRAPHS:
-        make_variant(variant, graph_path(onnx_dir, graph, "fp32"), graph_path(onnx_dir, graph, variant))
+        make_variant(variant, graph, graph_path(onnx_dir, graph, "fp32"), graph_path(onnx_dir, graph, variant))
 
 
 def variants_manifest(family, onnx_dir: Path, variants: list[str], fused: dict, from_fused: set[str]) -> dict:

@@ -93,9 +93,10 @@ fn fp32_greedy_matches_pytorch_end_to_end_from_image_files() {
 /// Reduced precisions may drift from FP32, but not far: at least this share of all greedy
 /// tokens must agree with FP32 (leading tokens, summed over cases). The tiny fixture model has
 /// random weights and flat logits, so one early flip changes the rest of a sequence; measured
-/// on it: fp16 143/192 (0.74), int8 49/192 (0.26). export_report.json bounds the same graphs
-/// per step (teacher-forced) in Python.
-const MIN_AGREEMENT: [(Precision, f64); 2] = [(Precision::Fp16, 0.6), (Precision::Int8, 0.2)];
+/// on idefics3: fp16 143/192 (0.74), int8 72/192 (0.38; 49/192 when the decoder was quantized
+/// per tensor); Qwen2-VL and Qwen2.5-VL int8 0.34 and 0.45. export_report.json bounds the same
+/// graphs per step (teacher-forced) in Python.
+const MIN_AGREEMENT: [(Precision, f64); 2] = [(Precision::Fp16, 0.6), (Precision::Int8, 0.3)];
 
 #[test]
 fn reduced_precisions_stay_close_to_fp32() {

@@ -115,7 +115,10 @@ def test_user_saved_checkpoint_exports(tmp_path):
     assert variants["variants"]["fp32"]["graphs"]["decoder_model_merged"]["fused"] is True
     assert variants["variants"]["int8"]["graphs"]["decoder_model_merged"]["fused"] is True
     int8_ops = {n.op_type for n in onnx.load(out / "onnx" / "decoder_model_merged_int8.onnx").graph.node}
-    assert {"SkipSimplifiedLayerNormalization", "DynamicQuantizeLinear", "MatMulInteger"} <= int8_ops, int8_ops
+    assert {"SkipSimplifiedLayerNormalization", "MatMulNBits"} <= int8_ops, int8_ops
+    assert not int8_ops & {"DynamicQuantizeLinear", "MatMulInteger"}, int8_ops
+    vision_ops = {n.op_type for n in onnx.load(out / "onnx" / "vision_encoder_int8.onnx").graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= vision_ops, vision_ops
     assert report["variants"]["int8"]["teacher_forced_argmax_agree"] >= 10
     assert report["optimized_fp32_max_abs_diff"]["decoder_model_merged"] <= 1e-4
     decoder = onnx.load(out / "onnx" / "decoder_model_merged.onnx").graph
