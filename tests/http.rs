@@ -667,6 +667,73 @@ fn a_client_that_disconnects_mid_stream_stops_its_generation() {
     assert!(generated < max_tokens as f64, "generated {generated} tokens after the client left");
 }
 
+/// Send a chat request on a raw connection, so the test can close it without reading.
+fn send_raw_chat(server: &Server, request: &Value) -> TcpStream {
+    let body = request.to_string();
+    let mut stream = TcpStream::connect(server.addr()).unwrap();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    stream
+}
+
+#[test]
+fn a_client_that_leaves_while_its_images_are_encoded_is_withdrawn_before_its_first_token() {
+    // One tile per step: the leaving request's 68 tiles stay in the encoder for many of the
+    // other stream's steps.
+    let server = Server::start(&config_toml(&package_dir(), "[scheduler]\nvision_tiles_per_step = 1\n"));
+    let stream_request = json!({
+        "model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "temperature": 0,
+        "max_tokens": 600, "ignore_eos": true, "return_token_ids": true,
+    });
+    let (status, alone) = server.post("/v1/chat/completions", &stream_request);
+    assert_eq!(status, 200, "{alone}");
+    let prompt_before = server.metric("vlmserve_prompt_tokens_total", "");
+    let reported_before = server.metric("vlmserve_stage_duration_seconds_count", "prefill");
+
+    let beside = std::thread::scope(|s| {
+        let beside = s.spawn(|| server.post("/v1/chat/completions", &stream_request));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while server.metric("vlmserve_num_requests_running", "") < 1.0 {
+            assert!(Instant::now() < deadline, "the first stream did not start");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Four 17-tile images (64-pixel tiles, longest edge 256).
+        let image = image_bytes("images/large_nonsquare_0.png");
+        let images = vec![image; 4];
+        let leaving = send_raw_chat(&server, &greedy(json!([user_with_images(&images, "Describe them.")]), 16));
+        // In the batch (counted as running from admission) means its tiles are being encoded.
+        while server.metric("vlmserve_num_requests_running", "") < 2.0 {
+            assert!(Instant::now() < deadline, "the request with images was not admitted");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(leaving);
+        while server.metric("vlmserve_requests_finished_total", "reason=\"cancelled\"") < 1.0 {
+            assert!(Instant::now() < deadline, "the request whose client left was not cancelled");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        beside.join().unwrap()
+    });
+    let (status, beside) = beside;
+    assert_eq!(status, 200, "{beside}");
+    assert_eq!(token_ids(&beside), token_ids(&alone), "the stream beside it changed");
+    // Withdrawn before its first token (alone, its 969-token prompt takes ~0.1 s to reach one):
+    // it reported no stages and no prompt tokens, so the only ones counted are the other stream's.
+    let prompt = server.metric("vlmserve_prompt_tokens_total", "") - prompt_before;
+    assert_eq!(prompt, alone["usage"]["prompt_tokens"].as_f64().unwrap(), "the leaving request was served to its end");
+    let reported = server.metric("vlmserve_stage_duration_seconds_count", "prefill") - reported_before;
+    assert_eq!(reported, 1.0, "stages reported by requests other than the stream beside it");
+    assert_eq!(server.metric("vlmserve_num_requests_running", ""), 0.0);
+    assert_eq!(server.metric("vlmserve_kv_cache_bytes", ""), 0.0, "the leaving request's cache was kept");
+    let image = image_bytes("images/one_image_0.png");
+    let (status, after) =
+        server.post("/v1/chat/completions", &greedy(json!([user_with_images(&[image], "What is it?")]), 8));
+    assert_eq!(status, 200, "{after}");
+}
+
 #[test]
 fn a_request_past_its_deadline_ends_with_504() {
     let server = Server::start(&config_toml(&package_dir(), "request_timeout_s = 0.3"));
