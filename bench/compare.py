@@ -3,8 +3,12 @@
 
     .venv/bin/python bench/compare.py --out docs/benchmarks.md
 
-Peers, on the same image, prompt and number of new tokens (eos ignored), each in its own
-process (so peak RSS is its own), one after the other for each scenario:
+Peers, on the same image, prompt and number of new tokens (eos ignored), each run in its own
+process (so peak RSS is its own) serving --runs requests. --rounds N makes N rounds per
+scenario; a round runs every peer once, the order reversed every other round, so the shared
+machine's drift over minutes falls on every peer alike instead of on whichever ran last.
+A peer's figure is the median over its rounds of each process's median over its requests (peak
+RSS: the largest process's). The peers:
   vlmserve   `target/release/vlmserve bench --json` on package-optimized/ (export.py
              --optimize: ONNX Runtime's fusions, parity-checked) when it exists, else package/.
   onnx_loop  a Python onnxruntime loop as a user would write it: the HF processor, the
@@ -218,6 +222,31 @@ def peer(name: str, scenario: str, args, precision: str = "fp32") -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def alternating_rounds(scenario: str, args) -> dict:
+    """Every peer (and vlmserve's other precisions) once per round, in its own process; the
+    order reversed every other round. Returns {label: figures over the rounds}."""
+    runs = [(name, "fp32") for name in PEERS] + [("vlmserve", p) for p in args.precisions.split(",") if p != "fp32"]
+    rounds: dict[str, list[dict]] = {}
+    for i in range(args.rounds):
+        for name, precision in runs if i % 2 == 0 else runs[::-1]:
+            label = name if precision == "fp32" else f"{name} {precision}"
+            r = peer(name, scenario, args, precision)
+            rounds.setdefault(label, []).append(r)
+            print(f"{scenario} {label} (round {i + 1}): ttft {r['ttft_s']:.2f} s, decode {r['decode_tok_s']:.1f} tok/s, {r['peak_rss_mb']:.0f} MB", flush=True)
+    return {label: over_rounds(rounds[label]) for label in rounds}
+
+
+def over_rounds(rounds: list[dict]) -> dict:
+    """Medians over one peer's rounds, its largest peak RSS; greedy tokens must not change."""
+    if any(r["tokens"] != rounds[0]["tokens"] for r in rounds):
+        raise SystemExit("a peer's greedy tokens changed between rounds")
+    figures = dict(rounds[0], peak_rss_mb=max(r["peak_rss_mb"] for r in rounds))
+    for key in ("ttft_s", "decode_tok_s", "outside_runtime", "repeated_ttft_s"):
+        if rounds[0].get(key) is not None:
+            figures[key] = statistics.median(r[key] for r in rounds)
+    return figures
+
+
 def compute_floor_lines(results: dict, args, gflop_s: float | None) -> list[str]:
     """The CPU's floor under FP32 time to first token per scenario: its tiles' vision work at
     the measured matrix-product rate, against 0.6x the loop's time."""
@@ -305,7 +334,8 @@ def main() -> None:
     parser.add_argument("--model-dir", default="bench/models/smolvlm-256m-shaped")
     parser.add_argument("--image", default="bench/models/scene-512.png", help="made from the red-circle scene when missing")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=2, help="requests per peer process")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per peer, alternating (see above)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--scenarios", default="S1,S2")
     parser.add_argument("--precisions", default="fp32", help="vlmserve's variants; the peers run fp32")
@@ -328,25 +358,19 @@ def main() -> None:
     bandwidth = None if args.cuda else read_bandwidth_gb_s(args.threads)
     gflop_s = None if args.cuda else matmul_gflop_s(args.threads)
     decoder_bytes = (Path(args.model_dir) / "package/onnx/decoder_model_merged.onnx").stat().st_size
-    results = {}
-    for scenario in args.scenarios.split(","):
-        results[scenario] = {}
-        runs = [(name, "fp32") for name in PEERS] + [("vlmserve", p) for p in args.precisions.split(",") if p != "fp32"]
-        for name, precision in runs:
-            label = name if precision == "fp32" else f"{name} {precision}"
-            results[scenario][label] = r = peer(name, scenario, args, precision)
-            print(f"{scenario} {label}: ttft {r['ttft_s']:.2f} s, decode {r['decode_tok_s']:.1f} tok/s, {r['peak_rss_mb']:.0f} MB", flush=True)
+    results = {scenario: alternating_rounds(scenario, args) for scenario in args.scenarios.split(",")}
     text = report(results, args, bandwidth, decoder_bytes, compute_floor_lines(results, args, gflop_s))
     print(text)
     if args.out:
         header = (
             f"## Peers: vlmserve, a Python onnxruntime loop, PyTorch ({datetime.date.today()}, "
             f"{platform.machine()}, {os.cpu_count()} CPUs)\n\n"
-            f"`.venv/bin/python bench/compare.py --new-tokens {args.new_tokens} --runs {args.runs} --scenarios {args.scenarios} "
+            f"`.venv/bin/python bench/compare.py --new-tokens {args.new_tokens} --runs {args.runs} --rounds {args.rounds} --scenarios {args.scenarios} "
             f"--precisions {args.precisions}`: "
             f"FP32, SmolVLM-256M-shaped model (random weights), a 512x512 image, \"{PROMPT}\", "
             f"vlmserve on {vlmserve_package(args.model_dir).name}/, the Python loop on package/, "
-            f"{args.new_tokens} new tokens, medians of {args.runs} runs, each peer in its own process.\n\n"
+            f"{args.new_tokens} new tokens; {args.rounds} rounds, each running every peer once in its own process "
+            f"({args.runs} requests), in reverse order every other round; medians over rounds of each process's medians.\n\n"
         )
         write_section(args.out, "## Peers:", header + text)
     differ = [f"{scenario} {name}" for scenario, same in fp32_agreement(results).items() for name, ok in same.items() if not ok]
