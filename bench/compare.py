@@ -225,10 +225,10 @@ def peer(name: str, scenario: str, args, precision: str = "fp32") -> dict:
 def alternating_rounds(scenario: str, args) -> dict:
     """Every peer (and vlmserve's other precisions) once per round, in its own process; the
     order reversed every other round. Returns {label: figures over the rounds}."""
-    runs = [(name, "fp32") for name in PEERS] + [("vlmserve", p) for p in args.precisions.split(",") if p != "fp32"]
+    entrants = [(name, "fp32") for name in PEERS] + [("vlmserve", p) for p in args.precisions.split(",") if p != "fp32"]
     rounds: dict[str, list[dict]] = {}
     for i in range(args.rounds):
-        for name, precision in runs if i % 2 == 0 else runs[::-1]:
+        for name, precision in entrants if i % 2 == 0 else entrants[::-1]:
             label = name if precision == "fp32" else f"{name} {precision}"
             r = peer(name, scenario, args, precision)
             rounds.setdefault(label, []).append(r)

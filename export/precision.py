@@ -197,7 +197,7 @@ def to_int8(src: Path, dst: Path) -> None:
             # Only weight matmuls; Q@K^T and attn@V have no constant operand. Outputs of fused
             # contrib ops (--optimize) have no inferred type: they are float.
             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
-            use_external_data_format=src.stat().st_size + _external_bytes(src) > 1_800_000_000,
+            use_external_data_format=_large(src),
         )
 
 
@@ -208,9 +208,9 @@ def to_int8_blockwise(src: Path, dst: Path) -> None:
     nodes on each matmul (quantize the activations, MatMulInteger, cast, two scales),
     and on the SmolVLM-256M-shaped decoder those small nodes made the step only 1.5x
     faster than fp32; one MatMulNBits node per matmul makes it 2.3x, with less logit
-    error (a scale per block of 128, not per tensor: 0.028 against 0.044 at one step). Accuracy level 4 quantizes each
-    activation row per block to int8 and runs VNNI dot products; levels 0-3 dequantize
-    the weights to float on every call, 25x slower. Blocks of 32 or 64 were slower on
+    error (a scale per block of 128, not per tensor: 0.028 against 0.044 at one step).
+    Accuracy level 4 quantizes each activation row per block to int8 and runs VNNI dot
+    products; levels 0-3 dequantize the weights to float on every call, 25x slower. Blocks of 32 or 64 were slower on
     a long prefill (1153 tokens: 6.0 s and 4.0 s against 3.4 s) for little accuracy.
     """
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
@@ -220,8 +220,7 @@ def to_int8_blockwise(src: Path, dst: Path) -> None:
     # Only MatMuls with a constant weight are quantized; Q@K^T and attn@V stay fp32.
     quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config, op_types_to_quantize=("MatMul",))
     quantizer.process()
-    large = src.stat().st_size + _external_bytes(src) > 4 * 1_800_000_000  # int8 is a quarter of fp32
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=large)
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=_large(src))
 
 
 def _without_value_info(src: Path, dst: Path) -> None:
@@ -238,6 +237,12 @@ def _without_value_info(src: Path, dst: Path) -> None:
     data = src.with_name(f"{src.name}.data")
     if data.exists():
         (dst.parent / data.name).symlink_to(data)
+
+
+def _large(src: Path) -> bool:
+    """Whether a variant of src goes to external data: an fp32 graph near protobuf's 2 GB limit
+    (its int8 variant keeps embeddings and other non-MatMul weights in fp32)."""
+    return src.stat().st_size + _external_bytes(src) > 1_800_000_000
 
 
 def _external_bytes(path: Path) -> int:

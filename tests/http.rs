@@ -603,6 +603,19 @@ fn a_full_queue_answers_429_at_once_and_accepted_requests_complete() {
     assert!(server.metric("vlmserve_requests_rejected_total", "queue_full") >= refused.len() as f64);
 }
 
+/// Send a chat request on a raw connection, so the test can close it without reading.
+fn send_raw_chat(server: &Server, request: &Value) -> TcpStream {
+    let body = request.to_string();
+    let mut stream = TcpStream::connect(server.addr()).unwrap();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    stream
+}
+
 #[test]
 fn a_client_that_disconnects_mid_stream_stops_its_generation() {
     let server = Server::start(&config_toml(&package_dir(), ""));
@@ -610,12 +623,10 @@ fn a_client_that_disconnects_mid_stream_stops_its_generation() {
     let request = json!({
         "model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "temperature": 0,
         "max_tokens": max_tokens, "ignore_eos": true, "stream": true,
-    })
-    .to_string();
+    });
     let before_tokens = server.metric("vlmserve_generation_tokens_total", "");
-    let mut stream = TcpStream::connect(server.addr()).unwrap();
+    let stream = send_raw_chat(&server, &request);
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(stream, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{request}", request.len()).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     let mut content_chunks = 0;
@@ -643,16 +654,9 @@ fn a_client_that_disconnects_mid_stream_stops_its_generation() {
     let request = json!({
         "model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "temperature": 0,
         "max_tokens": max_tokens, "ignore_eos": true,
-    })
-    .to_string();
+    });
     let before_tokens = server.metric("vlmserve_generation_tokens_total", "");
-    let mut stream = TcpStream::connect(server.addr()).unwrap();
-    write!(
-        stream,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{request}",
-        request.len()
-    )
-    .unwrap();
+    let stream = send_raw_chat(&server, &request);
     let deadline = Instant::now() + Duration::from_secs(30);
     while server.metric("vlmserve_num_requests_running", "") < 1.0 {
         assert!(Instant::now() < deadline, "generation did not start");
@@ -665,19 +669,6 @@ fn a_client_that_disconnects_mid_stream_stops_its_generation() {
     }
     let generated = server.metric("vlmserve_generation_tokens_total", "") - before_tokens;
     assert!(generated < max_tokens as f64, "generated {generated} tokens after the client left");
-}
-
-/// Send a chat request on a raw connection, so the test can close it without reading.
-fn send_raw_chat(server: &Server, request: &Value) -> TcpStream {
-    let body = request.to_string();
-    let mut stream = TcpStream::connect(server.addr()).unwrap();
-    write!(
-        stream,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    stream
 }
 
 #[test]
