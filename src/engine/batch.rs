@@ -406,7 +406,7 @@ impl<T> Batch<T> {
                 Ok((used, Some(logits))) => {
                     budget -= used;
                     let pending = self.pending.remove(i).expect("index in range");
-                    if let Err(e) = self.cache.join(pending.cache) {
+                    if let Err(e) = self.cache.join(pending.cache, model.decoder.cache_allocator()) {
                         finished.push((pending.tag, Err(e)));
                         continue;
                     }
@@ -445,7 +445,7 @@ impl<T> Batch<T> {
                 Err(e) => finished.push((row.tag, Err(e))),
             }
         }
-        if let Err(e) = self.cache.retain(&keep) {
+        if let Err(e) = self.cache.retain(&keep, model.decoder.cache_allocator()) {
             self.fail_rows(&e, finished);
         }
     }

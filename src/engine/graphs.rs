@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use ndarray::{Array2, ArrayD, Axis, IxDyn};
 use ort::environment::Environment;
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType};
 
@@ -136,6 +137,8 @@ pub struct Decoder {
     pub layout: KvLayout,
     embeds_type: TensorElementType,
     has_cache_branch: bool,
+    /// Where the KV cache makes its blocks (see `kv_cache`).
+    cache_allocator: Allocator,
 }
 
 impl Decoder {
@@ -152,11 +155,17 @@ impl Decoder {
         let layout = KvLayout::from_session(&session)?;
         let embeds_type = input_type(&session, "inputs_embeds").unwrap_or(TensorElementType::Float32);
         let has_cache_branch = input_type(&session, "use_cache_branch").is_some();
-        Ok(Self { session, layout, embeds_type, has_cache_branch })
+        let cache_allocator = arena_allocator(&session);
+        Ok(Self { session, layout, embeds_type, has_cache_branch, cache_allocator })
     }
 
     pub fn session(&self) -> &Session {
         &self.session
+    }
+
+    /// The allocator of the KV cache's blocks: the session's CPU arena.
+    pub fn cache_allocator(&self) -> &Allocator {
+        &self.cache_allocator
     }
 
     /// Element type the decoder wants for `inputs_embeds`.
@@ -203,7 +212,58 @@ impl Decoder {
                     .ok_or_else(|| EngineError::GraphMismatch(format!("decoder did not return {present}")))
             })
             .collect::<Result<_, _>>()?;
-        cache.advance(present, new)?;
+        cache.advance(present, new, &self.cache_allocator)?;
         Ok((logits, in_ort))
+    }
+}
+
+/// The session's CPU arena allocator, or ONNX Runtime's plain CPU allocator where the session
+/// has no arena (`CreateAllocator` finds none registered): blocks work the same, only without
+/// memory kept between steps.
+fn arena_allocator(session: &Session) -> Allocator {
+    MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Arena, MemoryType::Default)
+        .and_then(|arena| Allocator::new(session, arena))
+        .unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "no CPU arena in the decoder session; the KV cache uses the default allocator");
+            Allocator::default()
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::{Array3, ArrayD, IxDyn};
+    use ort::memory::AllocatorType;
+    use ort::value::{DynTensorValueType, Tensor};
+
+    use super::{Decoder, KvCache};
+    use crate::runtime::{self, GraphOptions};
+
+    /// A prompt of three positions, then single steps until every layer's recent block has
+    /// moved into its older block at least once: each block the cache made is arena memory.
+    #[test]
+    fn the_cache_grows_its_blocks_in_the_decoder_arena() {
+        let env = runtime::init(None, &[]).expect("ONNX Runtime (the test set-up installs it)");
+        let path =
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/idefics3-tiny/package/onnx/decoder_model_merged.onnx");
+        let mut decoder = Decoder::open(env, path.as_ref(), &GraphOptions::default()).unwrap();
+        assert_eq!(decoder.cache_allocator().memory_info().allocator_type(), AllocatorType::Arena);
+        let hidden = 64;
+        let mut cache = KvCache::empty(&decoder.layout).unwrap();
+        let mut width = 0;
+        for new in [3, 1, 1, 1, 1] {
+            let embeds = Tensor::from_array(Array3::from_elem((1, new, hidden), 0.1f32)).unwrap().into_dyn();
+            let positions = ArrayD::from_shape_fn(IxDyn(&[1, new]), |i| (width + i[1]) as i64);
+            let (logits, _) = decoder.forward(embeds, positions, &mut cache).unwrap();
+            width += new;
+            assert!(logits[0].iter().all(|l| l.is_finite()));
+        }
+        assert_eq!(cache.width(), width);
+        // Two layers: the four single steps moved each layer's recent block twice.
+        assert_eq!(decoder.layout.layers, 2);
+        for block in &cache.older {
+            let tensor = block.view().downcast::<DynTensorValueType>().unwrap();
+            assert_eq!(tensor.memory_info().allocator_type(), AllocatorType::Arena);
+            assert!(block.shape()[2] > 3, "grown after the prompt");
+        }
     }
 }
