@@ -163,7 +163,7 @@ impl Decoder {
         &self.session
     }
 
-    /// The allocator of the KV cache's blocks: the session's CPU arena.
+    /// The allocator of the KV cache's blocks: the session's CPU arena where it has one.
     pub fn cache_allocator(&self) -> &Allocator {
         &self.cache_allocator
     }
@@ -247,7 +247,8 @@ mod tests {
             concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/idefics3-tiny/package/onnx/decoder_model_merged.onnx");
         let mut decoder = Decoder::open(env, path.as_ref(), &GraphOptions::default()).unwrap();
         assert_eq!(decoder.cache_allocator().memory_info().allocator_type(), AllocatorType::Arena);
-        let hidden = 64;
+        let embeds = decoder.session().inputs().iter().find(|i| i.name() == "inputs_embeds").unwrap();
+        let hidden = embeds.dtype().tensor_shape().unwrap()[2] as usize;
         let mut cache = KvCache::empty(&decoder.layout).unwrap();
         let mut width = 0;
         for new in [3, 1, 1, 1, 1] {

@@ -305,6 +305,7 @@ where
     let shape = sources[0].0[0].shape();
     let mut tensor = Tensor::<T>::new(allocator, [sources.len(), shape[1] as usize, width, shape[3] as usize])?;
     let mut out = tensor.try_extract_array_mut()?.into_dimensionality::<ndarray::Ix4>().map_err(shape_error)?;
+    // Padding must be zeros (masked, but still multiplied); ort documents new data as uninitialized.
     out.fill(zero);
     for (i, (blocks, row, len)) in sources.iter().enumerate() {
         // Fill from the right: the newest block's columns last.
