@@ -37,7 +37,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -46,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from docs_section import write_section
+from docs_section import machine, write_section
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "export"))
@@ -363,8 +362,7 @@ def main() -> None:
     print(text)
     if args.out:
         header = (
-            f"## Peers: vlmserve, a Python onnxruntime loop, PyTorch ({datetime.date.today()}, "
-            f"{platform.machine()}, {os.cpu_count()} CPUs)\n\n"
+            f"## Peers: vlmserve, a Python onnxruntime loop, PyTorch ({datetime.date.today()}, {machine()})\n\n"
             f"`.venv/bin/python bench/compare.py --new-tokens {args.new_tokens} --runs {args.runs} --rounds {args.rounds} --scenarios {args.scenarios} "
             f"--precisions {args.precisions}`: "
             f"FP32, SmolVLM-256M-shaped model (random weights), a 512x512 image, \"{PROMPT}\", "

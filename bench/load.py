@@ -18,8 +18,6 @@ import argparse
 import base64
 import datetime
 import json
-import os
-import platform
 import subprocess
 import tempfile
 import threading
@@ -27,7 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from docs_section import write_section
+from docs_section import machine, write_section
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -259,9 +257,8 @@ def main() -> None:
     text = table(rows)
     print(text)
     if args.out:
-        machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
         header = (
-            f"## Load: concurrent streams ({datetime.date.today()}, {machine})\n\n"
+            f"## Load: concurrent streams ({datetime.date.today()}, {machine()})\n\n"
             f"`python3 bench/load.py --package {args.package} --precision {args.precision} --clients {args.clients} "
             f"--requests {args.requests} --max-tokens {args.max_tokens}"
             + (f" --vision-threads {args.vision_threads}" if args.vision_threads else "")
