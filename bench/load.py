@@ -18,6 +18,7 @@ import argparse
 import base64
 import datetime
 import json
+import math
 import subprocess
 import tempfile
 import threading
@@ -190,12 +191,19 @@ def table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if math.isnan(r["steady_decode_tokens_per_s"]):
+            # The first stream ended before the last one's first token: never all decoding at once.
+            steady = "never all at once | | | "
+        else:
+            steady = (
+                f"{r['steady_decode_tokens_per_s']:.1f} "
+                f"| {r['steady_decode_tokens_per_s'] / single['steady_decode_tokens_per_s']:.2f}x "
+                f"| {r['steady_itl_p99_s'] * 1e3:.0f} | {r['steady_itl_p99_s'] / single['steady_itl_p99_s']:.2f}x "
+            )
         out.append(
             f"| {r['clients']} | {r['requests_per_s']:.2f} | {r['latency_p50_s']:.2f} / {r['latency_p99_s']:.2f} "
             f"| {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | {r['itl_p50_s'] * 1e3:.0f} / {r['itl_p99_s'] * 1e3:.0f} "
-            f"| {r['tokens_per_s']:.1f} | {r['steady_decode_tokens_per_s']:.1f} "
-            f"| {r['steady_decode_tokens_per_s'] / single['steady_decode_tokens_per_s']:.2f}x "
-            f"| {r['steady_itl_p99_s'] * 1e3:.0f} | {r['steady_itl_p99_s'] / single['steady_itl_p99_s']:.2f}x "
+            f"| {r['tokens_per_s']:.1f} | {steady}"
             f"| {r['decode_tokens_per_s']:.1f} | {r['itl_p99_s'] / single['itl_p99_s']:.2f}x "
             f"| {r['mean_batch']:.1f} |"
         )
