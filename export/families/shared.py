@@ -70,11 +70,17 @@ def grouped_attention(module, query, key, value, attention_mask, scaling, dropou
         weights = weights.view(batch, kv_heads, group, q_len, -1) + attention_mask[:, :, None]
         weights = weights.view(batch, kv_heads, group * q_len, -1)
     weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    # Weights times values one query head at a time, each key/value head broadcast over its
+    # group ([b, kv, group, q_len, keys] x [b, kv, 1, keys, head_dim]): a decode step's product
+    # is then one row per head, which ONNX Runtime runs without packing the values, where the
+    # group's stacked rows made it copy every cached value block first.
+    weights = weights.view(batch, kv_heads, group, q_len, -1)
     if older_keys is None:
-        output = torch.matmul(weights, value)
+        output = torch.matmul(weights, value[:, :, None])
     else:
         older = older_keys.shape[2]
-        output = torch.matmul(weights[..., :older], older_values) + torch.matmul(weights[..., older:], value)
+        output = torch.matmul(weights[..., :older], older_values[:, :, None])
+        output = output + torch.matmul(weights[..., older:], value[:, :, None])
     output = output.view(batch, heads, q_len, head_dim)
     return output.transpose(1, 2).contiguous(), None
 
