@@ -41,8 +41,9 @@ GROUPED_ATTENTION = "vlmserve_grouped"
 
 def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, older_cache=None, **kwargs):
     """Eager attention without repeat_kv: the query heads that share a key/value head are
-    stacked along the query axis, so one matrix product per key/value head serves the whole
-    group. Equal to transformers' eager attention up to float rounding (export/tests/test_attention.py);
+    stacked along the query axis, so one matrix product per key/value head gives the whole
+    group's scores, and each key/value head is broadcast over its group for the weighted sum
+    of values. Equal to transformers' eager attention up to float rounding (export/tests/test_attention.py);
     the exported graph then reads each cached key/value head once per step instead of copying
     it for each of its query heads (an Expand per layer and step: with the cache's
     concatenation, a third of a batch-8 decode step in ONNX Runtime's profile).
