@@ -39,6 +39,9 @@ HEADS = TEXT_SIZES["num_attention_heads"]
 KV_HEADS = TEXT_SIZES["num_key_value_heads"]
 HEAD_DIM = TEXT_SIZES["head_dim"]
 EPS = TEXT_SIZES["rms_norm_eps"]
+# The ops this graph takes from the default domain (ONNX Runtime registers
+# SimplifiedLayerNormalization there); the rest are com.microsoft contrib ops.
+ONNX_DOMAIN_OPS = {"MatMul", "Mul", "Sigmoid", "SimplifiedLayerNormalization"}
 
 
 class GraphBuilder:
@@ -54,7 +57,7 @@ class GraphBuilder:
         return name
 
     def node(self, op: str, inputs: list, outputs: list, **attrs) -> None:
-        domain = "" if op in ("MatMul", "Mul", "Sigmoid", "SimplifiedLayerNormalization") else "com.microsoft"
+        domain = "" if op in ONNX_DOMAIN_OPS else "com.microsoft"
         self.nodes.append(helper.make_node(op, inputs, outputs, domain=domain, **attrs))
 
     def linear(self, x: str, name: str, n_in: int, n_out: int) -> str:

@@ -66,16 +66,15 @@ def grouped_attention(module, query, key, value, attention_mask, scaling, dropou
     if older_keys is not None:
         weights = torch.cat([torch.matmul(stacked, older_keys.transpose(2, 3)), weights], -1)
         attention_mask = older_cache[1]
-    weights = weights * scaling
+    # From here one query head at a time: [b, kv, group, q_len, keys]. The mask broadcasts over
+    # the group, and each key/value head over its group in the product with the values
+    # ([b, kv, 1, keys, head_dim]): a decode step's product is then one row per head, which
+    # ONNX Runtime runs without packing the values, where the group's stacked rows made it
+    # copy every cached value block first.
+    weights = weights.view(batch, kv_heads, group, q_len, -1) * scaling
     if attention_mask is not None:
-        weights = weights.view(batch, kv_heads, group, q_len, -1) + attention_mask[:, :, None]
-        weights = weights.view(batch, kv_heads, group * q_len, -1)
+        weights = weights + attention_mask[:, :, None]
     weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    # Weights times values one query head at a time, each key/value head broadcast over its
-    # group ([b, kv, group, q_len, keys] x [b, kv, 1, keys, head_dim]): a decode step's product
-    # is then one row per head, which ONNX Runtime runs without packing the values, where the
-    # group's stacked rows made it copy every cached value block first.
-    weights = weights.view(batch, kv_heads, group, q_len, -1)
     if older_keys is None:
         output = torch.matmul(weights, value[:, :, None])
     else:
