@@ -28,7 +28,9 @@ The model is export/bench_model.py's (SmolVLM-256M shapes, random weights).
 On a GPU host, --cuda runs every peer on the GPU: vlmserve with the CUDA provider on all
 graphs, the loop with onnxruntime's CUDAExecutionProvider, PyTorch on cuda; --peer-precision
 fp16 puts the loop on the package's fp16 graphs and PyTorch in float16 (the issue's GPU
-reference: PyTorch eager FP16). The CPU bandwidth probe is then skipped. Not yet run on a GPU.
+reference: PyTorch eager FP16; greedy tokens are then compared for information only, since
+FP16 peers need not agree with FP32 token for token). The CPU probes are then skipped. --peers
+leaves peers out (the GPU check drops onnx_loop where onnxruntime has no CUDA provider).
 """
 
 from __future__ import annotations
@@ -224,7 +226,7 @@ def peer(name: str, scenario: str, args, precision: str = "fp32") -> dict:
 def alternating_rounds(scenario: str, args) -> dict:
     """Every peer (and vlmserve's other precisions) once per round, in its own process; the
     order reversed every other round. Returns {label: figures over the rounds}."""
-    entrants = [(name, "fp32") for name in PEERS] + [("vlmserve", p) for p in args.precisions.split(",") if p != "fp32"]
+    entrants = [(name, "fp32") for name in args.peers] + [("vlmserve", p) for p in args.precisions.split(",") if p != "fp32"]
     rounds: dict[str, list[dict]] = {}
     for i in range(args.rounds):
         for name, precision in entrants if i % 2 == 0 else entrants[::-1]:
@@ -257,6 +259,8 @@ def compute_floor_lines(results: dict, args, gflop_s: float | None) -> list[str]
     tile_gflop = vision_gflop_per_tile(args.model_dir)
     lines = [f"FP32 matrix products at {gflop_s:.0f} GFLOP/s; one tile through the vision encoder is {tile_gflop:.0f} GFLOP."]
     for scenario, peers in results.items():
+        if "onnx_loop" not in peers:
+            continue
         # Tiles the HF processor makes of the benchmark image in this scenario.
         tiles = int(inputs_for(processor, args.image, scenario == "S2")["pixel_values"].shape[1])
         floor = tiles * tile_gflop / gflop_s
@@ -281,7 +285,7 @@ def report(results: dict, args, bandwidth: float | None, decoder_bytes: int, flo
     lines += ["", "| scenario | ratio (vlmserve / peer) | time to first token | decode tok/s | peak RSS |", "|---|---|---|---|---|"]
     for scenario, peers in results.items():
         ours = peers["vlmserve"]
-        for name in PEERS[1:]:
+        for name in [n for n in args.peers if n != "vlmserve"]:
             r = peers[name]
             lines.append(
                 f"| {scenario} | / {name} | {ours['ttft_s'] / r['ttft_s']:.2f}x | {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x "
@@ -296,8 +300,8 @@ def report(results: dict, args, bandwidth: float | None, decoder_bytes: int, flo
                 f"(greedy tokens equal to fp32's: {same}/{len(ours['tokens'])}) |"
             )
     lines += ["", ceiling_line(results, bandwidth, decoder_bytes), *floor_lines]
-    for scenario, same in fp32_agreement(results).items():
-        lines.append(f"Greedy FP32 tokens in {scenario} equal to vlmserve's: {', '.join(f'{k} {v}' for k, v in same.items())}.")
+    for scenario, same in fp32_agreement(results, args.peers).items():
+        lines.append(f"Greedy tokens in {scenario} equal to vlmserve FP32's: {', '.join(f'{k} {v}' for k, v in same.items())}.")
     for scenario, peers in results.items():
         ours = peers["vlmserve"]
         lines.append(
@@ -308,11 +312,11 @@ def report(results: dict, args, bandwidth: float | None, decoder_bytes: int, flo
     return "\n".join(lines)
 
 
-def fp32_agreement(results: dict) -> dict:
-    """Per scenario and FP32 peer: whether its greedy tokens equal vlmserve's."""
+def fp32_agreement(results: dict, peers: list[str]) -> dict:
+    """Per scenario and peer: whether its greedy tokens equal vlmserve's FP32 ones."""
     return {
-        scenario: {name: peers[name]["tokens"] == peers["vlmserve"]["tokens"] for name in PEERS}
-        for scenario, peers in results.items()
+        scenario: {name: peers_of[name]["tokens"] == peers_of["vlmserve"]["tokens"] for name in peers}
+        for scenario, peers_of in results.items()
     }
 
 
@@ -341,10 +345,12 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--cuda", action="store_true", help="every peer on the GPU (see above)")
     parser.add_argument("--peer-precision", default="fp32", choices=["fp32", "fp16"], help="the loop's graphs and PyTorch's dtype")
+    parser.add_argument("--peers", default=",".join(PEERS), help="which peers run; vlmserve always does")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--peer", choices=PEERS, help=argparse.SUPPRESS)
     parser.add_argument("--scenario", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.peers = ["vlmserve", *[p for p in args.peers.split(",") if p in PEERS and p != "vlmserve"]]
     if args.peer:
         args.split = args.scenario == "S2"
         result = {"vlmserve": run_vlmserve, "onnx_loop": run_onnx_loop, "pytorch": run_pytorch}[args.peer](args)
@@ -362,16 +368,18 @@ def main() -> None:
     print(text)
     if args.out:
         header = (
-            f"## Peers: vlmserve, a Python onnxruntime loop, PyTorch ({datetime.date.today()}, {machine()})\n\n"
-            f"`.venv/bin/python bench/compare.py --new-tokens {args.new_tokens} --runs {args.runs} --rounds {args.rounds} --scenarios {args.scenarios} "
+            f"## {'GPU peers' if args.cuda else 'Peers'}: {', '.join(args.peers)} ({datetime.date.today()}, {machine(args.cuda)})\n\n"
+            f"`.venv/bin/python bench/compare.py{' --cuda --peer-precision ' + args.peer_precision if args.cuda else ''} --peers {','.join(args.peers)} --new-tokens {args.new_tokens} --runs {args.runs} --rounds {args.rounds} --scenarios {args.scenarios} "
             f"--precisions {args.precisions}`: "
-            f"FP32, SmolVLM-256M-shaped model (random weights), a 512x512 image, \"{PROMPT}\", "
+            f"{args.peer_precision.upper()} peers, SmolVLM-256M-shaped model (random weights), a 512x512 image, \"{PROMPT}\", "
             f"vlmserve on {vlmserve_package(args.model_dir).name}/, the Python loop on package/, "
             f"{args.new_tokens} new tokens; {args.rounds} rounds, each running every peer once in its own process "
             f"({args.runs} requests), in reverse order every other round; medians over rounds of each process's medians.\n\n"
         )
-        write_section(args.out, "## Peers:", header + text)
-    differ = [f"{scenario} {name}" for scenario, same in fp32_agreement(results).items() for name, ok in same.items() if not ok]
+        write_section(args.out, "## GPU peers:" if args.cuda else "## Peers:", header + text)
+    if args.peer_precision != "fp32":
+        return
+    differ = [f"{scenario} {name}" for scenario, same in fp32_agreement(results, args.peers).items() for name, ok in same.items() if not ok]
     if differ:
         raise SystemExit(f"greedy FP32 tokens differ from vlmserve's: {', '.join(differ)}")
 

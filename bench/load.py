@@ -266,7 +266,7 @@ def main() -> None:
     print(text)
     if args.out:
         header = (
-            f"## Load: concurrent streams ({datetime.date.today()}, {machine()})\n\n"
+            f"## {'GPU load' if args.cuda else 'Load'}: concurrent streams ({datetime.date.today()}, {machine(args.cuda)})\n\n"
             f"`python3 bench/load.py --package {args.package} --precision {args.precision} --clients {args.clients} "
             f"--requests {args.requests} --max-tokens {args.max_tokens}"
             + (f" --vision-threads {args.vision_threads}" if args.vision_threads else "")
@@ -281,7 +281,7 @@ def main() -> None:
             "the gap between streamed chunks (one per token here), so it includes any pause that other "
             "requests' vision encoding and prefill cause.\n\n"
         )
-        write_section(args.out, "## Load: concurrent streams", header + text)
+        write_section(args.out, "## GPU load:" if args.cuda else "## Load: concurrent streams", header + text)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use image::RgbImage;
 use ndarray::{ArrayD, IxDyn};
 use serde::Deserialize;
-use vlmserve::engine::{Model, ModelOptions};
+use vlmserve::engine::{GraphChoice, Model, ModelOptions};
 use vlmserve::package::Precision;
+use vlmserve::runtime::GraphOptions;
 use vlmserve::preprocess::chat_template::{ChatMessage, ContentPart};
 use vlmserve::preprocess::{ImageLimits, decode_image};
 
@@ -45,8 +46,22 @@ pub struct Case {
     pub other: std::collections::HashMap<String, serde_json::Value>,
 }
 
+/// The repository: `VLMSERVE_REPO` where test binaries run away from where they were built
+/// (the GPU check carries them to a GPU host), else the crate's folder.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("VLMSERVE_REPO").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
+
+/// Every graph's execution providers: `VLMSERVE_TEST_PROVIDERS` as JSON
+/// (`[{"kind": "cuda"}]`, the GPU check's setting), else the CPU default.
+pub fn test_providers() -> GraphOptions {
+    match std::env::var("VLMSERVE_TEST_PROVIDERS") {
+        Ok(json) => GraphOptions {
+            providers: serde_json::from_str(&json).unwrap_or_else(|e| panic!("VLMSERVE_TEST_PROVIDERS: {e}")),
+            ..GraphOptions::default()
+        },
+        Err(_) => GraphOptions::default(),
+    }
 }
 
 /// Every `tests/fixtures/*/reference.json`.
@@ -75,7 +90,14 @@ impl Reference {
     }
 
     pub fn load(&self, precision: Precision) -> Model {
-        let options = ModelOptions { precision, ..ModelOptions::default() };
+        let graph = GraphChoice { precision: None, options: test_providers() };
+        let options = ModelOptions {
+            precision,
+            vision_encoder: graph.clone(),
+            embed_tokens: graph.clone(),
+            decoder: graph,
+            ..ModelOptions::default()
+        };
         Model::load(&self.package_dir(), &options).unwrap_or_else(|e| panic!("{}: {e}", self.package_dir().display()))
     }
 }
