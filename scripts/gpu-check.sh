@@ -21,6 +21,7 @@
 #            CUDA provider)
 #   load     bench/load.py --cuda at 1, 8 and 32 streams
 #   tensorrt the TensorRT provider once, where libnvinfer.so.10 can be loaded
+# VLMSERVE_GPU_STAGES=compare,load (say) runs only those.
 # The GPU host has no Rust and no network: binaries travel stripped and xz-compressed, Python
 # packages missing there as wheels (.whl/), ONNX Runtime's GPU build as ../shared/gpu parts.
 set -uo pipefail
@@ -32,17 +33,23 @@ MODEL_DIR=$BENCH_DIR/smolvlm-256m-shaped
 SITE=/tmp/vlmserve-site
 ORT_PYTHON=/tmp/vlmserve-ort-python
 OUT=${OUT:-$REPO/target/gpu-check}
-TEST_BINARIES=(parity batching)
+TEST_BINARIES="parity batching"
+# Which stages `run` runs (a rerun may name fewer).
+STAGES=${VLMSERVE_GPU_STAGES:-parity,smoke,bench-model,compare,load,tensorrt}
 
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/summary.txt"; }
 
-# Stage NAME LIMIT_S COMMAND...: runs the command with its output in $OUT/NAME.log.
+# Stage NAME LIMIT_S COMMAND...: runs the command (a function of this script too) in a shell of
+# its own, its output in $OUT/NAME.log.
 stage() {
   local name=$1 limit=$2
   shift 2
+  [[ ",$STAGES," == *",$name,"* ]] || return 0
   local start=$SECONDS
   log "$name: start"
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  export -f log parity smoke wait_bench_model bench_model python_site tensorrt
+  export REPO CARRY BENCH_DIR MODEL_DIR SITE OUT TEST_BINARIES TEST_BIN_DIR BENCH_IMAGE PYTHONPATH
+  timeout --kill-after=10 "$limit" bash -c '"$@"' stage "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   log "$name: exit $rc after $((SECONDS - start)) s"
   tail -n 15 "$OUT/$name.log" | sed "s/^/  $name | /" | tee -a "$OUT/summary.txt"
@@ -61,10 +68,10 @@ pack() {
   mkdir -p "$CARRY"
   # Stripped (no debug info) and compressed: 120 MB -> 4 MB for the server.
   strip -o "$CARRY/vlmserve" target/release/vlmserve
-  for name in "${TEST_BINARIES[@]}"; do
+  for name in $TEST_BINARIES; do
     strip -o "$CARRY/$name" "$(test_binary "$name")"
   done
-  xz -T0 -6 -f "$CARRY/vlmserve" "${TEST_BINARIES[@]/#/$CARRY/}"
+  (cd "$CARRY" && xz -T0 -6 -f vlmserve $TEST_BINARIES)
   # Wheels of what the export needs at the versions it is pinned to, where the GPU image differs.
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
@@ -121,7 +128,7 @@ unpack_binaries() {
   mkdir -p target/release /tmp/vlmserve-tests
   xz -d -c "$CARRY/vlmserve.xz" > target/release/vlmserve
   chmod +x target/release/vlmserve
-  for name in "${TEST_BINARIES[@]}"; do
+  for name in $TEST_BINARIES; do
     xz -d -c "$CARRY/$name.xz" > "/tmp/vlmserve-tests/$name"
     chmod +x "/tmp/vlmserve-tests/$name"
   done
@@ -145,7 +152,7 @@ python_onnxruntime_gpu() {
 
 parity() {
   local providers=$1
-  for name in "${TEST_BINARIES[@]}"; do
+  for name in $TEST_BINARIES; do
     echo "== $name"
     VLMSERVE_REPO=$REPO VLMSERVE_TEST_PROVIDERS=$providers "$TEST_BIN_DIR/$name" --test-threads 1 || return 1
   done
@@ -209,7 +216,7 @@ run() {
     BENCH_DIR=${VLMSERVE_GPU_BENCH_DIR:-$REPO/bench/models}
     MODEL_DIR=$BENCH_DIR/smolvlm-256m-shaped
     TEST_BIN_DIR=$(mktemp -d)
-    for name in "${TEST_BINARIES[@]}"; do
+    for name in $TEST_BINARIES; do
       ln -s "$(test_binary "$name")" "$TEST_BIN_DIR/$name"
     done
     PYTHON_BIN=$REPO/.venv/bin

@@ -182,14 +182,16 @@ fn a_sequence_withdrawn_before_its_first_token_leaves_the_batch_and_the_others_u
     admit(&mut batch, &model, &reference, leaving, reference.max_new_tokens, None);
     assert!(batch.withdraw(|_| false).is_empty());
     // Its client leaves after the first step: it goes as soon as no tile of it is in the
-    // encoder, before any token of its own.
+    // encoder, before any token of its own. How many steps that takes depends on the encoder's
+    // speed beside the other sequence (on a busy machine the other may even finish first).
     let mut withdrawn = Vec::new();
-    for _ in 0..20 {
+    let mut done = Vec::new();
+    for _ in 0..1000 {
         let step = batch.step(&mut model, &mut |tag, _| {
             tag.events += 1;
             Flow::Continue
         });
-        assert!(step.finished.is_empty());
+        done.extend(step.finished);
         withdrawn.extend(batch.withdraw(|tag| tag.case == leaving));
         if !withdrawn.is_empty() {
             break;
@@ -197,8 +199,9 @@ fn a_sequence_withdrawn_before_its_first_token_leaves_the_batch_and_the_others_u
     }
     let withdrawn: Vec<(usize, usize)> = withdrawn.iter().map(|t| (t.case, t.events)).collect();
     assert_eq!(withdrawn, [(leaving, 0)], "withdrawn once, before any token");
-    assert_eq!(batch.len(), 1);
-    let done = drain(&mut batch, &mut model, &reference, Vec::new(), 1);
+    assert_eq!(batch.len() + done.len(), 1);
+    done.extend(drain(&mut batch, &mut model, &reference, Vec::new(), 0));
+    assert_eq!(done.len(), 1);
     let (tag, result) = done.into_iter().next().unwrap();
     assert_eq!(tag.case, kept);
     assert_eq!(result.unwrap().token_ids, reference.cases[kept].generated_ids);
