@@ -277,7 +277,7 @@ def main() -> None:
             "\"All streams decoding\" is the aggregate rate while every client's first request is "
             "decoding (from the last first token to the first last token: no image encoding or prefill "
             "runs then), its ITL p99 over the gaps inside that window; \"over decode-step time\" divides all tokens by the server's time in decode steps "
-            "(/metrics), which the vision encoder running beside them slows on this 2-core machine. ITL is "
+            "(/metrics), which the vision encoder running beside them slows where cores are few. ITL is "
             "the gap between streamed chunks (one per token here), so it includes any pause that other "
             "requests' vision encoding and prefill cause.\n\n"
         )

@@ -6,7 +6,7 @@
 #                                             the benchmark model in the background
 #   bash scripts/gpu-check.sh ort-python      on the GPU host, in an early transfer: unpack
 #                                             onnxruntime-gpu's Python package (.gpu-carry-ort/)
-#   bash scripts/gpu-check.sh run             on the GPU host, after `eval "$(bash .gpu/unpack.sh)"`:
+#   bash scripts/gpu-check.sh run             on the GPU host, with unpack.sh's exports (call 5 below):
 #                                             every stage below, results under $OUT
 #   bash scripts/gpu-check.sh run --cpu-dry-run   here: the same stages on the CPU provider with
 #                                             small sizes, so that a device run does not fail on a typo
@@ -24,6 +24,19 @@
 # VLMSERVE_GPU_STAGES=compare,load (say) runs only those.
 # The GPU host has no Rust and no network: binaries travel stripped and xz-compressed, Python
 # packages missing there as wheels (.whl/), ONNX Runtime's GPU build as ../shared/gpu parts.
+#
+# The calls, each within 30 s of the last (an idle host goes back, and all it holds with it);
+# this order took 614 s of device time on 2026-12-04 (docs/benchmarks.md):
+#   here     bash scripts/gpu-check.sh pack && bash ../shared/gpu/prepare-ort-gpu.sh 50
+#            git rm -r -q --cached models tests && printf '/models/\n/tests/\n' >> .git/info/exclude
+#            (the transfers then carry 1 MB of tree instead of 36 MB of their 64 MiB)
+#   call 1   carry .gpu/part4 .whl:  mkdir -p ~/ort-gpu/pieces && cp .gpu/part4/* ~/ort-gpu/pieces/
+#            && bash scripts/gpu-check.sh bench-model
+#   call 2   carry .gpu/part1 .gpu-carry-ort:  cp .gpu/part1/* ~/ort-gpu/pieces/ && bash scripts/gpu-check.sh ort-python
+#   call 3   carry .gpu/part2:  cp .gpu/part2/* ~/ort-gpu/pieces/
+#   call 4   carry .gpu/part3 .gpu/unpack.sh:  cp .gpu/part3/* ~/ort-gpu/pieces/ && bash .gpu/unpack.sh > ~/ort-gpu/env.sh
+#   here     git reset -q && sed -i '/^\/models\/$/d;/^\/tests\/$/d' .git/info/exclude
+#   call 5   carry .gpu-carry:  source ~/ort-gpu/env.sh && bash scripts/gpu-check.sh run
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
