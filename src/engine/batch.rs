@@ -8,8 +8,10 @@
 //! positions and attention mask (see [`KvCache`] for the left-padded layout). Rows leave as
 //! soon as they finish. The same code serves a single request ([`Model::generate`] is a batch
 //! of one), so batched and single-stream generation cannot drift apart.
+//!
+//! A sequence is one [`Sequence`] whose [`Phase`] holds what that phase needs and nothing
+//! more; each change of phase is one function that takes the sequence by value.
 
-use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,25 +24,51 @@ use super::generate::{Completion, Event, Flow, GenerationParams, Prompt, Run, Ti
 use super::kv_cache::{KvCache, KvLayout};
 use super::model::Model;
 use super::sampler::Sampler;
+use super::stop::FinishReason;
+use super::vision::VisionReply;
 use crate::family::{NamedTensor, ProcessedImages, TensorData};
 
 /// What the owner of a sequence hears about it: its tokens, through the callback it passed
 /// to [`Batch::step`] with its tag, and its end.
 pub type Finished<T> = (T, Result<Completion, EngineError>);
 
-/// A sequence's output state and clock, from admission to its last token.
-struct Sequence {
+/// One sequence from admission to its last token.
+struct Sequence<T> {
+    id: u64,
+    tag: T,
     run: Run,
     timings: Timings,
     admitted: Instant,
-    /// Set at the first token.
-    decoding_since: Option<Instant>,
-    /// Position of the next token fed to the decoder.
-    position: i64,
+    phase: Phase,
+}
+
+/// Where a sequence is on its way to its last token.
+enum Phase {
+    /// Its images wait for the vision encoder, or some of their tiles are in it.
+    Encoding(Encoding),
+    /// Withdrawn while tiles of it were in the encoder: no more start, and it goes once they
+    /// are back.
+    Leaving,
+    /// Its images are encoded (or it has none): its embeddings are made at its first chunk.
+    Ready { prompt: PromptInput, features: Option<Arc<Array2<f32>>> },
+    /// Its prompt goes through the decoder chunk by chunk, into a cache of its own.
+    Prefilling(Prefill),
+    /// A row of the batch's cache.
+    Decoding(Decoding),
+}
+
+/// The prompt as prefill takes it, with the cache it fills.
+struct PromptInput {
+    input_ids: Vec<u32>,
+    positions: ArrayD<i64>,
+    /// Position of the first generated token.
+    next_position: i64,
+    cache: KvCache,
 }
 
 /// Images on their way through the vision encoder.
-struct VisionWork {
+struct Encoding {
+    prompt: PromptInput,
     images: ProcessedImages,
     key: Option<FeatureKey>,
     /// Tiles encoded so far, and their feature rows.
@@ -48,31 +76,47 @@ struct VisionWork {
     rows: Vec<Array2<f32>>,
 }
 
-/// A vision-encoder call running on its own thread.
-struct VisionCall {
-    handle: std::thread::JoinHandle<Result<Array2<f32>, EngineError>>,
-    /// `(pending id, tiles)` it encodes, in input order.
-    parts: Vec<(u64, Range<usize>)>,
-    started: Instant,
+struct Prefill {
+    prompt: PromptInput,
+    /// `[1, prompt, hidden]`.
+    embeds: ArrayD<f32>,
+    /// Prompt tokens in the cache so far.
+    done: usize,
 }
 
-/// A sequence whose prompt is not entirely in its cache yet.
-struct Pending<T> {
+struct Decoding {
+    /// Scores of its next token.
+    logits: Vec<f32>,
+    /// Position of the next token fed to the decoder.
+    position: i64,
+    /// When its first token was sampled.
+    since: Option<Instant>,
+}
+
+/// What one prefill chunk did to a sequence.
+enum Chunk<T> {
+    /// Part of its prompt is in its cache.
+    Partial(Sequence<T>, usize),
+    /// Its whole prompt is in the cache it hands over; it is decoding.
+    Done(Sequence<T>, usize, KvCache),
+    Failed(T, EngineError),
+}
+
+/// Tiles of one sequence in a vision call.
+struct Part {
     id: u64,
-    tag: T,
-    seq: Sequence,
-    input_ids: Vec<u32>,
-    positions: ArrayD<i64>,
-    /// `Some` until every tile is encoded.
-    vision: Option<VisionWork>,
-    features: Option<Arc<Array2<f32>>>,
-    /// `[1, prompt, hidden]`, built at the first prompt chunk.
-    embeds: Option<ArrayD<f32>>,
-    done: usize,
-    cache: KvCache,
-    /// Withdrawn while its tiles were in the encoder: no more tiles start, and it goes when they
-    /// come back.
-    leaving: bool,
+    tiles: Range<usize>,
+    /// Feature rows they make; `None` for an image set the family cannot split, which fills
+    /// its call alone.
+    rows: Option<usize>,
+}
+
+/// A call on the model's vision thread.
+struct VisionCall {
+    reply: VisionReply,
+    /// The tiles it encodes, in input order.
+    parts: Vec<Part>,
+    started: Instant,
 }
 
 /// How much prefill work one step may do besides decoding.
@@ -88,17 +132,8 @@ pub struct Limits {
 impl Limits {
     /// A lone request: its prompt in one decoder call (fastest when nobody waits), its tiles
     /// one at a time: on a CPU a tile costs the same alone or batched, and each tile in a call
-    /// holds its own activations (a 17-tile SmolVLM-256M image peaked at 2.9 GB four at a
-    /// time, 1.9 GB one at a time, with the same time to first token within noise).
+    /// holds its own activations (docs/benchmarks.md has the peak memory either way).
     pub const ALONE: Limits = Limits { prefill_tokens: usize::MAX, vision_tiles: 1 };
-}
-
-/// A sequence in the decode batch: row `i` of the batch's cache.
-struct Row<T> {
-    tag: T,
-    seq: Sequence,
-    /// Logits for its next token.
-    logits: Vec<f32>,
 }
 
 /// What one [`Batch::step`] did.
@@ -112,8 +147,9 @@ pub struct Step<T> {
 
 /// Sequences being prefilled and decoded together on one model.
 pub struct Batch<T> {
-    pending: VecDeque<Pending<T>>,
-    rows: Vec<Row<T>>,
+    /// Every sequence. Those not decoding are in admission order; the decoding ones are in the
+    /// order of the cache's rows, since a sequence moves to the back as it starts decoding.
+    seqs: Vec<Sequence<T>>,
     cache: KvCache,
     limits: Limits,
     vision_call: Option<VisionCall>,
@@ -124,53 +160,51 @@ impl<T> Batch<T> {
     /// An empty batch for a decoder with this cache layout.
     pub fn new(layout: &KvLayout, limits: Limits) -> Self {
         let limits = Limits { prefill_tokens: limits.prefill_tokens.max(1), vision_tiles: limits.vision_tiles.max(1) };
-        Self {
-            pending: VecDeque::new(),
-            rows: Vec::new(),
-            cache: KvCache::none(layout),
-            limits,
-            vision_call: None,
-            next_id: 0,
-        }
+        Self { seqs: Vec::new(), cache: KvCache::none(layout), limits, vision_call: None, next_id: 0 }
     }
 
     /// Sequences admitted and not finished.
     pub fn len(&self) -> usize {
-        self.pending.len() + self.rows.len()
+        self.seqs.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.seqs.is_empty()
     }
 
-    /// The tags of every sequence, pending or decoding.
+    /// The tags of every sequence, whatever its phase.
     pub fn tags(&self) -> impl Iterator<Item = &T> {
-        self.pending.iter().map(|p| &p.tag).chain(self.rows.iter().map(|r| &r.tag))
+        self.seqs.iter().map(|s| &s.tag)
     }
 
     /// Drop every sequence (after a panic left the batch in an unknown state) and return their
     /// tags, so their owners can be told.
     pub fn abandon(&mut self) -> Vec<T> {
         self.cache.clear();
-        self.vision_call = None; // the encoder thread finishes on its own
-        let pending = self.pending.drain(..).map(|p| p.tag);
-        pending.chain(self.rows.drain(..).map(|r| r.tag)).collect()
+        self.vision_call = None; // the vision thread finishes the call; nobody reads it
+        self.seqs.drain(..).map(|s| s.tag).collect()
     }
 
-    /// Drop the pending sequences (not decoding yet) that `gone` picks, such as clients that left
-    /// before their first token, so their remaining tiles and prompt are never computed; returns
+    /// Drop the sequences not decoding yet that `gone` picks, such as clients that left before
+    /// their first token, so their remaining tiles and prompt are never computed; returns
     /// their tags. One whose tiles are in the encoder now starts no more tiles and goes at the
     /// first call after they come back.
     pub fn withdraw(&mut self, gone: impl Fn(&T) -> bool) -> Vec<T> {
-        let encoding: Vec<u64> = self.vision_call.iter().flat_map(|c| c.parts.iter().map(|(id, _)| *id)).collect();
+        let in_flight: Vec<u64> = self.vision_call.iter().flat_map(|c| c.parts.iter().map(|p| p.id)).collect();
         let mut out = Vec::new();
-        for pending in std::mem::take(&mut self.pending) {
-            if !gone(&pending.tag) {
-                self.pending.push_back(pending);
-            } else if encoding.contains(&pending.id) {
-                self.pending.push_back(Pending { leaving: true, ..pending });
+        for mut seq in std::mem::take(&mut self.seqs) {
+            let leaving = match seq.phase {
+                Phase::Decoding(_) => false,
+                Phase::Leaving => true,
+                _ => gone(&seq.tag),
+            };
+            if !leaving {
+                self.seqs.push(seq);
+            } else if in_flight.contains(&seq.id) {
+                seq.phase = Phase::Leaving;
+                self.seqs.push(seq);
             } else {
-                out.push(pending.tag);
+                out.push(seq.tag);
             }
         }
         out
@@ -178,7 +212,13 @@ impl<T> Batch<T> {
 
     /// Cache bytes held now, padding included.
     pub fn kv_bytes(&self, layout: &KvLayout) -> usize {
-        self.cache.bytes(layout) + self.pending.iter().map(|p| p.cache.bytes(layout)).sum::<usize>()
+        let own = |seq: &Sequence<T>| match &seq.phase {
+            Phase::Encoding(Encoding { prompt, .. })
+            | Phase::Ready { prompt, .. }
+            | Phase::Prefilling(Prefill { prompt, .. }) => prompt.cache.bytes(layout),
+            Phase::Leaving | Phase::Decoding(_) => 0,
+        };
+        self.cache.bytes(layout) + self.seqs.iter().map(own).sum::<usize>()
     }
 
     /// Add a sequence; it is prefilled by the next steps. A prompt that cannot be generated
@@ -194,35 +234,22 @@ impl<T> Batch<T> {
             Ok(cache) => cache,
             Err(e) => return Err((tag, e)),
         };
-        let seq = Sequence {
-            run: Run::new(&prompt.input_ids, model.stop_rules(params), Sampler::new(params.sampling.clone())),
-            timings: Timings { preprocess_s: prompt.preprocess_time.as_secs_f64(), ..Timings::default() },
-            admitted: Instant::now(),
-            decoding_since: None,
-            position: prompt.positions.next,
-        };
+        let run = Run::new(&prompt.input_ids, model.stop_rules(params), Sampler::new(params.sampling.clone()));
+        let timings = Timings { preprocess_s: prompt.preprocess_time.as_secs_f64(), ..Timings::default() };
         let Prompt { input_ids, images, positions, .. } = prompt;
-        let vision = images.map(|images| VisionWork {
-            key: model.feature_cache.as_ref().map(|_| FeatureCache::key(&images.inputs)),
-            images,
-            done: 0,
-            rows: Vec::new(),
-        });
-        self.next_id += 1;
-        let pending = Pending {
-            id: self.next_id,
-            tag,
-            seq,
-            input_ids,
-            positions: positions.prompt,
-            vision,
-            features: None,
-            embeds: None,
-            done: 0,
-            cache,
-            leaving: false,
+        let prompt = PromptInput { input_ids, positions: positions.prompt, next_position: positions.next, cache };
+        let phase = match images {
+            Some(images) => Phase::Encoding(Encoding {
+                prompt,
+                key: model.feature_cache.as_ref().map(|_| FeatureCache::key(&images.inputs)),
+                images,
+                done: 0,
+                rows: Vec::new(),
+            }),
+            None => Phase::Ready { prompt, features: None },
         };
-        self.pending.push_back(pending);
+        self.next_id += 1;
+        self.seqs.push(Sequence { id: self.next_id, tag, run, timings, admitted: Instant::now(), phase });
         Ok(())
     }
 
@@ -235,34 +262,31 @@ impl<T> Batch<T> {
         self.encode_images(model, &mut finished);
         self.prefill(model, &mut finished);
         let prefill_s = start.elapsed().as_secs_f64();
-        self.sample(model, on_token, &mut finished);
+        let tokens = self.sample(model, on_token, &mut finished);
         let start = Instant::now();
-        let decode_rows = self.rows.len();
-        if decode_rows > 0
-            && let Err(e) = self.decode(model)
+        if !tokens.is_empty()
+            && let Err(e) = self.decode(model, &tokens)
         {
-            self.fail_rows(&e, &mut finished);
+            self.fail_decoding(e, &mut finished);
         }
-        Step { finished, decode_rows, prefill_s, decode_s: start.elapsed().as_secs_f64() }
+        Step { finished, decode_rows: tokens.len(), prefill_s, decode_s: start.elapsed().as_secs_f64() }
     }
 
-    /// Keep the vision encoder busy on its own thread, beside prefill and decode: collect a
+    /// Keep the vision encoder busy on its thread, beside prefill and decode: collect a
     /// finished call's features, and start the next call on up to `vision_tiles` tiles of the
-    /// pending sequences (admission order, several sequences' tiles in one call where the
-    /// family allows it). Waits for the encoder only when nothing else can run.
+    /// sequences waiting for it (admission order, several sequences' tiles in one call where
+    /// the family allows it). Waits for the encoder only when nothing else can run.
     fn encode_images(&mut self, model: &Model, finished: &mut Vec<Finished<T>>) {
         loop {
-            let idle = self.rows.is_empty() && self.pending.iter().all(|p| p.vision.is_some());
-            match &self.vision_call {
-                Some(call) if idle || call.handle.is_finished() => {
-                    let call = self.vision_call.take().expect("checked");
-                    let result = call
-                        .handle
-                        .join()
-                        .unwrap_or_else(|_| Err(EngineError::BatchFailed("the vision encoder panicked".into())));
-                    self.deliver(model, &call.parts, call.started, result, finished);
-                }
-                Some(_) => return,
+            let idle = self.seqs.iter().all(|s| matches!(s.phase, Phase::Encoding(_) | Phase::Leaving));
+            match self.vision_call.take() {
+                Some(call) => match call.reply.poll(idle) {
+                    Some(result) => self.deliver(model, &call.parts, call.started, result, finished),
+                    None => {
+                        self.vision_call = Some(call);
+                        return;
+                    }
+                },
                 None => {
                     if !self.start_vision(model, finished) || !idle {
                         return;
@@ -272,64 +296,48 @@ impl<T> Batch<T> {
         }
     }
 
-    /// Start one vision-encoder call; false when no pending sequence needs one.
+    /// Start one vision-encoder call; false when no sequence needs one. Sequences whose
+    /// features are in the feature cache skip the encoder.
     fn start_vision(&mut self, model: &Model, finished: &mut Vec<Finished<T>>) -> bool {
+        self.seqs = std::mem::take(&mut self.seqs).into_iter().map(|seq| seq.with_cached_features(model)).collect();
         let mut budget = self.limits.vision_tiles;
-        let mut parts: Vec<(u64, Range<usize>)> = Vec::new();
-        for pending in self.pending.iter_mut() {
-            if budget == 0 || pending.leaving || from_cache(model, pending) {
-                continue;
-            }
-            let Some(work) = &pending.vision else { continue };
-            let tiles = work.images.tiles();
-            if work.images.tile_tokens.is_none() {
-                // A set the family cannot split goes alone, whatever its size.
-                if parts.is_empty() {
-                    parts.push((pending.id, 0..tiles));
-                }
+        let mut parts = Vec::new();
+        let mut sets = Vec::new();
+        for seq in &self.seqs {
+            let Phase::Encoding(work) = &seq.phase else { continue };
+            if budget == 0 {
                 break;
             }
+            let tiles = work.images.tiles();
+            let Some(per_tile) = work.images.tile_tokens else {
+                // A set the family cannot split goes alone, whatever its size.
+                if parts.is_empty() {
+                    parts.push(Part { id: seq.id, tiles: 0..tiles, rows: None });
+                    sets.push((&work.images, 0..tiles));
+                }
+                break;
+            };
             let take = budget.min(tiles - work.done);
             budget -= take;
-            parts.push((pending.id, work.done..work.done + take));
+            let range = work.done..work.done + take;
+            parts.push(Part { id: seq.id, tiles: range.clone(), rows: Some(take * per_tile) });
+            sets.push((&work.images, range));
         }
         if parts.is_empty() {
             return false;
         }
-        let inputs = {
-            let sets: Vec<(&ProcessedImages, Range<usize>)> = parts
-                .iter()
-                .map(|(id, range)| (&self.get(*id).vision.as_ref().expect("has images").images, range.clone()))
-                .collect();
-            vision_inputs(&sets)
-        };
-        let encoder = model.vision.clone();
-        let spawned = inputs.and_then(|inputs| {
-            std::thread::Builder::new()
-                .name("vision-encoder".into())
-                .spawn(move || encoder.lock().unwrap_or_else(|e| e.into_inner()).encode(inputs))
-                .map_err(|e| EngineError::BatchFailed(format!("could not start the vision encoder: {e}")))
-        });
-        match spawned {
-            Ok(handle) => self.vision_call = Some(VisionCall { handle, parts, started: Instant::now() }),
-            Err(e) => self.fail_pending(&parts, &e, finished),
+        match vision_inputs(&sets).and_then(|inputs| model.vision.encode(inputs)) {
+            Ok(reply) => self.vision_call = Some(VisionCall { reply, parts, started: Instant::now() }),
+            Err(e) => self.fail_parts(&parts, e, finished),
         }
         true
-    }
-
-    fn get(&self, id: u64) -> &Pending<T> {
-        self.pending.iter().find(|p| p.id == id).expect("a sequence with images in flight stays pending")
-    }
-
-    fn find(&mut self, id: u64) -> &mut Pending<T> {
-        self.pending.iter_mut().find(|p| p.id == id).expect("a sequence with images in flight stays pending")
     }
 
     /// Hand a vision call's feature rows to the sequences whose tiles it encoded.
     fn deliver(
         &mut self,
         model: &Model,
-        parts: &[(u64, Range<usize>)],
+        parts: &[Part],
         started: Instant,
         result: Result<Array2<f32>, EngineError>,
         finished: &mut Vec<Finished<T>>,
@@ -337,144 +345,253 @@ impl<T> Batch<T> {
         let seconds = started.elapsed().as_secs_f64();
         let features = match result {
             Ok(features) => features,
-            Err(e) => return self.fail_pending(parts, &e, finished),
+            Err(e) => return self.fail_parts(parts, e, finished),
         };
-        let expected: usize = parts
-            .iter()
-            .map(|(id, range)| {
-                let work = self.get(*id).vision.as_ref().expect("has images");
-                work.images.tile_tokens.map_or(features.nrows(), |per_tile| range.len() * per_tile)
-            })
-            .sum();
+        let expected: usize = parts.iter().map(|p| p.rows.unwrap_or(features.nrows())).sum();
         if expected != features.nrows() {
             let e = EngineError::GraphMismatch(format!(
                 "the vision encoder returned {} feature rows for {expected} image tokens",
                 features.nrows()
             ));
-            return self.fail_pending(parts, &e, finished);
+            return self.fail_parts(parts, e, finished);
         }
-        let mut row = 0;
-        for (id, range) in parts {
-            let pending = self.find(*id);
-            let work = pending.vision.as_mut().expect("has images");
-            let rows = work.images.tile_tokens.map_or(features.nrows(), |per_tile| range.len() * per_tile);
-            work.rows.push(features.slice(ndarray::s![row..row + rows, ..]).to_owned());
-            row += rows;
-            work.done = range.end;
-            pending.seq.timings.vision_s += seconds;
-            if work.done == work.images.tiles() {
-                let work = pending.vision.take().expect("has images");
-                let views: Vec<_> = work.rows.iter().map(|r| r.view()).collect();
-                let all = Arc::new(ndarray::concatenate(Axis(0), &views).expect("rows of one width"));
-                if let (Some(cache), Some(key)) = (&model.feature_cache, work.key) {
-                    cache.insert(key, all.clone());
-                }
-                pending.features = Some(all);
+        let mut start = 0;
+        let mut rows = Vec::with_capacity(parts.len());
+        for part in parts {
+            let end = start + part.rows.unwrap_or(features.nrows());
+            rows.push((part.id, part.tiles.end, features.slice(ndarray::s![start..end, ..]).to_owned()));
+            start = end;
+        }
+        for seq in std::mem::take(&mut self.seqs) {
+            let Some(k) = rows.iter().position(|(id, ..)| *id == seq.id) else {
+                self.seqs.push(seq);
+                continue;
+            };
+            let (_, tiles_done, features) = rows.swap_remove(k);
+            match seq.encoded(model, tiles_done, features, seconds) {
+                Ok(seq) => self.seqs.push(seq),
+                Err((tag, e)) => finished.push((tag, Err(e))),
             }
         }
     }
 
-    /// The pending sequences of a failed vision call fail with it.
-    fn fail_pending(&mut self, parts: &[(u64, Range<usize>)], error: &EngineError, finished: &mut Vec<Finished<T>>) {
-        for (id, _) in parts {
-            if let Some(index) = self.pending.iter().position(|p| p.id == *id) {
-                let pending = self.pending.remove(index).expect("found");
-                finished.push((pending.tag, Err(EngineError::BatchFailed(error.to_string()))));
-            }
+    /// The sequences of a failed vision call fail with it.
+    fn fail_parts(&mut self, parts: &[Part], error: EngineError, finished: &mut Vec<Finished<T>>) {
+        let error = Arc::new(error);
+        for seq in self.seqs.extract_if(.., |s| parts.iter().any(|p| p.id == s.id)) {
+            finished.push((seq.tag, Err(EngineError::BatchFailed(error.clone()))));
         }
     }
 
-    /// Prefill up to `prefill_tokens` prompt tokens of the pending sequences whose images are
+    /// Prefill up to `prefill_tokens` prompt tokens of the sequences whose images are
     /// encoded, in admission order; those done join the decode batch.
     fn prefill(&mut self, model: &mut Model, finished: &mut Vec<Finished<T>>) {
         let mut budget = self.limits.prefill_tokens;
         let mut i = 0;
-        while budget > 0 && i < self.pending.len() {
-            if self.pending[i].vision.is_some() || self.pending[i].leaving {
+        while budget > 0 && i < self.seqs.len() {
+            if !matches!(self.seqs[i].phase, Phase::Ready { .. } | Phase::Prefilling(_)) {
                 i += 1;
                 continue;
             }
-            match prefill_chunk(model, &mut self.pending[i], budget) {
-                Err(e) => {
-                    let pending = self.pending.remove(i).expect("index in range");
-                    finished.push((pending.tag, Err(e)));
-                }
-                Ok((used, None)) => {
+            match self.seqs.remove(i).prefill_chunk(model, budget) {
+                Chunk::Partial(seq, used) => {
                     budget -= used;
+                    self.seqs.insert(i, seq);
                     i += 1;
                 }
-                Ok((used, Some(logits))) => {
+                Chunk::Done(seq, used, cache) => {
                     budget -= used;
-                    let pending = self.pending.remove(i).expect("index in range");
-                    if let Err(e) = self.cache.join(pending.cache, model.decoder.cache_allocator()) {
-                        finished.push((pending.tag, Err(e)));
-                        continue;
+                    match self.cache.join(cache, model.decoder.cache_allocator()) {
+                        Ok(()) => self.seqs.push(seq),
+                        Err(e) => finished.push((seq.tag, Err(e))),
                     }
-                    self.rows.push(Row { tag: pending.tag, seq: pending.seq, logits });
                 }
+                Chunk::Failed(tag, e) => finished.push((tag, Err(e))),
             }
         }
     }
 
-    /// Sample every row's next token; finished rows leave the batch.
+    /// Sample every decoding sequence's next token; finished ones leave the batch. Returns the
+    /// tokens of those that stay, in the order of the cache's rows.
     fn sample(
         &mut self,
         model: &Model,
         on_token: &mut dyn FnMut(&mut T, Event) -> Flow,
         finished: &mut Vec<Finished<T>>,
-    ) {
-        let mut keep = Vec::with_capacity(self.rows.len());
-        for mut row in std::mem::take(&mut self.rows) {
-            let Row { tag, seq, logits } = &mut row;
-            let token = seq.run.sample(logits);
-            if seq.decoding_since.is_none() {
+    ) -> Vec<u32> {
+        let mut keep = Vec::new();
+        let mut tokens = Vec::new();
+        for mut seq in std::mem::take(&mut self.seqs) {
+            let Phase::Decoding(decoding) = &mut seq.phase else {
+                self.seqs.push(seq);
+                continue;
+            };
+            let token = seq.run.sample(&mut decoding.logits);
+            let since = *decoding.since.get_or_insert_with(|| {
                 seq.timings.time_to_first_token_s = seq.admitted.elapsed().as_secs_f64();
-                seq.decoding_since = Some(Instant::now());
-            }
-            let outcome = seq.run.accept(model, token, &mut |event| on_token(tag, event));
+                Instant::now()
+            });
+            let outcome = seq.run.accept(model, token, &mut |event| on_token(&mut seq.tag, event));
             keep.push(matches!(outcome, Ok(None)));
             match outcome {
-                Ok(None) => self.rows.push(row),
-                Ok(Some(reason)) => {
-                    let Row { mut tag, seq, .. } = row;
-                    let mut timings = seq.timings;
-                    timings.decode_s = seq.decoding_since.map_or(0.0, |t| t.elapsed().as_secs_f64());
-                    let completion = seq.run.finish(model, reason, timings, &mut |event| on_token(&mut tag, event));
-                    finished.push((tag, completion));
+                Ok(None) => {
+                    tokens.push(token);
+                    self.seqs.push(seq);
                 }
-                Err(e) => finished.push((row.tag, Err(e))),
+                Ok(Some(reason)) => finished.push(seq.finish(model, reason, since, on_token)),
+                Err(e) => finished.push((seq.tag, Err(e))),
             }
         }
         if let Err(e) = self.cache.retain(&keep, model.decoder.cache_allocator()) {
-            self.fail_rows(&e, finished);
+            self.fail_decoding(e, finished);
+            tokens.clear();
         }
+        tokens
     }
 
-    /// One decoder call: every row's last token in, every row's next logits out.
-    fn decode(&mut self, model: &mut Model) -> Result<(), EngineError> {
-        let ids: Vec<u32> = self.rows.iter().map(|r| *r.seq.run.token_ids().last().expect("sampled")).collect();
+    /// One decoder call: every decoding sequence's last token in, its next logits out.
+    fn decode(&mut self, model: &mut Model, tokens: &[u32]) -> Result<(), EngineError> {
         let start = Instant::now();
-        let embeds = model.embedder.embed(&ids, ids.len())?;
+        let embeds = model.embedder.embed(tokens, tokens.len())?;
         let in_embed = start.elapsed();
-        let positions: Vec<ArrayD<i64>> =
-            self.rows.iter().map(|r| model.family.step_positions(r.seq.position)).collect();
+        let positions: Vec<ArrayD<i64>> = self
+            .seqs
+            .iter()
+            .filter_map(|seq| match &seq.phase {
+                Phase::Decoding(decoding) => Some(model.family.step_positions(decoding.position)),
+                _ => None,
+            })
+            .collect();
         let positions = stack_rows(&positions)?;
         let (logits, in_decoder) = model.decoder.forward(embeds, positions, &mut self.cache)?;
         let in_runtime = (in_embed + in_decoder).as_secs_f64();
-        for (row, logits) in self.rows.iter_mut().zip(logits) {
-            row.logits = logits;
-            row.seq.position += 1;
-            row.seq.timings.decode_steps += 1;
-            row.seq.timings.decode_in_runtime_s += in_runtime;
+        let decoding = self.seqs.iter_mut().filter_map(|seq| match &mut seq.phase {
+            Phase::Decoding(decoding) => Some((decoding, &mut seq.timings)),
+            _ => None,
+        });
+        for ((decoding, timings), logits) in decoding.zip(logits) {
+            decoding.logits = logits;
+            decoding.position += 1;
+            timings.decode_steps += 1;
+            timings.decode_in_runtime_s += in_runtime;
         }
         Ok(())
     }
 
-    /// A decoder call failed: every row fails with it.
-    fn fail_rows(&mut self, error: &EngineError, finished: &mut Vec<Finished<T>>) {
-        let message = error.to_string();
+    /// A decoder call failed: every decoding sequence fails with it.
+    fn fail_decoding(&mut self, error: EngineError, finished: &mut Vec<Finished<T>>) {
+        let error = Arc::new(error);
         self.cache.clear();
-        finished.extend(self.rows.drain(..).map(|row| (row.tag, Err(EngineError::BatchFailed(message.clone())))));
+        for seq in self.seqs.extract_if(.., |s| matches!(s.phase, Phase::Decoding(_))) {
+            finished.push((seq.tag, Err(EngineError::BatchFailed(error.clone()))));
+        }
+    }
+}
+
+impl<T> Sequence<T> {
+    /// Encoding -> Ready when the feature cache has its images' features.
+    fn with_cached_features(mut self, model: &Model) -> Self {
+        let Phase::Encoding(work) = &self.phase else { return self };
+        let (Some(cache), Some(key), 0) = (&model.feature_cache, &work.key, work.done) else { return self };
+        let Some(features) = cache.get(key) else { return self };
+        self.timings.vision_cache_hit = true;
+        self.phase = match self.phase {
+            Phase::Encoding(work) => Phase::Ready { prompt: work.prompt, features: Some(features) },
+            other => other,
+        };
+        self
+    }
+
+    /// Take the feature rows of its tiles up to `tiles_done`; Encoding -> Ready after the last.
+    fn encoded(
+        mut self,
+        model: &Model,
+        tiles_done: usize,
+        rows: Array2<f32>,
+        seconds: f64,
+    ) -> Result<Self, (T, EngineError)> {
+        let Phase::Encoding(work) = &mut self.phase else { return Ok(self) };
+        work.rows.push(rows);
+        work.done = tiles_done;
+        self.timings.vision_s += seconds;
+        if work.done < work.images.tiles() {
+            return Ok(self);
+        }
+        let views: Vec<_> = work.rows.iter().map(|r| r.view()).collect();
+        let features = match ndarray::concatenate(Axis(0), &views) {
+            Ok(features) => Arc::new(features),
+            Err(e) => return Err((self.tag, EngineError::GraphMismatch(format!("image feature rows: {e}")))),
+        };
+        if let (Some(cache), Some(key)) = (&model.feature_cache, work.key) {
+            cache.insert(key, features.clone());
+        }
+        self.phase = match self.phase {
+            Phase::Encoding(work) => Phase::Ready { prompt: work.prompt, features: Some(features) },
+            other => other,
+        };
+        Ok(self)
+    }
+
+    /// Up to `budget` more prompt tokens into its cache (Ready -> Prefilling first, making its
+    /// embeddings); Prefilling -> Decoding after the last, with the logits of its last position.
+    fn prefill_chunk(mut self, model: &mut Model, budget: usize) -> Chunk<T> {
+        let start = Instant::now();
+        let mut prefill = match self.phase {
+            Phase::Ready { prompt, features } => match model.prompt_embeddings(&prompt.input_ids, features) {
+                Ok(embeds) => Prefill { prompt, embeds, done: 0 },
+                Err(e) => return Chunk::Failed(self.tag, e),
+            },
+            Phase::Prefilling(prefill) => prefill,
+            other => {
+                self.phase = other;
+                return Chunk::Partial(self, 0);
+            }
+        };
+        let total = prefill.prompt.input_ids.len();
+        let chunk = budget.min(total - prefill.done);
+        let logits = match prefill.forward(model, chunk) {
+            Ok(logits) => logits,
+            Err(e) => return Chunk::Failed(self.tag, e),
+        };
+        self.timings.prefill_s += start.elapsed().as_secs_f64();
+        if prefill.done < total {
+            self.phase = Phase::Prefilling(prefill);
+            return Chunk::Partial(self, chunk);
+        }
+        let Some(logits) = logits.into_iter().next() else {
+            return Chunk::Failed(self.tag, EngineError::GraphMismatch("the decoder returned no logits".into()));
+        };
+        let PromptInput { next_position, cache, .. } = prefill.prompt;
+        self.phase = Phase::Decoding(Decoding { logits, position: next_position, since: None });
+        Chunk::Done(self, chunk, cache)
+    }
+
+    /// Its completion, once a stop rule ended it.
+    fn finish(
+        self,
+        model: &Model,
+        reason: FinishReason,
+        since: Instant,
+        on_token: &mut dyn FnMut(&mut T, Event) -> Flow,
+    ) -> Finished<T> {
+        let Sequence { mut tag, run, mut timings, .. } = self;
+        timings.decode_s = since.elapsed().as_secs_f64();
+        let completion = run.finish(model, reason, timings, &mut |event| on_token(&mut tag, event));
+        (tag, completion)
+    }
+}
+
+impl Prefill {
+    /// The next `chunk` prompt tokens through the decoder; the logits of the chunk's last
+    /// position.
+    fn forward(&mut self, model: &mut Model, chunk: usize) -> Result<Vec<Vec<f32>>, EngineError> {
+        let range = Slice::from(self.done..self.done + chunk);
+        let inputs = float_value(self.embeds.slice_axis(Axis(1), range).to_owned(), model.decoder.embeds_type())?;
+        let positions = &self.prompt.positions;
+        let positions = positions.slice_axis(Axis(positions.ndim() - 1), range).to_owned();
+        let (logits, _) = model.decoder.forward(inputs, positions, &mut self.prompt.cache)?;
+        self.done += chunk;
+        Ok(logits)
     }
 }
 
@@ -502,26 +619,14 @@ impl Model {
 /// M-RoPE's `[3, 1, 1]` become `[3, rows, 1]` (the batch axis is second to last).
 fn stack_rows(positions: &[ArrayD<i64>]) -> Result<ArrayD<i64>, EngineError> {
     let views: Vec<_> = positions.iter().map(|p| p.view()).collect();
-    let batch_axis = Axis(positions[0].ndim().saturating_sub(2));
+    let batch_axis = Axis(positions.first().map_or(0, |p| p.ndim().saturating_sub(2)));
     ndarray::concatenate(batch_axis, &views).map_err(|e| EngineError::GraphMismatch(format!("position ids: {e}")))
-}
-
-/// Take a pending sequence's image features from the feature cache, if there; says whether
-/// it did.
-fn from_cache<T>(model: &Model, pending: &mut Pending<T>) -> bool {
-    let Some(work) = &pending.vision else { return false };
-    let (Some(cache), Some(key), 0) = (&model.feature_cache, &work.key, work.done) else { return false };
-    let Some(features) = cache.get(key) else { return false };
-    pending.vision = None;
-    pending.features = Some(features);
-    pending.seq.timings.vision_cache_hit = true;
-    true
 }
 
 /// The vision-encoder inputs for tiles `range` of each image set, joined along axis 0.
 fn vision_inputs(parts: &[(&ProcessedImages, Range<usize>)]) -> Result<Vec<NamedTensor>, EngineError> {
-    let first = parts[0].0;
-    if parts.len() == 1 && parts[0].1 == (0..first.tiles()) {
+    let Some((first, range)) = parts.first() else { return Ok(Vec::new()) };
+    if parts.len() == 1 && *range == (0..first.tiles()) {
         return Ok(first.inputs.clone());
     }
     first
@@ -542,31 +647,6 @@ fn vision_inputs(parts: &[(&ProcessedImages, Range<usize>)]) -> Result<Vec<Named
             Ok(NamedTensor { name: input.name.clone(), data })
         })
         .collect()
-}
-
-/// Prefill up to `budget` more prompt tokens of `pending` (its images are encoded). Returns
-/// the tokens used and, once the whole prompt is in, the logits of its last position.
-fn prefill_chunk<T>(
-    model: &mut Model,
-    pending: &mut Pending<T>,
-    budget: usize,
-) -> Result<(usize, Option<Vec<f32>>), EngineError> {
-    let seq = &mut pending.seq;
-    let start = Instant::now();
-    let embeds = match &pending.embeds {
-        Some(embeds) => embeds,
-        None => pending.embeds.insert(model.prompt_embeddings(&pending.input_ids, pending.features.take())?),
-    };
-    let total = pending.input_ids.len();
-    let chunk = budget.min(total - pending.done);
-    let range = Slice::from(pending.done..pending.done + chunk);
-    let inputs = float_value(embeds.slice_axis(Axis(1), range).to_owned(), model.decoder.embeds_type())?;
-    let positions = &pending.positions;
-    let positions = positions.slice_axis(Axis(positions.ndim() - 1), range).to_owned();
-    let (mut logits, _) = model.decoder.forward(inputs, positions, &mut pending.cache)?;
-    pending.done += chunk;
-    seq.timings.prefill_s += start.elapsed().as_secs_f64();
-    Ok((chunk, (pending.done == total).then(|| logits.remove(0))))
 }
 
 #[cfg(test)]

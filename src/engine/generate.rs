@@ -231,10 +231,6 @@ impl Run {
         self.sampler.sample(logits, &self.history)
     }
 
-    pub(super) fn token_ids(&self) -> &[u32] {
-        &self.token_ids
-    }
-
     /// Record `token`, stream what is safe to show, and say whether generation is over.
     pub(super) fn accept(
         &mut self,

@@ -165,11 +165,6 @@ impl KvCache {
         self.width
     }
 
-    /// Positions held by row `row`.
-    pub fn len(&self, row: usize) -> usize {
-        self.lens[row]
-    }
-
     pub fn is_empty(&self) -> bool {
         self.width == 0
     }

@@ -16,6 +16,7 @@ mod model;
 mod sampler;
 mod stop;
 mod tensors;
+mod vision;
 
 pub use batch::{Batch, Finished, Limits, Step};
 pub use detokenize::Detokenizer;
@@ -49,7 +50,7 @@ pub enum EngineError {
     #[error("the prompt could not be tokenized: {0}")]
     Encode(String),
     #[error("ONNX Runtime: {0}")]
-    Ort(String),
+    Ort(#[from] ort::Error),
     #[error("the graphs do not match the package: {0}")]
     GraphMismatch(String),
     #[error("the prompt is empty")]
@@ -58,14 +59,13 @@ pub enum EngineError {
         "the prompt has {prompt_tokens} tokens; with max_new_tokens {max_new_tokens} it exceeds the context of {context} tokens"
     )]
     PromptTooLong { prompt_tokens: usize, max_new_tokens: usize, context: usize },
+    /// A failure shared by every sequence of a vision or decoder call.
     #[error("the batch this request was decoded in failed: {0}")]
-    BatchFailed(String),
+    BatchFailed(#[source] std::sync::Arc<EngineError>),
+    #[error("the vision encoder's thread stopped")]
+    VisionEncoderStopped,
+    #[error("could not start a thread: {0}")]
+    Thread(#[source] std::io::Error),
     #[error("invalid generation parameter: {0}")]
     InvalidParameter(String),
-}
-
-impl From<ort::Error> for EngineError {
-    fn from(e: ort::Error) -> Self {
-        EngineError::Ort(e.to_string())
-    }
 }

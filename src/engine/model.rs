@@ -3,7 +3,7 @@
 
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokenizers::Tokenizer;
 
@@ -11,6 +11,7 @@ use super::EngineError;
 use super::feature_cache::FeatureCache;
 use super::graphs::{Decoder, Embedder, VisionEncoder};
 use super::kv_cache::KvLayout;
+use super::vision::VisionWorker;
 use crate::family::{self, Family};
 use crate::package::{Graph, ModelPackage, Precision};
 use crate::preprocess::chat_template::ChatTemplate;
@@ -92,12 +93,23 @@ pub struct Processor {
 #[derive(Debug)]
 pub struct Model {
     pub processor: Arc<Processor>,
-    /// Shared with the thread that runs it beside prefill and decode.
-    pub(super) vision: Arc<Mutex<VisionEncoder>>,
+    /// The vision encoder's own thread, beside prefill and decode.
+    pub(super) vision: VisionWorker,
+    /// The vision graph's inputs and outputs, read before its session moved to that thread.
+    vision_io: GraphIo,
     pub(super) embedder: Embedder,
     pub(super) decoder: Decoder,
     /// Shared with the other workers of the same model version; `None` when off.
     pub(super) feature_cache: Option<Arc<FeatureCache>>,
+}
+
+/// A graph's inputs and outputs as `name: type`.
+type GraphIo = (Vec<String>, Vec<String>);
+
+fn describe(session: &ort::session::Session) -> GraphIo {
+    let names =
+        |outlets: &[ort::value::Outlet]| outlets.iter().map(|o| format!("{}: {}", o.name(), o.dtype())).collect();
+    (names(session.inputs()), names(session.outputs()))
 }
 
 /// Fallback context when `config.json` does not say.
@@ -136,8 +148,9 @@ impl Model {
         };
         let processor = Processor { info, package, family, tokenizer, template };
         processor.check_consistency(&decoder.layout)?;
-        let vision = Arc::new(Mutex::new(vision));
-        Ok(Self { processor: Arc::new(processor), vision, embedder, decoder, feature_cache: None })
+        let vision_io = describe(vision.session());
+        let vision = VisionWorker::start(vision)?;
+        Ok(Self { processor: Arc::new(processor), vision, vision_io, embedder, decoder, feature_cache: None })
     }
 
     /// Reuse the vision encoder's output for inputs `cache` has seen.
@@ -152,12 +165,8 @@ impl Model {
 
     /// Input and output names with element types and shapes, per graph, for `inspect`.
     pub fn describe_graphs(&self) -> Vec<(Graph, Vec<String>, Vec<String>)> {
-        let describe = |outlets: &[ort::value::Outlet]| {
-            outlets.iter().map(|o| format!("{}: {}", o.name(), o.dtype())).collect::<Vec<_>>()
-        };
-        let vision = self.vision.lock().unwrap_or_else(|e| e.into_inner());
-        let sessions = [vision.session(), self.embedder.session(), self.decoder.session()];
-        Graph::ALL.into_iter().zip(sessions).map(|(g, s)| (g, describe(s.inputs()), describe(s.outputs()))).collect()
+        let io = [self.vision_io.clone(), describe(self.embedder.session()), describe(self.decoder.session())];
+        Graph::ALL.into_iter().zip(io).map(|(g, (inputs, outputs))| (g, inputs, outputs)).collect()
     }
 }
 

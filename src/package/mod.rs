@@ -64,12 +64,6 @@ impl fmt::Display for Graph {
 pub struct GenerationConfig {
     #[serde(default, deserialize_with = "one_or_many")]
     pub eos_token_id: Vec<u32>,
-    pub max_new_tokens: Option<usize>,
-    pub do_sample: Option<bool>,
-    pub temperature: Option<f32>,
-    pub top_k: Option<usize>,
-    pub top_p: Option<f32>,
-    pub repetition_penalty: Option<f32>,
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {

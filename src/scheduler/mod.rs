@@ -19,8 +19,8 @@ mod metrics;
 mod queue;
 mod worker;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 pub use metrics::{Metrics, Stage};
@@ -42,16 +42,16 @@ pub enum SchedulerError {
     ShuttingDown,
     #[error("the request exceeded its deadline of {0:.1} s")]
     DeadlineExceeded(f64),
-    #[error("the request was cancelled")]
-    Cancelled,
     #[error("loading model {name:?} failed: {error}")]
     Load { name: String, error: EngineError },
     #[error("a reload of model {0:?} is already in progress")]
     ReloadInProgress(String),
     #[error("the model worker stopped unexpectedly")]
     WorkerGone,
-    #[error("model worker: {0}")]
-    Worker(String),
+    #[error("could not start a model worker thread: {0}")]
+    Thread(#[source] std::io::Error),
+    #[error("model {0:?} has no workers configured")]
+    NoWorkers(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
@@ -155,29 +155,39 @@ impl Drop for Version {
     }
 }
 
-/// A configured model: its current version and admission counters.
+/// A configured model: what it serves, behind one lock so that a listing never sees half a
+/// reload, and its admission counters.
 pub struct ModelSlot {
     pub name: String,
-    current: RwLock<Option<Arc<Version>>>,
-    state: Mutex<(ModelState, Option<String>)>,
-    settings: Mutex<ModelSettings>,
+    serving: RwLock<Serving>,
     in_flight: Arc<AtomicUsize>,
     running: Arc<AtomicUsize>,
-    versions: AtomicU64,
-    reloading: AtomicBool,
+}
+
+/// A slot's versions and state, changed together.
+struct Serving {
+    current: Option<Arc<Version>>,
+    state: ModelState,
+    last_error: Option<String>,
+    /// The settings of the current version, or of the first load until one succeeds.
+    settings: ModelSettings,
+    /// Versions loaded so far.
+    versions: u64,
+    reloading: bool,
 }
 
 impl ModelSlot {
-    fn set_state(&self, state: ModelState, error: Option<String>) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = (state, error);
+    /// A poisoned lock still holds a consistent `Serving`: every write replaces whole fields.
+    fn read(&self) -> RwLockReadGuard<'_, Serving> {
+        self.serving.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn state(&self) -> (ModelState, Option<String>) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    fn write(&self) -> RwLockWriteGuard<'_, Serving> {
+        self.serving.write().unwrap_or_else(|e| e.into_inner())
     }
 
     fn current(&self) -> Option<Arc<Version>> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.read().current.clone()
     }
 }
 
@@ -251,15 +261,19 @@ impl Scheduler {
         let slots = models
             .iter()
             .map(|m| {
+                let serving = Serving {
+                    current: None,
+                    state: ModelState::Loading,
+                    last_error: None,
+                    settings: m.clone(),
+                    versions: 0,
+                    reloading: false,
+                };
                 let slot = ModelSlot {
                     name: m.name.clone(),
-                    current: RwLock::new(None),
-                    state: Mutex::new((ModelState::Loading, None)),
-                    settings: Mutex::new(m.clone()),
+                    serving: RwLock::new(serving),
                     in_flight: Arc::new(AtomicUsize::new(0)),
                     running: Arc::new(AtomicUsize::new(0)),
-                    versions: AtomicU64::new(0),
-                    reloading: AtomicBool::new(false),
                 };
                 Arc::new(slot)
             })
@@ -272,12 +286,14 @@ impl Scheduler {
     pub fn load_all(&self, options: impl Fn(&ModelSettings) -> ModelOptions) -> Result<(), SchedulerError> {
         let mut first_error = None;
         for slot in &self.slots {
-            let settings = slot.settings.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let settings = slot.read().settings.clone();
             match self.load_version(slot, &settings, &options(&settings)) {
                 Ok(version) => self.install(slot, version),
                 Err(e) => {
                     tracing::error!("{e}");
-                    slot.set_state(ModelState::Failed, Some(e.to_string()));
+                    let mut serving = slot.write();
+                    serving.state = ModelState::Failed;
+                    serving.last_error = Some(e.to_string());
                     first_error.get_or_insert(e);
                 }
             }
@@ -294,34 +310,41 @@ impl Scheduler {
         options: &ModelOptions,
     ) -> Result<ModelStatus, SchedulerError> {
         let slot = self.slot(name)?;
-        if slot.reloading.swap(true, Ordering::SeqCst) {
-            return Err(SchedulerError::ReloadInProgress(name.into()));
-        }
-        let previous = slot.state();
-        slot.set_state(ModelState::Reloading, None);
-        let result = self.load_version(slot, &settings, options);
-        let outcome = match result {
+        let previous = {
+            let mut serving = slot.write();
+            if serving.reloading {
+                return Err(SchedulerError::ReloadInProgress(name.into()));
+            }
+            serving.reloading = true;
+            std::mem::replace(&mut serving.state, ModelState::Reloading)
+        };
+        match self.load_version(slot, &settings, options) {
             Ok(version) => {
-                *slot.settings.lock().unwrap_or_else(|e| e.into_inner()) = settings;
                 self.install(slot, version);
                 self.metrics.reloads.with_label_values(&[name, "ok"]).inc();
                 Ok(self.status(slot))
             }
             Err(e) => {
-                let state = if slot.current().is_some() { ModelState::Ready } else { previous.0 };
-                slot.set_state(state, Some(e.to_string()));
+                let mut serving = slot.write();
+                serving.state = if serving.current.is_some() { ModelState::Ready } else { previous };
+                serving.last_error = Some(e.to_string());
+                serving.reloading = false;
                 self.metrics.reloads.with_label_values(&[name, "failed"]).inc();
                 Err(e)
             }
-        };
-        slot.reloading.store(false, Ordering::SeqCst);
-        outcome
+        }
     }
 
+    /// Serve `version` from now on: one write, so a listing sees the old version or the new.
     fn install(&self, slot: &ModelSlot, version: Arc<Version>) {
         tracing::info!(model = %slot.name, version = version.number, dir = %version.processor.info.dir.display(), "model ready");
-        *slot.current.write().unwrap_or_else(|e| e.into_inner()) = Some(version);
-        slot.set_state(ModelState::Ready, None);
+        let mut serving = slot.write();
+        serving.versions = version.number;
+        serving.settings = version.settings.clone();
+        serving.current = Some(version);
+        serving.state = ModelState::Ready;
+        serving.last_error = None;
+        serving.reloading = false;
     }
 
     fn load_version(
@@ -330,7 +353,7 @@ impl Scheduler {
         settings: &ModelSettings,
         options: &ModelOptions,
     ) -> Result<Arc<Version>, SchedulerError> {
-        let number = slot.versions.load(Ordering::SeqCst) + 1;
+        let number = slot.read().versions + 1;
         let queue = Arc::new(Queue::default());
         let processor = worker::spawn_workers(worker::WorkerSpec {
             model: slot.name.clone(),
@@ -350,7 +373,6 @@ impl Scheduler {
                 vision_tiles: self.config.vision_tiles_per_step,
             },
         })?;
-        slot.versions.store(number, Ordering::SeqCst);
         Ok(Arc::new(Version {
             number,
             processor,
@@ -429,9 +451,8 @@ impl Scheduler {
     }
 
     fn status(&self, slot: &ModelSlot) -> ModelStatus {
-        let (state, last_error) = slot.state();
-        let current = slot.current();
-        let settings = slot.settings.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let serving = slot.read();
+        let current = &serving.current;
         let graphs = current
             .as_ref()
             .map(|v| {
@@ -447,15 +468,15 @@ impl Scheduler {
             .unwrap_or_default();
         ModelStatus {
             name: slot.name.clone(),
-            root: settings.path.display().to_string(),
-            state,
+            root: serving.settings.path.display().to_string(),
+            state: serving.state,
             version: current.as_ref().map_or(0, |v| v.number),
             loaded_at: current.as_ref().map(|v| v.loaded_at),
             family: current.as_ref().map(|v| v.processor.info.family),
             context_length: current.as_ref().map(|v| v.processor.info.context_length),
             graphs,
-            precision: settings.precision.to_string(),
-            last_error,
+            precision: serving.settings.precision.to_string(),
+            last_error: serving.last_error.clone(),
         }
     }
 }

@@ -62,7 +62,7 @@ pub fn spawn_workers(spec: WorkerSpec) -> Result<Arc<Processor>, SchedulerError>
         });
         if let Err(e) = spawned {
             spec.queue.close();
-            return Err(SchedulerError::Worker(format!("could not start a worker thread: {e}")));
+            return Err(SchedulerError::Thread(e));
         }
     }
     drop(tx);
@@ -76,11 +76,11 @@ pub fn spawn_workers(spec: WorkerSpec) -> Result<Arc<Processor>, SchedulerError>
             }
             Err(_) => {
                 spec.queue.close();
-                return Err(SchedulerError::Worker("a model worker stopped while loading".into()));
+                return Err(SchedulerError::WorkerGone);
             }
         }
     }
-    first.ok_or_else(|| SchedulerError::Worker("no model workers configured".into()))
+    first.ok_or_else(|| SchedulerError::NoWorkers(spec.model.clone()))
 }
 
 fn load(spec: &WorkerSpec) -> Result<Model, EngineError> {

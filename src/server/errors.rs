@@ -135,7 +135,9 @@ impl From<EngineError> for ApiError {
             | EngineError::Runtime(_)
             | EngineError::Ort(_)
             | EngineError::GraphMismatch(_)
-            | EngineError::BatchFailed(_) => Self::internal(message),
+            | EngineError::BatchFailed(_)
+            | EngineError::VisionEncoderStopped
+            | EngineError::Thread(_) => Self::internal(message),
         }
     }
 }
@@ -161,9 +163,6 @@ impl From<SchedulerError> for ApiError {
             SchedulerError::DeadlineExceeded(_) => {
                 Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", "deadline_exceeded", message)
             }
-            SchedulerError::Cancelled => {
-                Self::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "cancelled", message)
-            }
             SchedulerError::Load { .. } => {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", "model_load_failed", message)
             }
@@ -171,7 +170,9 @@ impl From<SchedulerError> for ApiError {
                 Self::new(StatusCode::CONFLICT, "invalid_request_error", "reload_in_progress", message)
             }
             SchedulerError::Engine(e) => e.into(),
-            SchedulerError::WorkerGone | SchedulerError::Worker(_) => Self::internal(message),
+            SchedulerError::WorkerGone | SchedulerError::Thread(_) | SchedulerError::NoWorkers(_) => {
+                Self::internal(message)
+            }
         }
     }
 }
