@@ -139,22 +139,17 @@ fn parse_item(line: &str) -> Result<Item, String> {
 
 /// The decoded image of the previous item: sets list the questions about one image together.
 #[derive(Default)]
-struct LastImage {
-    path: PathBuf,
-    image: Option<RgbImage>,
-}
+struct LastImage(Option<(PathBuf, RgbImage)>);
 
 impl LastImage {
     fn get(&mut self, path: PathBuf) -> Result<&RgbImage, String> {
-        if self.image.is_none() || self.path != path {
-            self.image = None;
+        if !matches!(&self.0, Some((last, _)) if *last == path) {
             let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             let image =
                 decode_image(&bytes, &ImageLimits::default()).map_err(|e| format!("{}: {e}", path.display()))?;
-            self.path = path;
-            self.image = Some(image);
+            self.0 = Some((path, image));
         }
-        Ok(self.image.as_ref().expect("set above"))
+        self.0.as_ref().map(|(_, image)| image).ok_or_else(|| "no image".to_string())
     }
 }
 

@@ -29,6 +29,9 @@ pub enum FamilyError {
     /// An image the family's processor cannot take (e.g. too extreme an aspect ratio).
     #[error("unsupported image: {0}")]
     UnsupportedImage(String),
+    /// Image tensors whose shape did not come out as the family computed it (our fault).
+    #[error("image tensor shape: {0}")]
+    Shape(#[from] ndarray::ShapeError),
 }
 
 /// Model types (`config.json` `model_type`) we can run, for error messages.
@@ -200,9 +203,7 @@ pub trait Family: Send + Sync + std::fmt::Debug {
     /// Position ids of the prompt. The default is the 1-D `0..len` of most decoders.
     fn prompt_positions(&self, input_ids: &[u32], _layouts: &[ImageLayout]) -> Positions {
         let len = input_ids.len();
-        let ids = ndarray::Array::from_iter(0..len as i64)
-            .into_shape_with_order(ndarray::IxDyn(&[1, len]))
-            .expect("shape matches length");
+        let ids = ndarray::Array::from_iter(0..len as i64).insert_axis(ndarray::Axis(0)).into_dyn();
         Positions { prompt: ids, next: len as i64 }
     }
 

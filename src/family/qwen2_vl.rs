@@ -12,7 +12,7 @@
 //! largest one.
 
 use image::RgbImage;
-use ndarray::{Array1, Array2, ArrayD, IxDyn};
+use ndarray::{Array1, Array2, ArrayD, Axis, IxDyn};
 use serde_json::Value;
 
 use super::settings::{CONFIG, PROCESSOR, Settings, config_int, invalid, positive, token_id};
@@ -192,15 +192,14 @@ impl Qwen2Vl {
         for layout in layouts {
             for _ in 0..layout.grid[0] {
                 for (row, col) in self.patch_order(layout) {
-                    positions.extend([row as i64, col as i64]);
+                    positions.push([row as i64, col as i64]);
                     segments.push(frame);
                 }
                 frame += 1;
             }
         }
-        let n = segments.len();
         let mut inputs = vec![
-            named("vision_position_ids", Array2::from_shape_vec((n, 2), positions).expect("two per patch").into_dyn()),
+            named("vision_position_ids", Array2::from(positions).into_dyn()),
             named("attention_segments", Array1::from(segments).into_dyn()),
         ];
         if let Some(window) = self.window {
@@ -291,7 +290,7 @@ impl Family for Qwen2Vl {
             layouts.push(layout);
         }
         let width = 3 * self.temporal * self.patch * self.patch;
-        let pixels = ArrayD::from_shape_vec(IxDyn(&[rows.len() / width, width]), rows).expect("whole patches");
+        let pixels = Array2::from_shape_vec((rows.len() / width, width), rows)?.into_dyn();
         let mut inputs = vec![NamedTensor { name: "pixel_values".into(), data: TensorData::F32(pixels) }];
         inputs.extend(self.encoder_positions(&layouts));
         Ok(ProcessedImages { inputs, layouts, tile_tokens: None })
@@ -338,8 +337,8 @@ impl Family for Qwen2Vl {
         }
         let len = axes[0].len();
         let next = axes.iter().flatten().max().map_or(0, |max| max + 1);
-        let flat: Vec<i64> = axes.into_iter().flatten().collect();
-        let prompt = ArrayD::from_shape_vec(IxDyn(&[3, 1, len]), flat).expect("three axes of one length");
+        // The three axes grow together, one entry per token each.
+        let prompt = Array2::from_shape_fn((3, len), |(axis, i)| axes[axis][i]).insert_axis(Axis(1)).into_dyn();
         Positions { prompt, next }
     }
 

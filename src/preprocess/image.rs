@@ -159,11 +159,11 @@ fn to_rgb_like_pil(image: DynamicImage) -> RgbImage {
 }
 
 fn map_pixels<T>(width: u32, height: u32, samples: &[T], channels: usize, pixel: impl Fn(&[T]) -> [u8; 3]) -> RgbImage {
-    let mut out = Vec::with_capacity(samples.len() / channels * 3);
-    for p in samples.chunks_exact(channels) {
-        out.extend_from_slice(&pixel(p));
+    let mut out = RgbImage::new(width, height);
+    for (rgb, p) in out.pixels_mut().zip(samples.chunks_exact(channels)) {
+        *rgb = image::Rgb(pixel(p));
     }
-    RgbImage::from_raw(width, height, out).expect("one RGB triple per input pixel")
+    out
 }
 
 fn high(sample: u16) -> u8 {

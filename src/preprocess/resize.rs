@@ -162,9 +162,10 @@ impl Coefficients {
 
     /// Source rows `[first, last)` that any output row reads.
     fn span(&self) -> (usize, usize) {
-        let first = self.starts[0];
-        let last = self.starts.last().expect("at least one output") + self.weights.last().map_or(0, Vec::len);
-        (first, last)
+        match (self.starts.first(), self.starts.last(), self.weights.last()) {
+            (Some(&first), Some(&last), Some(weights)) => (first, last + weights.len()),
+            _ => (0, 0),
+        }
     }
 }
 
@@ -186,22 +187,25 @@ fn resample(src: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage
     let out_stride = width as usize * 3;
     let horizontal = || Coefficients::new(src.width(), width, filter);
     let vertical = || Coefficients::new(src.height(), height, filter);
-    let out = if height == src.height() {
-        horizontal_pass(src.as_raw(), src_stride, &horizontal())
+    let mut out = RgbImage::new(width, height);
+    if height == src.height() {
+        horizontal_pass(src.as_raw(), src_stride, &horizontal(), &mut out);
     } else if width == src.width() {
-        vertical_pass(src.as_raw(), src_stride, &vertical(), 0)
+        vertical_pass(src.as_raw(), src_stride, &vertical(), 0, &mut out);
     } else if vertical_first(src.dimensions(), (width, height)) {
-        let shrunk = vertical_pass(src.as_raw(), src_stride, &vertical(), 0);
-        horizontal_pass(&shrunk, src_stride, &horizontal())
+        let mut shrunk = vec![0; src_stride * height as usize];
+        vertical_pass(src.as_raw(), src_stride, &vertical(), 0, &mut shrunk);
+        horizontal_pass(&shrunk, src_stride, &horizontal(), &mut out);
     } else {
         // Only the source rows the vertical pass reads go through the horizontal pass.
         let vertical = vertical();
         let (first, last) = vertical.span();
         let rows = &src.as_raw()[first * src_stride..last * src_stride];
-        let narrowed = horizontal_pass(rows, src_stride, &horizontal());
-        vertical_pass(&narrowed, out_stride, &vertical, first)
-    };
-    RgbImage::from_raw(width, height, out).expect("size matches")
+        let mut narrowed = vec![0; (last - first) * out_stride];
+        horizontal_pass(rows, src_stride, &horizontal(), &mut narrowed);
+        vertical_pass(&narrowed, out_stride, &vertical, first, &mut out);
+    }
+    out
 }
 
 /// Pillow 13's choice of pass order. Not in its docs: found by comparing `Image.resize` with
@@ -212,12 +216,12 @@ fn vertical_first((in_width, in_height): (u32, u32), (width, height): (u32, u32)
     lost_rows > 0 && lost_rows > 2 * lost_columns
 }
 
-/// Resample every row of `rows` (RGB, `stride` bytes each) horizontally.
-fn horizontal_pass(rows: &[u8], stride: usize, coeffs: &Coefficients) -> Vec<u8> {
-    let out_width = coeffs.starts.len();
-    let mut out = Vec::with_capacity(rows.len() / stride * out_width * 3);
-    for row in rows.chunks_exact(stride) {
-        for (&start, weights) in coeffs.starts.iter().zip(&coeffs.weights) {
+/// Resample every row of `rows` (RGB, `stride` bytes each) horizontally into `out`.
+fn horizontal_pass(rows: &[u8], stride: usize, coeffs: &Coefficients, out: &mut [u8]) {
+    let out_stride = coeffs.starts.len() * 3;
+    for (row, out_row) in rows.chunks_exact(stride).zip(out.chunks_exact_mut(out_stride)) {
+        let outputs = coeffs.starts.iter().zip(&coeffs.weights).zip(out_row.chunks_exact_mut(3));
+        for ((&start, weights), out_pixel) in outputs {
             let pixels = row[start * 3..(start + weights.len()) * 3].chunks_exact(3);
             let mut sums = [HALF; 3];
             for (pixel, &w) in pixels.zip(weights) {
@@ -225,20 +229,18 @@ fn horizontal_pass(rows: &[u8], stride: usize, coeffs: &Coefficients) -> Vec<u8>
                 sums[1] += i32::from(pixel[1]) * w;
                 sums[2] += i32::from(pixel[2]) * w;
             }
-            out.extend(sums.map(clip8));
+            out_pixel.copy_from_slice(&sums.map(clip8));
         }
     }
-    out
 }
 
 /// Resample `rows` vertically; `offset` is the source row that `rows` starts at.
 ///
 /// Accumulates whole rows rather than one pixel at a time as Pillow does: the sums are the same
 /// integers (i32 addition is exact here), and rows stream through the cache.
-fn vertical_pass(rows: &[u8], stride: usize, coeffs: &Coefficients, offset: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(coeffs.starts.len() * stride);
+fn vertical_pass(rows: &[u8], stride: usize, coeffs: &Coefficients, offset: usize, out: &mut [u8]) {
     let mut sums = vec![0i32; stride];
-    for (&start, weights) in coeffs.starts.iter().zip(&coeffs.weights) {
+    for ((&start, weights), out_row) in coeffs.starts.iter().zip(&coeffs.weights).zip(out.chunks_exact_mut(stride)) {
         sums.fill(HALF);
         let first = (start - offset) * stride;
         let source = rows[first..first + weights.len() * stride].chunks_exact(stride);
@@ -247,9 +249,10 @@ fn vertical_pass(rows: &[u8], stride: usize, coeffs: &Coefficients, offset: usiz
                 *sum += i32::from(value) * w;
             }
         }
-        out.extend(sums.iter().map(|&s| clip8(s)));
+        for (value, &sum) in out_row.iter_mut().zip(&sums) {
+            *value = clip8(sum);
+        }
     }
-    out
 }
 
 /// NEAREST as Pillow does it (`ImagingScaleAffine`): source positions advance by a `f64` step
@@ -260,7 +263,7 @@ fn nearest(src: &RgbImage, width: u32, height: u32) -> RgbImage {
     let columns = positions(step_x, width, src.width());
     let rows = positions(step_y, height, src.height());
     let src_stride = src.width() as usize * 3;
-    let mut out = vec![0u8; width as usize * height as usize * 3];
+    let mut out = RgbImage::new(width, height);
     for (out_row, y) in out.chunks_exact_mut(width as usize * 3).zip(rows) {
         let Some(y) = y else { continue };
         let line = &src.as_raw()[y * src_stride..(y + 1) * src_stride];
@@ -270,7 +273,7 @@ fn nearest(src: &RgbImage, width: u32, height: u32) -> RgbImage {
             }
         }
     }
-    RgbImage::from_raw(width, height, out).expect("size matches")
+    out
 }
 
 /// Source index for each of `count` outputs, accumulating the position as Pillow does.
