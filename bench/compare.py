@@ -71,9 +71,8 @@ def inputs_for(processor, image_path: str, split: bool):
 
 def run_pytorch(args) -> dict:
     import torch
-    from transformers.generation.streamers import BaseStreamer
-
     from families import idefics3
+    from transformers.generation.streamers import BaseStreamer
 
     torch.set_num_threads(args.threads)
     model, processor = idefics3.load(str(Path(args.model_dir) / "checkpoint"))
@@ -99,7 +98,11 @@ def run_pytorch(args) -> dict:
         clock = Clock()
         with torch.no_grad():
             out = model.generate(
-                **inputs, do_sample=False, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, streamer=clock
+                **inputs,
+                do_sample=False,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                streamer=clock,
             )
         first, last = clock.times[1], clock.times[-1]  # times[0] is the prompt
         samples.append((first - start, (args.new_tokens - 1) / (last - first)))
@@ -108,12 +111,13 @@ def run_pytorch(args) -> dict:
 
 
 def run_onnx_loop(args) -> dict:
+    from onnx_runner import OnnxPackage
     from transformers import AutoProcessor
 
-    from onnx_runner import OnnxPackage
-
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.cuda else ["CPUExecutionProvider"]
-    package = OnnxPackage(Path(args.model_dir) / "package", args.peer_precision, threads=args.threads, providers=providers)
+    package = OnnxPackage(
+        Path(args.model_dir) / "package", args.peer_precision, threads=args.threads, providers=providers
+    )
     processor = AutoProcessor.from_pretrained(Path(args.model_dir) / "package")
     samples, tokens = [], []
     for _ in range(args.runs):
@@ -126,7 +130,7 @@ def run_onnx_loop(args) -> dict:
             max_new_tokens=args.new_tokens,
             eos_token_ids=[],
             keep_logits=False,
-            on_token=lambda _token: times.append(time.perf_counter()),
+            on_token=lambda _token, times=times: times.append(time.perf_counter()),
         )
         tokens = result.tokens
         samples.append((times[0] - start, (args.new_tokens - 1) / (times[-1] - times[0])))
@@ -148,7 +152,9 @@ def run_vlmserve(args) -> dict:
         model = ["--model", package]
         if args.cuda:
             # Every graph on the CUDA provider: a configuration that names the package "bench".
-            config.write(f'[[models]]\nname = "bench"\npath = {json.dumps(package)}\nproviders = [{{ kind = "cuda" }}]\n')
+            config.write(
+                f'[[models]]\nname = "bench"\npath = {json.dumps(package)}\nproviders = [{{ kind = "cuda" }}]\n'
+            )
             config.flush()
             model = ["--model", "bench", "--config", config.name]
         cmd = [str(REPO / "target/release/vlmserve"), "bench", *model, *options]
@@ -226,14 +232,19 @@ def peer(name: str, scenario: str, args, precision: str = "fp32") -> dict:
 def alternating_rounds(scenario: str, args) -> dict:
     """Every peer (and vlmserve's other precisions) once per round, in its own process; the
     order reversed every other round. Returns {label: figures over the rounds}."""
-    entrants = [(name, "fp32") for name in args.peers] + [("vlmserve", p) for p in args.precisions.split(",") if p != "fp32"]
+    entrants = [(name, "fp32") for name in args.peers] + [
+        ("vlmserve", p) for p in args.precisions.split(",") if p != "fp32"
+    ]
     rounds: dict[str, list[dict]] = {}
     for i in range(args.rounds):
         for name, precision in entrants if i % 2 == 0 else entrants[::-1]:
             label = name if precision == "fp32" else f"{name} {precision}"
             r = peer(name, scenario, args, precision)
             rounds.setdefault(label, []).append(r)
-            print(f"{scenario} {label} (round {i + 1}): ttft {r['ttft_s']:.2f} s, decode {r['decode_tok_s']:.1f} tok/s, {r['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"{scenario} {label} (round {i + 1}): ttft {r['ttft_s']:.2f} s, decode {r['decode_tok_s']:.1f} tok/s, {r['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
     return {label: over_rounds(rounds[label]) for label in rounds}
 
 
@@ -257,7 +268,9 @@ def compute_floor_lines(results: dict, args, gflop_s: float | None) -> list[str]
 
     processor = AutoProcessor.from_pretrained(Path(args.model_dir) / "package")
     tile_gflop = vision_gflop_per_tile(args.model_dir)
-    lines = [f"FP32 matrix products at {gflop_s:.0f} GFLOP/s; one tile through the vision encoder is {tile_gflop:.0f} GFLOP."]
+    lines = [
+        f"FP32 matrix products at {gflop_s:.0f} GFLOP/s; one tile through the vision encoder is {tile_gflop:.0f} GFLOP."
+    ]
     for scenario, peers in results.items():
         if "onnx_loop" not in peers:
             continue
@@ -282,7 +295,11 @@ def report(results: dict, args, bandwidth: float | None, decoder_bytes: int, flo
             lines.append(
                 f"| {scenario} | {name} | {r['prompt_tokens']} | {r['ttft_s']:.2f} | {r['decode_tok_s']:.1f} | {r['peak_rss_mb']:.0f} |"
             )
-    lines += ["", "| scenario | ratio (vlmserve / peer) | time to first token | decode tok/s | peak RSS |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| scenario | ratio (vlmserve / peer) | time to first token | decode tok/s | peak RSS |",
+        "|---|---|---|---|---|",
+    ]
     for scenario, peers in results.items():
         ours = peers["vlmserve"]
         for name in [n for n in args.peers if n != "vlmserve"]:
@@ -301,7 +318,9 @@ def report(results: dict, args, bandwidth: float | None, decoder_bytes: int, flo
             )
     lines += ["", ceiling_line(results, bandwidth, decoder_bytes), *floor_lines]
     for scenario, same in fp32_agreement(results, args.peers).items():
-        lines.append(f"Greedy tokens in {scenario} equal to vlmserve FP32's: {', '.join(f'{k} {v}' for k, v in same.items())}.")
+        lines.append(
+            f"Greedy tokens in {scenario} equal to vlmserve FP32's: {', '.join(f'{k} {v}' for k, v in same.items())}."
+        )
     for scenario, peers in results.items():
         ours = peers["vlmserve"]
         lines.append(
@@ -335,7 +354,9 @@ def ceiling_line(results: dict, bandwidth: float | None, decoder_bytes: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", default="bench/models/smolvlm-256m-shaped")
-    parser.add_argument("--image", default="bench/models/scene-512.png", help="made from the red-circle scene when missing")
+    parser.add_argument(
+        "--image", default="bench/models/scene-512.png", help="made from the red-circle scene when missing"
+    )
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=2, help="requests per peer process")
     parser.add_argument("--rounds", type=int, default=2, help="processes per peer, alternating (see above)")
@@ -344,7 +365,9 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32", help="vlmserve's variants; the peers run fp32")
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--cuda", action="store_true", help="every peer on the GPU (see above)")
-    parser.add_argument("--peer-precision", default="fp32", choices=["fp32", "fp16"], help="the loop's graphs and PyTorch's dtype")
+    parser.add_argument(
+        "--peer-precision", default="fp32", choices=["fp32", "fp16"], help="the loop's graphs and PyTorch's dtype"
+    )
     parser.add_argument("--peers", default=",".join(PEERS), help="which peers run; vlmserve always does")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--peer", choices=PEERS, help=argparse.SUPPRESS)
@@ -371,7 +394,7 @@ def main() -> None:
             f"## {'GPU peers' if args.cuda else 'Peers'}: {', '.join(args.peers)} ({datetime.date.today()}, {machine(args.cuda)})\n\n"
             f"`.venv/bin/python bench/compare.py{' --cuda --peer-precision ' + args.peer_precision if args.cuda else ''} --peers {','.join(args.peers)} --new-tokens {args.new_tokens} --runs {args.runs} --rounds {args.rounds} --scenarios {args.scenarios} "
             f"--precisions {args.precisions}`: "
-            f"{args.peer_precision.upper()} peers, SmolVLM-256M-shaped model (random weights), a 512x512 image, \"{PROMPT}\", "
+            f'{args.peer_precision.upper()} peers, SmolVLM-256M-shaped model (random weights), a 512x512 image, "{PROMPT}", '
             f"vlmserve on {vlmserve_package(args.model_dir).name}/, the Python loop on package/, "
             f"{args.new_tokens} new tokens; {args.rounds} rounds, each running every peer once in its own process "
             f"({args.runs} requests), in reverse order every other round; medians over rounds of each process's medians.\n\n"
@@ -379,7 +402,12 @@ def main() -> None:
         write_section(args.out, "## GPU peers:" if args.cuda else "## Peers:", header + text)
     if args.peer_precision != "fp32":
         return
-    differ = [f"{scenario} {name}" for scenario, same in fp32_agreement(results, args.peers).items() for name, ok in same.items() if not ok]
+    differ = [
+        f"{scenario} {name}"
+        for scenario, same in fp32_agreement(results, args.peers).items()
+        for name, ok in same.items()
+        if not ok
+    ]
     if differ:
         raise SystemExit(f"greedy FP32 tokens differ from vlmserve's: {', '.join(differ)}")
 

@@ -76,21 +76,41 @@ def layer(b: GraphBuilder, i: int, x: str, skip: str | None) -> tuple[str, str]:
     """One transformer block; returns (MLP output, residual) for the next block's skip norm."""
     p = f"layers.{i}"
     if skip is None:
-        b.node("SimplifiedLayerNormalization", [x, b.weight(f"{p}.ln1", (HIDDEN,), True)], [f"{p}.n1"], epsilon=EPS, axis=-1)
+        b.node(
+            "SimplifiedLayerNormalization",
+            [x, b.weight(f"{p}.ln1", (HIDDEN,), True)],
+            [f"{p}.n1"],
+            epsilon=EPS,
+            axis=-1,
+        )
         residual = x
     else:
-        b.node("SkipSimplifiedLayerNormalization", [x, skip, b.weight(f"{p}.ln1", (HIDDEN,), True)],
-               [f"{p}.n1", "", "", f"{p}.r1"], epsilon=EPS)
+        b.node(
+            "SkipSimplifiedLayerNormalization",
+            [x, skip, b.weight(f"{p}.ln1", (HIDDEN,), True)],
+            [f"{p}.n1", "", "", f"{p}.r1"],
+            epsilon=EPS,
+        )
         residual = f"{p}.r1"
     q = b.linear(f"{p}.n1", f"{p}.q", HIDDEN, HEADS * HEAD_DIM)
     k = b.linear(f"{p}.n1", f"{p}.k", HIDDEN, KV_HEADS * HEAD_DIM)
     v = b.linear(f"{p}.n1", f"{p}.v", HIDDEN, KV_HEADS * HEAD_DIM)
     past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-    b.node("GroupQueryAttention", [q, k, v, *past, "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
-           [f"{p}.attn", f"present.{i}.key", f"present.{i}.value"], num_heads=HEADS, kv_num_heads=KV_HEADS, do_rotary=1)
+    b.node(
+        "GroupQueryAttention",
+        [q, k, v, *past, "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
+        [f"{p}.attn", f"present.{i}.key", f"present.{i}.value"],
+        num_heads=HEADS,
+        kv_num_heads=KV_HEADS,
+        do_rotary=1,
+    )
     o = b.linear(f"{p}.attn", f"{p}.o", HEADS * HEAD_DIM, HIDDEN)
-    b.node("SkipSimplifiedLayerNormalization", [o, residual, b.weight(f"{p}.ln2", (HIDDEN,), True)],
-           [f"{p}.n2", "", "", f"{p}.r2"], epsilon=EPS)
+    b.node(
+        "SkipSimplifiedLayerNormalization",
+        [o, residual, b.weight(f"{p}.ln2", (HIDDEN,), True)],
+        [f"{p}.n2", "", "", f"{p}.r2"],
+        epsilon=EPS,
+    )
     gate = b.linear(f"{p}.n2", f"{p}.gate", HIDDEN, TEXT_SIZES["intermediate_size"])
     up = b.linear(f"{p}.n2", f"{p}.up", HIDDEN, TEXT_SIZES["intermediate_size"])
     b.node("Sigmoid", [gate], [f"{p}.sig"])
@@ -119,7 +139,9 @@ def build_fused_decoder(path: Path) -> None:
     b.node("SkipSimplifiedLayerNormalization", [x, skip, b.weight("norm", (HIDDEN,), True)], ["final"], epsilon=EPS)
     b.linear("final", "logits", HIDDEN, VOCAB_SIZE)
     graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 8
     onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
 
@@ -136,7 +158,9 @@ def fused_step(path: Path, context: int, batch: int, rng):
     binding = s.io_binding()
     for i in range(LAYERS):
         for kv in ("key", "value"):
-            buffer = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((batch, KV_HEADS, context + 1, HEAD_DIM)).astype(np.float32))
+            buffer = ort.OrtValue.ortvalue_from_numpy(
+                rng.standard_normal((batch, KV_HEADS, context + 1, HEAD_DIM)).astype(np.float32)
+            )
             binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", buffer)
             binding.bind_ortvalue_output(f"present.{i}.{kv}", buffer)
     binding.bind_output("logits")

@@ -50,7 +50,7 @@ def start_server(args, workdir: Path) -> tuple[subprocess.Popen, str]:
 name = "bench"
 path = {json.dumps(str(Path(args.package).resolve()))}
 precision = "{args.precision}"
-providers = [{{ kind = "{'cuda' if args.cuda else 'cpu'}" }}]
+providers = [{{ kind = "{"cuda" if args.cuda else "cpu"}" }}]
 [models.processor]
 do_image_splitting = false
 {vision_threads}
@@ -159,7 +159,9 @@ def run_level(base: str, body: bytes, clients: int, requests: int) -> dict:
     wall = time.perf_counter() - start
     tokens = metric(base, "vlmserve_generation_tokens_total") - tokens0
     decode_s = metric(base, "vlmserve_batch_step_duration_seconds_sum", 'phase="decode"') - decode0
-    batch = (metric(base, "vlmserve_batch_size_sum") - batch0[0]) / max(1, metric(base, "vlmserve_batch_size_count") - batch0[1])
+    batch = (metric(base, "vlmserve_batch_size_sum") - batch0[0]) / max(
+        1, metric(base, "vlmserve_batch_size_count") - batch0[1]
+    )
     gaps = [g for r in results for g in r["gaps"]]
     latencies = [r["latency"] for r in results]
     ttfts = [r["ttft"] for r in results]
@@ -273,10 +275,10 @@ def main() -> None:
             + (f" --prefill-chunk {args.prefill_chunk}" if args.prefill_chunk else "")
             + (" --cuda" if args.cuda else "")
             + "`: each client sends its requests back to back, "
-            f"one {args.image} image (one tile), \"Describe the image.\", {args.max_tokens} new tokens, eos ignored. "
-            "\"All streams decoding\" is the aggregate rate while every client's first request is "
+            f'one {args.image} image (one tile), "Describe the image.", {args.max_tokens} new tokens, eos ignored. '
+            '"All streams decoding" is the aggregate rate while every client\'s first request is '
             "decoding (from the last first token to the first last token: no image encoding or prefill "
-            "runs then), its ITL p99 over the gaps inside that window; \"over decode-step time\" divides all tokens by the server's time in decode steps "
+            'runs then), its ITL p99 over the gaps inside that window; "over decode-step time" divides all tokens by the server\'s time in decode steps '
             "(/metrics), which the vision encoder running beside them slows where cores are few. ITL is "
             "the gap between streamed chunks (one per token here), so it includes any pause that other "
             "requests' vision encoding and prefill cause.\n\n"

@@ -80,7 +80,9 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,fp16,int8")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer-only", action="store_true", help="rewrite the tokenizer files of an existing OUT")
-    parser.add_argument("--packages", default="package,package-optimized", help="which of the two packages to (re)write")
+    parser.add_argument(
+        "--packages", default="package,package-optimized", help="which of the two packages to (re)write"
+    )
     args = parser.parse_args()
     if args.tokenizer_only:
         for folder in ("checkpoint", *args.packages.split(",")):

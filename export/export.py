@@ -31,7 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="hub id or local save_pretrained folder")
     parser.add_argument("--out", required=True, type=Path, help="package folder to write (replaced atomically)")
     parser.add_argument("--precisions", default="fp32", help="comma list of fp32,fp16,int8 (fp32 is always included)")
-    parser.add_argument("--optimize", action="store_true", help="apply ONNX Runtime transformer fusions (kept only if parity holds)")
+    parser.add_argument(
+        "--optimize", action="store_true", help="apply ONNX Runtime transformer fusions (kept only if parity holds)"
+    )
     parser.add_argument("--report-tokens", type=int, default=24, help="greedy tokens compared in the report")
     parser.add_argument("--atol", type=float, default=1e-4, help="max |fp32 - PyTorch| on logits and image features")
     return parser.parse_args(argv)
@@ -78,7 +80,9 @@ def export_package(args: argparse.Namespace) -> dict:
         model, processor = family.load(args.model)
     except Exception as e:  # broken checkpoint or missing processor dependency: report, don't trace
         first_line = (str(e).strip().splitlines() or [""])[0]
-        raise ExportError(f"could not load model/processor from {args.model}: {type(e).__name__}: {first_line}") from None
+        raise ExportError(
+            f"could not load model/processor from {args.model}: {type(e).__name__}: {first_line}"
+        ) from None
 
     with atomic_package_dir(args.out) as staging:
         write_model_files(model, processor, staging)
@@ -107,7 +111,12 @@ def export_package(args: argparse.Namespace) -> dict:
 
         log("checking parity")
         report = build_report(family, model, processor, staging, variants, args.report_tokens, args.atol)
-        report = {"model": model_label(args.model), "family": family.NAME, "optimized_fp32_max_abs_diff": fused, **report}
+        report = {
+            "model": model_label(args.model),
+            "family": family.NAME,
+            "optimized_fp32_max_abs_diff": fused,
+            **report,
+        }
         write_json(staging / "export_report.json", report)
     return report
 

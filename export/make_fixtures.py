@@ -65,23 +65,61 @@ def make_images() -> dict[str, list[Image.Image]]:
     gray.paste(gradient)
     ImageDraw.Draw(gray).ellipse((20, 10, 50, 40), fill=230)
     return {
-        "one_image": [scene((96, 72), (240, 240, 225), [("ellipse", (10, 10, 50, 50), (200, 30, 40)), ("rectangle", (55, 25, 90, 65), (30, 90, 200))])],
+        "one_image": [
+            scene(
+                (96, 72),
+                (240, 240, 225),
+                [("ellipse", (10, 10, 50, 50), (200, 30, 40)), ("rectangle", (55, 25, 90, 65), (30, 90, 200))],
+            )
+        ],
         "two_images": [
             scene((64, 64), (20, 20, 30), [("polygon", [(32, 5), (60, 58), (4, 58)], (250, 200, 0))]),
-            scene((50, 80), (200, 230, 255), [("rectangle", (10, 10, 40, 70), (0, 150, 60)), ("ellipse", (15, 20, 35, 40), (255, 255, 255))]),
+            scene(
+                (50, 80),
+                (200, 230, 255),
+                [("rectangle", (10, 10, 40, 70), (0, 150, 60)), ("ellipse", (15, 20, 35, 40), (255, 255, 255))],
+            ),
         ],
-        "large_nonsquare": [scene((300, 170), (250, 250, 250), [("rectangle", (20, 20, 140, 150), (255, 120, 0)), ("ellipse", (160, 30, 290, 160), (120, 0, 160)), ("line", (0, 0, 299, 169), (0, 0, 0))])],
+        "large_nonsquare": [
+            scene(
+                (300, 170),
+                (250, 250, 250),
+                [
+                    ("rectangle", (20, 20, 140, 150), (255, 120, 0)),
+                    ("ellipse", (160, 30, 290, 160), (120, 0, 160)),
+                    ("line", (0, 0, 299, 169), (0, 0, 0)),
+                ],
+            )
+        ],
         "tiny_image": [scene((5, 3), (0, 128, 255), [("point", (2, 1), (255, 0, 0))])],
         "grayscale": [gray],
         "rgba": [rgba],
-        "long_prompt": [scene((90, 90), (255, 255, 255), [("ellipse", (10, 10, 80, 80), (0, 0, 0)), ("ellipse", (30, 30, 60, 60), (255, 255, 0))])],
+        "long_prompt": [
+            scene(
+                (90, 90),
+                (255, 255, 255),
+                [("ellipse", (10, 10, 80, 80), (0, 0, 0)), ("ellipse", (30, 30, 60, 60), (255, 255, 0))],
+            )
+        ],
     }
 
 
 # Dynamic-resolution families keep the aspect ratio: extreme ones get cases of their own.
 EXTREME_IMAGES = {
-    "very_wide": [scene((900, 60), (230, 240, 250), [("rectangle", (20, 10, 200, 50), (200, 0, 0)), ("ellipse", (600, 5, 660, 55), (0, 120, 0))])],
-    "very_tall": [scene((50, 700), (250, 240, 230), [("ellipse", (5, 30, 45, 70), (0, 0, 200)), ("rectangle", (10, 500, 40, 650), (250, 180, 0))])],
+    "very_wide": [
+        scene(
+            (900, 60),
+            (230, 240, 250),
+            [("rectangle", (20, 10, 200, 50), (200, 0, 0)), ("ellipse", (600, 5, 660, 55), (0, 120, 0))],
+        )
+    ],
+    "very_tall": [
+        scene(
+            (50, 700),
+            (250, 240, 230),
+            [("ellipse", (5, 30, 45, 70), (0, 0, 200)), ("rectangle", (10, 500, 40, 650), (250, 180, 0))],
+        )
+    ],
 }
 EXTREME_TEXT = {"very_wide": "Describe this wide banner.", "very_tall": "Describe this tall strip."}
 EXTREME_CASES_FOR = ("qwen2_vl", "qwen2_5_vl")
@@ -144,11 +182,15 @@ def choose_seed(family, build_model, processor, images: dict) -> int:
         ok = True
         for name in CASE_TEXT:
             imgs = images.get(name, [])
-            prompt = processor.apply_chat_template(messages_for(name, len(imgs)), add_generation_prompt=True, tokenize=False)
+            prompt = processor.apply_chat_template(
+                messages_for(name, len(imgs)), add_generation_prompt=True, tokenize=False
+            )
             inputs, _ = process(processor, prompt, imgs)
             tokens, margin = generate(family, model, inputs)
             if len(tokens) < MAX_NEW_TOKENS or len(set(tokens)) < MIN_DISTINCT or margin < MIN_MARGIN:
-                print(f"seed {seed}: rejected on {name} (len {len(tokens)}, distinct {len(set(tokens))}, margin {margin:.3g})")
+                print(
+                    f"seed {seed}: rejected on {name} (len {len(tokens)}, distinct {len(set(tokens))}, margin {margin:.3g})"
+                )
                 ok = False
                 break
         if ok:
@@ -261,11 +303,22 @@ def main() -> None:
     }
     (FIXTURE / "reference.json").write_text(json.dumps(reference, indent=2, ensure_ascii=False) + "\n")
     for case in cases:
-        print(f"{case['name']}: {len(case['input_ids'])} prompt tokens, {len(case['generated_ids'])} new, margin {case['min_top2_margin']:.3f}: {case['generated_text']!r}")
+        print(
+            f"{case['name']}: {len(case['input_ids'])} prompt tokens, {len(case['generated_ids'])} new, margin {case['min_top2_margin']:.3f}: {case['generated_text']!r}"
+        )
 
     if not args.skip_export:
         subprocess.run(
-            [sys.executable, str(REPO / "export" / "export.py"), "--model", str(ckpt), "--out", str(FIXTURE / "package"), "--precisions", "fp32,fp16,int8"],
+            [
+                sys.executable,
+                str(REPO / "export" / "export.py"),
+                "--model",
+                str(ckpt),
+                "--out",
+                str(FIXTURE / "package"),
+                "--precisions",
+                "fp32,fp16,int8",
+            ],
             check=True,
         )
 

@@ -206,7 +206,9 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     cases = {"pillow": Image.__version__, "resize": write_resize_cases(), "decode": write_decode_cases()}
     # One case per line: readable in a diff, a fraction of indent=1's size.
-    lines = [f' "{key}": [\n  ' + ",\n  ".join(json.dumps(c) for c in cases[key]) + "\n ]" for key in ("resize", "decode")]
+    lines = [
+        f' "{key}": [\n  ' + ",\n  ".join(json.dumps(c) for c in cases[key]) + "\n ]" for key in ("resize", "decode")
+    ]
     text = "{\n" + f' "pillow": {json.dumps(cases["pillow"])},\n' + ",\n".join(lines) + "\n}\n"
     (OUT / "cases.json").write_text(text)
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())

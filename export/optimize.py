@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
 from errors import ExportError
 from precision import graph_path
 
@@ -38,7 +37,9 @@ def optimize_package(family, onnx_dir: Path, atol: float) -> dict:
         diff = max(np.abs(a - b).max() for a, b in zip(_run(path, feeds), _run(fused, feeds)))
         if not diff <= atol:
             fused.unlink()
-            raise ExportError(f"--optimize changed {graph} outputs by {diff:.3g} (> {atol:g}); export without --optimize")
+            raise ExportError(
+                f"--optimize changed {graph} outputs by {diff:.3g} (> {atol:g}); export without --optimize"
+            )
         shutil.move(fused, path)
         diffs[graph] = float(diff)
     return diffs
@@ -49,7 +50,9 @@ def _fuse(src: Path, dst: Path, model_type: str, num_heads: int, hidden_size: in
 
     # The optimizer prints fusion statistics on stdout; keep export output clean.
     with contextlib.redirect_stdout(io.StringIO()):
-        model = optimize_model(str(src), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
+        model = optimize_model(
+            str(src), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size, opt_level=0
+        )
     model.save_model_to_file(str(dst))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from errors import ExportError
 from onnx_runner import OnnxPackage
 
@@ -26,7 +25,9 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def _path_logits(result) -> np.ndarray:
     """Stack [prefill rows..., one row per later step] -> [s + steps - 1, vocab]."""
-    return np.concatenate([result.logits[0], np.stack(result.logits[1:])]) if len(result.logits) > 1 else result.logits[0]
+    return (
+        np.concatenate([result.logits[0], np.stack(result.logits[1:])]) if len(result.logits) > 1 else result.logits[0]
+    )
 
 
 def _agreement(tokens: list[int], reference: list[int]) -> dict:

@@ -135,7 +135,9 @@ def random_scene(rng: random.Random, max_objects: int = MAX_OBJECTS) -> Scene:
 
 
 # --- drawing ----------------------------------------------------------------------
-def polygon(cx: float, cy: float, radius: float, angle: float, points: int, inner: float | None) -> list[tuple[float, float]]:
+def polygon(
+    cx: float, cy: float, radius: float, angle: float, points: int, inner: float | None
+) -> list[tuple[float, float]]:
     """Regular polygon (inner=None) or star (inner radius ratio), pointing up, rotated by angle."""
     count = 2 * points if inner else points
     out = []

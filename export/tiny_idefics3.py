@@ -115,7 +115,9 @@ def build_tokenizer(vocab_size: int = 700, texts: list[str] | None = None) -> Pr
     )
 
 
-def byte_level_tokenizer(vocab_size, texts, base_specials, added_specials, chat_template, **special_tokens) -> PreTrainedTokenizerFast:
+def byte_level_tokenizer(
+    vocab_size, texts, base_specials, added_specials, chat_template, **special_tokens
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on `texts`, `base_specials` first (lowest ids), `added_specials` after the vocabulary."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -156,7 +158,9 @@ def build_processor(tokenizer=None, image_processor=None, image_seq_len: int = I
     )
 
 
-def build_config(tokenizer, text_sizes=TEXT_SIZES, vision_sizes=VISION_SIZES, scale_factor=SCALE_FACTOR) -> Idefics3Config:
+def build_config(
+    tokenizer, text_sizes=TEXT_SIZES, vision_sizes=VISION_SIZES, scale_factor=SCALE_FACTOR
+) -> Idefics3Config:
     eou = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
     text = dict(
         model_type="llama",
@@ -196,7 +200,9 @@ def reinit_weights(model: torch.nn.Module, seed: int, std: float) -> None:
             p.copy_(std * torch.randn(p.shape, generator=gen))
 
 
-def build_model(tokenizer, seed: int = 0, std: float | None = 0.2, config: Idefics3Config | None = None) -> Idefics3ForConditionalGeneration:
+def build_model(
+    tokenizer, seed: int = 0, std: float | None = 0.2, config: Idefics3Config | None = None
+) -> Idefics3ForConditionalGeneration:
     """std=None keeps transformers' own initialisation (for a model that is then trained)."""
     torch.manual_seed(seed)
     config = config or build_config(tokenizer)

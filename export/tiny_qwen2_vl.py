@@ -11,6 +11,8 @@ while images still keep their aspect ratio and span several attention windows.
 
 from __future__ import annotations
 
+import tiny_idefics3
+from families import qwen2_vl
 from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
@@ -19,9 +21,6 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-import tiny_idefics3
-from families import qwen2_vl
 
 # Qwen2-VL-Instruct's chat template, verbatim.
 CHAT_TEMPLATE = (
@@ -57,12 +56,19 @@ TEXT_SIZES = dict(
     rms_norm_eps=1e-6,
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
 )
-VISION_COMMON = dict(depth=2, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL, in_channels=3)
+VISION_COMMON = dict(
+    depth=2, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL, in_channels=3
+)
 VISION_SIZES = {
     "qwen2_vl": dict(embed_dim=32, mlp_ratio=2, hidden_size=64, **VISION_COMMON),
     # window_size 56: 2x2 merged tokens per window, so even small images have several windows.
     "qwen2_5_vl": dict(
-        hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=56, fullatt_block_indexes=[1], **VISION_COMMON
+        hidden_size=32,
+        intermediate_size=64,
+        out_hidden_size=64,
+        window_size=56,
+        fullatt_block_indexes=[1],
+        **VISION_COMMON,
     ),
 }
 CLASSES = {
@@ -95,8 +101,18 @@ def build_processor(model_type: str):
 
 def build_config(model_type: str, tokenizer):
     config_class = CLASSES[model_type][0]
-    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in ("im_end", "vision_start", "vision_end", "image_pad", "video_pad")}
-    text = dict(vocab_size=len(tokenizer), eos_token_id=ids["im_end"], pad_token_id=ids["im_end"], bos_token_id=None, tie_word_embeddings=False, **TEXT_SIZES)
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(f"<|{name}|>")
+        for name in ("im_end", "vision_start", "vision_end", "image_pad", "video_pad")
+    }
+    text = dict(
+        vocab_size=len(tokenizer),
+        eos_token_id=ids["im_end"],
+        pad_token_id=ids["im_end"],
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        **TEXT_SIZES,
+    )
     return config_class(
         text_config=text,
         vision_config=dict(VISION_SIZES[model_type]),

@@ -125,7 +125,13 @@ class VisionProbe(torch.nn.Module):
     only has to look the answer up. Not part of the saved model.
     """
 
-    SIZES = {"colour": len(synthetic.COLOURS) + 1, "shape": len(synthetic.SHAPES) + 1, "centre": 2, "x": GRID, "y": GRID}
+    SIZES = {
+        "colour": len(synthetic.COLOURS) + 1,
+        "shape": len(synthetic.SHAPES) + 1,
+        "centre": 2,
+        "x": GRID,
+        "y": GRID,
+    }
 
     def __init__(self, hidden: int):
         super().__init__()
@@ -362,7 +368,9 @@ def optimise(name: str, optimizer, steps: int, args, losses_of) -> list[dict]:
             running[k] = loss.item() if k not in running else 0.95 * running[k] + 0.05 * loss.item()
         if (step + 1) % 50 == 0 or step + 1 == steps:
             elapsed = time.time() - start
-            history.append({"step": step + 1} | {k: round(v, 4) for k, v in running.items()} | {"elapsed_s": round(elapsed, 1)})
+            history.append(
+                {"step": step + 1} | {k: round(v, 4) for k, v in running.items()} | {"elapsed_s": round(elapsed, 1)}
+            )
             shown = " ".join(f"{k} {v:.4f}" for k, v in running.items())
             print(f"{name} step {step + 1}/{steps} {shown} {elapsed / 60:.1f} min", flush=True)
     return history
@@ -373,7 +381,11 @@ def warm_up_vision(model, probe: VisionProbe, features: dict, batches: Batches, 
     a step costs a tenth, and the text model then starts from image tokens that already say
     what is in their cell (jointly, shapes took ~900 steps to appear, and the attention guide's
     gradients through unformed features slowed that further)."""
-    params = list(model.model.vision_model.parameters()) + list(model.model.connector.parameters()) + list(probe.parameters())
+    params = (
+        list(model.model.vision_model.parameters())
+        + list(model.model.connector.parameters())
+        + list(probe.parameters())
+    )
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
 
     def losses(_step: int) -> dict:
@@ -404,7 +416,10 @@ def train(model, batches: Batches, args) -> dict:
         if args.guide_weight > 0:
             ground = guide_loss(out.attentions[GROUND_LAYER], targets["ground"])
             answer = guide_loss(out.attentions[ANSWER_LAYER], targets["answer"])
-            out_losses |= {"ground": (ground, args.guide_weight), "answer": (answer, args.guide_weight * args.answer_guide)}
+            out_losses |= {
+                "ground": (ground, args.guide_weight),
+                "answer": (answer, args.guide_weight * args.answer_guide),
+            }
         return out_losses
 
     model.set_attn_implementation("eager")  # the guides need the attention weights
@@ -462,7 +477,9 @@ def main() -> None:
     parser.add_argument("--probe-weight", type=float, default=1.0, help="weight of the vision probe's loss")
     parser.add_argument("--vision-steps", type=int, default=600, help="probe-only steps before the joint training")
     parser.add_argument("--vision-batch-size", type=int, default=32)
-    parser.add_argument("--guide-weight", type=float, default=1.0, help="weight of the attention guides' losses (0: off)")
+    parser.add_argument(
+        "--guide-weight", type=float, default=1.0, help="weight of the attention guides' losses (0: off)"
+    )
     parser.add_argument("--answer-guide", type=float, default=1.0, help="relative weight of the answer hop's guide")
     parser.add_argument("--seed", type=int, default=0, help="weights and batch order")
     parser.add_argument("--threads", type=int, default=1, help="a second thread barely speeds up matrices this small")

@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Runs every test from a fresh machine with only Rust and Python 3: installs ONNX Runtime's
 # library, the Python environment (.venv), Chromium and playwright-core when missing, then the
-# Python export tests, the Rust tests, the OpenAI-client tests against the built server, and the
-# browser test of the question page (screenshots in target/test-artifacts/).
+# lints (rustfmt, ruff, clippy with warnings as errors), the Python export tests, the Rust
+# tests, the OpenAI-client tests against the built server, and the browser test of the question
+# page (screenshots in target/test-artifacts/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-ort.sh
 bash scripts/setup-browser.sh
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, onnxruntime, openai, pytest" 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, onnxruntime, openai, pytest, ruff" 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r export/requirements.txt -r tests/requirements.txt
 fi
+cargo fmt --check
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+cargo clippy --release --all-targets -- -D warnings
 .venv/bin/python -m pytest -q export/tests
 cargo test --release
 # The official OpenAI client against the binary cargo just built.

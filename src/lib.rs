@@ -5,6 +5,9 @@
 //! [`config`] holds settings, [`cli`] is the command line, [`scheduler`] runs generations on
 //! the models and [`server`] is the HTTP API.
 
+// `deny`, not `forbid`: ndarray's `s!` expands to an `allow(unsafe_code)` of its own.
+#![deny(unsafe_code)]
+
 pub mod cli;
 pub mod config;
 pub mod engine;

@@ -1,3 +1,6 @@
+// `deny`, not `forbid`: ndarray's `s!` expands to an `allow(unsafe_code)` of its own.
+#![deny(unsafe_code)]
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 

@@ -78,9 +78,8 @@ def _vision_module():
 def graph_specs(model) -> list:
     """GraphSpecs for the three graphs, with dummy inputs and dynamic axes."""
     import torch
-    from torch.export import Dim
-
     from onnx_graph import GraphSpec
+    from torch.export import Dim
 
     size = model.config.vision_config.image_size
     # Example sizes are >= 2 so the exporter does not specialise them to 1.

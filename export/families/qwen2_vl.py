@@ -41,7 +41,9 @@ def load(src: str):
     model = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(src)
     image_processor = AutoImageProcessor.from_pretrained(src, backend="pil")
-    return model.eval(), image_processor_only(model.config.model_type, image_processor, tokenizer, tokenizer.chat_template)
+    return model.eval(), image_processor_only(
+        model.config.model_type, image_processor, tokenizer, tokenizer.chat_template
+    )
 
 
 def image_processor_only(model_type: str, image_processor, tokenizer, chat_template):
@@ -94,7 +96,9 @@ def _vision_module():
             # The rotary function of the tower's own modeling file (Qwen2-VL's or Qwen2.5-VL's).
             self.rotary = sys.modules[type(self.visual).__module__].apply_rotary_pos_emb_vision
 
-        def forward(self, pixel_values, vision_position_ids, attention_segments, window_patch_index=None, window_segments=None):
+        def forward(
+            self, pixel_values, vision_position_ids, attention_segments, window_patch_index=None, window_segments=None
+        ):
             visual = self.visual
             hidden = visual.patch_embed(pixel_values)
             cos, sin = visual.rotary_pos_emb(hidden, vision_position_ids)
@@ -118,9 +122,8 @@ def _vision_module():
 
 def graph_specs(model) -> list:
     import torch
-    from torch.export import Dim
-
     from onnx_graph import GraphSpec
+    from torch.export import Dim
 
     vision = model.config.vision_config
     # Two images (grids 1x4x4 and 1x4x8) so segments and windows are exercised.
@@ -166,7 +169,9 @@ def vision_feeds(images: dict, config: dict) -> dict:
     if images.get("pixel_values") is not None:
         feeds["pixel_values"] = np.asarray(images["pixel_values"], np.float32)
     if windowed(config):
-        window_index, cu_window = vision_utils.get_vision_window_index(grids, merge, vision["window_size"], vision["patch_size"])
+        window_index, cu_window = vision_utils.get_vision_window_index(
+            grids, merge, vision["window_size"], vision["patch_size"]
+        )
         unit = merge * merge
         index = window_index.numpy()[:, None] * unit + np.arange(unit)
         feeds["window_patch_index"] = index.reshape(-1).astype(np.int64)
@@ -216,7 +221,8 @@ def torch_image_features(model, images: dict) -> np.ndarray:
 
     with torch.no_grad():
         out = model.get_image_features(
-            pixel_values=torch.from_numpy(images["pixel_values"]), image_grid_thw=torch.from_numpy(images["image_grid_thw"])
+            pixel_values=torch.from_numpy(images["pixel_values"]),
+            image_grid_thw=torch.from_numpy(images["image_grid_thw"]),
         )
     return torch.cat(list(out.pooler_output), dim=0).numpy()
 
@@ -234,7 +240,6 @@ def torch_greedy(model, input_ids, images=None, max_new_tokens=24) -> list[int]:
 
 def torch_rope_index(model, input_ids, images) -> np.ndarray:
     """transformers' get_rope_index: the prompt's [3, 1, s] positions (text only: 0..s on all three)."""
-    import torch
 
     kwargs = _torch_kwargs(model, input_ids, images)
     if images is None:

@@ -162,9 +162,8 @@ def graph_specs(embed_tokens, text_model, lm_head, text_config, position_axes: i
     position_axes=0 gives position_ids [b, s]; 3 gives [3, b, s] (M-RoPE).
     """
     import torch
-    from torch.export import Dim
-
     from onnx_graph import GraphSpec
+    from torch.export import Dim
 
     EmbedTokens, Decoder = _modules()
     dims = text_dims(text_config)
@@ -185,7 +184,8 @@ def graph_specs(embed_tokens, text_model, lm_head, text_config, position_axes: i
     # Each layer may split its cache at its own column (a runtime moves one layer's recent
     # block into its older block per step), so every layer has its own lengths.
     layer_dims = [
-        (Dim(f"older_sequence_length_{i}", min=0), Dim(f"past_sequence_length_{i}", min=0)) for i in range(dims["layers"])
+        (Dim(f"older_sequence_length_{i}", min=0), Dim(f"past_sequence_length_{i}", min=0))
+        for i in range(dims["layers"])
     ]
     kv_shape = (batch, dims["kv_heads"], past, dims["head_dim"])
     past_kv = [torch.randn(kv_shape) for _ in range(2 * dims["layers"])]
@@ -285,7 +285,9 @@ def torch_greedy(model, prompt_kwargs: dict, max_new_tokens: int) -> list[int]:
 
     ids = prompt_kwargs["input_ids"]
     with torch.no_grad():
-        out = model.generate(**prompt_kwargs, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens)
+        out = model.generate(
+            **prompt_kwargs, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens
+        )
     return out[0, ids.shape[1] :].tolist()
 
 

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from families.shared import causal_mask, grouped_attention
 
 

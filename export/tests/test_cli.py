@@ -21,7 +21,10 @@ def run_export(model, out, *extra):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, str(SCRIPT), "--model", str(model), "--out", str(out), *extra],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
 
 
@@ -98,7 +101,6 @@ def test_user_saved_checkpoint_exports(tmp_path):
     from them).
     """
     import onnx
-
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     src = tmp_path / "my-model"
@@ -125,8 +127,13 @@ def test_user_saved_checkpoint_exports(tmp_path):
     assert "SkipSimplifiedLayerNormalization" in {n.op_type for n in decoder.node}
     assert cache_copies(decoder) == 0
     assert sorted(p.name for p in (out / "onnx").glob("*.onnx")) == [
-        "decoder_model_merged.onnx", "decoder_model_merged_int8.onnx", "embed_tokens.onnx",
-        "embed_tokens_int8.onnx", "vision_encoder.onnx", "vision_encoder_int8.onnx"]
+        "decoder_model_merged.onnx",
+        "decoder_model_merged_int8.onnx",
+        "embed_tokens.onnx",
+        "embed_tokens_int8.onnx",
+        "vision_encoder.onnx",
+        "vision_encoder_int8.onnx",
+    ]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

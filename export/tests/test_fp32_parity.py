@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import CASES, IMAGE_CASES, case_inputs, images_of
-
 from families import idefics3
 
 ATOL = 1e-4  # the export contract: fp32 graphs match PyTorch within 1e-4 max abs
@@ -76,7 +75,9 @@ def test_decoder_batch_with_left_padding(torch_model, fp32_package):
     logits, _ = fp32_package.decode(fp32_package.embed(ids), mask, positions, fp32_package.empty_past(2))
     with torch.no_grad():
         expected = torch_model(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(positions)
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(positions),
         ).logits.numpy()
     # Padded query rows attend to nothing meaningful; compare the real tokens only.
     real = mask.astype(bool)

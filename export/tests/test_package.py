@@ -27,9 +27,18 @@ STORED = {"int8": "uint8"}
 
 
 def test_package_files():
-    for name in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json", "export_report.json", "onnx/variants.json"]:
+    for name in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "processor_config.json",
+        "export_report.json",
+        "onnx/variants.json",
+    ]:
         assert (PACKAGE / name).is_file(), name
-    for variant, suffix in [("fp32", ""), ("fp16", "_fp16"), ("int8", "_int8")]:
+    for suffix in ["", "_fp16", "_int8"]:
         for graph in ["vision_encoder", "embed_tokens", "decoder_model_merged"]:
             assert (PACKAGE / "onnx" / f"{graph}{suffix}.onnx").is_file()
     assert not list(FIXTURE.glob(".package.*")), "staging folder left behind"

@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
-
 import precision
+from onnx import TensorProto, helper, numpy_helper
 
 
 def shared_bias_graph(path):

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 from conftest import REPO
-
 from families import qwen2_vl
 
 FIXTURES = [REPO / "tests" / "fixtures" / name for name in ("qwen2-vl-tiny", "qwen2.5-vl-tiny")]

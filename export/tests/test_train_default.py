@@ -4,12 +4,11 @@ built with the committed model's own processor on a hand-made scene."""
 from __future__ import annotations
 
 import pytest
+import synthetic
 import torch
+import train_default as td
 from conftest import REPO
 from transformers import AutoProcessor
-
-import synthetic
-import train_default as td
 
 RED_CIRCLE = synthetic.Obj("circle", "red", cx=12.0, cy=12.0, radius=8.0, angle=0.0, rgb=(220, 30, 30))  # cell (0, 0)
 BLUE_SQUARE = synthetic.Obj("square", "blue", cx=84.0, cy=60.0, radius=8.0, angle=0.0, rgb=(30, 70, 225))  # cell (3, 2)
@@ -40,7 +39,12 @@ def test_labels_cover_the_answers_and_their_end_of_utterance(encoded):
     batches, ids, tokens = encoded
     labels = td.answer_labels(ids, batches.marker, batches.eou)[0]
     answered = [tokens[i] for i in range(len(tokens)) if labels[i] != -100]
-    assert "".join(answered).replace("Ġ", " ").split("<end_of_utterance>") == [" red", " below", " a red circle, a red star and a blue square", ""]
+    assert "".join(answered).replace("Ġ", " ").split("<end_of_utterance>") == [
+        " red",
+        " below",
+        " a red circle, a red star and a blue square",
+        "",
+    ]
 
 
 def test_words_attend_to_the_objects_they_name_and_answers_to_the_words(encoded):
@@ -48,7 +52,10 @@ def test_words_attend_to_the_objects_they_name_and_answers_to_the_words(encoded)
     targets = batches.grounding.targets(ids, [SCENE])
     ground, answer = targets["ground"][0, 0], targets["answer"][0]
     images = positions(tokens, "<image>")
-    cell = {obj: images[row * 4 + col] for obj, (row, col) in {RED_CIRCLE: (0, 0), BLUE_SQUARE: (2, 3), RED_STAR: (3, 1)}.items()}
+    cell = {
+        obj: images[row * 4 + col]
+        for obj, (row, col) in {RED_CIRCLE: (0, 0), BLUE_SQUARE: (2, 3), RED_STAR: (3, 1)}.items()
+    }
     # Image tokens follow the vision patches in raster order with pixel-shuffle scale 1.
     assert [td.centre_token(SCENE, o) for o in (RED_CIRCLE, BLUE_SQUARE, RED_STAR)] == [0, 11, 13]
 

@@ -9,9 +9,9 @@ use ndarray::{ArrayD, IxDyn};
 use serde::Deserialize;
 use vlmserve::engine::{GraphChoice, Model, ModelOptions};
 use vlmserve::package::Precision;
-use vlmserve::runtime::GraphOptions;
 use vlmserve::preprocess::chat_template::{ChatMessage, ContentPart};
 use vlmserve::preprocess::{ImageLimits, decode_image};
+use vlmserve::runtime::GraphOptions;
 
 #[derive(Debug, Deserialize)]
 pub struct Reference {

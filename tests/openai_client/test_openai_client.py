@@ -36,8 +36,7 @@ def server():
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.toml"
         config.write_text(
-            f'[[models]]\nname = "{MODEL}"\npath = {json.dumps(str(FIXTURE / "package"))}\n'
-            "[server]\nhttp_workers = 2\n"
+            f'[[models]]\nname = "{MODEL}"\npath = {json.dumps(str(FIXTURE / "package"))}\n[server]\nhttp_workers = 2\n'
         )
         proc = subprocess.Popen(
             [str(_binary()), "serve", "--host", "127.0.0.1", "--port", "0", "--config", str(config)],
