@@ -30,9 +30,9 @@ fn admit(
     stop: Option<usize>,
 ) {
     let c: &Case = &reference.cases[case];
-    let prompt = model.prepare(&c.chat_messages(), &c.decoded_images(&reference.dir), &[]).unwrap();
+    let prompt = model.codec.prepare(&c.chat_messages(), &c.decoded_images(&reference.dir), &[]).unwrap();
     let tag = Tagged { case, max_new, events: 0, streamed: String::new(), stop_after: stop };
-    batch.admit(model, tag, prompt, &params(max_new)).map_err(|(_, e)| e).unwrap();
+    batch.add(model, tag, prompt, &params(max_new)).map_err(|(_, e)| e).unwrap();
 }
 
 /// Step until the batch is empty; admits `later` (case, max_new_tokens) one per step meanwhile.
@@ -134,7 +134,7 @@ fn fp16_batches_match_fp16_single_streams() {
         .cases
         .iter()
         .map(|c| {
-            let prompt = model.prepare(&c.chat_messages(), &c.decoded_images(&reference.dir), &[]).unwrap();
+            let prompt = model.codec.prepare(&c.chat_messages(), &c.decoded_images(&reference.dir), &[]).unwrap();
             model.generate(prompt, &params(reference.max_new_tokens), &mut |_| Flow::Continue).unwrap().token_ids
         })
         .collect();
@@ -161,9 +161,9 @@ fn a_bad_prompt_is_refused_at_admission_without_touching_the_batch() {
     let model = reference.load(Precision::Fp32);
     let mut batch: Batch<u32> = Batch::new(model.kv_layout(), Limits::ALONE);
     let case = &reference.cases[0];
-    let prompt = model.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir), &[]).unwrap();
-    let context = model.info.context_length;
-    let (tag, error) = batch.admit(&model, 7, prompt, &params(context)).unwrap_err();
+    let prompt = model.codec.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir), &[]).unwrap();
+    let context = model.codec.info.context_length;
+    let (tag, error) = batch.add(&model, 7, prompt, &params(context)).unwrap_err();
     assert_eq!(tag, 7);
     assert!(matches!(error, EngineError::PromptTooLong { .. }), "{error}");
     assert!(batch.is_empty());

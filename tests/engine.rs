@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::{Reference, references};
 use vlmserve::engine::{
@@ -27,20 +26,8 @@ fn load(dir: &Path) -> Result<Model, EngineError> {
 /// A copy of the fixture package that a test may damage.
 fn package_copy(reference: &Reference) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
-    copy_dir(&reference.package_dir(), tmp.path());
+    common::copy_dir(&reference.package_dir(), tmp.path());
     tmp
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 fn generate(
@@ -48,7 +35,7 @@ fn generate(
     messages: &[ChatMessage],
     params: &GenerationParams,
 ) -> Result<vlmserve::engine::Completion, EngineError> {
-    let prompt = model.prepare(messages, &[], &[])?;
+    let prompt = model.codec.prepare(messages, &[], &[])?;
     model.generate(prompt, params, &mut |_| Flow::Continue)
 }
 
@@ -119,13 +106,13 @@ fn prompt_errors_are_typed() {
 
     let images = reference.cases.iter().find(|c| c.images.len() == 1).unwrap().decoded_images(&reference.dir);
     let two = vec![images[0].clone(), images[0].clone()];
-    let err = model.prepare(&[ChatMessage::user(1, "one placeholder")], &two, &[]).unwrap_err();
+    let err = model.codec.prepare(&[ChatMessage::user(1, "one placeholder")], &two, &[]).unwrap_err();
     assert!(
         matches!(err, EngineError::Family(FamilyError::ImageCountMismatch { placeholders: 1, images: 2 })),
         "{err:?}"
     );
 
-    let context = model.info.context_length;
+    let context = model.codec.info.context_length;
     let long = "shape ".repeat(context);
     let err = generate(&mut model, &[ChatMessage::user(0, &long)], &params).unwrap_err();
     assert!(matches!(err, EngineError::PromptTooLong { context: c, .. } if c == context), "{err:?}");
@@ -168,7 +155,7 @@ fn stop_strings_cut_the_answer_and_streaming_agrees() {
     let word = full.split_whitespace().nth(2).expect("an answer of several words").to_string();
     let cut = full.find(&word).unwrap();
     let params = GenerationParams { max_new_tokens: reference.max_new_tokens, stop: vec![word], ..Default::default() };
-    let prompt = model.prepare(&case.chat_messages(), &[], &[]).unwrap();
+    let prompt = model.codec.prepare(&case.chat_messages(), &[], &[]).unwrap();
     let mut streamed = String::new();
     let out = model
         .generate(prompt, &params, &mut |e| {
@@ -185,7 +172,7 @@ fn stop_strings_cut_the_answer_and_streaming_agrees() {
 fn a_callback_can_stop_generation() {
     let reference = fixture();
     let mut model = reference.load(Precision::Fp32);
-    let prompt = model.prepare(&[ChatMessage::user(0, "Describe the image.")], &[], &[]).unwrap();
+    let prompt = model.codec.prepare(&[ChatMessage::user(0, "Describe the image.")], &[], &[]).unwrap();
     let params = GenerationParams { max_new_tokens: 20, ignore_eos: true, ..Default::default() };
     let mut seen = 0;
     let out = model
@@ -203,16 +190,16 @@ fn streaming_never_splits_a_character() {
     let reference = fixture();
     let model = reference.load(Precision::Fp32);
     let text = "a red circle é € 😀 ok";
-    let ids = model.tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+    let ids = model.codec.tokenizer.encode(text, false).unwrap().get_ids().to_vec();
     assert!(ids.len() > text.chars().count() / 2, "expected byte-level pieces");
     let mut detok = vlmserve::engine::Detokenizer::new();
     let mut out = String::new();
     for id in ids {
-        let piece = detok.push(&model.tokenizer, id).unwrap();
+        let piece = detok.push(&model.codec.tokenizer, id).unwrap();
         assert!(!piece.contains('\u{FFFD}'), "piece {piece:?} splits a character");
         out.push_str(&piece);
     }
-    out.push_str(&detok.finish(&model.tokenizer).unwrap());
+    out.push_str(&detok.finish(&model.codec.tokenizer).unwrap());
     assert_eq!(out, text);
 }
 
@@ -221,7 +208,7 @@ fn cli_ask_json_prints_the_reference_tokens() {
     let reference = fixture();
     let case = reference.cases.iter().find(|c| c.images.len() == 1).unwrap();
     let text = case.messages[0]["content"].as_array().unwrap().iter().find_map(|p| p["text"].as_str()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_vlmserve"))
+    let out = common::vlmserve()
         .args(["ask", "--json", "--model"])
         .arg(reference.package_dir())
         .arg("--image")
@@ -243,7 +230,7 @@ fn cli_reports_bad_images_and_models_without_panicking() {
     let tmp = tempfile::tempdir().unwrap();
     let bad = tmp.path().join("bad.png");
     std::fs::write(&bad, b"\x89PNG\r\n\x1a\nnot really").unwrap();
-    let run = |args: &[&std::ffi::OsStr]| Command::new(env!("CARGO_BIN_EXE_vlmserve")).args(args).output().unwrap();
+    let run = |args: &[&std::ffi::OsStr]| common::vlmserve().args(args).output().unwrap();
     let out = run(&[
         "ask".as_ref(),
         "--model".as_ref(),
@@ -275,7 +262,7 @@ fn unavailable_gpu_provider_is_an_error_unless_fallback_is_allowed() {
             reference.package_dir()
         );
         std::fs::write(&config, toml).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_vlmserve"))
+        common::vlmserve()
             .arg("--config")
             .arg(&config)
             .args(["ask", "--json", "--model", "gpu", "--max-new-tokens", &reference.max_new_tokens.to_string(), text])
@@ -305,7 +292,7 @@ fn a_repeated_image_reuses_its_features_and_gives_the_same_tokens() {
     let with_images: Vec<_> = reference.cases.iter().filter(|c| !c.images.is_empty()).take(2).collect();
     let params = GenerationParams { max_new_tokens: reference.max_new_tokens, ..GenerationParams::default() };
     let mut run = |case: &common::Case| {
-        let prompt = model.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir), &[]).unwrap();
+        let prompt = model.codec.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir), &[]).unwrap();
         let completion = model.generate(prompt, &params, &mut |_| Flow::Continue).unwrap();
         // Greedy tokens equal PyTorch's whether the features came from the encoder or the cache.
         assert_eq!(completion.token_ids, case.generated_ids, "{}", case.name);
@@ -327,7 +314,7 @@ fn cli_bench_times_the_stages_and_can_skip_splitting() {
     let case = reference.cases.iter().find(|c| c.name == "large_nonsquare").unwrap();
     let text = "Describe the shapes in this wide picture.";
     let bench = |extra: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_vlmserve"))
+        let out = common::vlmserve()
             .args(["bench", "--json", "--runs", "2", "--new-tokens", "4", "--model"])
             .arg(reference.package_dir())
             .arg("--image")
@@ -356,11 +343,8 @@ fn cli_bench_times_the_stages_and_can_skip_splitting() {
     let one_tile = bench(&["--no-split"]);
     assert!(one_tile["prompt_tokens"].as_u64().unwrap() < split["prompt_tokens"].as_u64().unwrap(), "{one_tile}");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_vlmserve"))
-        .args(["bench", "--runs", "0", "--model"])
-        .arg(reference.package_dir())
-        .output()
-        .unwrap();
+    let out =
+        common::vlmserve().args(["bench", "--runs", "0", "--model"]).arg(reference.package_dir()).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--runs and --new-tokens must be at least 1"));
 }
@@ -369,12 +353,8 @@ fn cli_bench_times_the_stages_and_can_skip_splitting() {
 fn cli_bench_refuses_bad_arguments_with_their_reason() {
     let reference = fixture();
     let run = |extra: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_vlmserve"))
-            .args(["bench", "--model"])
-            .arg(reference.package_dir())
-            .args(extra)
-            .output()
-            .unwrap();
+        let out =
+            common::vlmserve().args(["bench", "--model"]).arg(reference.package_dir()).args(extra).output().unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     // A malformed override is a usage error (clap's exit code 2), naming the value.
@@ -399,7 +379,7 @@ fn cli_ask_and_bench_take_the_image_budget_of_the_api() {
         &["bench", "--new-tokens", "1", "--runs", "1", "--warmup", "0", "--prompt"][..],
     ] {
         let run = |budget: &[&str]| {
-            Command::new(env!("CARGO_BIN_EXE_vlmserve"))
+            common::vlmserve()
                 .args(command)
                 .arg("What is in the image?")
                 .args(["--json", "--processor", "low_detail_max_pixels=6272", "--model"])

@@ -3,19 +3,16 @@
 //! tests/fixtures/eval-small --images 5 --bad-lines`), then a malformed line and an item
 //! whose image is missing, which are reported with their line numbers and counted as failed.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
+
+use std::process::Output;
 
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn eval(extra: &[&str]) -> Output {
-    let model = root().join("models/shapes-vlm/package");
-    let data = root().join("tests/fixtures/eval-small/eval.jsonl");
-    Command::new(env!("CARGO_BIN_EXE_vlmserve"))
+    let model = common::root().join("models/shapes-vlm/package");
+    let data = common::root().join("tests/fixtures/eval-small/eval.jsonl");
+    common::vlmserve()
         .arg("eval")
         .arg("--model")
         .arg(&model)
@@ -78,9 +75,9 @@ fn summary_lists_accuracy_per_kind() {
 
 #[test]
 fn missing_data_file_is_a_clear_error() {
-    let out = Command::new(env!("CARGO_BIN_EXE_vlmserve"))
+    let out = common::vlmserve()
         .args(["eval", "--model", "models/shapes-vlm/package", "--data", "no/such/set.jsonl"])
-        .current_dir(root())
+        .current_dir(common::root())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -17,10 +17,6 @@ use serde_json::{Value, json};
 
 const MODEL: &str = "idefics3-tiny";
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_vlmserve")
-}
-
 fn fixture_dir() -> PathBuf {
     common::root().join("tests/fixtures/idefics3-tiny")
 }
@@ -72,7 +68,7 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.toml");
         std::fs::write(&config, toml).unwrap();
-        let mut child = Command::new(bin())
+        let mut child = common::vlmserve()
             .args(["serve", "--port", "0", "--host", "127.0.0.1", "--config"])
             .arg(&config)
             .env("RUST_LOG", "warn")
@@ -238,7 +234,7 @@ fn assert_error(status: u16, body: &Value, expect_status: u16, expect_code: &str
 
 /// `vlmserve ask --json` on the same inputs.
 fn ask(images: &[&str], prompt: &str, max_tokens: usize) -> Value {
-    let mut command = Command::new(bin());
+    let mut command = common::vlmserve();
     command.args(["ask", "--model"]).arg(package_dir()).args(["--max-new-tokens", &max_tokens.to_string(), "--json"]);
     for image in images {
         command.arg("--image").arg(fixture_dir().join(image));
@@ -903,18 +899,6 @@ fn the_question_page_is_served_from_the_binary_without_external_resources() {
     assert_error(status, &serde_json::from_str(&body).unwrap(), 404, "not_found");
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
 /// Replace `name` atomically (write beside it, then rename).
 fn replace_file(dir: &Path, name: &str, contents: &[u8]) {
     let tmp = dir.join(format!(".{name}.tmp"));
@@ -926,7 +910,7 @@ fn replace_file(dir: &Path, name: &str, contents: &[u8]) {
 fn reload_under_load_swaps_atomically_and_survives_corrupt_files() {
     let work = tempfile::tempdir().unwrap();
     let package = work.path().join("package");
-    copy_dir(&package_dir(), &package);
+    common::copy_dir(&package_dir(), &package);
     let server = Server::start(&config_toml(
         &package,
         // One sequence at a time: this test tells versions apart by answers, and a batched
@@ -1050,7 +1034,7 @@ fn a_configuration_error_names_the_key_and_exits_before_binding() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "[server]\nprot = 8080\n").unwrap();
-    let output = Command::new(bin()).args(["serve", "--port", "0", "--config"]).arg(&config).output().unwrap();
+    let output = common::vlmserve().args(["serve", "--port", "0", "--config"]).arg(&config).output().unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("prot"), "{stderr}");

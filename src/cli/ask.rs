@@ -11,7 +11,6 @@ use super::{CliError, ImageBudgetArgs, ModelArgs};
 use crate::config::Settings;
 use crate::engine::{Flow, GenerationParams, SamplingParams};
 use crate::preprocess::chat_template::ChatMessage;
-use crate::preprocess::{ImageLimits, decode_image};
 
 #[derive(Debug, Args)]
 pub struct AskArgs {
@@ -69,18 +68,10 @@ impl AskArgs {
 pub fn run(settings: &Settings, args: &AskArgs) -> Result<(), CliError> {
     let mut model = args.model.load(settings)?;
     let decode_start = Instant::now();
-    let images = args
-        .images
-        .iter()
-        .map(|path| {
-            let bytes = std::fs::read(path).map_err(|source| CliError::Io { path: path.clone(), source })?;
-            decode_image(&bytes, &ImageLimits::default())
-                .map_err(|source| CliError::Image { path: path.clone(), source })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let images = args.images.iter().map(|path| super::read_image(path)).collect::<Result<Vec<_>, _>>()?;
     let image_decode_s = decode_start.elapsed().as_secs_f64();
     let message = ChatMessage::user(images.len(), &args.prompt);
-    let prompt = model.prepare(&[message], &images, &args.budget.per_image(images.len()))?;
+    let prompt = model.codec.prepare(&[message], &images, &args.budget.per_image(images.len()))?;
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
     let completion = model.generate(prompt, &args.params(), &mut |event| {
@@ -99,15 +90,12 @@ pub fn run(settings: &Settings, args: &AskArgs) -> Result<(), CliError> {
         return Err(CliError::Output(e));
     }
     let out = if args.json {
-        let mut timings = serde_json::to_value(&completion.timings).unwrap_or_default();
-        timings["image_decode_s"] = json!(image_decode_s);
-        timings["decode_tokens_per_second"] = json!(completion.timings.decode_tokens_per_second());
         let report = json!({
             "text": completion.text,
             "token_ids": completion.token_ids,
             "prompt_tokens": completion.prompt_tokens,
             "finish_reason": completion.finish_reason,
-            "timings": timings,
+            "timings": completion.timings_report(image_decode_s),
         });
         writeln!(stdout, "{report}")
     } else {

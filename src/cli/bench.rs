@@ -16,7 +16,6 @@ use super::{CliError, ImageBudgetArgs, ModelArgs};
 use crate::config::Settings;
 use crate::engine::{Completion, FeatureCache, Flow, GenerationParams, Model};
 use crate::preprocess::chat_template::ChatMessage;
-use crate::preprocess::{ImageLimits, decode_image};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -100,15 +99,12 @@ impl Workload<'_> {
     fn run(&self, model: &mut Model) -> Result<(Sample, Completion), CliError> {
         let start = Instant::now();
         let images = match &self.image {
-            Some((path, bytes)) => vec![
-                decode_image(bytes, &ImageLimits::default())
-                    .map_err(|source| CliError::Image { path: path.clone(), source })?,
-            ],
+            Some((path, bytes)) => vec![super::decode_file(path, bytes)?],
             None => Vec::new(),
         };
         let image_decode_s = start.elapsed().as_secs_f64();
         let message = ChatMessage::user(images.len(), &self.args.prompt);
-        let prompt = model.prepare(&[message], &images, &self.args.budget.per_image(images.len()))?;
+        let prompt = model.codec.prepare(&[message], &images, &self.args.budget.per_image(images.len()))?;
         let params =
             GenerationParams { max_new_tokens: self.args.new_tokens, ignore_eos: true, ..GenerationParams::default() };
         let completion = model.generate(prompt, &params, &mut |_| Flow::Continue)?;
@@ -162,9 +158,7 @@ pub fn run(settings: &Settings, args: &BenchArgs) -> Result<(), CliError> {
     let mut model = model_args.load(settings)?;
     let load_s = load_start.elapsed().as_secs_f64();
     let image = match &args.image {
-        Some(path) => {
-            Some((path.clone(), std::fs::read(path).map_err(|source| CliError::Io { path: path.clone(), source })?))
-        }
+        Some(path) => Some((path.clone(), super::read_file(path)?)),
         None => None,
     };
     let workload = Workload { image, args };

@@ -27,7 +27,6 @@ use super::{CliError, ModelArgs};
 use crate::config::Settings;
 use crate::engine::{Flow, GenerationParams, Model};
 use crate::preprocess::chat_template::ChatMessage;
-use crate::preprocess::{ImageLimits, decode_image};
 
 const CAPTION: &str = "caption";
 
@@ -137,6 +136,17 @@ fn parse_item(line: &str) -> Result<Item, String> {
     Ok(item)
 }
 
+/// An error and its causes on one line, as `main` prints them.
+fn with_cause(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        line.push_str(&format!(": {e}"));
+        cause = e.source();
+    }
+    line
+}
+
 /// The decoded image of the previous item: sets list the questions about one image together.
 #[derive(Default)]
 struct LastImage(Option<(PathBuf, RgbImage)>);
@@ -144,9 +154,7 @@ struct LastImage(Option<(PathBuf, RgbImage)>);
 impl LastImage {
     fn get(&mut self, path: PathBuf) -> Result<&RgbImage, String> {
         if !matches!(&self.0, Some((last, _)) if *last == path) {
-            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let image =
-                decode_image(&bytes, &ImageLimits::default()).map_err(|e| format!("{}: {e}", path.display()))?;
+            let image = super::read_image(&path).map_err(|e| with_cause(&e))?;
             self.0 = Some((path, image));
         }
         self.0.as_ref().map(|(_, image)| image).ok_or_else(|| "no image".to_string())
@@ -164,6 +172,7 @@ fn answer(
     let start = Instant::now();
     let image = images.get(base.join(&item.image))?;
     let prompt = model
+        .codec
         .prepare(&[ChatMessage::user(1, &item.question)], std::slice::from_ref(image), &[])
         .map_err(|e| e.to_string())?;
     let params = GenerationParams { max_new_tokens, ..GenerationParams::default() };
@@ -242,15 +251,20 @@ impl Tally {
         let decode_s: f64 = self.scored.iter().map(|s| s.decode_s).sum();
         let decode_steps: usize = self.scored.iter().map(|s| s.decode_steps).sum();
         let answering_s: f64 = self.scored.iter().map(|s| s.elapsed_s).sum();
-        let precisions: BTreeMap<String, String> =
-            model.info.graphs.iter().map(|(graph, precision, ..)| (graph.to_string(), precision.to_string())).collect();
+        let precisions: BTreeMap<String, String> = model
+            .codec
+            .info
+            .graphs
+            .iter()
+            .map(|(graph, precision, ..)| (graph.to_string(), precision.to_string()))
+            .collect();
         let per_kind: BTreeMap<&str, Value> = self
             .per_kind()
             .into_iter()
             .map(|(kind, (accuracy, items))| (kind, json!({"accuracy": accuracy, "items": items})))
             .collect();
         json!({
-            "model": model.info.dir,
+            "model": model.codec.info.dir,
             "precision": precisions,
             "data": args.data,
             "items": self.scored.len() + self.failures.len(),

@@ -26,7 +26,7 @@ pub fn run(settings: &Settings, args: &InspectArgs) -> Result<(), CliError> {
 }
 
 fn describe(model: &Model) -> String {
-    let info = &model.info;
+    let info = &model.codec.info;
     let mut out = String::new();
     let _ = writeln!(out, "package:        {}", info.dir.display());
     let _ = writeln!(out, "family:         {} (model_type {})", info.family, info.model_type);
@@ -44,11 +44,11 @@ fn describe(model: &Model) -> String {
     );
     let _ = writeln!(out, "tokens per image:");
     for (w, h) in SAMPLE_SIZES {
-        let _ = writeln!(out, "  {w}x{h}: {}", model.family.image_tokens_for_size(w, h, ImageBudget::default()));
+        let _ = writeln!(out, "  {w}x{h}: {}", model.codec.family.image_tokens_for_size(w, h, ImageBudget::default()));
     }
     let described = model.describe_graphs();
     for ((graph, precision, path, providers), (_, inputs, outputs)) in info.graphs.iter().zip(described) {
-        let available: Vec<String> = model.package.available(*graph).iter().map(ToString::to_string).collect();
+        let available: Vec<String> = model.codec.package.available(*graph).iter().map(ToString::to_string).collect();
         let _ = writeln!(out, "{graph}:");
         let _ = writeln!(out, "  loaded:    {} ({precision}) on {}", path.display(), providers.join(", "));
         let _ = writeln!(out, "  available: {}", available.join(", "));

@@ -7,7 +7,7 @@ mod eval;
 mod inspect;
 pub mod serve;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -15,7 +15,8 @@ use crate::config::{ConfigError, ModelSettings, Settings};
 use crate::engine::{EngineError, Model};
 use crate::family::{Detail, ImageBudget};
 use crate::package::Precision;
-use crate::preprocess::PreprocessError;
+use crate::preprocess::{ImageLimits, PreprocessError, decode_image};
+use image::RgbImage;
 
 /// Errors a command reports to the user.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +103,20 @@ impl ImageBudgetArgs {
 }
 
 /// `KEY=JSON`; a value that is not JSON is taken as a string.
+/// An image file's bytes.
+fn read_file(path: &Path) -> Result<Vec<u8>, CliError> {
+    std::fs::read(path).map_err(|source| CliError::Io { path: path.to_path_buf(), source })
+}
+
+/// An image file's pixels, as a request's would be decoded (default limits).
+fn decode_file(path: &Path, bytes: &[u8]) -> Result<RgbImage, CliError> {
+    decode_image(bytes, &ImageLimits::default()).map_err(|source| CliError::Image { path: path.to_path_buf(), source })
+}
+
+fn read_image(path: &Path) -> Result<RgbImage, CliError> {
+    decode_file(path, &read_file(path)?)
+}
+
 fn parse_setting(text: &str) -> Result<(String, serde_json::Value), String> {
     let (key, value) = text.split_once('=').ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
     let value = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_string()));

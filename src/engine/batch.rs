@@ -223,18 +223,19 @@ impl<T> Batch<T> {
 
     /// Add a sequence; it is prefilled by the next steps. A prompt that cannot be generated
     /// from is handed back with the reason.
-    pub fn admit(
+    pub fn add(
         &mut self,
         model: &Model,
         tag: T,
         prompt: Prompt,
         params: &GenerationParams,
     ) -> Result<(), (T, EngineError)> {
-        let cache = match model.check_prompt(&prompt, params).and_then(|()| KvCache::empty(&model.decoder.layout)) {
+        let cache = match model.codec.check_prompt(&prompt, params).and_then(|()| KvCache::empty(&model.decoder.layout))
+        {
             Ok(cache) => cache,
             Err(e) => return Err((tag, e)),
         };
-        let run = Run::new(&prompt.input_ids, model.stop_rules(params), Sampler::new(params.sampling.clone()));
+        let run = Run::new(&prompt.input_ids, model.codec.stop_rules(params), Sampler::new(params.sampling.clone()));
         let timings = Timings { preprocess_s: prompt.preprocess_time.as_secs_f64(), ..Timings::default() };
         let Prompt { input_ids, images, positions, .. } = prompt;
         let prompt = PromptInput { input_ids, positions: positions.prompt, next_position: positions.next, cache };
@@ -458,7 +459,7 @@ impl<T> Batch<T> {
             .seqs
             .iter()
             .filter_map(|seq| match &seq.phase {
-                Phase::Decoding(decoding) => Some(model.family.step_positions(decoding.position)),
+                Phase::Decoding(decoding) => Some(model.codec.family.step_positions(decoding.position)),
                 _ => None,
             })
             .collect();
@@ -606,7 +607,7 @@ impl Model {
         on_token: &mut dyn FnMut(Event) -> Flow,
     ) -> Result<Completion, EngineError> {
         let mut batch = Batch::new(&self.decoder.layout, Limits::ALONE);
-        batch.admit(self, (), prompt, params).map_err(|(_, e)| e)?;
+        batch.add(self, (), prompt, params).map_err(|(_, e)| e)?;
         loop {
             if let Some((_, result)) = batch.step(self, &mut |_, event| on_token(event)).finished.pop() {
                 return result;

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::EngineError;
 use super::detokenize::Detokenizer;
-use super::model::{Model, Processor};
+use super::model::{Codec, Model};
 use super::sampler::{Sampler, SamplingParams};
 use super::stop::{FinishReason, StopRules};
 use super::tensors::to_f32_array;
@@ -91,7 +91,44 @@ pub struct Completion {
     pub timings: Timings,
 }
 
-impl Processor {
+/// Token counts as OpenAI's `usage` names them.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// A generation's timings as the server and the CLI report them: the engine's, the image
+/// decode before it, and the decode rate.
+#[derive(Debug, Clone, Serialize)]
+pub struct TimingsReport<'a> {
+    #[serde(flatten)]
+    pub timings: &'a Timings,
+    pub image_decode_s: f64,
+    pub decode_tokens_per_second: f64,
+}
+
+impl Completion {
+    pub fn usage(&self) -> Usage {
+        let generated = self.token_ids.len();
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: generated,
+            total_tokens: self.prompt_tokens + generated,
+        }
+    }
+
+    pub fn timings_report(&self, image_decode_s: f64) -> TimingsReport<'_> {
+        TimingsReport {
+            timings: &self.timings,
+            image_decode_s,
+            decode_tokens_per_second: self.timings.decode_tokens_per_second(),
+        }
+    }
+}
+
+impl Codec {
     /// Render the chat template, process the images (each within its budget, see
     /// [`ImageBudget::of`]) and tokenize the expanded prompt.
     pub fn prepare(
@@ -169,7 +206,7 @@ impl Model {
     ) -> Result<ArrayD<f32>, EngineError> {
         let mut array = to_f32_array(&self.embedder.embed(ids, 1)?, "inputs_embeds")?;
         let Some(features) = features else { return Ok(array) };
-        let image_token = self.family.image_token_id();
+        let image_token = self.codec.family.image_token_id();
         let rows: Vec<usize> = ids.iter().enumerate().filter(|(_, id)| **id == image_token).map(|(i, _)| i).collect();
         if rows.len() != features.nrows() {
             return Err(EngineError::GraphMismatch(format!(
@@ -241,7 +278,7 @@ impl Run {
         self.history.push(token);
         self.token_ids.push(token);
         let before = self.text.len();
-        self.text.push_str(&self.detokenizer.push(&model.tokenizer, token)?);
+        self.text.push_str(&self.detokenizer.push(&model.codec.tokenizer, token)?);
         if let Some(cut) = self.stop.stop_string_cut(&self.text, before) {
             self.text.truncate(cut);
             self.cut = true;
@@ -273,7 +310,7 @@ impl Run {
         on_token: &mut dyn FnMut(Event) -> Flow,
     ) -> Result<Completion, EngineError> {
         if !self.cut {
-            self.text.push_str(&self.detokenizer.finish(&model.tokenizer)?);
+            self.text.push_str(&self.detokenizer.finish(&model.codec.tokenizer)?);
         }
         if self.emitted < self.text.len() {
             let last = self.token_ids.last().copied().unwrap_or_default();

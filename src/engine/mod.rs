@@ -21,9 +21,9 @@ mod vision;
 pub use batch::{Batch, Finished, Limits, Step};
 pub use detokenize::Detokenizer;
 pub use feature_cache::FeatureCache;
-pub use generate::{Completion, Event, Flow, GenerationParams, Prompt, Timings};
+pub use generate::{Completion, Event, Flow, GenerationParams, Prompt, Timings, TimingsReport, Usage};
 pub use kv_cache::{KvCache, KvLayout};
-pub use model::{GraphChoice, Model, ModelInfo, ModelOptions, Processor};
+pub use model::{Codec, GraphChoice, Model, ModelInfo, ModelOptions};
 pub use sampler::{Sampler, SamplingParams};
 pub use stop::{FinishReason, StopRules};
 

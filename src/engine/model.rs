@@ -1,7 +1,6 @@
 //! A loaded model: the package's three graphs in ONNX Runtime, its tokenizer, chat template
 //! and family, checked against each other at load time.
 
-use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -77,11 +76,11 @@ pub struct ModelInfo {
     pub eos_token_ids: Vec<u32>,
 }
 
-/// Everything about a model except its sessions: what turns messages and images into a
-/// [`super::Prompt`] and tokens back into text. Shared (`Arc`) so that request handlers can
+/// A model's codec, everything about it but its sessions: what turns messages and images into
+/// a [`super::Prompt`] and tokens back into text. Shared (`Arc`) so that request handlers can
 /// prepare prompts while the sessions generate for someone else.
 #[derive(Debug)]
-pub struct Processor {
+pub struct Codec {
     pub info: ModelInfo,
     pub package: ModelPackage,
     pub family: Box<dyn Family>,
@@ -89,10 +88,10 @@ pub struct Processor {
     pub template: ChatTemplate,
 }
 
-/// A loaded model: its [`Processor`] and the three ONNX Runtime sessions.
+/// A loaded model: its [`Codec`] and the three ONNX Runtime sessions.
 #[derive(Debug)]
 pub struct Model {
-    pub processor: Arc<Processor>,
+    pub codec: Arc<Codec>,
     /// The vision encoder's own thread, beside prefill and decode.
     pub(super) vision: VisionWorker,
     /// The vision graph's inputs and outputs, read before its session moved to that thread.
@@ -146,11 +145,11 @@ impl Model {
             context_length: package.context_length().unwrap_or(DEFAULT_CONTEXT),
             eos_token_ids: package.eos_token_ids(),
         };
-        let processor = Processor { info, package, family, tokenizer, template };
-        processor.check_consistency(&decoder.layout)?;
+        let codec = Codec { info, package, family, tokenizer, template };
+        codec.check_consistency(&decoder.layout)?;
         let vision_io = describe(vision.session());
         let vision = VisionWorker::start(vision)?;
-        Ok(Self { processor: Arc::new(processor), vision, vision_io, embedder, decoder, feature_cache: None })
+        Ok(Self { codec: Arc::new(codec), vision, vision_io, embedder, decoder, feature_cache: None })
     }
 
     /// Reuse the vision encoder's output for inputs `cache` has seen.
@@ -170,7 +169,7 @@ impl Model {
     }
 }
 
-impl Processor {
+impl Codec {
     /// A package whose graphs disagree with its config fails here, not mid-generation.
     fn check_consistency(&self, layout: &KvLayout) -> Result<(), EngineError> {
         let text = self.package.config.get("text_config").unwrap_or(&self.package.config);
@@ -191,15 +190,5 @@ impl Processor {
             )));
         }
         Ok(())
-    }
-}
-
-/// The processor's fields read as the model's own (`model.tokenizer`), since a model is its
-/// processor plus sessions.
-impl Deref for Model {
-    type Target = Processor;
-
-    fn deref(&self) -> &Processor {
-        &self.processor
     }
 }

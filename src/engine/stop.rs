@@ -3,9 +3,9 @@
 
 use serde::Serialize;
 
-/// Why a generation ended, in OpenAI's vocabulary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+/// Why a generation ended, in OpenAI's vocabulary ([`FinishReason::as_str`] everywhere: API
+/// bodies, CLI output, metric labels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// An end-of-sequence token or a stop string.
     Stop,
@@ -13,6 +13,22 @@ pub enum FinishReason {
     Length,
     /// The caller asked to stop (client gone, deadline).
     Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl Serialize for FinishReason {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
 }
 
 /// Stop conditions of one generation.

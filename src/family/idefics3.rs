@@ -11,7 +11,7 @@ use image::RgbImage;
 use ndarray::{Array3, Array4, s};
 use serde_json::Value;
 
-use super::settings::{CONFIG, PROCESSOR, Settings, config_int, invalid, positive, token_id};
+use super::settings::{CONFIG, ImageProcessorSettings, PROCESSOR, config_int, invalid, positive, token_id};
 use super::{
     Detail, Family, FamilyError, ImageBudget, ImageLayout, NamedTensor, ProcessedImages, TensorData,
     expand_placeholders,
@@ -64,7 +64,7 @@ impl Idefics3 {
     /// top-level keys; keys are looked up at the top level, then under `image_processor`).
     /// Absent keys take transformers' defaults.
     pub fn from_configs(config: &Value, processor: &Value) -> Result<Self, FamilyError> {
-        let settings = Settings(processor);
+        let settings = ImageProcessorSettings(processor);
         let tile = settings.longest_edge("max_image_size")?.unwrap_or(364);
         let longest_edge = match settings.flag("do_resize")? {
             true => Some(settings.longest_edge("size")?.unwrap_or(4 * 364)),

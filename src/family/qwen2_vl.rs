@@ -15,7 +15,7 @@ use image::RgbImage;
 use ndarray::{Array1, Array2, ArrayD, Axis, IxDyn};
 use serde_json::Value;
 
-use super::settings::{CONFIG, PROCESSOR, Settings, config_int, invalid, positive, token_id};
+use super::settings::{CONFIG, ImageProcessorSettings, PROCESSOR, config_int, invalid, positive, token_id};
 use super::{
     Detail, Family, FamilyError, ImageBudget, ImageLayout, NamedTensor, Positions, ProcessedImages, TensorData,
     expand_placeholders,
@@ -54,10 +54,10 @@ pub struct Qwen2Vl {
 
 impl Qwen2Vl {
     /// Read settings from `config.json` and the image-processor settings (either shape, see
-    /// [`Settings`]). Besides transformers' keys, `low_detail_max_pixels` (ours) sets what
+    /// [`ImageProcessorSettings`]). Besides transformers' keys, `low_detail_max_pixels` (ours) sets what
     /// `detail: low` allows.
     pub fn from_configs(config: &Value, processor: &Value) -> Result<Self, FamilyError> {
-        let settings = Settings(processor);
+        let settings = ImageProcessorSettings(processor);
         let count = |key: &str, default: i64| -> Result<usize, FamilyError> {
             positive(settings.int(key)?.unwrap_or(default), key)
         };

@@ -9,9 +9,9 @@ pub(super) const CONFIG: &str = "config.json";
 pub(super) const PROCESSOR: &str = "preprocessor_config.json";
 
 /// Image-processor settings, in either of the shapes packages store them.
-pub(super) struct Settings<'a>(pub &'a Value);
+pub(super) struct ImageProcessorSettings<'a>(pub &'a Value);
 
-impl<'a> Settings<'a> {
+impl<'a> ImageProcessorSettings<'a> {
     pub(super) fn get(&self, key: &str) -> Option<&'a Value> {
         let found = |v: &'a Value| v.get(key).filter(|v| !v.is_null());
         found(self.0).or_else(|| self.0.get("image_processor").and_then(found))

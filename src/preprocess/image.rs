@@ -68,6 +68,15 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, Prep
     Ok(to_rgb_like_pil(image))
 }
 
+/// The size an image's header claims, where it is within `limits`: `None` for anything
+/// [`decode_image`] would refuse on its header, which then says why.
+pub fn header_dimensions(bytes: &[u8], limits: &ImageLimits) -> Option<(u32, u32)> {
+    let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().ok()?;
+    reader.limits(header_limits(limits));
+    let (width, height) = reader.into_dimensions().ok()?;
+    check_dimensions(width, height, limits).ok().map(|()| (width, height))
+}
+
 /// Limits while reading the header: no dimension limits yet (we want to report the claimed size
 /// ourselves), but a memory cap for whatever a header parser buffers.
 fn header_limits(limits: &ImageLimits) -> Limits {

@@ -8,7 +8,7 @@ mod image;
 pub mod normalize;
 pub mod resize;
 
-pub use self::image::{ImageLimits, decode_image};
+pub use self::image::{ImageLimits, decode_image, header_dimensions};
 pub use resize::{Filter, resize};
 
 /// Errors from decoding and preparing images and prompts.

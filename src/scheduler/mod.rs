@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 pub use metrics::{Metrics, Stage};
 
 use crate::config::{ModelSettings, SchedulerSettings};
-use crate::engine::{Completion, EngineError, FeatureCache, GenerationParams, Limits, ModelOptions, Processor, Prompt};
+use crate::engine::{Codec, Completion, EngineError, FeatureCache, GenerationParams, Limits, ModelOptions, Prompt};
 use queue::Queue;
 
 /// Why the scheduler could not run a request.
@@ -142,7 +142,7 @@ impl Drop for CancelOnDrop {
 /// One loaded generation of a model: its processor and the queue its workers serve.
 pub struct Version {
     pub number: u64,
-    pub processor: Arc<Processor>,
+    pub codec: Arc<Codec>,
     pub settings: ModelSettings,
     pub loaded_at: std::time::SystemTime,
     queue: Arc<Queue>,
@@ -222,8 +222,8 @@ impl Drop for Permit {
 }
 
 impl Admission {
-    pub fn processor(&self) -> &Arc<Processor> {
-        &self.version.processor
+    pub fn codec(&self) -> &Arc<Codec> {
+        &self.version.codec
     }
 
     pub fn model(&self) -> &str {
@@ -337,7 +337,7 @@ impl Scheduler {
 
     /// Serve `version` from now on: one write, so a listing sees the old version or the new.
     fn install(&self, slot: &ModelSlot, version: Arc<Version>) {
-        tracing::info!(model = %slot.name, version = version.number, dir = %version.processor.info.dir.display(), "model ready");
+        tracing::info!(model = %slot.name, version = version.number, dir = %version.codec.info.dir.display(), "model ready");
         let mut serving = slot.write();
         serving.versions = version.number;
         serving.settings = version.settings.clone();
@@ -355,7 +355,7 @@ impl Scheduler {
     ) -> Result<Arc<Version>, SchedulerError> {
         let number = slot.read().versions + 1;
         let queue = Arc::new(Queue::default());
-        let processor = worker::spawn_workers(worker::WorkerSpec {
+        let codec = worker::spawn_workers(worker::WorkerSpec {
             model: slot.name.clone(),
             dir: settings.path.clone(),
             options: options.clone(),
@@ -375,7 +375,7 @@ impl Scheduler {
         })?;
         Ok(Arc::new(Version {
             number,
-            processor,
+            codec,
             settings: settings.clone(),
             loaded_at: std::time::SystemTime::now(),
             queue,
@@ -456,7 +456,7 @@ impl Scheduler {
         let graphs = current
             .as_ref()
             .map(|v| {
-                v.processor
+                v.codec
                     .info
                     .graphs
                     .iter()
@@ -472,8 +472,8 @@ impl Scheduler {
             state: serving.state,
             version: current.as_ref().map_or(0, |v| v.number),
             loaded_at: current.as_ref().map(|v| v.loaded_at),
-            family: current.as_ref().map(|v| v.processor.info.family),
-            context_length: current.as_ref().map(|v| v.processor.info.context_length),
+            family: current.as_ref().map(|v| v.codec.info.family),
+            context_length: current.as_ref().map(|v| v.codec.info.context_length),
             graphs,
             precision: serving.settings.precision.to_string(),
             last_error: serving.last_error.clone(),

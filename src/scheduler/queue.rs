@@ -24,7 +24,7 @@ struct Inner {
 impl Queue {
     /// Add a job; on a closed queue (which no submitter should see) the job fails at once.
     pub fn push(&self, job: Job) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.lock();
         if inner.closed {
             let _ = job.events.send(JobEvent::Failed(SchedulerError::WorkerGone));
             return;
@@ -36,7 +36,7 @@ impl Queue {
 
     /// The next job, waiting for one; `None` once closed and drained.
     pub fn pop(&self) -> Option<Job> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.lock();
         loop {
             if let Some(job) = inner.jobs.pop_front() {
                 return Some(job);
@@ -51,12 +51,18 @@ impl Queue {
     /// The next job if there is one and `fits` accepts it; never waits. The queue stays in
     /// order: a job that does not fit holds back the ones behind it.
     pub fn pop_if(&self, fits: impl FnOnce(&Job) -> bool) -> Option<Job> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.lock();
         if inner.jobs.front().is_some_and(fits) { inner.jobs.pop_front() } else { None }
     }
 
+    /// A panic while the lock was held left whole jobs in the queue, so a poisoned lock is
+    /// still usable.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn close(&self) {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.lock().closed = true;
         self.ready.notify_all();
     }
 }

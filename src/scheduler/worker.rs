@@ -13,8 +13,8 @@ use super::metrics::{Metrics, Stage};
 use super::queue::Queue;
 use super::{CancelToken, Job, JobEvent, SchedulerError};
 use crate::engine::{
-    Batch, Completion, EngineError, Event, FeatureCache, FinishReason, Flow, GenerationParams, KvLayout, Limits, Model,
-    ModelOptions, Processor, Step,
+    Batch, Codec, Completion, EngineError, Event, FeatureCache, FinishReason, Flow, GenerationParams, KvLayout, Limits,
+    Model, ModelOptions, Step,
 };
 use crate::preprocess::chat_template::ChatMessage;
 use prometheus::Histogram;
@@ -39,9 +39,9 @@ pub struct WorkerSpec {
 
 /// Start `spec.count` workers, each loading (and warming up) its own copy of the model.
 /// Returns once all are serving, or the first load error (the others then exit).
-pub fn spawn_workers(spec: WorkerSpec) -> Result<Arc<Processor>, SchedulerError> {
+pub fn spawn_workers(spec: WorkerSpec) -> Result<Arc<Codec>, SchedulerError> {
     let spec = Arc::new(spec);
-    let (tx, rx) = mpsc::channel::<Result<Arc<Processor>, EngineError>>();
+    let (tx, rx) = mpsc::channel::<Result<Arc<Codec>, EngineError>>();
     for index in 0..spec.count {
         let worker_spec = spec.clone();
         let tx = tx.clone();
@@ -49,7 +49,7 @@ pub fn spawn_workers(spec: WorkerSpec) -> Result<Arc<Processor>, SchedulerError>
             let spec = worker_spec;
             let model = match load(&spec) {
                 Ok(model) => {
-                    let _ = tx.send(Ok(model.processor.clone()));
+                    let _ = tx.send(Ok(model.codec.clone()));
                     model
                 }
                 Err(e) => {
@@ -87,7 +87,7 @@ fn load(spec: &WorkerSpec) -> Result<Model, EngineError> {
     let start = Instant::now();
     let mut model = Model::load(&spec.dir, &spec.options)?.with_feature_cache(spec.feature_cache.clone());
     if spec.warmup {
-        let prompt = model.prepare(&[ChatMessage::user(0, "Hello")], &[], &[])?;
+        let prompt = model.codec.prepare(&[ChatMessage::user(0, "Hello")], &[], &[])?;
         let params = GenerationParams { max_new_tokens: 1, ..GenerationParams::default() };
         model.generate(prompt, &params, &mut |_| Flow::Continue)?;
     }
@@ -102,18 +102,18 @@ fn serve(mut model: Model, spec: &WorkerSpec) {
         if batch.is_empty() {
             // Idle: wait for work.
             let Some(job) = spec.queue.pop() else { break };
-            admit(&mut batch, &model, job, spec);
+            start_job(&mut batch, &model, job, spec);
         }
         while batch.len() < spec.max_batch_size {
             let held: Vec<usize> = batch.tags().map(|a| a.reserved).collect();
             let fits = |job: &Job| fits_budget(&held, reservation(job, &layout), spec.max_kv_bytes);
             let Some(job) = spec.queue.pop_if(fits) else { break };
-            admit(&mut batch, &model, job, spec);
+            start_job(&mut batch, &model, job, spec);
         }
         // A client that leaves while its images are encoded or its prompt prefilled stops costing
         // compute at once, not at its first token.
         for _ in batch.withdraw(|active| active.cancel.is_cancelled() || active.events.is_closed()) {
-            spec.metrics.finished.with_label_values(&[&spec.model, "cancelled"]).inc();
+            spec.metrics.finished.with_label_values(&[&spec.model, FinishReason::Cancelled.as_str()]).inc();
         }
         if batch.is_empty() {
             continue;
@@ -167,9 +167,9 @@ fn record_step(spec: &WorkerSpec, step: &Step<Active>, kv_bytes: usize) {
 }
 
 /// Marks a job running for as long as it lives, so the gauges stay right even on panic.
-struct Running<'a>(&'a WorkerSpec);
+struct RunningGuard<'a>(&'a WorkerSpec);
 
-impl<'a> Running<'a> {
+impl<'a> RunningGuard<'a> {
     fn start(spec: &'a WorkerSpec) -> Self {
         spec.running.fetch_add(1, Ordering::SeqCst);
         spec.metrics.update_queue(&spec.model, &spec.in_flight, &spec.running);
@@ -177,7 +177,7 @@ impl<'a> Running<'a> {
     }
 }
 
-impl Drop for Running<'_> {
+impl Drop for RunningGuard<'_> {
     fn drop(&mut self) {
         self.0.running.fetch_sub(1, Ordering::SeqCst);
         self.0.metrics.update_queue(&self.0.model, &self.0.in_flight, &self.0.running);
@@ -199,18 +199,18 @@ struct Active<'a> {
     reserved: usize,
     ttft: Histogram,
     itl: Histogram,
-    _running: Running<'a>,
+    _running: RunningGuard<'a>,
 }
 
 /// Move a queued job into the batch, unless its client left or its deadline passed.
-fn admit<'a>(batch: &mut Batch<Active<'a>>, model: &Model, job: Job, spec: &'a WorkerSpec) {
+fn start_job<'a>(batch: &mut Batch<Active<'a>>, model: &Model, job: Job, spec: &'a WorkerSpec) {
     let name = spec.model.as_str();
     let metrics = &spec.metrics;
     let finished = |reason: &str| metrics.finished.with_label_values(&[name, reason]).inc();
     let started = Instant::now();
     metrics.queue_duration.with_label_values(&[name]).observe((started - job.enqueued).as_secs_f64());
     if job.cancel.is_cancelled() || job.events.is_closed() {
-        finished("cancelled");
+        finished(FinishReason::Cancelled.as_str());
         return;
     }
     let timeout_s = job.timeout.map_or(0.0, |t| t.as_secs_f64());
@@ -232,9 +232,9 @@ fn admit<'a>(batch: &mut Batch<Active<'a>>, model: &Model, job: Job, spec: &'a W
         has_images: job.prompt.images.is_some(),
         ttft: metrics.time_to_first_token.with_label_values(&[name]),
         itl: metrics.inter_token_latency.with_label_values(&[name]),
-        _running: Running::start(spec),
+        _running: RunningGuard::start(spec),
     };
-    if let Err((active, e)) = batch.admit(model, active, job.prompt, &job.params) {
+    if let Err((active, e)) = batch.add(model, active, job.prompt, &job.params) {
         report(active, Err(e), spec);
     }
 }
@@ -289,17 +289,16 @@ fn report(active: Active, result: Result<Completion, EngineError>, spec: &Worker
                 }
                 FinishReason::Cancelled => {
                     tracing::debug!(model = name, tokens = completion.token_ids.len(), "generation cancelled");
-                    finished("cancelled");
+                    finished(FinishReason::Cancelled.as_str());
                 }
                 reason => {
-                    let reason = if reason == FinishReason::Stop { "stop" } else { "length" };
-                    finished(reason);
+                    finished(reason.as_str());
                     // Counts and times only: never prompt text or images at info level.
                     tracing::info!(
                         model = name,
                         prompt_tokens = completion.prompt_tokens,
                         completion_tokens = completion.token_ids.len(),
-                        finish = reason,
+                        finish = reason.as_str(),
                         queued_s = (active.started - active.enqueued).as_secs_f64(),
                         ttft_s = t.time_to_first_token_s,
                         total_s = active.started.elapsed().as_secs_f64(),

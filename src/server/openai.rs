@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::errors::ApiError;
 use super::request::{self, PrepareInput, RemoteImages, RequestImage, Running, Started};
-use crate::engine::{Completion, FinishReason, GenerationParams, SamplingParams};
+use crate::engine::{Completion, GenerationParams, SamplingParams};
 use crate::family::{Detail, ImageBudget};
 use crate::preprocess::ImageLimits;
 use crate::preprocess::chat_template::{ChatMessage, ContentPart};
@@ -144,14 +144,9 @@ impl ChatRequest {
             seed: self.seed.map(|s| s as u64),
         };
         sampling.validate().map_err(ApiError::from)?;
-        let requested = self.max_completion_tokens.or(self.max_tokens);
-        let max_new_tokens = match requested {
-            Some(0) => {
-                return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1"));
-            }
-            Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
-            None => 1,
-        };
+        let requested = request::requested_max_tokens(self.max_completion_tokens.or(self.max_tokens))?;
+        // Without a request's own, PrepareInput::default_max_tokens sets it.
+        let max_new_tokens = requested.unwrap_or(1);
         let params = GenerationParams { sampling, max_new_tokens, stop, ignore_eos: self.ignore_eos.unwrap_or(false) };
         Ok((params, requested.is_none()))
     }
@@ -308,29 +303,12 @@ pub async fn chat_completions(
     Ok(HttpResponse::Ok().json(completion_body(&id, created, &model, &completion, return_ids)))
 }
 
-fn finish_reason(reason: FinishReason) -> &'static str {
-    match reason {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-        FinishReason::Cancelled => "cancelled",
-    }
-}
-
-fn usage(completion: &Completion) -> Value {
-    let generated = completion.token_ids.len();
-    json!({
-        "prompt_tokens": completion.prompt_tokens,
-        "completion_tokens": generated,
-        "total_tokens": completion.prompt_tokens + generated,
-    })
-}
-
 fn completion_body(id: &str, created: u64, model: &str, completion: &Completion, return_ids: bool) -> Value {
     let mut choice = json!({
         "index": 0,
         "message": {"role": "assistant", "content": completion.text},
         "logprobs": null,
-        "finish_reason": finish_reason(completion.finish_reason),
+        "finish_reason": completion.finish_reason.as_str(),
     });
     if return_ids {
         choice["token_ids"] = json!(completion.token_ids);
@@ -341,7 +319,7 @@ fn completion_body(id: &str, created: u64, model: &str, completion: &Completion,
         "created": created,
         "model": model,
         "choices": [choice],
-        "usage": usage(completion),
+        "usage": completion.usage(),
         "system_fingerprint": null,
     })
 }
@@ -405,12 +383,12 @@ impl ChatStream {
                 return Some(Bytes::from(out));
             }
             Some(JobEvent::Done(completion)) => {
-                let last = self.chunk(json!({}), Some(finish_reason(completion.finish_reason)), None);
+                let last = self.chunk(json!({}), Some(completion.finish_reason.as_str()), None);
                 out.push_str(&Self::event(&last));
                 if self.include_usage {
                     let mut usage_chunk = self.chunk(json!({}), None, None);
                     usage_chunk["choices"] = json!([]);
-                    usage_chunk["usage"] = usage(&completion);
+                    usage_chunk["usage"] = json!(completion.usage());
                     out.push_str(&Self::event(&usage_chunk));
                 }
             }

@@ -1,7 +1,6 @@
 //! What the chat and VQA endpoints share: reading a bounded body, images from data URLs or
 //! bytes, preparing the prompt off the async threads, and running the job.
 
-use std::io::Cursor;
 use std::time::Instant;
 
 use actix_web::HttpRequest;
@@ -12,10 +11,10 @@ use futures_util::StreamExt;
 
 use super::AppState;
 use super::errors::ApiError;
-use crate::engine::{Completion, EngineError, GenerationParams, Processor, Prompt};
+use crate::engine::{Codec, Completion, EngineError, GenerationParams, Prompt};
 use crate::family::ImageBudget;
 use crate::preprocess::chat_template::ChatMessage;
-use crate::preprocess::{ImageLimits, decode_image};
+use crate::preprocess::{ImageLimits, decode_image, header_dimensions};
 use crate::scheduler::{Admission, CancelOnDrop, CancelToken, JobEvent, SchedulerError, Stage};
 
 /// The request body, refused with 413 once over `limit` (from `Content-Length` before reading).
@@ -220,7 +219,7 @@ pub struct Prepared {
 /// Check image sizes (from headers) and the token budget, decode, render and tokenize, and
 /// check the prompt against the context. Blocking: run it in `web::block`.
 fn prepare_blocking(
-    processor: &Processor,
+    codec: &Codec,
     input: PrepareInput,
     limits: &ImageLimits,
     remote: Option<&RemoteImages>,
@@ -238,20 +237,12 @@ fn prepare_blocking(
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let context = processor.info.context_length;
+    let context = codec.info.context_length;
     // Image tokens are known from the headers: refuse over-budget requests before any pixel work.
     let mut image_tokens = 0usize;
     for (bytes, budget) in images.iter().zip(&budgets) {
-        let dims = image::ImageReader::new(Cursor::new(bytes.as_slice()))
-            .with_guessed_format()
-            .ok()
-            .and_then(|r| r.into_dimensions().ok());
-        if let Some((w, h)) = dims
-            && w <= limits.max_side
-            && h <= limits.max_side
-            && u64::from(w) * u64::from(h) <= limits.max_pixels
-        {
-            image_tokens += processor.family.image_tokens_for_size(w, h, *budget);
+        if let Some((w, h)) = header_dimensions(bytes, limits) {
+            image_tokens += codec.family.image_tokens_for_size(w, h, *budget);
         }
     }
     let min_new = if default_max_tokens.is_some() { 1 } else { params.max_new_tokens };
@@ -271,11 +262,11 @@ fn prepare_blocking(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let image_decode_s = start.elapsed().as_secs_f64();
-    let prompt = processor.prepare(&messages, &decoded, &budgets)?;
+    let prompt = codec.prepare(&messages, &decoded, &budgets)?;
     if let Some(default) = default_max_tokens {
         params.max_new_tokens = default.min(context.saturating_sub(prompt.input_ids.len())).max(1);
     }
-    processor.check_prompt(&prompt, &params)?;
+    codec.check_prompt(&prompt, &params)?;
     Ok(Prepared { prompt, params, image_decode_s })
 }
 
@@ -303,10 +294,10 @@ pub async fn start(
 
 /// Prepare on the blocking pool.
 async fn prepare(state: &AppState, admission: &Admission, input: PrepareInput) -> Result<Prepared, ApiError> {
-    let processor = admission.processor().clone();
+    let codec = admission.codec().clone();
     let limits = state.image_limits;
     let remote = state.remote_images.clone();
-    let prepared = web::block(move || prepare_blocking(&processor, input, &limits, remote.as_deref()))
+    let prepared = web::block(move || prepare_blocking(&codec, input, &limits, remote.as_deref()))
         .await
         .map_err(|e| ApiError::internal(format!("preprocessing was interrupted: {e}")))??;
     state.metrics.stage(admission.model(), Stage::ImageDecode, prepared.image_decode_s);
@@ -353,14 +344,16 @@ fn model_name(state: &AppState, requested: Option<&str>) -> Result<String, ApiEr
     }
 }
 
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+/// `max_tokens` as every endpoint takes it: at least 1; `None` when absent, where the server's
+/// default applies (see [`PrepareInput::default_max_tokens`]).
+pub fn requested_max_tokens(requested: Option<u64>) -> Result<Option<usize>, ApiError> {
+    match requested {
+        Some(0) => Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1")),
+        Some(n) => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
+        None => Ok(None),
+    }
 }
 
-/// Timings as reported by `/v1/vqa` (and `ask --json`).
-pub fn timings_json(completion: &Completion, image_decode_s: f64) -> serde_json::Value {
-    let mut timings = serde_json::to_value(&completion.timings).unwrap_or_default();
-    timings["image_decode_s"] = image_decode_s.into();
-    timings["decode_tokens_per_second"] = completion.timings.decode_tokens_per_second().into();
-    timings
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

@@ -66,34 +66,24 @@ pub async fn vqa(
         ..SamplingParams::default()
     };
     sampling.validate()?;
-    let max_new_tokens = match fields.max_tokens {
-        Some(0) => {
-            return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1"));
-        }
-        Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
-        None => 1,
-    };
-    let params = GenerationParams { sampling, max_new_tokens, ..GenerationParams::default() };
+    let requested = request::requested_max_tokens(fields.max_tokens)?;
+    // Without a request's own, PrepareInput::default_max_tokens sets it.
+    let params = GenerationParams { sampling, max_new_tokens: requested.unwrap_or(1), ..GenerationParams::default() };
     let input = PrepareInput {
         messages: vec![ChatMessage::user(1, question)],
         images: vec![RequestImage { source: ImageSource::Bytes(image), budget: ImageBudget::default() }],
         params,
-        default_max_tokens: fields.max_tokens.is_none().then_some(state.default_max_tokens),
+        default_max_tokens: requested.is_none().then_some(state.default_max_tokens),
     };
     let Started { model, image_decode_s, running } =
         request::start(&state, fields.model.as_deref(), input, arrived).await?;
     let completion = request::collect(running).await?;
-    let generated = completion.token_ids.len();
     Ok(HttpResponse::Ok().json(json!({
         "answer": completion.text,
         "model": model,
         "finish_reason": completion.finish_reason,
-        "usage": {
-            "prompt_tokens": completion.prompt_tokens,
-            "completion_tokens": generated,
-            "total_tokens": completion.prompt_tokens + generated,
-        },
-        "timings": request::timings_json(&completion, image_decode_s),
+        "usage": completion.usage(),
+        "timings": completion.timings_report(image_decode_s),
     })))
 }
 

@@ -52,6 +52,24 @@ pub fn root() -> PathBuf {
     std::env::var_os("VLMSERVE_REPO").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }
 
+/// The vlmserve binary cargo built for these tests.
+pub fn vlmserve() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_vlmserve"))
+}
+
+/// Copy a folder tree (a fixture package to change in a test).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
 /// Every graph's execution providers: `VLMSERVE_TEST_PROVIDERS` as JSON
 /// (`[{"kind": "cuda"}]`, the GPU check's setting), else the CPU default.
 pub fn test_providers() -> GraphOptions {
