@@ -4,7 +4,10 @@ use std::time::Instant;
 
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
+use std::num::NonZeroU64;
+
 use serde::Deserialize;
+use serde::de::{self, Deserializer};
 use serde_json::{Value, json};
 
 use super::AppState;
@@ -12,7 +15,6 @@ use super::errors::ApiError;
 use super::request::{self, PrepareInput, RemoteImages, RequestImage, Running, Started};
 use crate::engine::{Completion, GenerationParams, SamplingParams};
 use crate::family::{Detail, ImageBudget};
-use crate::preprocess::ImageLimits;
 use crate::preprocess::chat_template::{ChatMessage, ContentPart};
 use crate::scheduler::{JobEvent, SchedulerError};
 
@@ -152,36 +154,134 @@ impl ChatRequest {
     }
 }
 
-/// `image_url.detail` (OpenAI: `auto`, `low`, `high`) and `image_url.max_pixels` (ours: the
-/// largest area the image may be resized to); the model's processor settings cap both.
-fn image_budget(image_url: Option<&Value>, param: &str) -> Result<ImageBudget, ApiError> {
-    let Some(Value::Object(fields)) = image_url else { return Ok(ImageBudget::default()) };
-    let detail = match fields.get("detail") {
-        None | Some(Value::Null) => Some(Detail::Auto),
-        Some(Value::String(d)) => d.parse().ok(),
-        Some(_) => None,
-    };
-    let Some(detail) = detail else {
-        let param = format!("{param}.detail");
-        return Err(ApiError::invalid_param(&param, format!("{param} must be \"auto\", \"low\" or \"high\"")));
-    };
-    let max_pixels = match fields.get("max_pixels") {
-        None | Some(Value::Null) => None,
-        Some(v) => match v.as_u64().filter(|&n| n > 0) {
-            Some(n) => Some(n),
-            None => {
-                let param = format!("{param}.max_pixels");
-                return Err(ApiError::invalid_param(&param, format!("{param} must be a positive integer")));
-            }
-        },
-    };
-    Ok(ImageBudget { detail, max_pixels })
+/// One message as OpenAI sends it.
+#[derive(Debug, Deserialize)]
+struct WireMessage {
+    role: Role,
+    #[serde(default)]
+    content: Content,
 }
 
-/// OpenAI messages as chat-template messages, plus the image bytes in order.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Role {
+    System,
+    /// OpenAI's newer name for `system`.
+    Developer,
+    User,
+    Assistant,
+}
+
+impl Role {
+    fn template_role(&self) -> &'static str {
+        match self {
+            Role::System | Role::Developer => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// A message's content: a string, a list of parts, or nothing.
+#[derive(Debug, Default)]
+struct Content(Vec<Part>);
+
+/// A content part. A plain struct rather than an enum tagged by `type`, so that an error
+/// inside it still names its field (`...image_url.detail`).
+#[derive(Debug, Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: PartKind,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    image_url: Option<ImageUrl>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum PartKind {
+    #[serde(alias = "input_text")]
+    Text,
+    ImageUrl,
+}
+
+/// `image_url`: the URL alone, or `{url, detail, max_pixels}`. `detail` is OpenAI's (`auto`,
+/// `low`, `high`); `max_pixels` ours, a cap under the model's own budget.
+#[derive(Debug)]
+struct ImageUrl {
+    url: String,
+    detail: Option<Detail>,
+    max_pixels: Option<NonZeroU64>,
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = Content;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or a list of parts")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Content, E> {
+                Ok(Content::default())
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Content, E> {
+                Ok(Content::default())
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Content, E> {
+                Ok(Content(vec![Part { kind: PartKind::Text, text: Some(text.to_string()), image_url: None }]))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Content, A::Error> {
+                let mut parts = Vec::new();
+                while let Some(part) = seq.next_element()? {
+                    parts.push(part);
+                }
+                Ok(Content(parts))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for ImageUrl {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(remote = "ImageUrl")]
+        struct Fields {
+            url: String,
+            #[serde(default, deserialize_with = "detail")]
+            detail: Option<Detail>,
+            #[serde(default)]
+            max_pixels: Option<NonZeroU64>,
+        }
+        struct Visitor;
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = ImageUrl;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a URL or {url, detail, max_pixels}")
+            }
+            fn visit_str<E: de::Error>(self, url: &str) -> Result<ImageUrl, E> {
+                Ok(ImageUrl { url: url.to_string(), detail: None, max_pixels: None })
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<ImageUrl, A::Error> {
+                Fields::deserialize(de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+fn detail<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Detail>, D::Error> {
+    Option::<String>::deserialize(deserializer)?
+        .map(|d| d.parse().map_err(|_| de::Error::custom("must be \"auto\", \"low\" or \"high\"")))
+        .transpose()
+}
+
+/// OpenAI messages as chat-template messages, plus the images in order. Each message is read
+/// into the types above; an error names the field it is about (`messages[0].content[1].type`).
 fn parse_messages(
     messages: &[Value],
-    limits: &ImageLimits,
     max_images: usize,
     remote: Option<&RemoteImages>,
 ) -> Result<(Vec<ChatMessage>, Vec<RequestImage>), ApiError> {
@@ -189,84 +289,42 @@ fn parse_messages(
     let mut images = Vec::new();
     for (i, message) in messages.iter().enumerate() {
         let at = format!("messages[{i}]");
-        let Some(object) = message.as_object() else {
-            return Err(ApiError::invalid_param(&at, format!("{at} must be an object")));
-        };
-        let role = match object.get("role").and_then(Value::as_str) {
-            Some("developer") => "system",
-            Some(role @ ("system" | "user" | "assistant")) => role,
-            Some(other) => {
-                return Err(ApiError::invalid_param(
-                    &format!("{at}.role"),
-                    format!("{at}.role {other:?} is not supported (system, user, assistant)"),
-                ));
-            }
-            None => {
-                return Err(ApiError::invalid_param(
-                    &format!("{at}.role"),
-                    format!("{at}.role is missing or not a string"),
-                ));
-            }
-        };
-        let mut content = Vec::new();
-        match object.get("content") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(text)) => content.push(ContentPart::Text { text: text.clone() }),
-            Some(Value::Array(parts)) => {
-                for (j, part) in parts.iter().enumerate() {
-                    let at = format!("{at}.content[{j}]");
-                    match part.get("type").and_then(Value::as_str) {
-                        Some("text" | "input_text") => {
-                            let Some(text) = part.get("text").and_then(Value::as_str) else {
-                                return Err(ApiError::invalid_param(&at, format!("{at}.text must be a string")));
-                            };
-                            content.push(ContentPart::Text { text: text.to_string() });
-                        }
-                        Some("image_url") => {
-                            let url = match part.get("image_url") {
-                                Some(Value::String(url)) => Some(url.as_str()),
-                                Some(object) => object.get("url").and_then(Value::as_str),
-                                None => None,
-                            };
-                            let Some(url) = url else {
-                                return Err(ApiError::invalid_param(
-                                    &at,
-                                    format!("{at}.image_url.url must be a string"),
-                                ));
-                            };
-                            if images.len() == max_images {
-                                return Err(ApiError::too_large(
-                                    "too_many_images",
-                                    format!("more than {max_images} images in one request"),
-                                )
-                                .with_param(&at));
-                            }
-                            let param = format!("{at}.image_url");
-                            let source = request::image_from_url(url, &param, limits, remote)?;
-                            let budget = image_budget(part.get("image_url"), &param)?;
-                            images.push(RequestImage { source, budget });
-                            content.push(ContentPart::Image);
-                        }
-                        Some(other) => {
-                            return Err(ApiError::invalid_param(
-                                &at,
-                                format!("{at}.type {other:?} is not supported (text, image_url)"),
-                            ));
-                        }
-                        None => {
-                            return Err(ApiError::invalid_param(&at, format!("{at}.type is missing")));
-                        }
+        let message: WireMessage = serde_path_to_error::deserialize(message).map_err(|e| {
+            let param = match e.path().to_string().as_str() {
+                "." => at.clone(),
+                path => format!("{at}.{path}"),
+            };
+            ApiError::invalid_param(&param, format!("{param}: {}", e.inner()))
+        })?;
+        let mut content = Vec::with_capacity(message.content.0.len());
+        for (j, part) in message.content.0.into_iter().enumerate() {
+            let missing = |field: &str| {
+                let param = format!("{at}.content[{j}].{field}");
+                ApiError::invalid_param(&param, format!("{param} is missing"))
+            };
+            match part.kind {
+                PartKind::Text => content.push(ContentPart::Text { text: part.text.ok_or_else(|| missing("text"))? }),
+                PartKind::ImageUrl => {
+                    let image_url = part.image_url.ok_or_else(|| missing("image_url"))?;
+                    let param = format!("{at}.content[{j}].image_url");
+                    if images.len() == max_images {
+                        return Err(ApiError::too_large(
+                            "too_many_images",
+                            format!("more than {max_images} images in one request"),
+                        )
+                        .with_param(&param));
                     }
+                    let source = request::image_from_url(&image_url.url, &param, remote)?;
+                    let budget = ImageBudget {
+                        detail: image_url.detail.unwrap_or_default(),
+                        max_pixels: image_url.max_pixels.map(NonZeroU64::get),
+                    };
+                    images.push(RequestImage { source, budget });
+                    content.push(ContentPart::Image);
                 }
             }
-            Some(_) => {
-                return Err(ApiError::invalid_param(
-                    &format!("{at}.content"),
-                    format!("{at}.content must be a string or a list of parts"),
-                ));
-            }
         }
-        out.push(ChatMessage { role: role.to_string(), content });
+        out.push(ChatMessage { role: message.role.template_role().to_string(), content });
     }
     Ok((out, images))
 }
@@ -282,8 +340,7 @@ pub async fn chat_completions(
     drop(body);
     request.check_supported()?;
     let (params, use_default) = request.params(state.default_temperature)?;
-    let (messages, images) =
-        parse_messages(&request.messages, &state.image_limits, state.max_images, state.remote_images.as_deref())?;
+    let (messages, images) = parse_messages(&request.messages, state.max_images, state.remote_images.as_deref())?;
     let input =
         PrepareInput { messages, images, params, default_max_tokens: use_default.then_some(state.default_max_tokens) };
     let Started { model, running, .. } = request::start(&state, request.model.as_deref(), input, arrived).await?;
@@ -454,10 +511,6 @@ mod tests {
     use super::*;
     use crate::server::request::ImageSource;
 
-    fn limits() -> ImageLimits {
-        ImageLimits { max_pixels: 1 << 20, max_side: 1024, max_bytes: 1 << 20 }
-    }
-
     #[test]
     fn messages_with_text_and_images() {
         let png = "data:image/png;base64,iVBORw0KGgo=";
@@ -465,11 +518,12 @@ mod tests {
             json!({"role": "system", "content": "Be brief."}),
             json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}}, {"type": "text", "text": "What?"}]}),
         ];
-        let (out, images) = parse_messages(&messages, &limits(), 4, None).unwrap();
+        let (out, images) = parse_messages(&messages, 4, None).unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(out[1].content[0], ContentPart::Image);
         assert_eq!(images.len(), 1);
-        assert!(matches!(&images[0].source, ImageSource::Bytes(b) if b.starts_with(b"\x89PNG")));
+        // Base64 is decoded while preparing, off the async threads.
+        assert!(matches!(&images[0].source, ImageSource::Base64 { data, .. } if data == "iVBORw0KGgo="));
         assert_eq!(images[0].budget, ImageBudget::default());
     }
 
@@ -478,7 +532,7 @@ mod tests {
         let part =
             |image_url: Value| json!({"role": "user", "content": [{"type": "image_url", "image_url": image_url}]});
         let png = "data:image/png;base64,iVBORw0KGgo=";
-        let parse = |image_url| parse_messages(&[part(image_url)], &limits(), 4, None);
+        let parse = |image_url| parse_messages(&[part(image_url)], 4, None);
         let (_, images) = parse(json!({"url": png, "detail": "low", "max_pixels": 50000})).unwrap();
         assert_eq!(images[0].budget, ImageBudget { detail: Detail::Low, max_pixels: Some(50000) });
         for bad in [
@@ -497,11 +551,16 @@ mod tests {
 
     #[test]
     fn bad_messages_are_400_or_413() {
-        let status = |m: Value, max: usize| parse_messages(&[m], &limits(), max, None).unwrap_err().status.as_u16();
+        let error = |m: Value, max: usize| parse_messages(&[m], max, None).unwrap_err();
+        let status = |m: Value, max: usize| error(m, max).status.as_u16();
         assert_eq!(status(json!({"role": "tool", "content": "x"}), 4), 400);
         assert_eq!(status(json!({"role": "user", "content": 3}), 4), 400);
-        let bad64 = json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]});
-        assert_eq!(status(bad64, 4), 400);
+        let audio = json!({"role": "user", "content": ["x", {"type": "input_audio"}]});
+        assert_eq!(error(audio, 4).param.as_deref(), Some("messages[0].content[0]"));
+        let no_text = json!({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text"}]});
+        assert_eq!(error(no_text, 4).param.as_deref(), Some("messages[0].content[1].text"));
+        let no_url = json!({"role": "user", "content": [{"type": "image_url", "image_url": {"detail": "low"}}]});
+        assert_eq!(error(no_url, 4).param.as_deref(), Some("messages[0].content[0].image_url"));
         let remote = json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]});
         assert_eq!(status(remote, 4), 400);
         let one = json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}});

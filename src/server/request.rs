@@ -56,7 +56,15 @@ pub struct RequestImage {
 /// An image as a request gives it: bytes, or a remote URL fetched while preparing.
 pub enum ImageSource {
     Bytes(Vec<u8>),
-    Remote { url: String, param: String },
+    /// Decoded while preparing, off the async threads.
+    Base64 {
+        data: String,
+        param: String,
+    },
+    Remote {
+        url: String,
+        param: String,
+    },
 }
 
 /// Never prints image bytes.
@@ -64,6 +72,7 @@ impl std::fmt::Debug for ImageSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ImageSource::Bytes(bytes) => write!(f, "Bytes({} bytes)", bytes.len()),
+            ImageSource::Base64 { param, data } => write!(f, "Base64({param}, {} characters)", data.len()),
             ImageSource::Remote { param, .. } => write!(f, "Remote({param})"),
         }
     }
@@ -127,12 +136,7 @@ impl RemoteImages {
 }
 
 /// An image from a `data:` URL (`data:image/png;base64,...`), or an allowed remote URL.
-pub fn image_from_url(
-    url: &str,
-    param: &str,
-    limits: &ImageLimits,
-    remote: Option<&RemoteImages>,
-) -> Result<ImageSource, ApiError> {
+pub fn image_from_url(url: &str, param: &str, remote: Option<&RemoteImages>) -> Result<ImageSource, ApiError> {
     let url = url.trim();
     let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
     if lower.starts_with("http://") || lower.starts_with("https://") {
@@ -155,11 +159,12 @@ pub fn image_from_url(
         }
         return Ok(ImageSource::Remote { url: url.to_string(), param: param.to_string() });
     }
-    data_url(url, param, limits).map(ImageSource::Bytes)
+    let data = data_url(url, param)?;
+    Ok(ImageSource::Base64 { data: data.to_string(), param: param.to_string() })
 }
 
-/// Image bytes from a `data:` URL.
-pub fn data_url(url: &str, param: &str, limits: &ImageLimits) -> Result<Vec<u8>, ApiError> {
+/// The base64 payload of a `data:` URL.
+pub fn data_url<'a>(url: &'a str, param: &str) -> Result<&'a str, ApiError> {
     let Some(rest) = url.strip_prefix("data:") else {
         return Err(ApiError::invalid_param(param, "image URL must be a data: URL (data:image/png;base64,...)")
             .with_code("invalid_image_url"));
@@ -173,7 +178,7 @@ pub fn data_url(url: &str, param: &str, limits: &ImageLimits) -> Result<Vec<u8>,
         return Err(ApiError::invalid_param(param, "data: URL must be base64-encoded (;base64,)")
             .with_code("invalid_image_url"));
     }
-    decode_base64(data, param, limits)
+    Ok(data)
 }
 
 /// Standard base64 (padding optional, whitespace ignored), size-checked before decoding.
@@ -230,6 +235,7 @@ fn prepare_blocking(
         .into_iter()
         .map(|image| match (image.source, remote) {
             (ImageSource::Bytes(bytes), _) => Ok(bytes),
+            (ImageSource::Base64 { data, param }, _) => decode_base64(&data, &param, limits),
             (ImageSource::Remote { url, param }, Some(remote)) => remote.fetch(&url, &param),
             (ImageSource::Remote { param, .. }, None) => {
                 Err(ApiError::invalid_param(&param, "remote image URLs are not enabled")

@@ -44,16 +44,18 @@ pub async fn vqa(
     let content_type =
         req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let (fields, image) = if content_type.starts_with("multipart/form-data") {
-        from_multipart(&req, body).await?
+        let (fields, bytes) = from_multipart(&req, body).await?;
+        (fields, ImageSource::Bytes(bytes))
     } else {
         let mut fields: VqaRequest = request::parse_json(&body)?;
-        let image = match fields.image.take() {
+        let data = match fields.image.take() {
             Some(data) if data.trim_start().starts_with("data:") => {
-                request::data_url(data.trim(), "image", &state.image_limits)?
+                request::data_url(data.trim(), "image")?.to_string()
             }
-            Some(data) => request::decode_base64(&data, "image", &state.image_limits)?,
+            Some(data) => data,
             None => return Err(ApiError::invalid_param("image", "image is required")),
         };
+        let image = ImageSource::Base64 { data, param: "image".into() };
         (fields, image)
     };
     let question = fields.question.as_deref().map(str::trim).unwrap_or_default();
@@ -71,7 +73,7 @@ pub async fn vqa(
     let params = GenerationParams { sampling, max_new_tokens: requested.unwrap_or(1), ..GenerationParams::default() };
     let input = PrepareInput {
         messages: vec![ChatMessage::user(1, question)],
-        images: vec![RequestImage { source: ImageSource::Bytes(image), budget: ImageBudget::default() }],
+        images: vec![RequestImage { source: image, budget: ImageBudget::default() }],
         params,
         default_max_tokens: requested.is_none().then_some(state.default_max_tokens),
     };
