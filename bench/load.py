@@ -66,9 +66,8 @@ queue_size = 256
 image_feature_cache_mb = 0
 """
     )
-    binary = REPO / "target" / "release" / "vlmserve"
     proc = subprocess.Popen(
-        [str(binary), "serve", "--config", str(config)],
+        [str(args.binary), "serve", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=open(workdir / "server.log", "w"),
         text=True,
@@ -225,6 +224,7 @@ def main() -> None:
     parser.add_argument("--cuda", action="store_true", help="run every graph on the CUDA provider")
     parser.add_argument("--vision-threads", type=int, help="intra-op threads of the vision encoder")
     parser.add_argument("--out", type=Path, help="markdown file to write the table into")
+    parser.add_argument("--binary", type=Path, default=REPO / "target/release/vlmserve", help="the build to serve")
     args = parser.parse_args()
 
     image = base64.b64encode((REPO / args.image).read_bytes()).decode()

@@ -205,13 +205,12 @@ def to_int8_blockwise(src: Path, dst: Path) -> None:
     """MatMulNBits: symmetric 8-bit weights in blocks of 128 along K, int8 compute.
 
     A decode step reads every weight for one token. Dynamic quantization spends five
-    nodes on each matmul (quantize the activations, MatMulInteger, cast, two scales),
-    and on the SmolVLM-256M-shaped decoder those small nodes made the step only 1.5x
-    faster than fp32; one MatMulNBits node per matmul makes it 2.3x, with less logit
-    error (a scale per block of 128, not per tensor: 0.028 against 0.044 at one step).
-    Accuracy level 4 quantizes each activation row per block to int8 and runs VNNI dot
-    products; levels 0-3 dequantize the weights to float on every call, 25x slower. Blocks of 32 or 64 were slower on
-    a long prefill (1153 tokens: 6.0 s and 4.0 s against 3.4 s) for little accuracy.
+    nodes on each matmul (quantize the activations, MatMulInteger, cast, two scales);
+    one MatMulNBits node per matmul is faster, with less logit error (a scale per block
+    of 128, not per tensor). Accuracy level 4 quantizes each activation row per block to
+    int8 and runs VNNI dot products; levels 0-3 dequantize the weights to float on every
+    call. Smaller blocks were slower on a long prefill for little accuracy. The figures
+    are in docs/benchmarks.md ("Measurements behind design choices").
     """
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 

@@ -14,8 +14,8 @@
 //! Blocks the cache makes itself (an older block grown by a recent one, rows gathered when the
 //! batch changes) come from the decoder session's CPU arena, like the decoder's own outputs:
 //! the arena keeps its memory from step to step and request to request, where the heap handed
-//! each grown block fresh pages whose faults cost seven times the copy (1.5 ms against 0.2 ms
-//! per block at 1450 positions, 9-12% of an INT8 decode step).
+//! each grown block fresh pages whose faults cost more than the copy (docs/benchmarks.md,
+//! "Measurements behind design choices").
 
 use ndarray::{Array2, s};
 use ort::memory::Allocator;
@@ -322,8 +322,8 @@ fn shape_error(e: ndarray::ShapeError) -> EngineError {
 }
 
 /// `a` then `b` along the column axis. Each `[row, head]` holds its columns contiguously in
-/// both, so the result is two slice copies per row and head. (With ndarray's concatenate, the
-/// time outside ONNX Runtime rose to 5.4% of an S2 decode step, from 0.8% before older blocks.)
+/// both, so the result is two slice copies per row and head (ndarray's concatenate was slower:
+/// docs/benchmarks.md).
 fn append_columns<T>(a: &DynValue, b: &DynValue, allocator: &Allocator) -> Result<DynValue, EngineError>
 where
     T: PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static,

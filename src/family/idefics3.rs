@@ -9,9 +9,10 @@
 
 use image::RgbImage;
 use ndarray::{Array3, Array4, s};
+use serde::Deserialize;
 use serde_json::Value;
 
-use super::settings::{CONFIG, ImageProcessorSettings, PROCESSOR, config_int, invalid, positive, token_id};
+use super::settings::{CONFIG, ImageProcessorSettings, PROCESSOR, invalid, positive, read_config};
 use super::{
     Detail, Family, FamilyError, ImageBudget, ImageLayout, NamedTensor, ProcessedImages, TensorData,
     expand_placeholders,
@@ -64,6 +65,7 @@ impl Idefics3 {
     /// top-level keys; keys are looked up at the top level, then under `image_processor`).
     /// Absent keys take transformers' defaults.
     pub fn from_configs(config: &Value, processor: &Value) -> Result<Self, FamilyError> {
+        let config: Config = read_config(config)?;
         let settings = ImageProcessorSettings(processor);
         let tile = settings.longest_edge("max_image_size")?.unwrap_or(364);
         let longest_edge = match settings.flag("do_resize")? {
@@ -75,10 +77,10 @@ impl Idefics3 {
             .ok_or_else(|| invalid(PROCESSOR, format!("unsupported resample filter {resample}")))?;
         let image_seq_len = match settings.int("image_seq_len")? {
             Some(n) => positive(n, "image_seq_len")?,
-            None => image_seq_len_from_config(config)?,
+            None => config.image_seq_len()?,
         };
         Ok(Self {
-            image_token_id: token_id(config, "image_token_id", 128_257)?,
+            image_token_id: config.image_token_id.unwrap_or(128_257),
             image_seq_len,
             longest_edge,
             tile,
@@ -283,20 +285,36 @@ fn whole_tiles_size(width: u32, height: u32, tile: u32) -> (u32, u32) {
     }
 }
 
-/// transformers' formula: `(image_size // patch_size) ** 2 / scale_factor ** 2`, truncated.
-fn image_seq_len_from_config(config: &Value) -> Result<usize, FamilyError> {
-    let vision = &config["vision_config"];
-    let image_size = config_int(&vision["image_size"], "vision_config.image_size")?.unwrap_or(224);
-    let patch_size = config_int(&vision["patch_size"], "vision_config.patch_size")?.unwrap_or(32);
-    let scale = config_int(&config["scale_factor"], "scale_factor")?.unwrap_or(2);
-    // Checked and saturating: a zero or absurd setting must not panic.
-    let tokens = image_size
-        .checked_div(patch_size)
-        .map(|side| side.saturating_pow(2) / scale.saturating_pow(2).max(1))
-        .unwrap_or(0);
-    match usize::try_from(tokens) {
-        Ok(n) if n > 0 && scale > 0 => Ok(n),
-        _ => Err(invalid(CONFIG, format!("vision_config and scale_factor give {tokens} image tokens per tile"))),
+/// What this family reads from `config.json`; absent or null keys take transformers' defaults.
+#[derive(Debug, Deserialize)]
+struct Config {
+    image_token_id: Option<u32>,
+    vision_config: Option<VisionConfig>,
+    scale_factor: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct VisionConfig {
+    image_size: Option<u64>,
+    patch_size: Option<u64>,
+}
+
+impl Config {
+    /// transformers' formula: `(image_size // patch_size) ** 2 / scale_factor ** 2`, truncated.
+    fn image_seq_len(&self) -> Result<usize, FamilyError> {
+        let vision = self.vision_config.as_ref();
+        let image_size = vision.and_then(|v| v.image_size).unwrap_or(224);
+        let patch_size = vision.and_then(|v| v.patch_size).unwrap_or(32);
+        let scale = self.scale_factor.unwrap_or(2);
+        // Checked and saturating: a zero or absurd setting must not panic.
+        let tokens = image_size
+            .checked_div(patch_size)
+            .map(|side| side.saturating_pow(2) / scale.saturating_pow(2).max(1))
+            .unwrap_or(0);
+        match usize::try_from(tokens) {
+            Ok(n) if n > 0 && scale > 0 => Ok(n),
+            _ => Err(invalid(CONFIG, format!("vision_config and scale_factor give {tokens} image tokens per tile"))),
+        }
     }
 }
 
@@ -422,5 +440,10 @@ mod tests {
         assert_eq!(family.image_token_id(), 128_257);
         let bad = Idefics3::from_configs(&json!({}), &json!({"resample": 7}));
         assert!(matches!(bad, Err(FamilyError::InvalidConfig { .. })));
+        let typo = Idefics3::from_configs(&json!({"vision_config": {"patch_size": "16"}}), &json!({}));
+        assert!(
+            matches!(&typo, Err(FamilyError::InvalidConfig { file: "config.json", message }) if message.starts_with("vision_config.patch_size:")),
+            "{typo:?}"
+        );
     }
 }

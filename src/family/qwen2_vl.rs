@@ -13,9 +13,10 @@
 
 use image::RgbImage;
 use ndarray::{Array1, Array2, ArrayD, Axis, IxDyn};
+use serde::Deserialize;
 use serde_json::Value;
 
-use super::settings::{CONFIG, ImageProcessorSettings, PROCESSOR, config_int, invalid, positive, token_id};
+use super::settings::{CONFIG, ImageProcessorSettings, PROCESSOR, invalid, positive, read_config};
 use super::{
     Detail, Family, FamilyError, ImageBudget, ImageLayout, NamedTensor, Positions, ProcessedImages, TensorData,
     expand_placeholders,
@@ -52,11 +53,25 @@ pub struct Qwen2Vl {
     window: Option<usize>,
 }
 
+/// What this family reads from `config.json`; absent or null keys take transformers' defaults.
+#[derive(Debug, Deserialize)]
+struct Config {
+    model_type: Option<String>,
+    image_token_id: Option<u32>,
+    vision_config: Option<VisionConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+struct VisionConfig {
+    window_size: Option<u64>,
+}
+
 impl Qwen2Vl {
     /// Read settings from `config.json` and the image-processor settings (either shape, see
     /// [`ImageProcessorSettings`]). Besides transformers' keys, `low_detail_max_pixels` (ours) sets what
     /// `detail: low` allows.
     pub fn from_configs(config: &Value, processor: &Value) -> Result<Self, FamilyError> {
+        let config: Config = read_config(config)?;
         let settings = ImageProcessorSettings(processor);
         let count = |key: &str, default: i64| -> Result<usize, FamilyError> {
             positive(settings.int(key)?.unwrap_or(default), key)
@@ -73,12 +88,10 @@ impl Qwen2Vl {
         };
         let factor = (patch * merge) as u64;
         let resample = settings.int("resample")?.unwrap_or(3);
-        let model_type = config["model_type"].as_str().unwrap_or_default();
         let window =
-            match model_type {
-                "qwen2_5_vl" => {
-                    let size = config_int(&config["vision_config"]["window_size"], "vision_config.window_size")?
-                        .unwrap_or(112);
+            match config.model_type.as_deref() {
+                Some("qwen2_5_vl") => {
+                    let size = config.vision_config.and_then(|v| v.window_size).unwrap_or(112);
                     Some(usize::try_from(size / factor).ok().filter(|&w| w > 0).ok_or_else(|| {
                         invalid(CONFIG, format!("window_size {size} is smaller than one merged patch"))
                     })?)
@@ -87,7 +100,7 @@ impl Qwen2Vl {
             };
         Ok(Self {
             name: if window.is_some() { "qwen2_5_vl" } else { "qwen2_vl" },
-            image_token_id: token_id(config, "image_token_id", 151_655)?,
+            image_token_id: config.image_token_id.unwrap_or(151_655),
             patch,
             merge,
             temporal,

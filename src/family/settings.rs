@@ -1,5 +1,6 @@
 //! Reading `config.json` and image-processor settings, shared by the families.
 
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::FamilyError;
@@ -92,18 +93,10 @@ impl<'a> ImageProcessorSettings<'a> {
     }
 }
 
-/// A token id from `config.json`, `default` when absent.
-pub(super) fn token_id(config: &Value, key: &str, default: u64) -> Result<u32, FamilyError> {
-    let id = config_int(&config[key], key)?.unwrap_or(default);
-    u32::try_from(id).map_err(|_| invalid(CONFIG, format!("{key} {id} is out of range")))
-}
-
-/// A non-negative integer from `config.json`.
-pub(super) fn config_int(value: &Value, key: &str) -> Result<Option<u64>, FamilyError> {
-    match value {
-        Value::Null => Ok(None),
-        v => v.as_u64().map(Some).ok_or_else(|| invalid(CONFIG, format!("{key} must be a non-negative integer"))),
-    }
+/// `config.json` read into a family's own typed view of it; an error names the key
+/// (`vision_config.patch_size: invalid type: string "16", expected u32`).
+pub(super) fn read_config<T: DeserializeOwned>(config: &Value) -> Result<T, FamilyError> {
+    serde_path_to_error::deserialize(config).map_err(|e| invalid(CONFIG, format!("{}: {}", e.path(), e.inner())))
 }
 
 /// A positive count from the processor settings.
