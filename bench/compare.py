@@ -23,7 +23,7 @@ FP32 floor under time to first token: the tiles' vision-encoder FLOPs / the meas
 Prints ratios (vlmserve / peer) and checks that all three produce the same greedy FP32 tokens
 in every scenario (exits 1 if not, after writing the table).
 
-The model is export/bench_model.py's (SmolVLM-256M shapes, random weights).
+The model is vlmexport.fixtures.bench_model's (SmolVLM-256M shapes, random weights).
 
 On a GPU host, --cuda runs every peer on the GPU: vlmserve with the CUDA provider on all
 graphs, the loop with onnxruntime's CUDAExecutionProvider, PyTorch on cuda; --peer-precision
@@ -50,6 +50,7 @@ from pathlib import Path
 from docs_section import machine, write_section
 
 REPO = Path(__file__).resolve().parent.parent
+# The vlmexport package from export/, whether installed or not (the GPU host has it unpacked).
 sys.path.insert(0, str(REPO / "export"))
 
 PROMPT = "Describe the image."
@@ -71,8 +72,9 @@ def inputs_for(processor, image_path: str, split: bool):
 
 def run_pytorch(args) -> dict:
     import torch
-    from families import idefics3
     from transformers.generation.streamers import BaseStreamer
+
+    from vlmexport.families import idefics3
 
     torch.set_num_threads(args.threads)
     model, processor = idefics3.load(str(Path(args.model_dir) / "checkpoint"))
@@ -111,8 +113,9 @@ def run_pytorch(args) -> dict:
 
 
 def run_onnx_loop(args) -> dict:
-    from onnx_runner import OnnxPackage
     from transformers import AutoProcessor
+
+    from vlmexport.export.onnx_runner import OnnxPackage
 
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.cuda else ["CPUExecutionProvider"]
     package = OnnxPackage(

@@ -28,10 +28,11 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+# The vlmexport package from export/, whether installed or not.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
 
-from bench_model import ROPE_THETA, TEXT_SIZES, VOCAB_SIZE  # noqa: E402
-from precision import to_int8_blockwise  # noqa: E402
+from vlmexport.export.precision import to_int8_blockwise
+from vlmexport.fixtures.bench_model import ROPE_THETA, TEXT_SIZES, VOCAB_SIZE
 
 HIDDEN = TEXT_SIZES["hidden_size"]
 LAYERS = TEXT_SIZES["num_hidden_layers"]

@@ -121,8 +121,9 @@ bench_model() {
   rm -rf "$BENCH_DIR/export" "$BENCH_DIR/done"
   # A copy of the exporter: the working tree may be laid anew by the next transfer.
   cp -r "$REPO/export" "$BENCH_DIR/export"
-  setsid nohup bash -c "python3 '$BENCH_DIR/export/bench_model.py' --out '$MODEL_DIR' --precisions fp32,fp16 \
-    --packages package > '$BENCH_DIR/build.log' 2>&1; echo \$? > '$BENCH_DIR/done'" > /dev/null 2>&1 &
+  PYTHONPATH=$BENCH_DIR/export:$PYTHONPATH setsid nohup bash -c "python3 -m vlmexport.fixtures.bench_model \
+    --out '$MODEL_DIR' --precisions fp32,fp16 --packages package > '$BENCH_DIR/build.log' 2>&1; \
+    echo \$? > '$BENCH_DIR/done'" > /dev/null 2>&1 &
   echo "building the benchmark model in the background: $BENCH_DIR/build.log"
 }
 

@@ -8,10 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-ort.sh
 bash scripts/setup-browser.sh
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, onnxruntime, openai, pytest, ruff" 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, onnxruntime, openai, pytest, ruff, vlmexport" 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r export/requirements.txt -r tests/requirements.txt
+  .venv/bin/python -m pip install -q -e export
 fi
 cargo fmt --check
 .venv/bin/ruff check .

@@ -1,5 +1,5 @@
 //! `vlmserve eval` end to end on the committed default model (models/shapes-vlm) and a small
-//! committed set: 20 items from the held-out evaluation set (`export/synthetic.py --out
+//! committed set: 20 items from the held-out evaluation set (`vlmexport.training.synthetic --out
 //! tests/fixtures/eval-small --images 5 --bad-lines`), then a malformed line and an item
 //! whose image is missing, which are reported with their line numbers and counted as failed.
 

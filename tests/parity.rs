@@ -1,5 +1,5 @@
 //! Token-exact parity with transformers/PyTorch for every fixture case (expected values from
-//! `export/make_fixtures.py`), and precision variants bounded against FP32.
+//! `vlmexport.fixtures.make_fixtures`), and precision variants bounded against FP32.
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! Image preprocessing against Pillow and transformers: Pillow-exact resizing, PIL-equivalent
-//! decoding (cases from `export/make_resize_cases.py`), the Idefics3 and Qwen2-VL processors'
+//! decoding (cases from `vlmexport.fixtures.make_resize_cases`), the Idefics3 and Qwen2-VL processors'
 //! pixel values, grids and positions for every fixture case, and rejection of bad input.
 
 mod common;
@@ -40,7 +40,7 @@ struct DecodeCase {
 }
 
 fn cases() -> Cases {
-    let text = std::fs::read_to_string(resize_dir().join("cases.json")).expect("run export/make_resize_cases.py");
+    let text = std::fs::read_to_string(resize_dir().join("cases.json")).expect("run vlmexport.fixtures.make_resize_cases");
     serde_json::from_str(&text).unwrap()
 }
 

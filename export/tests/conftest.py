@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ import pytest
 EXPORT_DIR = Path(__file__).resolve().parent.parent
 REPO = EXPORT_DIR.parent
 FIXTURE = REPO / "tests" / "fixtures" / "idefics3-tiny"
-sys.path.insert(0, str(EXPORT_DIR))
 
 REFERENCE = json.loads((FIXTURE / "reference.json").read_text())
 CASES = {case["name"]: case for case in REFERENCE["cases"]}
@@ -53,6 +51,6 @@ def torch_model():
 
 @pytest.fixture(scope="session")
 def fp32_package():
-    from onnx_runner import OnnxPackage
+    from vlmexport.export.onnx_runner import OnnxPackage
 
     return OnnxPackage(FIXTURE / REFERENCE["package"], "fp32")

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from families.shared import causal_mask, grouped_attention
+
+from vlmexport.families.shared import causal_mask, grouped_attention
 
 
 @pytest.mark.parametrize("heads,kv_heads,q_len", [(9, 3, 1), (9, 3, 4), (4, 4, 3), (4, 1, 2)])

@@ -1,4 +1,4 @@
-"""export.py on bad input: non-zero exit, one clear stderr line, no package left behind.
+"""`python -m vlmexport.export` on bad input: non-zero exit, one clear stderr line, no package left behind.
 
 Plus: a checkpoint the user saved with save_pretrained exports with no code changes.
 """
@@ -13,14 +13,13 @@ import sys
 import pytest
 from conftest import EXPORT_DIR, FIXTURE
 
-SCRIPT = EXPORT_DIR / "export.py"
 SUPPORTED = "Supported families: idefics3 (model_type: idefics3, smolvlm); qwen2_vl (model_type: qwen2_vl, qwen2_5_vl)"
 
 
 def run_export(model, out, *extra):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(EXPORT_DIR)}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), "--model", str(model), "--out", str(out), *extra],
+        [sys.executable, "-m", "vlmexport.export", "--model", str(model), "--out", str(out), *extra],
         capture_output=True,
         text=True,
         env=env,
@@ -33,7 +32,7 @@ def assert_one_line_error(proc, *needles):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert lines[0].startswith("export.py: error: ")
+    assert lines[0].startswith("vlmexport.export: error: ")
     assert SUPPORTED in lines[0]
     for needle in needles:
         assert needle in lines[0]
@@ -95,7 +94,7 @@ def test_unknown_precision(tmp_path):
 
 
 def test_user_saved_checkpoint_exports(tmp_path):
-    """save_pretrained by the user (model + processor) -> export.py, no code edits.
+    """save_pretrained by the user (model + processor) -> python -m vlmexport.export, no code edits.
 
     Also exercises --optimize (fused fp32 graphs must keep PyTorch parity; int8 is quantized
     from them).

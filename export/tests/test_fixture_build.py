@@ -7,9 +7,10 @@ import json
 
 import numpy as np
 import pytest
-import tiny_idefics3 as tiny
 from conftest import CASES, FIXTURE, IMAGE_CASES, REFERENCE, case_inputs
 from PIL import Image
+
+from vlmexport.fixtures import tiny_idefics3 as tiny
 
 
 def test_rebuilt_tokenizer_matches_checkpoint():

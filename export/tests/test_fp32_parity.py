@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import CASES, IMAGE_CASES, case_inputs, images_of
-from families import idefics3
+
+from vlmexport.families import idefics3
 
 ATOL = 1e-4  # the export contract: fp32 graphs match PyTorch within 1e-4 max abs
 

@@ -93,7 +93,7 @@ def test_report_variant_within_bounds(variant):
 @pytest.mark.parametrize("name", ["one_image", "long_prompt"])
 def test_variant_on_reference_cases(variant, name):
     """Variant graphs vs the fp32 reference tokens of real cases, within the same bounds."""
-    from onnx_runner import OnnxPackage
+    from vlmexport.export.onnx_runner import OnnxPackage
 
     max_diff, min_agree = BOUNDS[variant]
     ids, pv, pam = case_inputs(name)

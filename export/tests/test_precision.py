@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-import precision
 from onnx import TensorProto, helper, numpy_helper
+
+from vlmexport.export import precision
 
 
 def shared_bias_graph(path):

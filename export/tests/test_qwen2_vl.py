@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 from conftest import REPO
-from families import qwen2_vl
+
+from vlmexport.families import qwen2_vl
 
 FIXTURES = [REPO / "tests" / "fixtures" / name for name in ("qwen2-vl-tiny", "qwen2.5-vl-tiny")]
 ATOL = 1e-4
@@ -44,7 +45,7 @@ def loaded(fixture):
 
 @pytest.fixture(scope="module")
 def package(fixture):
-    from onnx_runner import OnnxPackage
+    from vlmexport.export.onnx_runner import OnnxPackage
 
     return OnnxPackage(fixture / "package", "fp32")
 

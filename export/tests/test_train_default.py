@@ -4,11 +4,12 @@ built with the committed model's own processor on a hand-made scene."""
 from __future__ import annotations
 
 import pytest
-import synthetic
 import torch
-import train_default as td
 from conftest import REPO
 from transformers import AutoProcessor
+
+from vlmexport.training import synthetic
+from vlmexport.training import train_default as td
 
 RED_CIRCLE = synthetic.Obj("circle", "red", cx=12.0, cy=12.0, radius=8.0, angle=0.0, rgb=(220, 30, 30))  # cell (0, 0)
 BLUE_SQUARE = synthetic.Obj("square", "blue", cx=84.0, cy=60.0, radius=8.0, angle=0.0, rgb=(30, 70, 225))  # cell (3, 2)

@@ -242,7 +242,7 @@ mod tests {
     /// moved into its older block at least once: each block the cache made is arena memory.
     #[test]
     fn the_cache_grows_its_blocks_in_the_decoder_arena() {
-        let env = runtime::init(None, &[]).expect("ONNX Runtime (the test set-up installs it)");
+        let env = runtime::init(None, &[]).unwrap_or_else(|e| panic!("{e}"));
         let path =
             concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/idefics3-tiny/package/onnx/decoder_model_merged.onnx");
         let mut decoder = Decoder::open(env, path.as_ref(), &GraphOptions::default()).unwrap();

@@ -405,7 +405,7 @@ mod tests {
 
     #[test]
     fn positions_move_into_the_older_block_one_layer_per_step_and_rows_keep_them_across_joins() {
-        crate::runtime::init(None, &[]).expect("ONNX Runtime (the test set-up installs it)");
+        crate::runtime::init(None, &[]).unwrap_or_else(|e| panic!("{e}"));
         let layout = layout();
         let mut cache = KvCache::empty(&layout).unwrap();
         // A prompt chunk lands in the older blocks of every layer (moved, as they were empty).
@@ -439,7 +439,7 @@ mod tests {
 
     #[test]
     fn a_decoder_without_older_blocks_keeps_every_position_in_the_recent_block() {
-        crate::runtime::init(None, &[]).expect("ONNX Runtime (the test set-up installs it)");
+        crate::runtime::init(None, &[]).unwrap_or_else(|e| panic!("{e}"));
         let layout = KvLayout { older: Vec::new(), ..layout() };
         let mut cache = KvCache::empty(&layout).unwrap();
         cache.advance(present(&cache, 0, 4), 4, &heap()).unwrap();

@@ -5,7 +5,7 @@
 //! pixel, so we reproduce Pillow's arithmetic rather than use another resampler: filter weights
 //! in `f64`, normalized per output pixel, rounded to fixed point with 22 fractional bits; a
 //! horizontal and a vertical pass in Pillow's order, each rounded and clipped to 0..=255. Verified against Pillow 13.0.0 by
-//! `tests/preprocess.rs` on cases written by `export/make_resize_cases.py`.
+//! `tests/preprocess.rs` on cases written by `vlmexport.fixtures.make_resize_cases`.
 
 use std::f64::consts::PI;
 
@@ -209,7 +209,7 @@ fn resample(src: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage
 }
 
 /// Pillow 13's choice of pass order. Not in its docs: found by comparing `Image.resize` with
-/// both orders built from one-axis resizes; `export/make_resize_cases.py` re-checks it.
+/// both orders built from one-axis resizes; `vlmexport.fixtures.make_resize_cases` re-checks it.
 fn vertical_first((in_width, in_height): (u32, u32), (width, height): (u32, u32)) -> bool {
     let lost_rows = i64::from(in_height) - i64::from(height);
     let lost_columns = i64::from(in_width) - i64::from(width);

@@ -1,5 +1,5 @@
 //! Shared helpers for integration tests: fixture discovery and reference cases written by
-//! `export/make_fixtures.py` (transformers/PyTorch), and model loading.
+//! `vlmexport.fixtures.make_fixtures` (transformers/PyTorch), and model loading.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};

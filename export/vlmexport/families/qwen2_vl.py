@@ -122,8 +122,9 @@ def _vision_module():
 
 def graph_specs(model) -> list:
     import torch
-    from onnx_graph import GraphSpec
     from torch.export import Dim
+
+    from vlmexport.export.onnx_graph import GraphSpec
 
     vision = model.config.vision_config
     # Two images (grids 1x4x4 and 1x4x8) so segments and windows are exercised.
@@ -185,10 +186,6 @@ def _segments(cu_seqlens: np.ndarray) -> np.ndarray:
 
 
 # --- reference inputs and PyTorch side of the parity checks ---------------------
-def reference_inputs(processor) -> dict:
-    return shared.reference_inputs(processor, processor_images)
-
-
 def processor_images(inputs) -> dict | None:
     return shared.image_arrays(inputs, dict(zip(IMAGE_KEYS, (np.float32, np.int64))))
 
@@ -252,9 +249,6 @@ def torch_rope_index(model, input_ids, images) -> np.ndarray:
 
 
 # --- runtime side: prompt -> inputs_embeds and positions ---------------------------
-def prompt_embeddings(package, input_ids, images) -> np.ndarray:
-    features = None if images is None else package.image_features(vision_feeds(images, package.config))
-    return shared.merge_image_features(package.embed(input_ids), input_ids, package.config["image_token_id"], features)
 
 
 def prompt_positions(config: dict, input_ids, images) -> tuple[np.ndarray, int]:

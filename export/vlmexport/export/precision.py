@@ -44,7 +44,7 @@ def parse_precisions(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        from errors import ExportError
+        from vlmexport.errors import ExportError
 
         raise ExportError(f"unknown precision(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if "fp32" not in names:
@@ -86,7 +86,7 @@ def to_fp16(src: Path, dst: Path) -> None:
             node_block_list=_rotary_nodes(model),
         )
     _fix_float_casts(model)
-    from onnx_graph import save_model
+    from vlmexport.export.onnx_graph import save_model
 
     save_model(model, dst)
     onnx.checker.check_model(str(dst))

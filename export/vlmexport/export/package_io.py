@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from errors import ExportError
+from vlmexport.errors import ExportError
 
 
 def write_json(path: Path, data) -> None:

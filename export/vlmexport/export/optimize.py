@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from errors import ExportError
-from precision import graph_path
+
+from vlmexport.errors import ExportError
+from vlmexport.export.precision import graph_path
 
 
 def optimize_package(family, onnx_dir: Path, atol: float) -> dict:

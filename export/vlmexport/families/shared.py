@@ -162,8 +162,9 @@ def graph_specs(embed_tokens, text_model, lm_head, text_config, position_axes: i
     position_axes=0 gives position_ids [b, s]; 3 gives [3, b, s] (M-RoPE).
     """
     import torch
-    from onnx_graph import GraphSpec
     from torch.export import Dim
+
+    from vlmexport.export.onnx_graph import GraphSpec
 
     EmbedTokens, Decoder = _modules()
     dims = text_dims(text_config)
@@ -321,6 +322,13 @@ def image_arrays(inputs, dtypes: dict) -> dict | None:
     if inputs.get("pixel_values") is None:
         return None
     return {name: np.asarray(inputs[name]).astype(dtype) for name, dtype in dtypes.items()}
+
+
+def prompt_embeddings(family, package, input_ids, images) -> np.ndarray:
+    """Token embeddings with each image token replaced by the next image-feature row, the
+    features from the package's vision encoder on the family's feeds."""
+    features = None if images is None else package.image_features(family.vision_feeds(images, package.config))
+    return merge_image_features(package.embed(input_ids), input_ids, package.config["image_token_id"], features)
 
 
 def merge_image_features(embeds: np.ndarray, input_ids: np.ndarray, image_token_id: int, features) -> np.ndarray:

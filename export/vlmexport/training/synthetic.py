@@ -19,9 +19,9 @@ what the scene answers unambiguously:
 
 Train and evaluation sets come from different seeds (``TRAIN_SEED``, ``EVAL_SEED``).
 
-    .venv/bin/python export/synthetic.py --out models/shapes-vlm/eval --seed 2 --images 150
-    .venv/bin/python export/synthetic.py --out tests/fixtures/eval-small --images 5 --bad-lines
-    .venv/bin/python export/synthetic.py --out . --red-circle tests/fixtures/scenes/red-circle.png
+    .venv/bin/python -m vlmexport.training.synthetic --out models/shapes-vlm/eval --seed 2 --images 150
+    .venv/bin/python -m vlmexport.training.synthetic --out tests/fixtures/eval-small --images 5 --bad-lines
+    .venv/bin/python -m vlmexport.training.synthetic --out . --red-circle tests/fixtures/scenes/red-circle.png
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Export a Hugging Face vision-language model to a vlmserve ONNX package.
 
-    python export/export.py --model HuggingFaceTB/SmolVLM-256M-Instruct \
+    python -m vlmexport.export --model HuggingFaceTB/SmolVLM-256M-Instruct \
         --out models/smolvlm-256m --precisions fp32,fp16,int8
 
 SRC is a hub id or a local save_pretrained folder (model + processor). See
@@ -16,18 +16,18 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import families  # noqa: E402
-from errors import ExportError  # noqa: E402
-from package_io import atomic_package_dir, check_writable, write_json  # noqa: E402
-from precision import VARIANTS, graph_path, parse_precisions  # noqa: E402
+from vlmexport import families
+from vlmexport.errors import ExportError
+from vlmexport.export.package_io import atomic_package_dir, check_writable, write_json
+from vlmexport.export.precision import VARIANTS, graph_path, parse_precisions
 
 VARIANTS_FORMAT_VERSION = 1
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vlmexport.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="hub id or local save_pretrained folder")
     parser.add_argument("--out", required=True, type=Path, help="package folder to write (replaced atomically)")
     parser.add_argument("--precisions", default="fp32", help="comma list of fp32,fp16,int8 (fp32 is always included)")
@@ -97,7 +97,7 @@ def export_package(args: argparse.Namespace) -> dict:
                 make_variants(family, variant, onnx_dir)
         fused = None
         if args.optimize:
-            from optimize import optimize_package
+            from vlmexport.export.optimize import optimize_package
 
             log("fusing fp32 graphs")
             fused = optimize_package(family, onnx_dir, args.atol)
@@ -107,7 +107,7 @@ def export_package(args: argparse.Namespace) -> dict:
         manifest = variants_manifest(family, onnx_dir, variants, fused or {}, from_fused)
         write_json(onnx_dir / "variants.json", manifest)
 
-        from report import build_report
+        from vlmexport.export.report import build_report
 
         log("checking parity")
         report = build_report(family, model, processor, staging, variants, args.report_tokens, args.atol)
@@ -134,7 +134,7 @@ def write_model_files(model, processor, out: Path) -> None:
 
 
 def export_fp32(family, model, onnx_dir: Path) -> None:
-    from onnx_graph import export_graph
+    from vlmexport.export.onnx_graph import export_graph
 
     for spec in family.graph_specs(model):
         log(f"exporting {spec.name}")
@@ -142,7 +142,7 @@ def export_fp32(family, model, onnx_dir: Path) -> None:
 
 
 def make_variants(family, variant: str, onnx_dir: Path) -> None:
-    from precision import make_variant
+    from vlmexport.export.precision import make_variant
 
     log(f"making {variant} variant")
     for graph in family.GRAPHS:
@@ -151,7 +151,7 @@ def make_variants(family, variant: str, onnx_dir: Path) -> None:
 
 def variants_manifest(family, onnx_dir: Path, variants: list[str], fused: dict, from_fused: set[str]) -> dict:
     """variants.json: per variant and graph, the file, weight dtype and I/O element types."""
-    from onnx_graph import initializer_bytes_by_dtype, io_types
+    from vlmexport.export.onnx_graph import initializer_bytes_by_dtype, io_types
 
     manifest = {"format_version": VARIANTS_FORMAT_VERSION, "family": family.NAME, "default": "fp32", "variants": {}}
     for variant in variants:
@@ -185,13 +185,9 @@ def main(argv=None) -> int:
     try:
         report = export_package(args)
     except ExportError as e:
-        print(f"export.py: error: {e}. Supported families: {families.supported_text()}", file=sys.stderr)
+        print(f"vlmexport.export: error: {e}. Supported families: {families.supported_text()}", file=sys.stderr)
         return 2
     log(f"wrote {args.out}")
     for variant, figures in report["variants"].items():
         log(f"{variant}: {json.dumps(figures)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -79,7 +79,7 @@ def export_graph(spec: GraphSpec, path: Path) -> None:
 
 def _quiet_exporter_logs() -> None:
     # The exporter logs progress and "torchvision is not installed" warnings;
-    # they are noise for users of export.py.
+    # they are noise for users of the exporter.
     for name in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

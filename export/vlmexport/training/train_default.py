@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train vlmserve's default model on synthetic shape scenes and export it (CPU, seeded).
 
-    .venv/bin/python export/train_default.py --out models/shapes-vlm
+    .venv/bin/python -m vlmexport.training.train_default --out models/shapes-vlm
 
 1. Builds a byte-level BPE tokenizer on the task's text (questions, answers, captions, chat
    words) plus the idefics3 special tokens, and the real Idefics3Processor with SmolVLM's chat
@@ -24,7 +24,7 @@
    position that predicts an answer attends to the question's words. From the answers alone
    the model took thousands of steps to stop guessing between objects.
 3. Saves the checkpoint and processor in OUT/checkpoint (save_pretrained), exports it with
-   export.py (fp32, fp16, int8) into OUT/package, and writes the held-out evaluation set
+   `python -m vlmexport.export` (fp32, fp16, int8) into OUT/package, and writes the held-out evaluation set
    (synthetic.py's evaluation seed) into OUT/eval.
 
 CI never runs this: the result is committed.
@@ -36,8 +36,6 @@ import argparse
 import json
 import math
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -45,10 +43,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import synthetic  # noqa: E402
-import tiny_idefics3 as tiny  # noqa: E402
+from vlmexport import run_export
+from vlmexport.fixtures import tiny_idefics3 as tiny
+from vlmexport.training import synthetic
 
 TILE = 96
 # One patch per cell of synthetic.py's grid: an object's shape lies within one patch (see there).
@@ -459,12 +456,9 @@ def quick_accuracy(model, processor, seed: int, n: int) -> dict:
 
 # --- output -------------------------------------------------------------------------
 def export(checkpoint: Path, package: Path) -> None:
-    script = Path(__file__).resolve().parent / "export.py"
     # Trained logits reach tens, and fp32 ONNX-vs-PyTorch differences grow with them (4e-4 seen):
     # 1e-3 still catches any real export error.
-    cmd = [sys.executable, str(script), "--model", str(checkpoint), "--out", str(package)]
-    cmd += ["--precisions", "fp32,fp16,int8", "--atol", "1e-3"]
-    subprocess.run(cmd, check=True)
+    run_export("--model", str(checkpoint), "--out", str(package), "--precisions", "fp32,fp16,int8", "--atol", "1e-3")
 
 
 def main() -> None:

@@ -78,8 +78,9 @@ def _vision_module():
 def graph_specs(model) -> list:
     """GraphSpecs for the three graphs, with dummy inputs and dynamic axes."""
     import torch
-    from onnx_graph import GraphSpec
     from torch.export import Dim
+
+    from vlmexport.export.onnx_graph import GraphSpec
 
     size = model.config.vision_config.image_size
     # Example sizes are >= 2 so the exporter does not specialise them to 1.
@@ -102,10 +103,6 @@ def graph_specs(model) -> list:
 
 
 # --- reference inputs and PyTorch side of the parity checks ---------------------
-def reference_inputs(processor) -> dict:
-    return shared.reference_inputs(processor, processor_images)
-
-
 def processor_images(inputs) -> dict | None:
     """The image arrays of a processor output (the `images` dict the other functions take)."""
     return shared.image_arrays(inputs, dict(zip(IMAGE_KEYS, (np.float32, bool))))
@@ -149,10 +146,6 @@ def torch_greedy(model, input_ids, images=None, max_new_tokens=24) -> list[int]:
 
 
 # --- runtime side: prompt -> inputs_embeds and positions ---------------------------
-def prompt_embeddings(package, input_ids, images) -> np.ndarray:
-    """Token embeddings with each <image> token replaced by the next image-feature row."""
-    features = None if images is None else package.image_features(vision_feeds(images, package.config))
-    return shared.merge_image_features(package.embed(input_ids), input_ids, package.config["image_token_id"], features)
 
 
 def prompt_positions(config: dict, input_ids, images) -> tuple[np.ndarray, int]:

@@ -1,7 +1,7 @@
 """User-facing export errors.
 
 An ExportError is a problem with what the user asked for (bad model folder,
-unsupported family, unwritable output). export.py prints it as ONE line on
+unsupported family, unwritable output). `python -m vlmexport.export` prints it as ONE line on
 stderr and exits non-zero, without a traceback. Anything else is a bug and
 keeps its traceback.
 """

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from vlmexport.families import shared
+
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -50,7 +52,7 @@ class OnnxPackage:
         self.kv_heads, self.head_dim = first_past.shape[1], first_past.shape[3]
         self.kv_dtype = NP_DTYPES[self.variant["graphs"]["decoder_model_merged"]["kv_cache_dtype"]]
 
-        import families  # local import: families imports torch lazily, this module must not
+        from vlmexport import families  # local import: families imports torch lazily, this module must not
 
         self.family = families.family_for(self.config["model_type"])
 
@@ -95,7 +97,7 @@ class OnnxPackage:
         """
         eos = set(eos_token_ids if eos_token_ids is not None else self.eos_token_ids())
         input_ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
-        embeds = self.family.prompt_embeddings(self, input_ids, images)
+        embeds = shared.prompt_embeddings(self.family, self, input_ids, images)
         mask = np.ones((1, input_ids.shape[1]), np.int64)
         positions, next_position = self.family.prompt_positions(self.config, input_ids, images)
         logits, past = self.decode(embeds, mask, positions, self.empty_past(1))

@@ -15,8 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from errors import ExportError
-from onnx_runner import OnnxPackage
+
+from vlmexport.errors import ExportError
+from vlmexport.export.onnx_runner import OnnxPackage
+from vlmexport.families import shared
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -76,7 +78,7 @@ def variant_parity(package_dir: Path, variant: str, inputs: dict, fp32_result) -
 
 
 def build_report(family, model, processor, package_dir: Path, variants: list[str], n_tokens: int, atol: float) -> dict:
-    inputs = family.reference_inputs(processor)
+    inputs = shared.reference_inputs(processor, family.processor_images)
     fp32, fp32_result = fp32_parity(family, model, package_dir, inputs, n_tokens)
     worst = max(fp32["max_abs_logit_diff_vs_pytorch"], fp32["max_abs_image_features_diff_vs_pytorch"])
     if worst > atol:
