@@ -1,3 +1,5 @@
+//! The vlmserve binary: parses the command line, sets up logging and runs the command.
+
 // `deny`, not `forbid`: ndarray's `s!` expands to an `allow(unsafe_code)` of its own.
 #![deny(unsafe_code)]
 

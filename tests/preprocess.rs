@@ -40,7 +40,8 @@ struct DecodeCase {
 }
 
 fn cases() -> Cases {
-    let text = std::fs::read_to_string(resize_dir().join("cases.json")).expect("run vlmexport.fixtures.make_resize_cases");
+    let text =
+        std::fs::read_to_string(resize_dir().join("cases.json")).expect("run vlmexport.fixtures.make_resize_cases");
     serde_json::from_str(&text).unwrap()
 }
 
