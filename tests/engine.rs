@@ -122,6 +122,11 @@ fn prompt_errors_are_typed() {
     let err = generate(&mut model, &[ChatMessage::user(0, "hi")], &bad).unwrap_err();
     assert!(matches!(err, EngineError::InvalidParameter(_)), "{err:?}");
 
+    // A budget that would wrap prompt + max_new_tokens past the context check.
+    let huge = GenerationParams { max_new_tokens: usize::MAX - 1, ..params.clone() };
+    let err = generate(&mut model, &[ChatMessage::user(0, "hi")], &huge).unwrap_err();
+    assert!(matches!(err, EngineError::PromptTooLong { .. }), "{err:?}");
+
     let zero = GenerationParams { max_new_tokens: 0, ..params };
     assert!(matches!(
         generate(&mut model, &[ChatMessage::user(0, "hi")], &zero),

@@ -485,6 +485,10 @@ fn bad_inputs_get_their_status_and_error_body() {
     long["max_tokens"] = json!(5000);
     let (s, b) = post(&long.to_string());
     assert_error(s, &b, 400, "context_length_exceeded");
+    // Near 2^64: prompt + max_tokens must not wrap past the context checks.
+    long["max_tokens"] = json!(u64::MAX - 1);
+    let (s, b) = post(&long.to_string());
+    assert_error(s, &b, 400, "context_length_exceeded");
     let big_text = "word ".repeat(3000);
     let (s, b) = post(&chat(json!(big_text)).to_string());
     assert_error(s, &b, 400, "context_length_exceeded");

@@ -185,7 +185,8 @@ impl Codec {
             return Err(EngineError::EmptyPrompt);
         }
         let context = self.info.context_length;
-        if prompt.input_ids.len() + params.max_new_tokens > context {
+        // Saturating: a max_new_tokens near usize::MAX must not wrap past the check.
+        if prompt.input_ids.len().saturating_add(params.max_new_tokens) > context {
             return Err(EngineError::PromptTooLong {
                 prompt_tokens: prompt.input_ids.len(),
                 max_new_tokens: params.max_new_tokens,

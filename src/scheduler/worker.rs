@@ -142,7 +142,7 @@ fn serve(mut model: Model, spec: &WorkerSpec) {
 
 /// Cache bytes a job may come to hold: its prompt plus every token it may generate.
 fn reservation(job: &Job, layout: &KvLayout) -> usize {
-    (job.prompt.input_ids.len() + job.params.max_new_tokens) * layout.bytes_per_token()
+    job.prompt.input_ids.len().saturating_add(job.params.max_new_tokens).saturating_mul(layout.bytes_per_token())
 }
 
 /// Whether a sequence reserving `new` bytes may join sequences holding `held`: the batch's
@@ -150,7 +150,7 @@ fn reservation(job: &Job, layout: &KvLayout) -> usize {
 /// worker with nothing to do takes any job (one sequence is bounded by the context anyway).
 fn fits_budget(held: &[usize], new: usize, budget: usize) -> bool {
     let widest = held.iter().copied().max().unwrap_or(0).max(new);
-    held.is_empty() || (held.len() + 1) * widest <= budget
+    held.is_empty() || (held.len() + 1).saturating_mul(widest) <= budget
 }
 
 fn record_step(spec: &WorkerSpec, step: &Step<Active>, kv_bytes: usize) {

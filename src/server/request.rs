@@ -248,11 +248,11 @@ fn prepare_blocking(
     let mut image_tokens = 0usize;
     for (bytes, budget) in images.iter().zip(&budgets) {
         if let Some((w, h)) = header_dimensions(bytes, limits) {
-            image_tokens += codec.family.image_tokens_for_size(w, h, *budget);
+            image_tokens = image_tokens.saturating_add(codec.family.image_tokens_for_size(w, h, *budget));
         }
     }
     let min_new = if default_max_tokens.is_some() { 1 } else { params.max_new_tokens };
-    if image_tokens + min_new > context {
+    if image_tokens.saturating_add(min_new) > context {
         return Err(EngineError::PromptTooLong { prompt_tokens: image_tokens, max_new_tokens: min_new, context }.into());
     }
     let start = Instant::now();
