@@ -65,6 +65,22 @@ fn missing_and_corrupt_graphs_are_typed_errors() {
     assert!(matches!(load(tmp.path()), Err(EngineError::Runtime(RuntimeError::Session { .. }))));
 }
 
+/// A config.json without `image_token_id` takes the family's default, outside this tokenizer's
+/// vocabulary: refused at load instead of answering every image request with a 500.
+#[test]
+fn an_image_token_id_the_tokenizer_disagrees_with_is_refused_at_load() {
+    let reference = fixture();
+    let tmp = package_copy(&reference);
+    let path = tmp.path().join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("image_token_id");
+    std::fs::write(&path, config.to_string()).unwrap();
+    match load(tmp.path()) {
+        Err(EngineError::Inconsistent(m)) => assert!(m.contains("128257") && m.contains("<image>"), "{m}"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
 #[test]
 fn graphs_that_disagree_with_the_config_are_rejected() {
     let reference = fixture();

@@ -53,6 +53,9 @@ pub enum EngineError {
     Ort(#[from] ort::Error),
     #[error("the graphs do not match the package: {0}")]
     GraphMismatch(String),
+    /// The package's own files contradict each other (config.json against the tokenizer).
+    #[error("the package's files disagree: {0}")]
+    Inconsistent(String),
     #[error("the prompt is empty")]
     EmptyPrompt,
     #[error(

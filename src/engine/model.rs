@@ -183,6 +183,15 @@ impl Codec {
         };
         expect("num_hidden_layers", layout.layers)?;
         expect("num_key_value_heads", layout.kv_heads)?;
+        // Image requests would otherwise fail one by one, each with a 500.
+        let (image_token, placeholder) = (self.family.image_token_id(), self.family.image_placeholder());
+        let found = self.tokenizer.token_to_id(placeholder);
+        if found != Some(image_token) {
+            let found = found.map_or("has no such token".to_string(), |id| format!("gives it id {id}"));
+            return Err(EngineError::Inconsistent(format!(
+                "config.json's image token id is {image_token}, but the tokenizer's {placeholder:?} {found}"
+            )));
+        }
         let vocab = self.tokenizer.get_vocab_size(true);
         if let Some(n) = text["vocab_size"].as_u64().filter(|&n| (n as usize) < vocab) {
             return Err(EngineError::GraphMismatch(format!(

@@ -135,6 +135,7 @@ impl From<EngineError> for ApiError {
             | EngineError::Runtime(_)
             | EngineError::Ort(_)
             | EngineError::GraphMismatch(_)
+            | EngineError::Inconsistent(_)
             | EngineError::BatchFailed(_)
             | EngineError::VisionEncoderStopped
             | EngineError::Thread(_) => Self::internal(message),
