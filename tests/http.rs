@@ -782,6 +782,20 @@ fn a_request_past_its_deadline_ends_with_504() {
     assert_eq!(server.get("/health").0, 200);
 }
 
+/// `server.expose_cache_hits = true` opts in to the cache-hit field (one user, or trusted ones).
+#[test]
+fn vqa_reports_cache_hits_only_when_configured() {
+    let server = Server::start(&config_toml(&package_dir(), "expose_cache_hits = true"));
+    let b64 = base64::engine::general_purpose::STANDARD.encode(image_bytes("images/one_image_0.png"));
+    let ask = || server.post("/v1/vqa", &json!({"image": b64, "question": "What?", "max_tokens": 2, "temperature": 0}));
+    let ((s1, first), (s2, second)) = (ask(), ask());
+    assert_eq!((s1, s2), (200, 200), "{first} {second}");
+    assert_eq!(
+        (&first["timings"]["vision_cache_hit"], &second["timings"]["vision_cache_hit"]),
+        (&json!(false), &json!(true))
+    );
+}
+
 #[test]
 fn vqa_answers_json_and_multipart_like_chat() {
     let server = Server::start(&config_toml(&package_dir(), ""));
@@ -800,6 +814,8 @@ fn vqa_answers_json_and_multipart_like_chat() {
     for key in ["image_decode_s", "preprocess_s", "vision_s", "prefill_s", "decode_s"] {
         assert!(answer["timings"][key].is_number(), "{key}: {answer}");
     }
+    // The feature cache is shared: by default no answer says whether it held this image.
+    assert!(answer["timings"].get("vision_cache_hit").is_none(), "{answer}");
     let (status, answer_url) = server
         .post("/v1/vqa", &json!({"image": data_url(&image), "question": question, "max_tokens": 10, "temperature": 0}));
     assert_eq!(status, 200, "{answer_url}");

@@ -95,7 +95,7 @@ pub fn run(settings: &Settings, args: &AskArgs) -> Result<(), CliError> {
             "token_ids": completion.token_ids,
             "prompt_tokens": completion.prompt_tokens,
             "finish_reason": completion.finish_reason,
-            "timings": completion.timings_report(image_decode_s),
+            "timings": completion.timings_report(image_decode_s, true),
         });
         writeln!(stdout, "{report}")
     } else {

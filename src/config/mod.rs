@@ -67,6 +67,9 @@ pub struct ServerSettings {
     /// A model that fails to load at start stops the server (true), or stays `failed` while
     /// the others serve and `/ready` says 503 until a reload fixes it (false).
     pub exit_on_load_failure: bool,
+    /// Say in `/v1/vqa`'s timings whether the image's features came from the shared
+    /// image-feature cache: off, since it tells a client whether anyone sent that image before.
+    pub expose_cache_hits: bool,
 }
 
 impl Default for ServerSettings {
@@ -88,6 +91,7 @@ impl Default for ServerSettings {
             remote_image_hosts: Vec::new(),
             remote_image_timeout_s: 10.0,
             exit_on_load_failure: true,
+            expose_cache_hits: false,
         }
     }
 }

@@ -65,6 +65,8 @@ pub struct Timings {
     pub preprocess_s: f64,
     pub vision_s: f64,
     /// The image features came from the image-feature cache (the vision encoder did not run).
+    /// Reported only through [`TimingsReport`], where the caller decides (the cache is shared).
+    #[serde(skip)]
     pub vision_cache_hit: bool,
     pub prefill_s: f64,
     /// From the start of `generate` to the first token.
@@ -107,6 +109,8 @@ pub struct TimingsReport<'a> {
     pub timings: &'a Timings,
     pub image_decode_s: f64,
     pub decode_tokens_per_second: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vision_cache_hit: Option<bool>,
 }
 
 impl Completion {
@@ -119,11 +123,13 @@ impl Completion {
         }
     }
 
-    pub fn timings_report(&self, image_decode_s: f64) -> TimingsReport<'_> {
+    /// `with_cache_hit`: include whether the image-feature cache answered.
+    pub fn timings_report(&self, image_decode_s: f64, with_cache_hit: bool) -> TimingsReport<'_> {
         TimingsReport {
             timings: &self.timings,
             image_decode_s,
             decode_tokens_per_second: self.timings.decode_tokens_per_second(),
+            vision_cache_hit: with_cache_hit.then_some(self.timings.vision_cache_hit),
         }
     }
 }

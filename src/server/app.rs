@@ -45,6 +45,7 @@ fn app_state(
         max_body_bytes: server.max_body_bytes,
         default_max_tokens: server.default_max_tokens,
         default_temperature: server.default_temperature,
+        expose_cache_hits: server.expose_cache_hits,
         request_timeout: (server.request_timeout_s > 0.0).then(|| Duration::from_secs_f64(server.request_timeout_s)),
         admin_token: server.admin_token.clone().filter(|t| !t.trim().is_empty()),
         reload_settings,

@@ -46,6 +46,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub default_max_tokens: usize,
     pub default_temperature: f32,
+    /// `server.expose_cache_hits`.
+    pub expose_cache_hits: bool,
     pub request_timeout: Option<Duration>,
     pub admin_token: Option<String>,
     pub reload_settings: ReloadSettings,

@@ -85,7 +85,7 @@ pub async fn vqa(
         "model": model,
         "finish_reason": completion.finish_reason,
         "usage": completion.usage(),
-        "timings": completion.timings_report(image_decode_s),
+        "timings": completion.timings_report(image_decode_s, state.expose_cache_hits),
     })))
 }
 
