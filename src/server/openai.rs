@@ -81,6 +81,9 @@ struct StreamOptions {
 }
 
 const MAX_STOP_STRINGS: usize = 16;
+/// Each token checks every prefix of every stop string (streaming holds back a possible start),
+/// so their length bounds the work per token.
+const MAX_STOP_BYTES: usize = 256;
 
 impl ChatRequest {
     /// Reject what we do not support, with the parameter named.
@@ -136,6 +139,12 @@ impl ChatRequest {
         }
         if stop.iter().any(String::is_empty) {
             return Err(ApiError::invalid_param("stop", "stop strings must not be empty"));
+        }
+        if stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::invalid_param(
+                "stop",
+                format!("stop strings must be at most {MAX_STOP_BYTES} bytes"),
+            ));
         }
         let sampling = SamplingParams {
             temperature: self.temperature.unwrap_or(default_temperature),
@@ -576,6 +585,9 @@ mod tests {
         assert_eq!(temp.params(1.0).unwrap_err().status.as_u16(), 400);
         let zero = request(json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}));
         assert_eq!(zero.params(1.0).unwrap_err().status.as_u16(), 400);
+        let long_stop =
+            request(json!({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b".repeat(257)]}));
+        assert_eq!(long_stop.params(1.0).unwrap_err().param.as_deref(), Some("stop"));
         let ok =
             request(json!({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 5, "stop": "a"}));
         let (params, default) = ok.params(0.0).unwrap();
