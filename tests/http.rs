@@ -948,6 +948,14 @@ fn reload_under_load_swaps_atomically_and_survives_corrupt_files() {
     };
     let (s, b) = reload("wrong");
     assert_error(s, &b, 401, "invalid_api_key");
+    // The scheme is case-insensitive: a lowercase one with the right token gets past the check.
+    let (s, _, b) = server.post_raw(
+        "/admin/models/nope/reload",
+        "",
+        "application/json",
+        &[("Authorization", "bearer secret-token")],
+    );
+    assert_error(s, &b, 404, "model_not_found");
 
     let image = image_bytes("images/one_image_0.png");
     // A prompt on which the fixture's int8 graphs leave fp32's greedy path at the second token
