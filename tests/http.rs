@@ -492,6 +492,11 @@ fn bad_inputs_get_their_status_and_error_body() {
     let big_text = "word ".repeat(3000);
     let (s, b) = post(&chat(json!(big_text)).to_string());
     assert_error(s, &b, 400, "context_length_exceeded");
+    // Far over the context in bytes: refused before it is tokenized, saying so.
+    let huge_text = "word ".repeat(200_000);
+    let (s, b) = post(&chat(json!(huge_text)).to_string());
+    assert_error(s, &b, 400, "context_length_exceeded");
+    assert!(b["error"]["message"].as_str().unwrap().contains("bytes"), "{b}");
 
     // Over the limits: 413, the image checked from its header.
     let (s, b) = post(&chat(json!([image_part(data_url(&png(1200, 8)))])).to_string());

@@ -154,6 +154,11 @@ impl Codec {
             return Err(EngineError::EmptyPrompt);
         }
         let text = self.template.render(messages)?;
+        // Tokenizing a huge text costs seconds and gigabytes: refuse what cannot fit first.
+        let most = self.info.context_length.saturating_mul(self.max_token_bytes);
+        if text.len() > most {
+            return Err(EngineError::PromptTooManyBytes { bytes: text.len(), most, context: self.info.context_length });
+        }
         let processed = if images.is_empty() { None } else { Some(self.family.process_images(images, budgets)?) };
         let layouts = processed.as_ref().map(|p| p.layouts.as_slice()).unwrap_or_default();
         let expanded = self.family.expand_prompt(&text, layouts)?;

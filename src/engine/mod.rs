@@ -63,6 +63,8 @@ pub enum EngineError {
     )]
     PromptTooLong { prompt_tokens: usize, max_new_tokens: usize, context: usize },
     /// A failure shared by every sequence of a vision or decoder call.
+    #[error("the prompt is {bytes} bytes, more than a context of {context} tokens can hold ({most} bytes at most)")]
+    PromptTooManyBytes { bytes: usize, most: usize, context: usize },
     #[error("the batch this request was decoded in failed: {0}")]
     BatchFailed(#[source] std::sync::Arc<EngineError>),
     #[error("the vision encoder's thread stopped")]

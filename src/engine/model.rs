@@ -86,6 +86,9 @@ pub struct Codec {
     pub family: Box<dyn Family>,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
+    /// The most bytes of text one token can stand for (4 per character of the longest
+    /// vocabulary entry): a prompt longer than the context times this is refused untokenized.
+    pub(super) max_token_bytes: usize,
 }
 
 /// A loaded model: its [`Codec`] and the three ONNX Runtime sessions.
@@ -145,7 +148,8 @@ impl Model {
             context_length: package.context_length().unwrap_or(DEFAULT_CONTEXT),
             eos_token_ids: package.eos_token_ids(),
         };
-        let codec = Codec { info, package, family, tokenizer, template };
+        let max_token_bytes = tokenizer.get_vocab(true).keys().map(|t| 4 * t.chars().count()).max().unwrap_or(4);
+        let codec = Codec { info, package, family, tokenizer, template, max_token_bytes };
         codec.check_consistency(&decoder.layout)?;
         let vision_io = describe(vision.session());
         let vision = VisionWorker::start(vision)?;

@@ -124,7 +124,7 @@ impl From<EngineError> for ApiError {
             EngineError::Family(FamilyError::ImageCountMismatch { .. }) => Self::invalid_param("messages", message),
             EngineError::Family(FamilyError::UnsupportedImage(_)) => Self::invalid(message).with_code("invalid_image"),
             EngineError::EmptyPrompt => Self::invalid_param("messages", message),
-            EngineError::PromptTooLong { .. } => {
+            EngineError::PromptTooLong { .. } | EngineError::PromptTooManyBytes { .. } => {
                 Self::invalid_param("messages", message).with_code("context_length_exceeded")
             }
             EngineError::InvalidParameter(_) => Self::invalid(message).with_code("invalid_parameter"),
