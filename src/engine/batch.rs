@@ -300,7 +300,10 @@ impl<T> Batch<T> {
     /// Start one vision-encoder call; false when no sequence needs one. Sequences whose
     /// features are in the feature cache skip the encoder.
     fn start_vision(&mut self, model: &Model, finished: &mut Vec<Finished<T>>) -> bool {
-        self.seqs = std::mem::take(&mut self.seqs).into_iter().map(|seq| seq.with_cached_features(model)).collect();
+        let untouched = |s: &Sequence<T>| matches!(&s.phase, Phase::Encoding(work) if work.done == 0);
+        if model.feature_cache.is_some() && self.seqs.iter().any(untouched) {
+            self.seqs = std::mem::take(&mut self.seqs).into_iter().map(|seq| seq.with_cached_features(model)).collect();
+        }
         let mut budget = self.limits.vision_tiles;
         let mut parts = Vec::new();
         let mut sets = Vec::new();
