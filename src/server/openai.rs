@@ -290,13 +290,14 @@ fn detail<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Detail>, 
 /// OpenAI messages as chat-template messages, plus the images in order. Each message is read
 /// into the types above; an error names the field it is about (`messages[0].content[1].type`).
 fn parse_messages(
-    messages: &[Value],
+    messages: Vec<Value>,
     max_images: usize,
     remote: Option<&RemoteImages>,
 ) -> Result<(Vec<ChatMessage>, Vec<RequestImage>), ApiError> {
     let mut out = Vec::with_capacity(messages.len());
     let mut images = Vec::new();
-    for (i, message) in messages.iter().enumerate() {
+    // By value: image data moves from the body's JSON into the request, never copied.
+    for (i, message) in messages.into_iter().enumerate() {
         let at = format!("messages[{i}]");
         let message: WireMessage = serde_path_to_error::deserialize(message).map_err(|e| {
             let param = match e.path().to_string().as_str() {
@@ -323,7 +324,7 @@ fn parse_messages(
                         )
                         .with_param(&param));
                     }
-                    let source = request::image_from_url(&image_url.url, &param, remote)?;
+                    let source = request::image_from_url(image_url.url, &param, remote)?;
                     let budget = ImageBudget {
                         detail: image_url.detail.unwrap_or_default(),
                         max_pixels: image_url.max_pixels.map(NonZeroU64::get),
@@ -345,11 +346,12 @@ pub async fn chat_completions(
 ) -> Result<HttpResponse, ApiError> {
     let arrived = Instant::now();
     let body = request::read_body(&req, payload, state.max_body_bytes).await?;
-    let request: ChatRequest = request::parse_json(&body)?;
+    let mut request: ChatRequest = request::parse_json(&body)?;
     drop(body);
     request.check_supported()?;
     let (params, use_default) = request.params(state.default_temperature)?;
-    let (messages, images) = parse_messages(&request.messages, state.max_images, state.remote_images.as_deref())?;
+    let (messages, images) =
+        parse_messages(std::mem::take(&mut request.messages), state.max_images, state.remote_images.as_deref())?;
     let input =
         PrepareInput { messages, images, params, default_max_tokens: use_default.then_some(state.default_max_tokens) };
     let Started { model, running, .. } = request::start(&state, request.model.as_deref(), input, arrived).await?;
@@ -527,7 +529,7 @@ mod tests {
             json!({"role": "system", "content": "Be brief."}),
             json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}}, {"type": "text", "text": "What?"}]}),
         ];
-        let (out, images) = parse_messages(&messages, 4, None).unwrap();
+        let (out, images) = parse_messages(messages, 4, None).unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(out[1].content[0], ContentPart::Image);
         assert_eq!(images.len(), 1);
@@ -541,7 +543,7 @@ mod tests {
         let part =
             |image_url: Value| json!({"role": "user", "content": [{"type": "image_url", "image_url": image_url}]});
         let png = "data:image/png;base64,iVBORw0KGgo=";
-        let parse = |image_url| parse_messages(&[part(image_url)], 4, None);
+        let parse = |image_url| parse_messages(vec![part(image_url)], 4, None);
         let (_, images) = parse(json!({"url": png, "detail": "low", "max_pixels": 50000})).unwrap();
         assert_eq!(images[0].budget, ImageBudget { detail: Detail::Low, max_pixels: Some(50000) });
         for bad in [
@@ -560,7 +562,7 @@ mod tests {
 
     #[test]
     fn bad_messages_are_400_or_413() {
-        let error = |m: Value, max: usize| parse_messages(&[m], max, None).unwrap_err();
+        let error = |m: Value, max: usize| parse_messages(vec![m], max, None).unwrap_err();
         let status = |m: Value, max: usize| error(m, max).status.as_u16();
         assert_eq!(status(json!({"role": "tool", "content": "x"}), 4), 400);
         assert_eq!(status(json!({"role": "user", "content": 3}), 4), 400);

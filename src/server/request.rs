@@ -136,40 +136,47 @@ impl RemoteImages {
 }
 
 /// An image from a `data:` URL (`data:image/png;base64,...`), or an allowed remote URL.
-pub fn image_from_url(url: &str, param: &str, remote: Option<&RemoteImages>) -> Result<ImageSource, ApiError> {
-    let url = url.trim();
-    let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
-    if lower.starts_with("http://") || lower.starts_with("https://") {
-        let Some(remote) = remote else {
-            return Err(ApiError::invalid_param(
-                param,
-                "remote image URLs are not enabled on this server; send the image as a data: URL",
-            )
-            .with_code("remote_images_disabled"));
-        };
-        let host = url.parse::<actix_web::http::Uri>().ok().and_then(|u| u.host().map(str::to_string));
-        let Some(host) = host else {
-            return Err(
-                ApiError::invalid_param(param, format!("{param}: not a valid URL")).with_code("invalid_image_url")
-            );
-        };
-        if !remote.allows(&host) {
-            return Err(ApiError::invalid_param(param, format!("{param}: images from {host:?} are not allowed"))
-                .with_code("image_host_not_allowed"));
-        }
-        return Ok(ImageSource::Remote { url: url.to_string(), param: param.to_string() });
+pub fn image_from_url(url: String, param: &str, remote: Option<&RemoteImages>) -> Result<ImageSource, ApiError> {
+    let trimmed = url.trim();
+    let scheme = trimmed.get(..8).unwrap_or(trimmed).to_ascii_lowercase();
+    if !(scheme.starts_with("http://") || scheme.starts_with("https://")) {
+        return data_url(url, param);
     }
-    let data = data_url(url, param)?;
-    Ok(ImageSource::Base64 { data: data.to_string(), param: param.to_string() })
+    let Some(remote) = remote else {
+        return Err(ApiError::invalid_param(
+            param,
+            "remote image URLs are not enabled on this server; send the image as a data: URL",
+        )
+        .with_code("remote_images_disabled"));
+    };
+    let host = trimmed.parse::<actix_web::http::Uri>().ok().and_then(|u| u.host().map(str::to_string));
+    let Some(host) = host else {
+        return Err(ApiError::invalid_param(param, format!("{param}: not a valid URL")).with_code("invalid_image_url"));
+    };
+    if !remote.allows(&host) {
+        return Err(ApiError::invalid_param(param, format!("{param}: images from {host:?} are not allowed"))
+            .with_code("image_host_not_allowed"));
+    }
+    Ok(ImageSource::Remote { url: trimmed.to_string(), param: param.to_string() })
 }
 
-/// The base64 payload of a `data:` URL.
-pub fn data_url<'a>(url: &'a str, param: &str) -> Result<&'a str, ApiError> {
+/// The image of a `data:` URL: its base64 payload, kept in the URL's own string (an image can
+/// be tens of megabytes; it is decoded while preparing).
+pub fn data_url(mut url: String, param: &str) -> Result<ImageSource, ApiError> {
+    url.truncate(url.trim_end().len());
+    let lead = url.len() - url.trim_start().len();
+    let payload = lead + payload_start(&url[lead..], param)?;
+    url.drain(..payload);
+    Ok(ImageSource::Base64 { data: url, param: param.to_string() })
+}
+
+/// Where a `data:` URL's base64 payload starts.
+fn payload_start(url: &str, param: &str) -> Result<usize, ApiError> {
     let Some(rest) = url.strip_prefix("data:") else {
         return Err(ApiError::invalid_param(param, "image URL must be a data: URL (data:image/png;base64,...)")
             .with_code("invalid_image_url"));
     };
-    let Some((meta, data)) = rest.split_once(',') else {
+    let Some((meta, _)) = rest.split_once(',') else {
         return Err(
             ApiError::invalid_param(param, "data: URL has no ',' before its data").with_code("invalid_image_url")
         );
@@ -178,7 +185,7 @@ pub fn data_url<'a>(url: &'a str, param: &str) -> Result<&'a str, ApiError> {
         return Err(ApiError::invalid_param(param, "data: URL must be base64-encoded (;base64,)")
             .with_code("invalid_image_url"));
     }
-    Ok(data)
+    Ok("data:".len() + meta.len() + 1)
 }
 
 /// Standard base64 (padding optional, whitespace ignored), size-checked before decoding.

@@ -48,14 +48,11 @@ pub async fn vqa(
         (fields, ImageSource::Bytes(bytes))
     } else {
         let mut fields: VqaRequest = request::parse_json(&body)?;
-        let data = match fields.image.take() {
-            Some(data) if data.trim_start().starts_with("data:") => {
-                request::data_url(data.trim(), "image")?.to_string()
-            }
-            Some(data) => data,
+        let image = match fields.image.take() {
+            Some(data) if data.trim_start().starts_with("data:") => request::data_url(data, "image")?,
+            Some(data) => ImageSource::Base64 { data, param: "image".into() },
             None => return Err(ApiError::invalid_param("image", "image is required")),
         };
-        let image = ImageSource::Base64 { data, param: "image".into() };
         (fields, image)
     };
     let question = fields.question.as_deref().map(str::trim).unwrap_or_default();
