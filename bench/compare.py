@@ -169,6 +169,7 @@ def run_vlmserve(args) -> dict:
         "tokens": report["token_ids"],
         "prompt_tokens": report["prompt_tokens"],
         "outside_runtime": report["decode_outside_runtime_share"]["median"],
+        "transferred_per_step": report["decode_transferred_bytes_per_step"]["median"],
         "repeated_ttft_s": report.get("repeated_image_time_to_first_token_s", {}).get("median"),
     }
 
@@ -245,7 +246,8 @@ def alternating_rounds(scenario: str, args) -> dict:
             r = peer(name, scenario, args, precision)
             rounds.setdefault(label, []).append(r)
             print(
-                f"{scenario} {label} (round {i + 1}): ttft {r['ttft_s']:.2f} s, decode {r['decode_tok_s']:.1f} tok/s, {r['peak_rss_mb']:.0f} MB",
+                f"{scenario} {label} (round {i + 1}): ttft {r['ttft_s']:.2f} s, decode {r['decode_tok_s']:.1f} tok/s, {r['peak_rss_mb']:.0f} MB"
+                + (f", {r['transferred_per_step']:,.0f} B/step host<->device" if "transferred_per_step" in r else ""),
                 flush=True,
             )
     return {label: over_rounds(rounds[label]) for label in rounds}
@@ -256,7 +258,7 @@ def over_rounds(rounds: list[dict]) -> dict:
     if any(r["tokens"] != rounds[0]["tokens"] for r in rounds):
         raise SystemExit("a peer's greedy tokens changed between rounds")
     figures = dict(rounds[0], peak_rss_mb=max(r["peak_rss_mb"] for r in rounds))
-    for key in ("ttft_s", "decode_tok_s", "outside_runtime", "repeated_ttft_s"):
+    for key in ("ttft_s", "decode_tok_s", "outside_runtime", "transferred_per_step", "repeated_ttft_s"):
         if rounds[0].get(key) is not None:
             figures[key] = statistics.median(r[key] for r in rounds)
     return figures
@@ -329,7 +331,8 @@ def report(results: dict, args, bandwidth: float | None, decoder_bytes: int, flo
         lines.append(
             f"{scenario}: the same image again (image-feature cache) reaches its first token in {ours['repeated_ttft_s']:.2f} s, "
             f"{ours['repeated_ttft_s'] / ours['ttft_s']:.2f}x the first request's; decode steps spend "
-            f"{ours['outside_runtime']:.1%} of their time outside ONNX Runtime."
+            f"{ours['outside_runtime']:.1%} of their time outside ONNX Runtime and hand "
+            f"{ours['transferred_per_step']:,.0f} bytes between host and device each."
         )
     return "\n".join(lines)
 

@@ -147,41 +147,73 @@ def build_fused_decoder(path: Path) -> None:
     onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
 
 
-def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+class Place:
+    """Where sessions run and their cache buffers live: the CPU, or a CUDA device (--cuda),
+    where every cache buffer is device memory bound through IoBinding and only the logits
+    come back to the host."""
+
+    def __init__(self, cuda: bool, cuda_graph: bool = False):
+        self.device = "cuda" if cuda else "cpu"
+        self.cuda_graph = cuda_graph
+
+    def session(self, path: Path, graph: bool = False) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.device == "cpu":
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        cuda = {"enable_cuda_graph": "1"} if graph else {}
+        return ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda)])
+
+    def value(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
 
 
-def fused_step(path: Path, context: int, batch: int, rng):
-    """One step at `context` cached positions, past and present bound to the same buffers."""
-    s = session(path)
+def fused_step(path: Path, context: int, batch: int, rng, place: Place, graph: bool = False):
+    """One step at `context` cached positions, past and present bound to the same buffers. With
+    `graph` (CUDA only), the CUDA provider captures the step as a CUDA graph on its first run and
+    replays it: every input then lives at a fixed device address."""
+    s = place.session(path, graph)
     binding = s.io_binding()
     for i in range(LAYERS):
         for kv in ("key", "value"):
-            buffer = ort.OrtValue.ortvalue_from_numpy(
-                rng.standard_normal((batch, KV_HEADS, context + 1, HEAD_DIM)).astype(np.float32)
-            )
+            buffer = place.value(rng.standard_normal((batch, KV_HEADS, context + 1, HEAD_DIM)).astype(np.float32))
             binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", buffer)
             binding.bind_ortvalue_output(f"present.{i}.{kv}", buffer)
-    binding.bind_output("logits")
-    binding.bind_cpu_input("inputs_embeds", rng.standard_normal((batch, 1, HIDDEN)).astype(np.float32))
-    binding.bind_cpu_input("seqlens_k", np.full(batch, context, np.int32))
+    logits = place.value(np.zeros((batch, 1, VOCAB_SIZE), np.float32)) if graph else None
+    if logits is None:
+        binding.bind_output("logits")
+    else:
+        binding.bind_ortvalue_output("logits", logits)
+    small = {
+        "inputs_embeds": rng.standard_normal((batch, 1, HIDDEN)).astype(np.float32),
+        "seqlens_k": np.full(batch, context, np.int32),
+    }
+    kept = {name: place.value(array) for name, array in small.items()}
+    for name, value in kept.items():
+        binding.bind_ortvalue_input(name, value)
+    # GroupQueryAttention reads total_sequence_length on the host.
     binding.bind_cpu_input("total_sequence_length", np.array(context + 1, np.int32))
-    return lambda: s.run_with_iobinding(binding)
+
+    def step():
+        s.run_with_iobinding(binding)
+        if logits is not None:
+            logits.numpy()  # the host's copy of the logits, as sampling needs
+
+    return step
 
 
-def package_step(path: Path, context: int, batch: int, rng):
-    """One step of the exported decoder with `context` positions in its older block, an empty recent one."""
-    s = session(path)
+def package_step(path: Path, context: int, batch: int, rng, place: Place):
+    """One step of the exported decoder with `context` positions in its older block, an empty
+    recent one (on a device, the cache stays there; outputs are allocated by the session)."""
+    s = place.session(path)
     binding = s.io_binding()
     for i in range(LAYERS):
         for kv in ("key", "value"):
             older = rng.standard_normal((batch, KV_HEADS, context, HEAD_DIM)).astype(np.float32)
-            binding.bind_ortvalue_input(f"older_key_values.{i}.{kv}", ort.OrtValue.ortvalue_from_numpy(older))
+            binding.bind_ortvalue_input(f"older_key_values.{i}.{kv}", place.value(older))
             empty = np.zeros((batch, KV_HEADS, 0, HEAD_DIM), np.float32)
-            binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", ort.OrtValue.ortvalue_from_numpy(empty))
-            binding.bind_output(f"present.{i}.{kv}")
+            binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", place.value(empty))
+            binding.bind_output(f"present.{i}.{kv}", place.device)
     binding.bind_output("logits")
     binding.bind_cpu_input("inputs_embeds", rng.standard_normal((batch, 1, HIDDEN)).astype(np.float32))
     binding.bind_cpu_input("attention_mask", np.ones((batch, context + 1), np.int64))
@@ -209,24 +241,37 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--precisions", default="fp32,int8")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--cuda", action="store_true", help="on the CUDA provider, the cache in device memory")
+    parser.add_argument("--cuda-graph", action="store_true", help="with --cuda, also the fused decoder as a CUDA graph")
     args = parser.parse_args()
+    place = Place(args.cuda)
     with tempfile.TemporaryDirectory() as tmp:
         fused = {"fp32": Path(tmp) / "decoder_gqa.onnx", "int8": Path(tmp) / "decoder_gqa_int8.onnx"}
         build_fused_decoder(fused["fp32"])
-        to_int8_blockwise(fused["fp32"], fused["int8"])
+        if "int8" in args.precisions.split(","):
+            to_int8_blockwise(fused["fp32"], fused["int8"])
         for precision in args.precisions.split(","):
             suffix = "" if precision == "fp32" else f"_{precision}"
             ours = args.package / "onnx" / f"decoder_model_merged{suffix}.onnx"
             for context in map(int, args.contexts.split(",")):
                 rng = np.random.default_rng(0)
                 steps = {
-                    "fused": fused_step(fused[precision], context, args.batch, rng),
-                    "package": package_step(ours, context, args.batch, rng),
+                    "fused": fused_step(fused[precision], context, args.batch, rng, place),
+                    "package": package_step(ours, context, args.batch, rng, place),
                 }
+                if args.cuda and args.cuda_graph:
+                    try:
+                        steps["fused graph"] = fused_step(fused[precision], context, args.batch, rng, place, True)
+                        steps["fused graph"]()
+                    except Exception as e:  # reported; the other figures still count
+                        steps.pop("fused graph")
+                        print(f"{precision}: the fused decoder as a CUDA graph failed: {e}", flush=True)
                 ms = median_ms(steps, args.steps)
+                graph = f", fused as a CUDA graph {ms['fused graph']:.2f} ms" if "fused graph" in ms else ""
                 print(
-                    f"{precision} batch {args.batch} context {context}: fused attention {ms['fused']:.1f} ms, "
-                    f"package {ms['package']:.1f} ms per step ({ms['package'] / ms['fused']:.2f}x)",
+                    f"{place.device} {precision} batch {args.batch} context {context}: fused attention "
+                    f"{ms['fused']:.2f} ms, package {ms['package']:.2f} ms per step "
+                    f"({ms['package'] / ms['fused']:.2f}x){graph}",
                     flush=True,
                 )
 

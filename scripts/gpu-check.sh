@@ -19,6 +19,9 @@
 #   compare  bench/compare.py --cuda: S1, 128 new tokens, vlmserve FP32 and FP16 against PyTorch
 #            CUDA FP16 and the Python onnxruntime CUDA loop (left out where onnxruntime has no
 #            CUDA provider)
+#   fused    bench/fused_attention_trial.py --cuda: one decode step of the package's decoder
+#            against a GroupQueryAttention decoder (and that one as a CUDA graph), the cache in
+#            device memory, at 100 and 1150 cached positions, 1 and 32 rows
 #   load     bench/load.py --cuda at 1, 8 and 32 streams
 #   tensorrt the TensorRT provider once, where libnvinfer.so.10 can be loaded
 # VLMSERVE_GPU_STAGES=compare,load (say) runs only those.
@@ -48,7 +51,7 @@ ORT_PYTHON=/tmp/vlmserve-ort-python
 OUT=${OUT:-$REPO/target/gpu-check}
 TEST_BINARIES="parity batching"
 # Which stages `run` runs (a rerun may name fewer).
-STAGES=${VLMSERVE_GPU_STAGES:-parity,smoke,bench-model,compare,load,tensorrt}
+STAGES=${VLMSERVE_GPU_STAGES:-parity,smoke,bench-model,compare,fused,load,tensorrt}
 
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/summary.txt"; }
 
@@ -60,7 +63,7 @@ stage() {
   [[ ",$STAGES," == *",$name,"* ]] || return 0
   local start=$SECONDS
   log "$name: start"
-  export -f log parity smoke wait_bench_model bench_model python_site tensorrt
+  export -f log parity smoke wait_bench_model bench_model python_site tensorrt fused
   export REPO CARRY BENCH_DIR MODEL_DIR SITE OUT TEST_BINARIES TEST_BIN_DIR BENCH_IMAGE PYTHONPATH
   timeout --kill-after=10 "$limit" bash -c '"$@"' stage "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
@@ -204,6 +207,14 @@ EOF
   python3 -c "import json, sys; a = json.load(open(sys.argv[1]))['choices'][0]['message']['content']; print('answer:', repr(a)); sys.exit(0 if 'red' in a else 1)" "$OUT/smoke.json"
 }
 
+fused() {
+  local cuda=$1 steps=$2
+  for batch in 1 32; do
+    python3 bench/fused_attention_trial.py --package "$MODEL_DIR/package" --contexts 100,1150 --precisions fp32 \
+      --batch "$batch" --steps "$steps" $cuda || return 1
+  done
+}
+
 tensorrt() {
   if ! python3 -c "import ctypes; ctypes.CDLL('libnvinfer.so.10')" 2> /dev/null; then
     echo "skipped: libnvinfer.so.10 (TensorRT 10, pip tensorrt-cu13-libs) is not on this host"
@@ -224,9 +235,9 @@ run() {
   local dry=${1:-}
   mkdir -p "$OUT"
   : > "$OUT/summary.txt"
-  local kind=cuda cuda=--cuda peer_precision=fp16 new_tokens=128 runs=3 clients=1,8,32 requests=2
+  local kind=cuda cuda=--cuda peer_precision=fp16 new_tokens=128 runs=3 clients=1,8,32 requests=2 fused_steps=30
   if [ "$dry" = --cpu-dry-run ]; then
-    kind=cpu cuda="" peer_precision=fp32 new_tokens=4 runs=1 clients=1,2 requests=1
+    kind=cpu cuda="" peer_precision=fp32 new_tokens=4 runs=1 clients=1,2 requests=1 fused_steps=2
     BENCH_DIR=${VLMSERVE_GPU_BENCH_DIR:-$REPO/bench/models}
     MODEL_DIR=$BENCH_DIR/smolvlm-256m-shaped
     TEST_BIN_DIR=$(mktemp -d)
@@ -258,6 +269,7 @@ run() {
   stage compare 300 python3 bench/compare.py $cuda --peer-precision "$peer_precision" --peers "$peers" \
     --model-dir "$MODEL_DIR" --image "$BENCH_IMAGE" --new-tokens "$new_tokens" --runs "$runs" --rounds 1 \
     --scenarios S1 --precisions fp32,fp16 --out "$OUT/benchmarks-gpu.md"
+  stage fused 200 fused "$cuda${cuda:+ --cuda-graph}" "$fused_steps"
   stage load 240 python3 bench/load.py $cuda --package "$MODEL_DIR/package" --precision fp16 --clients "$clients" \
     --requests "$requests" --max-tokens "$new_tokens" --max-batch-size 32 --out "$OUT/benchmarks-gpu.md"
   [ -z "$dry" ] && stage tensorrt 120 tensorrt

@@ -58,6 +58,8 @@ struct Sample {
     decode_tokens_per_second: f64,
     /// Share of the decode steps' time spent outside ONNX Runtime's run calls.
     decode_outside_runtime_share: f64,
+    /// Bytes handed between host and device per decode step (zero on the CPU).
+    decode_transferred_bytes_per_step: f64,
 }
 
 /// Median and range of one measure over the runs.
@@ -79,7 +81,7 @@ fn spread(samples: &[Sample], measure: fn(&Sample) -> f64) -> Spread {
 /// A named measure of a run.
 type Measure = (&'static str, fn(&Sample) -> f64);
 
-const MEASURES: [Measure; 7] = [
+const MEASURES: [Measure; 8] = [
     ("image_decode_s", |s| s.image_decode_s),
     ("preprocess_s", |s| s.preprocess_s),
     ("vision_s", |s| s.vision_s),
@@ -87,6 +89,7 @@ const MEASURES: [Measure; 7] = [
     ("time_to_first_token_s", |s| s.time_to_first_token_s),
     ("decode_tokens_per_second", |s| s.decode_tokens_per_second),
     ("decode_outside_runtime_share", |s| s.decode_outside_runtime_share),
+    ("decode_transferred_bytes_per_step", |s| s.decode_transferred_bytes_per_step),
 ];
 
 /// What one run needs: the image's bytes (decoded every run, as a server would) and the question.
@@ -118,6 +121,7 @@ impl Workload<'_> {
             time_to_first_token_s: image_decode_s + t.preprocess_s + t.time_to_first_token_s,
             decode_tokens_per_second: t.decode_tokens_per_second(),
             decode_outside_runtime_share: if t.decode_s > 0.0 { 1.0 - t.decode_in_runtime_s / t.decode_s } else { 0.0 },
+            decode_transferred_bytes_per_step: t.decode_transferred_bytes as f64 / t.decode_steps.max(1) as f64,
         };
         Ok((sample, completion))
     }

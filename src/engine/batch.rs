@@ -455,9 +455,7 @@ impl<T> Batch<T> {
 
     /// One decoder call: every decoding sequence's last token in, its next logits out.
     fn decode(&mut self, model: &mut Model, tokens: &[u32]) -> Result<(), EngineError> {
-        let start = Instant::now();
-        let embeds = model.embedder.embed(tokens, tokens.len())?;
-        let in_embed = start.elapsed();
+        let (embeds, mut cost) = model.embedder.embed(tokens, tokens.len())?;
         let positions: Vec<ArrayD<i64>> = self
             .seqs
             .iter()
@@ -468,7 +466,7 @@ impl<T> Batch<T> {
             .collect();
         let positions = stack_rows(&positions)?;
         let (logits, in_decoder) = model.decoder.forward(embeds, positions, &mut self.cache)?;
-        let in_runtime = (in_embed + in_decoder).as_secs_f64();
+        cost += in_decoder;
         let decoding = self.seqs.iter_mut().filter_map(|seq| match &mut seq.phase {
             Phase::Decoding(decoding) => Some((decoding, &mut seq.timings)),
             _ => None,
@@ -477,7 +475,8 @@ impl<T> Batch<T> {
             decoding.logits = logits;
             decoding.position += 1;
             timings.decode_steps += 1;
-            timings.decode_in_runtime_s += in_runtime;
+            timings.decode_in_runtime_s += cost.in_runtime.as_secs_f64();
+            timings.decode_transferred_bytes += cost.transferred;
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use super::detokenize::Detokenizer;
 use super::model::{Codec, Model};
 use super::sampler::{Sampler, SamplingParams};
 use super::stop::{FinishReason, StopRules};
-use super::tensors::to_f32_array;
+use super::tensors::{host_copy, to_f32_array};
 use crate::family::{ImageBudget, Positions, ProcessedImages};
 use crate::preprocess::chat_template::ChatMessage;
 
@@ -75,6 +75,8 @@ pub struct Timings {
     pub decode_steps: usize,
     /// Part of `decode_s` spent inside ONNX Runtime's run calls.
     pub decode_in_runtime_s: f64,
+    /// Bytes handed between host and device by the decode steps (see `RunCost`); zero on the CPU.
+    pub decode_transferred_bytes: usize,
 }
 
 impl Timings {
@@ -216,7 +218,9 @@ impl Model {
         ids: &[u32],
         features: Option<Arc<Array2<f32>>>,
     ) -> Result<ArrayD<f32>, EngineError> {
-        let mut array = to_f32_array(&self.embedder.embed(ids, 1)?, "inputs_embeds")?;
+        let (embeds, _) = self.embedder.embed(ids, 1)?;
+        let embeds = host_copy(&embeds)?.unwrap_or(embeds);
+        let mut array = to_f32_array(&embeds, "inputs_embeds")?;
         let Some(features) = features else { return Ok(array) };
         let image_token = self.codec.family.image_token_id();
         let rows: Vec<usize> = ids.iter().enumerate().filter(|(_, id)| **id == image_token).map(|(i, _)| i).collect();

@@ -12,7 +12,7 @@ use ort::value::{DynValue, Tensor, TensorElementType};
 
 use super::EngineError;
 use super::kv_cache::{KvCache, KvLayout};
-use super::tensors::{last_rows, to_f32_array, to_value};
+use super::tensors::{last_rows, on_host, tensor_bytes, to_f32_array, to_value};
 use crate::family::{NamedTensor, TensorData};
 use crate::runtime::{self, GraphOptions};
 
@@ -20,6 +20,97 @@ type Inputs<'v> = Vec<(Cow<'static, str>, SessionInputValue<'v>)>;
 
 fn open(env: &Environment, path: &Path, options: &GraphOptions, spinning: bool) -> Result<Session, EngineError> {
     Ok(runtime::open_session(env, path, options, spinning)?)
+}
+
+/// Where a graph's outputs that feed the next graph or step are kept.
+#[derive(Debug)]
+enum Placement {
+    /// ONNX Runtime hands every output to the host (the CPU provider, where that costs nothing).
+    Host,
+    /// On the session's GPU: those outputs stay in device memory and go back in from there,
+    /// through an IoBinding; only what the host reads (logits) crosses.
+    Device(MemoryInfo<'static>),
+}
+
+impl Placement {
+    /// The device of the first GPU provider in `options`, if the session got it (it may have
+    /// fallen back to the CPU): the session then has an allocator for that device's memory.
+    fn of(session: &Session, options: &GraphOptions) -> Self {
+        let device = options.providers.iter().find_map(|p| p.cuda_device()).and_then(|id| {
+            MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default).ok()
+        });
+        match device {
+            Some(info) if Allocator::new(session, info.clone()).is_ok() => {
+                tracing::info!(device = info.device_id(), "graph outputs that feed later runs stay in CUDA memory");
+                Placement::Device(info)
+            }
+            _ => Placement::Host,
+        }
+    }
+}
+
+/// Where an output of [`run`] goes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Keep {
+    /// Stays with the session (on its device, if it has one): fed to a later run.
+    Placed,
+    /// To the host, which reads it.
+    Host,
+}
+
+/// What one run cost: time inside ONNX Runtime and bytes handed between host and device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunCost {
+    pub in_runtime: Duration,
+    /// Host inputs of a device session plus its outputs brought to the host: an upper bound of
+    /// what crossed (ONNX Runtime keeps an input on the host where only CPU nodes read it).
+    pub transferred: usize,
+}
+
+impl std::ops::AddAssign for RunCost {
+    fn add_assign(&mut self, other: Self) {
+        self.in_runtime += other.in_runtime;
+        self.transferred += other.transferred;
+    }
+}
+
+/// Run `session` on `inputs` and return the named `outputs` in their order.
+fn run(
+    session: &mut Session,
+    placement: &Placement,
+    inputs: &[(Cow<'static, str>, &DynValue)],
+    outputs: &[(&str, Keep)],
+) -> Result<(Vec<DynValue>, RunCost), EngineError> {
+    let missing = |name: &str| EngineError::GraphMismatch(format!("the graph did not return {name}"));
+    let start = Instant::now();
+    let Placement::Device(device) = placement else {
+        let inputs: Inputs = inputs.iter().map(|(name, value)| (name.clone(), value.view().into())).collect();
+        let mut returned = session.run(inputs)?;
+        let in_runtime = start.elapsed();
+        let values = outputs.iter().map(|(name, _)| returned.remove(name).ok_or_else(|| missing(name)));
+        return Ok((values.collect::<Result<_, _>>()?, RunCost { in_runtime, transferred: 0 }));
+    };
+    let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
+    let mut binding = session.create_binding()?;
+    let mut transferred = 0;
+    for (name, value) in inputs {
+        binding.bind_input(name.as_ref(), *value)?;
+        transferred += if on_host(value) { tensor_bytes(value) } else { 0 };
+    }
+    for (name, keep) in outputs {
+        binding.bind_output_to_device(*name, if *keep == Keep::Placed { device } else { &host })?;
+    }
+    let mut returned = session.run_binding(&binding)?;
+    let in_runtime = start.elapsed();
+    let values: Vec<DynValue> =
+        outputs.iter().map(|(name, _)| returned.remove(name).ok_or_else(|| missing(name))).collect::<Result<_, _>>()?;
+    transferred += outputs
+        .iter()
+        .zip(&values)
+        .filter(|((_, keep), _)| *keep == Keep::Host)
+        .map(|(_, v)| tensor_bytes(v))
+        .sum::<usize>();
+    Ok((values, RunCost { in_runtime, transferred }))
 }
 
 fn input_type(session: &Session, name: &str) -> Option<TensorElementType> {
@@ -103,6 +194,7 @@ impl TensorData {
 pub struct Embedder {
     session: Session,
     output: String,
+    placement: Placement,
 }
 
 impl Embedder {
@@ -112,21 +204,22 @@ impl Embedder {
             return Err(EngineError::GraphMismatch("embed_tokens has no input_ids input".into()));
         }
         let output = output_name(&session, 0)?;
-        Ok(Self { session, output })
+        let placement = Placement::of(&session, options);
+        Ok(Self { session, output, placement })
     }
 
     pub fn session(&self) -> &Session {
         &self.session
     }
 
-    /// Embeddings of `ids` as `[rows, ids / rows, hidden]`, left in ONNX Runtime's memory.
-    pub fn embed(&mut self, ids: &[u32], rows: usize) -> Result<DynValue, EngineError> {
+    /// Embeddings of `ids` as `[rows, ids / rows, hidden]`, left in ONNX Runtime's memory (on
+    /// the device, for a session on one).
+    pub fn embed(&mut self, ids: &[u32], rows: usize) -> Result<(DynValue, RunCost), EngineError> {
         let ids: Vec<i64> = ids.iter().map(|&id| i64::from(id)).collect();
-        let tensor = Tensor::from_array(([rows, ids.len() / rows], ids))?;
-        let mut outputs = self.session.run(ort::inputs!["input_ids" => tensor])?;
-        outputs
-            .remove(self.output.as_str())
-            .ok_or_else(|| EngineError::GraphMismatch(format!("embed_tokens did not return {}", self.output)))
+        let ids = Tensor::from_array(([rows, ids.len() / rows], ids))?.into_dyn();
+        let outputs = [(self.output.as_str(), Keep::Placed)];
+        let (mut values, cost) = run(&mut self.session, &self.placement, &[("input_ids".into(), &ids)], &outputs)?;
+        Ok((values.remove(0), cost))
     }
 }
 
@@ -139,6 +232,7 @@ pub struct Decoder {
     has_cache_branch: bool,
     /// Where the KV cache makes its blocks (see `kv_cache`).
     cache_allocator: Allocator,
+    placement: Placement,
 }
 
 impl Decoder {
@@ -152,11 +246,13 @@ impl Decoder {
         if !session.outputs().iter().any(|o| o.name() == "logits") {
             return Err(EngineError::GraphMismatch("decoder has no logits output".into()));
         }
-        let layout = KvLayout::from_session(&session)?;
+        let mut layout = KvLayout::from_session(&session)?;
+        let placement = Placement::of(&session, options);
+        layout.settle &= matches!(placement, Placement::Host);
         let embeds_type = input_type(&session, "inputs_embeds").unwrap_or(TensorElementType::Float32);
         let has_cache_branch = input_type(&session, "use_cache_branch").is_some();
         let cache_allocator = arena_allocator(&session);
-        Ok(Self { session, layout, embeds_type, has_cache_branch, cache_allocator })
+        Ok(Self { session, layout, embeds_type, has_cache_branch, cache_allocator, placement })
     }
 
     pub fn session(&self) -> &Session {
@@ -174,46 +270,42 @@ impl Decoder {
     }
 
     /// Run one forward pass over `embeds` (`[rows, s, hidden]`) after the cached positions and
-    /// return each row's last-position logits. The cache is advanced in place. Also returns the
-    /// time spent inside ONNX Runtime.
+    /// return each row's last-position logits. The cache is advanced in place (its blocks stay
+    /// on the session's device, if it has one). The cost counts the cache's own copies to the
+    /// host since the last pass (when rows joined or left).
     pub fn forward(
         &mut self,
         embeds: DynValue,
         positions: ArrayD<i64>,
         cache: &mut KvCache,
-    ) -> Result<(Vec<Vec<f32>>, Duration), EngineError> {
+    ) -> Result<(Vec<Vec<f32>>, RunCost), EngineError> {
         let new = embeds.shape().get(1).copied().unwrap_or(0) as usize;
-        let mut inputs: Inputs = vec![
-            (Cow::Borrowed("inputs_embeds"), embeds.into()),
-            (Cow::Borrowed("attention_mask"), Tensor::from_array(cache.attention_mask(new))?.into()),
-            (Cow::Borrowed("position_ids"), Tensor::from_array(positions)?.into()),
+        let mut owned: Vec<(&'static str, DynValue)> = vec![
+            ("inputs_embeds", embeds),
+            ("attention_mask", Tensor::from_array(cache.attention_mask(new))?.into_dyn()),
+            ("position_ids", Tensor::from_array(positions)?.into_dyn()),
         ];
         if self.has_cache_branch {
             let branch = Tensor::from_array(ArrayD::from_elem(IxDyn(&[1]), !cache.is_empty()))?;
-            inputs.push((Cow::Borrowed("use_cache_branch"), branch.into()));
+            owned.push(("use_cache_branch", branch.into_dyn()));
         }
+        let mut inputs: Vec<(Cow<'static, str>, &DynValue)> =
+            owned.iter().map(|(name, value)| (Cow::Borrowed(*name), value)).collect();
         for ((past, _), value) in self.layout.tensors.iter().zip(&cache.recent) {
-            inputs.push((Cow::Owned(past.clone()), value.view().into()));
+            inputs.push((Cow::Owned(past.clone()), value));
         }
         for (older, value) in self.layout.older.iter().zip(&cache.older) {
-            inputs.push((Cow::Owned(older.clone()), value.view().into()));
+            inputs.push((Cow::Owned(older.clone()), value));
         }
-        let start = Instant::now();
-        let mut outputs = self.session.run(inputs)?;
-        let in_ort = start.elapsed();
-        let logits = last_rows(&outputs["logits"])?;
-        let present = self
-            .layout
-            .tensors
-            .iter()
-            .map(|(_, present)| {
-                outputs
-                    .remove(present.as_str())
-                    .ok_or_else(|| EngineError::GraphMismatch(format!("decoder did not return {present}")))
-            })
-            .collect::<Result<_, _>>()?;
+        let outputs: Vec<(&str, Keep)> = std::iter::once(("logits", Keep::Host))
+            .chain(self.layout.tensors.iter().map(|(_, present)| (present.as_str(), Keep::Placed)))
+            .collect();
+        let (mut values, mut cost) = run(&mut self.session, &self.placement, &inputs, &outputs)?;
+        let present = values.split_off(1);
+        let logits = last_rows(&values[0])?;
+        cost.transferred += cache.take_transferred();
         cache.advance(present, new, &self.cache_allocator)?;
-        Ok((logits, in_ort))
+        Ok((logits, cost))
     }
 }
 
@@ -232,29 +324,51 @@ fn arena_allocator(session: &Session) -> Allocator {
 #[cfg(test)]
 mod tests {
     use ndarray::{Array3, ArrayD, IxDyn};
-    use ort::memory::AllocatorType;
+    use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
     use ort::value::{DynTensorValueType, Tensor};
 
-    use super::{Decoder, KvCache};
+    use super::{Decoder, KvCache, Placement, RunCost};
     use crate::runtime::{self, GraphOptions};
+
+    fn decoder() -> Decoder {
+        let env = runtime::init(None, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let path =
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/idefics3-tiny/package/onnx/decoder_model_merged.onnx");
+        Decoder::open(env, path.as_ref(), &GraphOptions::default()).unwrap()
+    }
+
+    fn hidden(decoder: &Decoder) -> usize {
+        let embeds = decoder.session().inputs().iter().find(|i| i.name() == "inputs_embeds").unwrap();
+        embeds.dtype().tensor_shape().unwrap()[2] as usize
+    }
+
+    /// `rows` rows of `new` positions from `start`, each row's embeddings a different value.
+    fn step(decoder: &mut Decoder, cache: &mut KvCache, rows: &[(f32, usize)], new: usize) -> Vec<Vec<f32>> {
+        step_cost(decoder, cache, rows, new).0
+    }
+
+    fn step_cost(
+        decoder: &mut Decoder,
+        cache: &mut KvCache,
+        rows: &[(f32, usize)],
+        new: usize,
+    ) -> (Vec<Vec<f32>>, RunCost) {
+        let hidden = hidden(decoder);
+        let embeds = Array3::from_shape_fn((rows.len(), new, hidden), |(r, s, h)| rows[r].0 + 0.01 * (s + h) as f32);
+        let positions = ArrayD::from_shape_fn(IxDyn(&[rows.len(), new]), |i| (rows[i[0]].1 + i[1]) as i64);
+        decoder.forward(Tensor::from_array(embeds).unwrap().into_dyn(), positions, cache).unwrap()
+    }
 
     /// A prompt of three positions, then single steps until every layer's recent block has
     /// moved into its older block at least once: each block the cache made is arena memory.
     #[test]
     fn the_cache_grows_its_blocks_in_the_decoder_arena() {
-        let env = runtime::init(None, &[]).unwrap_or_else(|e| panic!("{e}"));
-        let path =
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/idefics3-tiny/package/onnx/decoder_model_merged.onnx");
-        let mut decoder = Decoder::open(env, path.as_ref(), &GraphOptions::default()).unwrap();
+        let mut decoder = decoder();
         assert_eq!(decoder.cache_allocator().memory_info().allocator_type(), AllocatorType::Arena);
-        let embeds = decoder.session().inputs().iter().find(|i| i.name() == "inputs_embeds").unwrap();
-        let hidden = embeds.dtype().tensor_shape().unwrap()[2] as usize;
         let mut cache = KvCache::empty(&decoder.layout).unwrap();
         let mut width = 0;
         for new in [3, 1, 1, 1, 1] {
-            let embeds = Tensor::from_array(Array3::from_elem((1, new, hidden), 0.1f32)).unwrap().into_dyn();
-            let positions = ArrayD::from_shape_fn(IxDyn(&[1, new]), |i| (width + i[1]) as i64);
-            let (logits, _) = decoder.forward(embeds, positions, &mut cache).unwrap();
+            let logits = step(&mut decoder, &mut cache, &[(0.1, width)], new);
             width += new;
             assert!(logits[0].iter().all(|l| l.is_finite()));
         }
@@ -266,5 +380,47 @@ mod tests {
             assert_eq!(tensor.memory_info().allocator_type(), AllocatorType::Arena);
             assert!(block.shape()[2] > 3, "grown after the prompt");
         }
+    }
+
+    /// The device path run on the CPU, whose "device" memory is host memory: through an
+    /// IoBinding, outputs kept with the session, older blocks left empty and rows gathered
+    /// through host copies, it must give the host path's logits as sequences join and leave,
+    /// and count what it hands over.
+    #[test]
+    fn the_bound_device_path_gives_the_host_path_logits() {
+        let mut host = decoder();
+        let mut bound = decoder();
+        assert!(matches!(bound.placement, Placement::Host), "no GPU provider asked for");
+        bound.placement = Placement::Device(
+            MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).unwrap(),
+        );
+        bound.layout.settle = false;
+        let mut logits = Vec::new();
+        let mut older_widths = Vec::new();
+        let mut transferred = Vec::new();
+        for decoder in [&mut host, &mut bound] {
+            let mut run = Vec::new();
+            let mut cache = KvCache::empty(&decoder.layout).unwrap();
+            run.push(step(decoder, &mut cache, &[(0.1, 0)], 3));
+            run.push(step(decoder, &mut cache, &[(0.2, 3)], 1));
+            let mut other = KvCache::empty(&decoder.layout).unwrap();
+            run.push(step(decoder, &mut other, &[(0.3, 0)], 2));
+            cache.join(other, &Allocator::default()).unwrap();
+            run.push(step(decoder, &mut cache, &[(0.4, 4), (0.5, 2)], 1));
+            let (last, cost) = step_cost(decoder, &mut cache, &[(0.6, 5), (0.6, 3)], 1);
+            run.push(last);
+            transferred.push(cost.transferred);
+            cache.retain(&[false, true], &Allocator::default()).unwrap();
+            run.push(step(decoder, &mut cache, &[(0.7, 4)], 1));
+            older_widths.push(cache.older.iter().map(|b| b.shape()[2]).max());
+            logits.push(run);
+        }
+        let (host, bound) = (logits[0].concat().concat(), logits[1].concat().concat());
+        assert_eq!(host.len(), bound.len());
+        let worst = host.iter().zip(&bound).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-5, "logits differ by {worst}");
+        assert_eq!(older_widths, [Some(5), Some(0)], "the host settles positions in the older blocks, a device not");
+        assert_eq!(transferred[0], 0);
+        assert!(transferred[1] > 2 * 1000, "the logits rows at least: {}", transferred[1]);
     }
 }

@@ -23,7 +23,7 @@ use ort::session::Session;
 use ort::value::{DynValue, PrimitiveTensorElementType, Tensor, TensorElementType};
 
 use super::EngineError;
-use super::tensors::empty_float;
+use super::tensors::{empty_float, host_copy, tensor_bytes};
 
 /// Shape of the cache as the decoder declares it.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +33,10 @@ pub struct KvLayout {
     /// The older-block input of each cache tensor, in the same order; empty when the decoder
     /// has none.
     pub older: Vec<String>,
+    /// Whether positions move from the recent blocks into the older blocks. Only on the host:
+    /// on a device the move would bring the blocks across to the host, so there the older
+    /// blocks stay empty and the graph extends the recent block with the whole cache.
+    pub settle: bool,
     pub layers: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
@@ -68,7 +72,15 @@ impl KvLayout {
             dims.ok_or_else(|| EngineError::GraphMismatch("decoder has no past_key_values inputs".into()))?;
         let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         let older = older_inputs(&inputs, &tensors)?;
-        Ok(Self { layers: tensors.len() / 2, tensors, older, kv_heads, head_dim, element_type })
+        Ok(Self {
+            layers: tensors.len() / 2,
+            tensors,
+            settle: !older.is_empty(),
+            older,
+            kv_heads,
+            head_dim,
+            element_type,
+        })
     }
 
     /// Bytes of cache one token occupies across all layers.
@@ -126,6 +138,10 @@ pub struct KvCache {
     dims: (usize, usize),
     /// The layer whose recent blocks move into its older blocks after the next single step.
     turn: usize,
+    /// See [`KvLayout::settle`].
+    settle: bool,
+    /// Bytes brought from the device to the host since [`KvCache::take_transferred`] last ran.
+    transferred: usize,
 }
 
 impl KvCache {
@@ -148,6 +164,8 @@ impl KvCache {
             element_type: layout.element_type,
             dims: (layout.kv_heads, layout.head_dim),
             turn: 0,
+            settle: layout.settle,
+            transferred: 0,
         }
     }
 
@@ -190,7 +208,7 @@ impl KvCache {
         self.recent = values;
         self.width += new;
         self.lens.iter_mut().for_each(|len| *len += new);
-        if self.older.is_empty() {
+        if !self.settle {
             return Ok(());
         }
         let layers = self.recent.len() / 2;
@@ -217,14 +235,16 @@ impl KvCache {
     }
 
     /// Append `other`'s rows after this cache's (copies both, unless this one is empty).
-    pub fn join(&mut self, other: KvCache, allocator: &Allocator) -> Result<(), EngineError> {
+    pub fn join(&mut self, mut other: KvCache, allocator: &Allocator) -> Result<(), EngineError> {
         if self.rows() == 0 {
             *self = other;
             return Ok(());
         }
+        let transferred = self.bring_to_host()? + other.bring_to_host()? + self.transferred + other.transferred;
         let rows: Vec<(&KvCache, usize)> =
             (0..self.rows()).map(|r| (&*self, r)).chain((0..other.rows()).map(|r| (&other, r))).collect();
         *self = Self::gather(&rows, allocator)?;
+        self.transferred = transferred;
         Ok(())
     }
 
@@ -242,13 +262,33 @@ impl KvCache {
         if keep.iter().all(|&k| k) {
             return Ok(());
         }
-        let rows: Vec<(&KvCache, usize)> = (0..self.rows()).filter(|&r| keep[r]).map(|r| (&*self, r)).collect();
-        if rows.is_empty() {
+        if !keep.contains(&true) {
             self.clear();
-        } else {
-            *self = Self::gather(&rows, allocator)?;
+            return Ok(());
         }
+        let transferred = self.bring_to_host()? + self.transferred;
+        let rows: Vec<(&KvCache, usize)> = (0..self.rows()).filter(|&r| keep[r]).map(|r| (&*self, r)).collect();
+        *self = Self::gather(&rows, allocator)?;
+        self.transferred = transferred;
         Ok(())
+    }
+
+    /// Copy the blocks held on a device to the host, where rows are gathered (this happens
+    /// only when the batch's sequences change). Returns the bytes copied.
+    fn bring_to_host(&mut self) -> Result<usize, EngineError> {
+        let mut bytes = 0;
+        for block in self.recent.iter_mut().chain(self.older.iter_mut()) {
+            if let Some(copy) = host_copy(block)? {
+                bytes += tensor_bytes(&copy);
+                *block = copy;
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Bytes brought from the device to the host since the last call.
+    pub(super) fn take_transferred(&mut self) -> usize {
+        std::mem::take(&mut self.transferred)
     }
 
     /// The blocks of cache tensor `t`, oldest first.
@@ -272,10 +312,14 @@ impl KvCache {
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut cache = Self { recent: gathered, older: Vec::new(), width, lens, turn: 0, ..*first };
+        let mut cache = Self { recent: gathered, older: Vec::new(), width, lens, turn: 0, transferred: 0, ..*first };
         if !first.older.is_empty() {
             let empty = (0..cache.recent.len()).map(|_| cache.empty_block(cache.rows())).collect::<Result<_, _>>()?;
-            cache.older = std::mem::replace(&mut cache.recent, empty);
+            if cache.settle {
+                cache.older = std::mem::replace(&mut cache.recent, empty);
+            } else {
+                cache.older = empty;
+            }
         }
         Ok(cache)
     }
@@ -361,7 +405,15 @@ mod tests {
             .flat_map(|l| ["key", "value"].map(|kv| (format!("past_key_values.{l}.{kv}"), format!("present.{l}.{kv}"))))
             .collect();
         let older = tensors.iter().map(|(past, _)| past.replace("past_", "older_")).collect();
-        KvLayout { tensors, older, layers: 2, kv_heads: HEADS, head_dim: DIM, element_type: TensorElementType::Float32 }
+        KvLayout {
+            tensors,
+            older,
+            settle: true,
+            layers: 2,
+            kv_heads: HEADS,
+            head_dim: DIM,
+            element_type: TensorElementType::Float32,
+        }
     }
 
     /// Columns `from..to` of one row, each holding `tag * 1000 + position` everywhere.
@@ -440,7 +492,7 @@ mod tests {
     #[test]
     fn a_decoder_without_older_blocks_keeps_every_position_in_the_recent_block() {
         crate::runtime::init(None, &[]).unwrap_or_else(|e| panic!("{e}"));
-        let layout = KvLayout { older: Vec::new(), ..layout() };
+        let layout = KvLayout { older: Vec::new(), settle: false, ..layout() };
         let mut cache = KvCache::empty(&layout).unwrap();
         cache.advance(present(&cache, 0, 4), 4, &heap()).unwrap();
         cache.advance(present(&cache, 0, 1), 1, &heap()).unwrap();

@@ -3,7 +3,8 @@
 
 use half::f16;
 use ndarray::{ArrayD, IxDyn};
-use ort::value::{DynValue, Tensor, TensorElementType};
+use ort::memory::AllocationDevice;
+use ort::value::{DynTensorValueType, DynValue, Tensor, TensorElementType};
 
 use super::EngineError;
 use crate::family::TensorData;
@@ -68,6 +69,25 @@ pub fn empty_float(dims: &[usize], ty: TensorElementType) -> Result<DynValue, En
         TensorElementType::Float16 => Tensor::from_array(ArrayD::from_elem(shape, f16::ZERO))?.into_dyn(),
         _ => Tensor::from_array(ArrayD::<f32>::zeros(shape))?.into_dyn(),
     })
+}
+
+/// Whether the host can read the tensor's data where it lies (a non-tensor counts as host).
+pub fn on_host(value: &DynValue) -> bool {
+    value.view().downcast::<DynTensorValueType>().is_ok_and(|tensor| tensor.memory_info().is_cpu_accessible())
+}
+
+/// The tensor's data size in bytes.
+pub fn tensor_bytes(value: &DynValue) -> usize {
+    value.view().downcast::<DynTensorValueType>().ok().and_then(|tensor| tensor.size()).unwrap_or(0)
+}
+
+/// A host copy of a tensor held on a device; `None` when the host can read it already.
+pub fn host_copy(value: &DynValue) -> Result<Option<DynValue>, EngineError> {
+    if on_host(value) {
+        return Ok(None);
+    }
+    let tensor = value.view().downcast::<DynTensorValueType>()?;
+    Ok(Some(tensor.to(AllocationDevice::CPU, 0)?.into_dyn()))
 }
 
 impl TensorData {

@@ -63,6 +63,15 @@ impl Provider {
         !matches!(self, Provider::Cpu(_))
     }
 
+    /// The CUDA device a GPU provider runs on.
+    pub fn cuda_device(&self) -> Option<i32> {
+        match self {
+            Provider::Cpu(_) => None,
+            Provider::Cuda(o) => Some(o.device_id),
+            Provider::Tensorrt(o) => Some(o.device_id),
+        }
+    }
+
     /// The `ort` dispatch for a GPU provider, set to fail loudly so that we decide about fallback.
     pub(super) fn dispatch(&self) -> Result<ExecutionProviderDispatch, RuntimeError> {
         let dispatch = match self {
