@@ -29,7 +29,9 @@
 # packages missing there as wheels (.whl/), ONNX Runtime's GPU build as ../shared/gpu parts.
 #
 # The calls, each within 30 s of the last (an idle host goes back, and all it holds with it);
-# this order took 614 s of device time on 2026-12-04 (docs/benchmarks.md):
+# this order took 614 s of device time in each of two runs on 2026-12-04 (docs/benchmarks.md).
+# One call may run 600 s at most: the second run split call 5 in two, the first with
+# VLMSERVE_GPU_STAGES=parity,smoke,bench-model,compare (379 s), the next fused,load (59 s).
 #   here     bash scripts/gpu-check.sh pack && bash ../shared/gpu/prepare-ort-gpu.sh 50
 #            git rm -r -q --cached models tests && printf '/models/\n/tests/\n' >> .git/info/exclude
 #            (the transfers then carry 1 MB of tree instead of 36 MB of their 64 MiB)

@@ -5,7 +5,9 @@
 mod common;
 
 use common::{Case, Reference, references};
-use vlmserve::engine::{Batch, Completion, EngineError, Flow, GenerationParams, Limits, Model};
+use vlmserve::engine::{
+    Batch, Completion, Constraint, EngineError, FinishReason, Flow, GenerationParams, Limits, Model, Prompt,
+};
 use vlmserve::package::Precision;
 
 struct Tagged {
@@ -29,10 +31,25 @@ fn admit(
     max_new: usize,
     stop: Option<usize>,
 ) {
+    admit_with(batch, model, reference, case, &params(max_new), stop);
+}
+
+fn admit_with(
+    batch: &mut Batch<Tagged>,
+    model: &Model,
+    reference: &Reference,
+    case: usize,
+    params: &GenerationParams,
+    stop: Option<usize>,
+) {
+    let prompt = prompt(model, reference, case);
+    let tag = Tagged { case, max_new: params.max_new_tokens, events: 0, streamed: String::new(), stop_after: stop };
+    batch.add(model, tag, prompt, params).map_err(|(_, e)| e).unwrap();
+}
+
+fn prompt(model: &Model, reference: &Reference, case: usize) -> Prompt {
     let c: &Case = &reference.cases[case];
-    let prompt = model.codec.prepare(&c.chat_messages(), &c.decoded_images(&reference.dir), &[]).unwrap();
-    let tag = Tagged { case, max_new, events: 0, streamed: String::new(), stop_after: stop };
-    batch.add(model, tag, prompt, &params(max_new)).map_err(|(_, e)| e).unwrap();
+    model.codec.prepare(&c.chat_messages(), &c.decoded_images(&reference.dir), &[]).unwrap()
 }
 
 /// Step until the batch is empty; admits `later` (case, max_new_tokens) one per step meanwhile.
@@ -205,4 +222,40 @@ fn a_sequence_withdrawn_before_its_first_token_leaves_the_batch_and_the_others_u
     let (tag, result) = done.into_iter().next().unwrap();
     assert_eq!(tag.case, kept);
     assert_eq!(result.unwrap().token_ids, reference.cases[kept].generated_ids);
+}
+
+/// A sequence constrained by a regex decodes beside unconstrained ones (its mask computed while
+/// their decoder call runs): theirs stay PyTorch's tokens, it matches its regex, and its tokens
+/// are those it makes alone.
+#[test]
+fn a_constrained_sequence_follows_its_regex_and_leaves_its_neighbours_unchanged() {
+    let reference = references().remove(0);
+    let mut model = reference.load(Precision::Fp32);
+    let pattern = "[a-z]{2,5}( [a-z]{2,5}){1,3}\\.";
+    let constrained = GenerationParams {
+        max_new_tokens: 40,
+        guide: Some(model.codec.guide(&Constraint::Regex(pattern.into())).unwrap()),
+        ..GenerationParams::default()
+    };
+    let alone = model.generate(prompt(&model, &reference, 0), &constrained, &mut |_| Flow::Continue).unwrap();
+    assert_eq!(alone.finish_reason, FinishReason::Stop, "{:?}", alone.text);
+    let words: Vec<&str> = alone.text.trim_end_matches('.').split(' ').collect();
+    assert!(alone.text.ends_with('.') && (2..=4).contains(&words.len()), "{:?}", alone.text);
+    assert!(words.iter().all(|w| (2..=5).contains(&w.len()) && w.bytes().all(|b| b.is_ascii_lowercase())));
+
+    let mut batch = Batch::new(model.kv_layout(), Limits { prefill_tokens: usize::MAX, vision_tiles: 64 });
+    let full = reference.max_new_tokens;
+    admit_with(&mut batch, &model, &reference, 0, &constrained, None);
+    for case in 1..3 {
+        admit(&mut batch, &model, &reference, case, full, None);
+    }
+    for (tag, result) in drain(&mut batch, &mut model, &reference, Vec::new(), 3) {
+        let completion = result.unwrap();
+        if tag.case == 0 {
+            assert_eq!(completion.token_ids, alone.token_ids, "batched constrained tokens");
+            assert_eq!(completion.text, alone.text);
+        } else {
+            assert_eq!(completion.token_ids, reference.cases[tag.case].generated_ids);
+        }
+    }
 }

@@ -58,6 +58,7 @@ impl AskArgs {
                 repetition_penalty: self.repetition_penalty,
                 seed: self.seed,
             },
+            guide: None,
             max_new_tokens: self.max_new_tokens,
             stop: self.stop.clone(),
             ignore_eos: false,

@@ -21,6 +21,7 @@ use ndarray::{Array2, ArrayD, Axis, Slice};
 use super::EngineError;
 use super::feature_cache::{FeatureCache, FeatureKey};
 use super::generate::{Completion, Event, Flow, GenerationParams, Prompt, Run, Timings, float_value};
+use super::grammar::Guide;
 use super::kv_cache::{KvCache, KvLayout};
 use super::model::Model;
 use super::sampler::Sampler;
@@ -235,8 +236,13 @@ impl<T> Batch<T> {
             Ok(cache) => cache,
             Err(e) => return Err((tag, e)),
         };
-        let run = Run::new(&prompt.input_ids, model.codec.stop_rules(params), Sampler::new(params.sampling.clone()));
-        let timings = Timings { preprocess_s: prompt.preprocess_time.as_secs_f64(), ..Timings::default() };
+        let sampler = Sampler::new(params.sampling.clone());
+        let run = Run::new(&prompt.input_ids, model.codec.stop_rules(params), sampler, params.guide.clone());
+        let timings = Timings {
+            preprocess_s: prompt.preprocess_time.as_secs_f64(),
+            constraint_compile_s: params.guide.as_ref().map_or(0.0, |guide| guide.compile_s),
+            ..Timings::default()
+        };
         let Prompt { input_ids, images, positions, .. } = prompt;
         let prompt = PromptInput { input_ids, positions: positions.prompt, next_position: positions.next, cache };
         let phase = match images {
@@ -430,7 +436,14 @@ impl<T> Batch<T> {
                 self.seqs.push(seq);
                 continue;
             };
-            let token = seq.run.sample(&mut decoding.logits);
+            let token = match seq.run.sample(&mut decoding.logits) {
+                Ok(token) => token,
+                Err(e) => {
+                    keep.push(false);
+                    finished.push((seq.tag, Err(e)));
+                    continue;
+                }
+            };
             let since = *decoding.since.get_or_insert_with(|| {
                 seq.timings.time_to_first_token_s = seq.admitted.elapsed().as_secs_f64();
                 Instant::now()
@@ -465,7 +478,24 @@ impl<T> Batch<T> {
             })
             .collect();
         let positions = stack_rows(&positions)?;
-        let (logits, in_decoder) = model.decoder.forward(embeds, positions, &mut self.cache)?;
+        // The constrained rows' next masks are computed while the decoder runs.
+        let guides: Vec<&mut Guide> = self
+            .seqs
+            .iter_mut()
+            .filter(|seq| matches!(seq.phase, Phase::Decoding(_)))
+            .filter_map(|seq| seq.run.guide.as_mut())
+            .collect();
+        let (forward, masks) = std::thread::scope(|scope| {
+            let masks = (!guides.is_empty())
+                .then(|| scope.spawn(move || guides.into_iter().try_for_each(|guide| guide.prepare())));
+            let forward = model.decoder.forward(embeds, positions, &mut self.cache);
+            (forward, masks.map(|thread| thread.join()))
+        });
+        let (logits, in_decoder) = forward?;
+        // A mask that failed is computed again, and fails, where its sequence samples.
+        if let Some(Err(_)) = masks {
+            tracing::warn!("computing constraint masks panicked; each sequence computes its own again");
+        }
         cost += in_decoder;
         let decoding = self.seqs.iter_mut().filter_map(|seq| match &mut seq.phase {
             Phase::Decoding(decoding) => Some((decoding, &mut seq.timings)),

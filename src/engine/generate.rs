@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::EngineError;
 use super::detokenize::Detokenizer;
+use super::grammar::Guide;
 use super::model::{Codec, Model};
 use super::sampler::{Sampler, SamplingParams};
 use super::stop::{FinishReason, StopRules};
@@ -36,11 +37,19 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     /// Generate exactly `max_new_tokens` (benchmarks).
     pub ignore_eos: bool,
+    /// What the output must match (see [`super::Codec::guide`]).
+    pub guide: Option<Guide>,
 }
 
 impl Default for GenerationParams {
     fn default() -> Self {
-        Self { sampling: SamplingParams::greedy(), max_new_tokens: 256, stop: Vec::new(), ignore_eos: false }
+        Self {
+            sampling: SamplingParams::greedy(),
+            max_new_tokens: 256,
+            stop: Vec::new(),
+            ignore_eos: false,
+            guide: None,
+        }
     }
 }
 
@@ -77,6 +86,8 @@ pub struct Timings {
     pub decode_in_runtime_s: f64,
     /// Bytes handed between host and device by the decode steps (see `RunCost`); zero on the CPU.
     pub decode_transferred_bytes: usize,
+    /// Compiling the output constraint (0 without one, or when it was compiled before).
+    pub constraint_compile_s: f64,
 }
 
 impl Timings {
@@ -263,11 +274,13 @@ pub(super) struct Run {
     emitted: usize,
     /// The text was cut at a stop string: nothing after it may be shown.
     cut: bool,
+    pub(super) guide: Option<Guide>,
 }
 
 impl Run {
-    pub(super) fn new(prompt_ids: &[u32], stop: StopRules, sampler: Sampler) -> Self {
+    pub(super) fn new(prompt_ids: &[u32], stop: StopRules, sampler: Sampler, guide: Option<Guide>) -> Self {
         Self {
+            guide,
             stop,
             sampler,
             history: prompt_ids.to_vec(),
@@ -279,9 +292,12 @@ impl Run {
         }
     }
 
-    /// Sample the next token from `logits`.
-    pub(super) fn sample(&mut self, logits: &mut [f32]) -> u32 {
-        self.sampler.sample(logits, &self.history)
+    /// Sample the next token from `logits`, among those the constraint allows.
+    pub(super) fn sample(&mut self, logits: &mut [f32]) -> Result<u32, EngineError> {
+        if let Some(guide) = &mut self.guide {
+            guide.apply(logits)?;
+        }
+        Ok(self.sampler.sample(logits, &self.history))
     }
 
     /// Record `token`, stream what is safe to show, and say whether generation is over.
@@ -293,6 +309,10 @@ impl Run {
     ) -> Result<Option<FinishReason>, EngineError> {
         self.history.push(token);
         self.token_ids.push(token);
+        let complete = match &mut self.guide {
+            Some(guide) => guide.consume(token)?,
+            None => false,
+        };
         let before = self.text.len();
         self.text.push_str(&self.detokenizer.push(&model.codec.tokenizer, token)?);
         if let Some(cut) = self.stop.stop_string_cut(&self.text, before) {
@@ -306,7 +326,8 @@ impl Run {
             return Ok(Some(FinishReason::Cancelled));
         }
         let total = self.history.len();
-        Ok(self.stop.after_token(token, self.token_ids.len(), total))
+        let stopped = self.stop.after_token(token, self.token_ids.len(), total);
+        Ok(stopped.or(complete.then_some(FinishReason::Stop)))
     }
 
     fn emit(&mut self, token: u32, upto: usize, on_token: &mut dyn FnMut(Event) -> Flow) -> Flow {

@@ -10,6 +10,7 @@ mod batch;
 mod detokenize;
 mod feature_cache;
 mod generate;
+mod grammar;
 mod graphs;
 mod kv_cache;
 mod model;
@@ -22,6 +23,7 @@ pub use batch::{Batch, Finished, Limits, Step};
 pub use detokenize::Detokenizer;
 pub use feature_cache::FeatureCache;
 pub use generate::{Completion, Event, Flow, GenerationParams, Prompt, Timings, TimingsReport, Usage};
+pub use grammar::{Constraint, Guide};
 pub use kv_cache::{KvCache, KvLayout};
 pub use model::{Codec, GraphChoice, Model, ModelInfo, ModelOptions};
 pub use sampler::{Sampler, SamplingParams};
@@ -73,4 +75,10 @@ pub enum EngineError {
     Thread(#[source] std::io::Error),
     #[error("invalid generation parameter: {0}")]
     InvalidParameter(String),
+    /// The request's output constraint (schema, regex, grammar) was refused by its compiler.
+    #[error("the output constraint is invalid: {0}")]
+    InvalidConstraint(String),
+    /// Following the constraint failed during generation (a limit of the grammar engine).
+    #[error("the output constraint could not be followed: {0}")]
+    Constraint(String),
 }

@@ -8,6 +8,7 @@ use tokenizers::Tokenizer;
 
 use super::EngineError;
 use super::feature_cache::FeatureCache;
+use super::grammar::{Constraint, Grammars, Guide};
 use super::graphs::{Decoder, Embedder, VisionEncoder};
 use super::kv_cache::KvLayout;
 use super::vision::VisionWorker;
@@ -89,6 +90,7 @@ pub struct Codec {
     /// The most bytes of text one token can stand for (4 per character of the longest
     /// vocabulary entry): a prompt longer than the context times this is refused untokenized.
     pub(super) max_token_bytes: usize,
+    grammars: Grammars,
 }
 
 /// A loaded model: its [`Codec`] and the three ONNX Runtime sessions.
@@ -149,7 +151,8 @@ impl Model {
             eos_token_ids: package.eos_token_ids(),
         };
         let max_token_bytes = tokenizer.get_vocab(true).keys().map(|t| 4 * t.chars().count()).max().unwrap_or(4);
-        let codec = Codec { info, package, family, tokenizer, template, max_token_bytes };
+        let grammars = Grammars::default();
+        let codec = Codec { info, package, family, tokenizer, template, max_token_bytes, grammars };
         codec.check_consistency(&decoder.layout)?;
         let vision_io = describe(vision.session());
         let vision = VisionWorker::start(vision)?;
@@ -174,6 +177,14 @@ impl Model {
 }
 
 impl Codec {
+    /// A guide that keeps generation to `constraint`, compiled for this tokenizer (the first
+    /// constrained request also builds llguidance's view of the vocabulary). Refused
+    /// constraints are [`EngineError::InvalidConstraint`], before any graph runs.
+    pub fn guide(&self, constraint: &Constraint) -> Result<Guide, EngineError> {
+        let vocab = self.tokenizer.get_vocab_size(true);
+        self.grammars.guide(constraint, &self.package.tokenizer_path(), &self.info.eos_token_ids, vocab)
+    }
+
     /// A package whose graphs disagree with its config fails here, not mid-generation.
     fn check_consistency(&self, layout: &KvLayout) -> Result<(), EngineError> {
         let text = self.package.config.get("text_config").unwrap_or(&self.package.config);

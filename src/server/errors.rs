@@ -129,6 +129,10 @@ impl From<EngineError> for ApiError {
             }
             EngineError::InvalidParameter(_) => Self::invalid(message).with_code("invalid_parameter"),
             EngineError::Encode(_) => Self::invalid_param("messages", message).with_code("tokenization_failed"),
+            EngineError::InvalidConstraint(_) => {
+                Self::invalid_param("response_format", message).with_code("invalid_constraint")
+            }
+            EngineError::Constraint(_) => Self::invalid(message).with_code("constraint_failed"),
             EngineError::Family(_)
             | EngineError::Tokenizer(_)
             | EngineError::Package(_)

@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::errors::ApiError;
-use super::request::{self, PrepareInput, RemoteImages, RequestImage, Running, Started};
-use crate::engine::{Completion, GenerationParams, SamplingParams};
+use super::request::{self, PrepareInput, RemoteImages, RequestConstraint, RequestImage, Running, Started};
+use crate::engine::{Completion, Constraint, GenerationParams, SamplingParams};
 use crate::family::{Detail, ImageBudget};
 use crate::preprocess::chat_template::{ChatMessage, ContentPart};
 use crate::scheduler::{JobEvent, SchedulerError};
@@ -65,6 +65,51 @@ pub struct ChatRequest {
     tools: Option<Vec<Value>>,
     #[serde(default)]
     response_format: Option<Value>,
+    /// vLLM's older constraint fields, one at most (or `structured_outputs`, or a JSON
+    /// `response_format`).
+    #[serde(default)]
+    guided_json: Option<Value>,
+    #[serde(default)]
+    guided_regex: Option<String>,
+    #[serde(default)]
+    guided_choice: Option<Vec<String>>,
+    #[serde(default)]
+    guided_grammar: Option<String>,
+    /// vLLM's current spelling: `{"json": ...}`, `{"regex": ...}`, `{"choice": [...]}`,
+    /// `{"grammar": ...}` or `{"json_object": true}`.
+    #[serde(default)]
+    structured_outputs: Option<Value>,
+}
+
+/// `response_format` as OpenAI defines it.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+/// Its `name`, `description` and `strict` are not read: every schema is enforced.
+#[derive(Debug, Deserialize)]
+struct JsonSchemaFormat {
+    schema: Value,
+}
+
+/// vLLM's `structured_outputs`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StructuredOutputs {
+    #[serde(default)]
+    json: Option<Value>,
+    #[serde(default)]
+    regex: Option<String>,
+    #[serde(default)]
+    choice: Option<Vec<String>>,
+    #[serde(default)]
+    grammar: Option<String>,
+    #[serde(default)]
+    json_object: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,14 +151,6 @@ impl ChatRequest {
         }
         if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err(ApiError::invalid_param("tools", "tools are not supported"));
-        }
-        if let Some(format) = &self.response_format
-            && format.get("type").and_then(Value::as_str) != Some("text")
-        {
-            return Err(ApiError::invalid_param(
-                "response_format",
-                "only response_format {\"type\": \"text\"} is supported",
-            ));
         }
         if self.messages.is_empty() {
             return Err(ApiError::invalid_param("messages", "messages must not be empty"));
@@ -158,9 +195,98 @@ impl ChatRequest {
         let requested = request::requested_max_tokens(self.max_completion_tokens.or(self.max_tokens))?;
         // Without a request's own, PrepareInput::default_max_tokens sets it.
         let max_new_tokens = requested.unwrap_or(1);
-        let params = GenerationParams { sampling, max_new_tokens, stop, ignore_eos: self.ignore_eos.unwrap_or(false) };
+        let ignore_eos = self.ignore_eos.unwrap_or(false);
+        let params = GenerationParams { sampling, max_new_tokens, stop, ignore_eos, guide: None };
         Ok((params, requested.is_none()))
     }
+}
+
+/// Typed from a JSON value, an error naming the path inside `param` (`response_format.type`).
+fn parse_param<T: serde::de::DeserializeOwned>(value: Value, param: &str) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let at = if path == "." { param.to_string() } else { format!("{param}.{path}") };
+        ApiError::invalid_param(&at, format!("{at}: {}", e.into_inner()))
+    })
+}
+
+/// A JSON schema given as an object or as a string of JSON (vLLM takes both).
+fn schema_value(value: Value, param: &'static str) -> Result<Value, ApiError> {
+    match value {
+        Value::String(text) => serde_json::from_str(&text)
+            .map_err(|e| ApiError::invalid_param(param, format!("{param} is not valid JSON: {e}"))),
+        other => Ok(other),
+    }
+}
+
+impl ChatRequest {
+    /// The output constraint the request asks for, if any: at most one of `response_format`
+    /// (JSON kinds), `structured_outputs` and the `guided_*` fields.
+    fn constraint(&mut self) -> Result<Option<RequestConstraint>, ApiError> {
+        let mut found: Vec<RequestConstraint> = Vec::new();
+        let mut add = |constraint, param| found.push(RequestConstraint { constraint, param });
+        if let Some(format) = self.response_format.take() {
+            match parse_param::<ResponseFormat>(format, "response_format")? {
+                ResponseFormat::Text => {}
+                ResponseFormat::JsonObject => add(Constraint::JsonObject, "response_format"),
+                ResponseFormat::JsonSchema { json_schema } => {
+                    add(Constraint::JsonSchema(json_schema.schema), "response_format")
+                }
+            }
+        }
+        if let Some(schema) = self.guided_json.take() {
+            add(Constraint::JsonSchema(schema_value(schema, "guided_json")?), "guided_json");
+        }
+        if let Some(regex) = self.guided_regex.take() {
+            add(Constraint::Regex(regex), "guided_regex");
+        }
+        if let Some(choice) = self.guided_choice.take() {
+            add(choice_constraint(choice, "guided_choice")?, "guided_choice");
+        }
+        if let Some(grammar) = self.guided_grammar.take() {
+            add(Constraint::Lark(grammar), "guided_grammar");
+        }
+        if let Some(outputs) = self.structured_outputs.take() {
+            let StructuredOutputs { json, regex, choice, grammar, json_object } =
+                parse_param(outputs, "structured_outputs")?;
+            if let Some(schema) = json {
+                add(Constraint::JsonSchema(schema_value(schema, "structured_outputs")?), "structured_outputs");
+            }
+            if let Some(regex) = regex {
+                add(Constraint::Regex(regex), "structured_outputs");
+            }
+            if let Some(choice) = choice {
+                add(choice_constraint(choice, "structured_outputs")?, "structured_outputs");
+            }
+            if let Some(grammar) = grammar {
+                add(Constraint::Lark(grammar), "structured_outputs");
+            }
+            if json_object == Some(true) {
+                add(Constraint::JsonObject, "structured_outputs");
+            }
+        }
+        if found.len() > 1 {
+            let names: Vec<&str> = found.iter().map(|c| c.param).collect();
+            return Err(ApiError::invalid_param(
+                found[1].param,
+                format!("one output constraint at most; this request gives {}", names.join(", ")),
+            ));
+        }
+        Ok(found.pop())
+    }
+}
+
+/// The most strings `guided_choice` may offer.
+const MAX_CHOICES: usize = 1024;
+
+fn choice_constraint(choice: Vec<String>, param: &'static str) -> Result<Constraint, ApiError> {
+    if choice.is_empty() || choice.len() > MAX_CHOICES {
+        return Err(ApiError::invalid_param(param, format!("the choice must offer 1 to {MAX_CHOICES} strings")));
+    }
+    if choice.iter().any(String::is_empty) {
+        return Err(ApiError::invalid_param(param, "the choice's strings must not be empty"));
+    }
+    Ok(Constraint::Choice(choice))
 }
 
 /// One message as OpenAI sends it.
@@ -299,13 +425,7 @@ fn parse_messages(
     // By value: image data moves from the body's JSON into the request, never copied.
     for (i, message) in messages.into_iter().enumerate() {
         let at = format!("messages[{i}]");
-        let message: WireMessage = serde_path_to_error::deserialize(message).map_err(|e| {
-            let param = match e.path().to_string().as_str() {
-                "." => at.clone(),
-                path => format!("{at}.{path}"),
-            };
-            ApiError::invalid_param(&param, format!("{param}: {}", e.inner()))
-        })?;
+        let message: WireMessage = parse_param(message, &at)?;
         let mut content = Vec::with_capacity(message.content.0.len());
         for (j, part) in message.content.0.into_iter().enumerate() {
             let missing = |field: &str| {
@@ -350,10 +470,11 @@ pub async fn chat_completions(
     drop(body);
     request.check_supported()?;
     let (params, use_default) = request.params(state.default_temperature)?;
+    let constraint = request.constraint()?;
     let (messages, images) =
         parse_messages(std::mem::take(&mut request.messages), state.max_images, state.remote_images.as_deref())?;
-    let input =
-        PrepareInput { messages, images, params, default_max_tokens: use_default.then_some(state.default_max_tokens) };
+    let default_max_tokens = use_default.then_some(state.default_max_tokens);
+    let input = PrepareInput { messages, images, params, default_max_tokens, constraint };
     let Started { model, running, .. } = request::start(&state, request.model.as_deref(), input, arrived).await?;
     let id = format!("chatcmpl-{:032x}", rand::random::<u128>());
     let created = request::unix_now();

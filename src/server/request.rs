@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 
 use super::AppState;
 use super::errors::ApiError;
-use crate::engine::{Codec, Completion, EngineError, GenerationParams, Prompt};
+use crate::engine::{Codec, Completion, Constraint, EngineError, GenerationParams, Prompt};
 use crate::family::ImageBudget;
 use crate::preprocess::chat_template::ChatMessage;
 use crate::preprocess::{ImageLimits, decode_image, header_dimensions};
@@ -220,6 +220,14 @@ pub struct PrepareInput {
     pub params: GenerationParams,
     /// `max_new_tokens` was not given: use `default_max_tokens`, cut to what the context leaves.
     pub default_max_tokens: Option<usize>,
+    pub constraint: Option<RequestConstraint>,
+}
+
+/// An output constraint and the request parameter that asked for it (named by its errors).
+#[derive(Debug)]
+pub struct RequestConstraint {
+    pub constraint: Constraint,
+    pub param: &'static str,
 }
 
 pub struct Prepared {
@@ -236,7 +244,12 @@ fn prepare_blocking(
     limits: &ImageLimits,
     remote: Option<&RemoteImages>,
 ) -> Result<Prepared, ApiError> {
-    let PrepareInput { messages, images, mut params, default_max_tokens } = input;
+    let PrepareInput { messages, images, mut params, default_max_tokens, constraint } = input;
+    // Compiled first: a refused schema costs no image decoding.
+    if let Some(RequestConstraint { constraint, param }) = constraint {
+        let guide = codec.guide(&constraint).map_err(|e| ApiError::from(e).with_param(param))?;
+        params.guide = Some(guide);
+    }
     let budgets: Vec<ImageBudget> = images.iter().map(|image| image.budget).collect();
     let images = images
         .into_iter()

@@ -73,6 +73,7 @@ pub async fn vqa(
         images: vec![RequestImage { source: image, budget: ImageBudget::default() }],
         params,
         default_max_tokens: requested.is_none().then_some(state.default_max_tokens),
+        constraint: None,
     };
     let Started { model, image_decode_s, running } =
         request::start(&state, fields.model.as_deref(), input, arrived).await?;

@@ -3,68 +3,24 @@
 Run after `cargo build --release`:
     .venv/bin/python -m pip install -r tests/requirements.txt
     .venv/bin/python -m pytest -q tests/openai_client
-The binary is taken from $VLMSERVE_BIN, else target/release/vlmserve.
+The binary is taken from $VLMSERVE_BIN, else target/release/vlmserve (conftest.py).
 """
 
 import base64
 import json
-import os
-import signal
-import subprocess
-import tempfile
-import time
-import urllib.request
-from pathlib import Path
 
 import openai
 import pytest
+from conftest import ROOT, serve
 
-ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "idefics3-tiny"
 MODEL = "idefics3-tiny"
 
 
-def _binary() -> Path:
-    path = Path(os.environ.get("VLMSERVE_BIN", ROOT / "target" / "release" / "vlmserve"))
-    if not path.is_file():
-        pytest.skip(f"{path} not built (cargo build --release)")
-    return path
-
-
 @pytest.fixture(scope="module")
 def server():
-    with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "config.toml"
-        config.write_text(
-            f'[[models]]\nname = "{MODEL}"\npath = {json.dumps(str(FIXTURE / "package"))}\n[server]\nhttp_workers = 2\n'
-        )
-        proc = subprocess.Popen(
-            [str(_binary()), "serve", "--host", "127.0.0.1", "--port", "0", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            line = proc.stdout.readline()
-            assert line.startswith("listening on "), line
-            base = line.split(" ", 2)[2].strip()
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    with urllib.request.urlopen(base + "/ready", timeout=5) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                assert time.monotonic() < deadline, "server not ready"
-                time.sleep(0.05)
-            yield base
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with serve({MODEL: FIXTURE / "package"}) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
