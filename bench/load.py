@@ -201,8 +201,9 @@ def table(rows: list[dict]) -> str:
                 f"| {r['steady_decode_tokens_per_s'] / single['steady_decode_tokens_per_s']:.2f}x "
                 f"| {r['steady_itl_p99_s'] * 1e3:.0f} | {r['steady_itl_p99_s'] / single['steady_itl_p99_s']:.2f}x "
             )
+        clients = f"{r['clients']} + schema" if r.get("schema") else r["clients"]
         out.append(
-            f"| {r['clients']} | {r['requests_per_s']:.2f} | {r['latency_p50_s']:.2f} / {r['latency_p99_s']:.2f} "
+            f"| {clients} | {r['requests_per_s']:.2f} | {r['latency_p50_s']:.2f} / {r['latency_p99_s']:.2f} "
             f"| {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | {r['itl_p50_s'] * 1e3:.0f} / {r['itl_p99_s'] * 1e3:.0f} "
             f"| {r['tokens_per_s']:.1f} | {steady}"
             f"| {r['decode_tokens_per_s']:.1f} | {r['itl_p99_s'] / single['itl_p99_s']:.2f}x "
@@ -225,28 +226,36 @@ def main() -> None:
     parser.add_argument("--vision-threads", type=int, help="intra-op threads of the vision encoder")
     parser.add_argument("--out", type=Path, help="markdown file to write the table into")
     parser.add_argument("--binary", type=Path, default=REPO / "target/release/vlmserve", help="the build to serve")
+    parser.add_argument(
+        "--schema",
+        type=Path,
+        help="a JSON schema file: every level runs twice, without and with it as response_format, in turn",
+    )
     args = parser.parse_args()
 
     image = base64.b64encode((REPO / args.image).read_bytes()).decode()
-    body = json.dumps(
-        {
-            "model": "bench",
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
-                        {"type": "text", "text": "Describe the image."},
-                    ],
-                }
-            ],
-            "max_tokens": args.max_tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
+    request = {
+        "model": "bench",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+                    {"type": "text", "text": "Describe the image."},
+                ],
+            }
+        ],
+        "max_tokens": args.max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    bodies = [(False, json.dumps(request).encode())]
+    if args.schema:
+        schema = json.loads(args.schema.read_text())
+        response_format = {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}
+        bodies.append((True, json.dumps(request | {"response_format": response_format}).encode()))
     with tempfile.TemporaryDirectory() as tmp:
         proc, base = start_server(args, Path(tmp))
         try:
@@ -257,10 +266,13 @@ def main() -> None:
                 except Exception:
                     time.sleep(0.5)
             rows = []
-            for clients in [int(c) for c in args.clients.split(",")]:
-                row = run_level(base, body, clients, args.requests)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+            for level, clients in enumerate(int(c) for c in args.clients.split(",")):
+                # With a schema, the two variants of a level run in turn, first one then the other.
+                for schema, body in bodies if level % 2 == 0 else bodies[::-1]:
+                    row = run_level(base, body, clients, args.requests) | {"schema": schema}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+            rows.sort(key=lambda r: (r["clients"], r["schema"]))
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -274,6 +286,7 @@ def main() -> None:
             + (f" --vision-threads {args.vision_threads}" if args.vision_threads else "")
             + (f" --prefill-chunk {args.prefill_chunk}" if args.prefill_chunk else "")
             + (" --cuda" if args.cuda else "")
+            + (f" --schema {args.schema}" if args.schema else "")
             + "`: each client sends its requests back to back, "
             f'one {args.image} image (one tile), "Describe the image.", {args.max_tokens} new tokens, eos ignored. '
             '"All streams decoding" is the aggregate rate while every client\'s first request is '

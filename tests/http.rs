@@ -799,6 +799,12 @@ fn vqa_reports_cache_hits_only_when_configured() {
         (&first["timings"]["vision_cache_hit"], &second["timings"]["vision_cache_hit"]),
         (&json!(false), &json!(true))
     );
+    // OpenAI's cached_tokens: the image tokens whose features the cache held.
+    let details = |answer: &Value| answer["usage"]["prompt_tokens_details"].clone();
+    let image_tokens = details(&first)["image_tokens"].as_u64().unwrap();
+    assert!(image_tokens > 0);
+    assert_eq!(details(&first), json!({"image_tokens": image_tokens, "cached_tokens": 0}));
+    assert_eq!(details(&second), json!({"image_tokens": image_tokens, "cached_tokens": image_tokens}));
 }
 
 #[test]

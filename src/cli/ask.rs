@@ -59,6 +59,7 @@ impl AskArgs {
                 seed: self.seed,
             },
             guide: None,
+            logprobs: None,
             max_new_tokens: self.max_new_tokens,
             stop: self.stop.clone(),
             ignore_eos: false,

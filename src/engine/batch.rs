@@ -237,7 +237,7 @@ impl<T> Batch<T> {
             Err(e) => return Err((tag, e)),
         };
         let sampler = Sampler::new(params.sampling.clone());
-        let run = Run::new(&prompt.input_ids, model.codec.stop_rules(params), sampler, params.guide.clone());
+        let run = Run::new(&prompt, model.codec.stop_rules(params), sampler, params);
         let timings = Timings {
             preprocess_s: prompt.preprocess_time.as_secs_f64(),
             constraint_compile_s: params.guide.as_ref().map_or(0.0, |guide| guide.compile_s),

@@ -13,7 +13,7 @@ use super::EngineError;
 use super::detokenize::Detokenizer;
 use super::grammar::Guide;
 use super::model::{Codec, Model};
-use super::sampler::{Sampler, SamplingParams};
+use super::sampler::{RawLogprobs, Sampler, SamplingParams};
 use super::stop::{FinishReason, StopRules};
 use super::tensors::{host_copy, to_f32_array};
 use crate::family::{ImageBudget, Positions, ProcessedImages};
@@ -39,6 +39,9 @@ pub struct GenerationParams {
     pub ignore_eos: bool,
     /// What the output must match (see [`super::Codec::guide`]).
     pub guide: Option<Guide>,
+    /// Report each sampled token's log-probability with those of this many most probable
+    /// tokens (see [`Sampler::logprobs`]); `None`: no log-probabilities.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for GenerationParams {
@@ -49,6 +52,7 @@ impl Default for GenerationParams {
             stop: Vec::new(),
             ignore_eos: false,
             guide: None,
+            logprobs: None,
         }
     }
 }
@@ -59,6 +63,23 @@ impl Default for GenerationParams {
 pub struct Event<'a> {
     pub token_id: u32,
     pub text: &'a str,
+    /// The token's log-probabilities, when asked for (not on the text flushed at the end).
+    pub logprobs: Option<&'a Logprobs>,
+}
+
+/// A token as log-probabilities report it: its id, its text alone, its log-probability.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub text: String,
+    pub logprob: f32,
+}
+
+/// One sampled token's log-probability and the most probable tokens at its position.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Logprobs {
+    pub token: TokenLogprob,
+    pub top: Vec<TokenLogprob>,
 }
 
 /// Whether the caller wants more tokens.
@@ -102,8 +123,12 @@ pub struct Completion {
     pub token_ids: Vec<u32>,
     pub text: String,
     pub prompt_tokens: usize,
+    /// Of `prompt_tokens`, those standing for images.
+    pub image_tokens: usize,
     pub finish_reason: FinishReason,
     pub timings: Timings,
+    /// One per token, when asked for.
+    pub logprobs: Option<Vec<Logprobs>>,
 }
 
 /// Token counts as OpenAI's `usage` names them.
@@ -112,6 +137,16 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens standing for images (ours).
+    pub image_tokens: usize,
+    /// OpenAI's field: prompt tokens whose work a cache saved. Here the image tokens whose
+    /// features came from the image-feature cache.
+    pub cached_tokens: usize,
 }
 
 /// A generation's timings as the server and the CLI report them: the engine's, the image
@@ -127,12 +162,19 @@ pub struct TimingsReport<'a> {
 }
 
 impl Completion {
-    pub fn usage(&self) -> Usage {
+    /// The token counts; cache hits only `with_cache_hits` (the image-feature cache is shared
+    /// between clients, so a hit tells one that another sent the same image).
+    pub fn usage(&self, with_cache_hits: bool) -> Usage {
         let generated = self.token_ids.len();
+        let cached = with_cache_hits && self.timings.vision_cache_hit;
         Usage {
             prompt_tokens: self.prompt_tokens,
             completion_tokens: generated,
             total_tokens: self.prompt_tokens + generated,
+            prompt_tokens_details: PromptTokensDetails {
+                image_tokens: self.image_tokens,
+                cached_tokens: if cached { self.image_tokens } else { 0 },
+            },
         }
     }
 
@@ -275,12 +317,22 @@ pub(super) struct Run {
     /// The text was cut at a stop string: nothing after it may be shown.
     cut: bool,
     pub(super) guide: Option<Guide>,
+    /// How many most probable tokens to report with each token's log-probability, and what
+    /// was reported so far; `None` when not asked for.
+    logprobs: Option<(usize, Vec<Logprobs>)>,
+    /// The log-probabilities of the token sampled last, until it is accepted.
+    sampled: Option<RawLogprobs>,
+    image_tokens: usize,
 }
 
 impl Run {
-    pub(super) fn new(prompt_ids: &[u32], stop: StopRules, sampler: Sampler, guide: Option<Guide>) -> Self {
+    pub(super) fn new(prompt: &Prompt, stop: StopRules, sampler: Sampler, params: &GenerationParams) -> Self {
+        let prompt_ids = &prompt.input_ids;
         Self {
-            guide,
+            image_tokens: prompt.images.as_ref().map_or(0, ProcessedImages::total_tokens),
+            guide: params.guide.clone(),
+            logprobs: params.logprobs.map(|top| (top, Vec::new())),
+            sampled: None,
             stop,
             sampler,
             history: prompt_ids.to_vec(),
@@ -297,7 +349,11 @@ impl Run {
         if let Some(guide) = &mut self.guide {
             guide.apply(logits)?;
         }
-        Ok(self.sampler.sample(logits, &self.history))
+        let token = self.sampler.sample(logits, &self.history);
+        if let Some((top, _)) = &self.logprobs {
+            self.sampled = Some(self.sampler.logprobs(logits, token, *top));
+        }
+        Ok(token)
     }
 
     /// Record `token`, stream what is safe to show, and say whether generation is over.
@@ -309,6 +365,9 @@ impl Run {
     ) -> Result<Option<FinishReason>, EngineError> {
         self.history.push(token);
         self.token_ids.push(token);
+        if let (Some((_, reported)), Some(raw)) = (&mut self.logprobs, self.sampled.take()) {
+            reported.push(resolve(&model.codec.tokenizer, raw)?);
+        }
         let complete = match &mut self.guide {
             Some(guide) => guide.consume(token)?,
             None => false,
@@ -318,11 +377,11 @@ impl Run {
         if let Some(cut) = self.stop.stop_string_cut(&self.text, before) {
             self.text.truncate(cut);
             self.cut = true;
-            self.emit(token, self.text.len(), on_token);
+            self.emit(token, self.text.len(), true, on_token);
             return Ok(Some(FinishReason::Stop));
         }
         let safe = self.text.len() - self.stop.pending_prefix(&self.text);
-        if self.emit(token, safe, on_token) == Flow::Stop {
+        if self.emit(token, safe, true, on_token) == Flow::Stop {
             return Ok(Some(FinishReason::Cancelled));
         }
         let total = self.history.len();
@@ -330,9 +389,12 @@ impl Run {
         Ok(stopped.or(complete.then_some(FinishReason::Stop)))
     }
 
-    fn emit(&mut self, token: u32, upto: usize, on_token: &mut dyn FnMut(Event) -> Flow) -> Flow {
+    /// Hand `on_token` the text up to `upto` with `token`, and the token's log-probabilities
+    /// (the last reported) if `with_logprobs`.
+    fn emit(&mut self, token: u32, upto: usize, with_logprobs: bool, on_token: &mut dyn FnMut(Event) -> Flow) -> Flow {
         let upto = upto.max(self.emitted);
-        let flow = on_token(Event { token_id: token, text: &self.text[self.emitted..upto] });
+        let logprobs = self.logprobs.as_ref().filter(|_| with_logprobs).and_then(|(_, reported)| reported.last());
+        let flow = on_token(Event { token_id: token, text: &self.text[self.emitted..upto], logprobs });
         self.emitted = upto;
         flow
     }
@@ -351,9 +413,27 @@ impl Run {
         }
         if self.emitted < self.text.len() {
             let last = self.token_ids.last().copied().unwrap_or_default();
-            self.emit(last, self.text.len(), on_token);
+            self.emit(last, self.text.len(), false, on_token);
         }
         let prompt_tokens = self.history.len() - self.token_ids.len();
-        Ok(Completion { token_ids: self.token_ids, text: self.text, prompt_tokens, finish_reason, timings })
+        let logprobs = self.logprobs.map(|(_, reported)| reported);
+        Ok(Completion {
+            token_ids: self.token_ids,
+            text: self.text,
+            prompt_tokens,
+            image_tokens: self.image_tokens,
+            finish_reason,
+            timings,
+            logprobs,
+        })
     }
+}
+
+/// Token ids to texts: each token decoded alone (special tokens included).
+fn resolve(tokenizer: &tokenizers::Tokenizer, raw: RawLogprobs) -> Result<Logprobs, EngineError> {
+    let entry = |(id, logprob): (u32, f32)| -> Result<TokenLogprob, EngineError> {
+        let text = tokenizer.decode(&[id], false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(TokenLogprob { id, text, logprob })
+    };
+    Ok(Logprobs { token: entry(raw.token)?, top: raw.top.into_iter().map(entry).collect::<Result<_, _>>()? })
 }

@@ -7,15 +7,14 @@
 
 use std::num::NonZeroUsize;
 use std::path::Path;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{SimpleVob, TokEnv};
+use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie};
 use llguidance::{Matcher, ParserFactory};
 use lru::LruCache;
 use serde_json::Value;
-use toktrie_hf_tokenizers::ByteTokenizer;
 
 use super::EngineError;
 
@@ -108,15 +107,9 @@ impl Default for Grammars {
 
 impl Grammars {
     /// A guide for `constraint`, compiled (or copied from the cache) for the tokenizer at
-    /// `tokenizer_json` whose sequences end at `eos`, over logits `vocab` wide. A constraint
-    /// llguidance refuses is [`EngineError::InvalidConstraint`].
-    pub fn guide(
-        &self,
-        constraint: &Constraint,
-        tokenizer_json: &Path,
-        eos: &[u32],
-        vocab: usize,
-    ) -> Result<Guide, EngineError> {
+    /// `tokenizer_json` whose sequences end at `eos`. A constraint llguidance refuses is
+    /// [`EngineError::InvalidConstraint`].
+    pub fn guide(&self, constraint: &Constraint, tokenizer_json: &Path, eos: &[u32]) -> Result<Guide, EngineError> {
         let start = Instant::now();
         let key = constraint.key();
         if let Some(matcher) = self.compiled.lock().map_err(|_| poisoned())?.get(&key) {
@@ -124,7 +117,7 @@ impl Grammars {
         }
         let factory = self
             .factory
-            .get_or_init(|| factory(tokenizer_json, eos, vocab))
+            .get_or_init(|| factory(tokenizer_json, eos))
             .as_ref()
             .map_err(|e| EngineError::Tokenizer(format!("for constrained decoding: {e}")))?;
         let parser =
@@ -143,10 +136,16 @@ fn poisoned() -> EngineError {
     EngineError::Inconsistent("the compiled-constraint cache was poisoned by a panic".into())
 }
 
-fn factory(tokenizer_json: &Path, eos: &[u32], vocab: usize) -> Result<ParserFactory, String> {
-    let mut tokenizer = ByteTokenizer::from_file(tokenizer_json).map_err(|e| e.to_string())?;
-    tokenizer.set_eos_tokens(eos);
-    let env: TokEnv = tokenizer.into_tok_env(Some(vocab)).map_err(|e| e.to_string())?;
+/// llguidance's view of the vocabulary: each token's bytes, read from `tokenizer.json` (its
+/// byte-level or byte-fallback encoding undone, special tokens marked). Strings the grammar
+/// forces are tokenized greedily over those bytes, which masks do not depend on.
+fn factory(tokenizer_json: &Path, eos: &[u32]) -> Result<ParserFactory, String> {
+    let text = std::fs::read_to_string(tokenizer_json).map_err(|e| format!("{}: {e}", tokenizer_json.display()))?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", tokenizer_json.display()))?;
+    let words = llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| e.to_string())?;
+    let first_eos = *eos.first().ok_or("the model has no end-of-sequence token")?;
+    let trie = TokTrie::from(&TokRxInfo::new(words.len() as u32, first_eos), &words).with_eos_tokens(eos);
+    let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
     let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
     // Refusals reach the caller as errors; llguidance need not print them too.
     factory.quiet();

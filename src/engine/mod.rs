@@ -22,7 +22,9 @@ mod vision;
 pub use batch::{Batch, Finished, Limits, Step};
 pub use detokenize::Detokenizer;
 pub use feature_cache::FeatureCache;
-pub use generate::{Completion, Event, Flow, GenerationParams, Prompt, Timings, TimingsReport, Usage};
+pub use generate::{
+    Completion, Event, Flow, GenerationParams, Logprobs, Prompt, Timings, TimingsReport, TokenLogprob, Usage,
+};
 pub use grammar::{Constraint, Guide};
 pub use kv_cache::{KvCache, KvLayout};
 pub use model::{Codec, GraphChoice, Model, ModelInfo, ModelOptions};

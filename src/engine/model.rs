@@ -181,8 +181,7 @@ impl Codec {
     /// constrained request also builds llguidance's view of the vocabulary). Refused
     /// constraints are [`EngineError::InvalidConstraint`], before any graph runs.
     pub fn guide(&self, constraint: &Constraint) -> Result<Guide, EngineError> {
-        let vocab = self.tokenizer.get_vocab_size(true);
-        self.grammars.guide(constraint, &self.package.tokenizer_path(), &self.info.eos_token_ids, vocab)
+        self.grammars.guide(constraint, &self.package.tokenizer_path(), &self.info.eos_token_ids)
     }
 
     /// A package whose graphs disagree with its config fails here, not mid-generation.

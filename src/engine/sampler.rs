@@ -143,6 +143,36 @@ impl Sampler {
     }
 }
 
+/// Log-probabilities of a sampled token and of the most probable tokens, by id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawLogprobs {
+    pub token: (u32, f32),
+    /// Most probable first (the lower id first on ties).
+    pub top: Vec<(u32, f32)>,
+}
+
+impl Sampler {
+    /// The log-probabilities of the distribution `sample` drew `token` from: `logits` as it
+    /// left them (repetition penalty and any constraint's mask applied), over the temperature
+    /// (1 when greedy), before top-k, top-p and min-p cut it; with the `top` most probable.
+    pub fn logprobs(&self, logits: &[f32], token: u32, top: usize) -> RawLogprobs {
+        let temperature = if self.params.is_greedy() { 1.0 } else { self.params.temperature };
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total: f64 = logits.iter().map(|&l| f64::from((l - max) / temperature).exp()).sum();
+        let log_total = total.ln() as f32;
+        let logprob = |id: u32| (logits[id as usize] - max) / temperature - log_total;
+        let descending = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        let top = top.min(ids.len());
+        if top > 0 && top < ids.len() {
+            ids.select_nth_unstable_by(top - 1, descending);
+        }
+        ids.truncate(top);
+        ids.sort_unstable_by(descending);
+        RawLogprobs { token: (token, logprob(token)), top: ids.into_iter().map(|id| (id, logprob(id))).collect() }
+    }
+}
+
 /// Index of the largest logit; the first one on ties, as `torch.argmax` does.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -216,6 +246,25 @@ mod tests {
             let n = a.iter().filter(|&&t| t == id).count();
             assert!((25..=75).contains(&n), "token {id} drawn {n} times of 200");
         }
+    }
+
+    #[test]
+    fn logprobs_are_of_the_tempered_distribution_most_probable_first() {
+        let s = sampler(SamplingParams { temperature: 2.0, ..Default::default() });
+        let logits = [1.0f32, 3.0, f32::NEG_INFINITY, 3.0, 0.0];
+        let lp = s.logprobs(&logits, 0, 3);
+        // Over the temperature: exp(0.5), exp(1.5), 0, exp(1.5), exp(0).
+        let z = (0.5f32.exp() + 2.0 * 1.5f32.exp() + 1.0).ln();
+        assert!((lp.token.1 - (0.5 - z)).abs() < 1e-6);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 3, 0]);
+        let mass: f32 = (0..5).map(|id| s.logprobs(&logits, id, 0).token.1.exp()).sum();
+        assert!((mass - 1.0).abs() < 1e-6);
+        assert_eq!(s.logprobs(&logits, 2, 0).token.1, f32::NEG_INFINITY);
+        // Greedy: the logits as they are.
+        let greedy = sampler(SamplingParams::greedy());
+        let lp = greedy.logprobs(&[0.0, 0.0], 1, 5);
+        assert!((lp.token.1 - 0.5f32.ln()).abs() < 1e-6);
+        assert_eq!(lp.top.len(), 2);
     }
 
     #[test]

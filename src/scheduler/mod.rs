@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 pub use metrics::{Metrics, Stage};
 
 use crate::config::{ModelSettings, SchedulerSettings};
-use crate::engine::{Codec, Completion, EngineError, FeatureCache, GenerationParams, Limits, ModelOptions, Prompt};
+use crate::engine::{
+    Codec, Completion, EngineError, FeatureCache, GenerationParams, Limits, Logprobs, ModelOptions, Prompt,
+};
 use queue::Queue;
 
 /// Why the scheduler could not run a request.
@@ -109,7 +111,13 @@ pub struct Job {
 /// What a job reports, in order: tokens, then exactly one `Done` or `Failed`.
 #[derive(Debug)]
 pub enum JobEvent {
-    Token { token_id: u32, text: String },
+    /// A token's newly visible text (empty while held back), with its log-probabilities when
+    /// they were asked for.
+    Token {
+        token_id: u32,
+        text: String,
+        logprobs: Option<Logprobs>,
+    },
     Done(Completion),
     Failed(SchedulerError),
 }

@@ -254,8 +254,13 @@ fn on_token(active: &mut Active, event: Event) -> Flow {
         active.deadline_hit = true;
         return Flow::Stop;
     }
-    if !event.text.is_empty() {
-        let token = JobEvent::Token { token_id: event.token_id, text: event.text.to_string() };
+    // A token whose text is held back is sent only for its log-probabilities.
+    if !event.text.is_empty() || event.logprobs.is_some() {
+        let token = JobEvent::Token {
+            token_id: event.token_id,
+            text: event.text.to_string(),
+            logprobs: event.logprobs.cloned(),
+        };
         if active.events.send(token).is_err() {
             return Flow::Stop;
         }

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::errors::ApiError;
 use super::request::{self, PrepareInput, RemoteImages, RequestConstraint, RequestImage, Running, Started};
-use crate::engine::{Completion, Constraint, GenerationParams, SamplingParams};
+use crate::engine::{Completion, Constraint, GenerationParams, Logprobs, SamplingParams, TokenLogprob};
 use crate::family::{Detail, ImageBudget};
 use crate::preprocess::chat_template::{ChatMessage, ContentPart};
 use crate::scheduler::{JobEvent, SchedulerError};
@@ -61,6 +61,9 @@ pub struct ChatRequest {
     presence_penalty: Option<f32>,
     #[serde(default)]
     logprobs: Option<bool>,
+    /// 0 to 20, with `logprobs`.
+    #[serde(default)]
+    top_logprobs: Option<u64>,
     #[serde(default)]
     tools: Option<Vec<Value>>,
     #[serde(default)]
@@ -126,6 +129,8 @@ struct StreamOptions {
 }
 
 const MAX_STOP_STRINGS: usize = 16;
+/// OpenAI's bound.
+const MAX_TOP_LOGPROBS: u64 = 20;
 /// Each token checks every prefix of every stop string (streaming holds back a possible start),
 /// so their length bounds the work per token.
 const MAX_STOP_BYTES: usize = 256;
@@ -145,9 +150,6 @@ impl ChatRequest {
             if value.is_some_and(|v| v != 0.0) {
                 return Err(ApiError::invalid_param(name, format!("{name} is not supported (use repetition_penalty)")));
             }
-        }
-        if self.logprobs == Some(true) {
-            return Err(ApiError::invalid_param("logprobs", "logprobs are not supported"));
         }
         if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err(ApiError::invalid_param("tools", "tools are not supported"));
@@ -195,8 +197,21 @@ impl ChatRequest {
         let requested = request::requested_max_tokens(self.max_completion_tokens.or(self.max_tokens))?;
         // Without a request's own, PrepareInput::default_max_tokens sets it.
         let max_new_tokens = requested.unwrap_or(1);
+        let logprobs = match (self.logprobs, self.top_logprobs) {
+            (Some(true), Some(top)) if top > MAX_TOP_LOGPROBS => {
+                return Err(ApiError::invalid_param(
+                    "top_logprobs",
+                    format!("top_logprobs must be 0 to {MAX_TOP_LOGPROBS}, not {top}"),
+                ));
+            }
+            (Some(true), top) => Some(top.unwrap_or(0) as usize),
+            (_, Some(_)) => {
+                return Err(ApiError::invalid_param("top_logprobs", "top_logprobs requires logprobs: true"));
+            }
+            (_, None) => None,
+        };
         let ignore_eos = self.ignore_eos.unwrap_or(false);
-        let params = GenerationParams { sampling, max_new_tokens, stop, ignore_eos, guide: None };
+        let params = GenerationParams { sampling, max_new_tokens, stop, ignore_eos, guide: None, logprobs };
         Ok((params, requested.is_none()))
     }
 }
@@ -481,7 +496,17 @@ pub async fn chat_completions(
     let return_ids = request.return_token_ids.unwrap_or(false);
     if request.stream.unwrap_or(false) {
         let include_usage = request.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-        let stream = ChatStream { running, id, created, model, include_usage, return_ids, phase: Phase::Start };
+        let expose_cache_hits = state.expose_cache_hits;
+        let stream = ChatStream {
+            running,
+            id,
+            created,
+            model,
+            include_usage,
+            return_ids,
+            expose_cache_hits,
+            phase: Phase::Start,
+        };
         return Ok(HttpResponse::Ok()
             .content_type("text/event-stream")
             .insert_header(("Cache-Control", "no-cache"))
@@ -489,14 +514,23 @@ pub async fn chat_completions(
             .streaming(stream.into_stream()));
     }
     let completion = request::collect(running).await?;
-    Ok(HttpResponse::Ok().json(completion_body(&id, created, &model, &completion, return_ids)))
+    let body = completion_body(&id, created, &model, &completion, return_ids, state.expose_cache_hits);
+    Ok(HttpResponse::Ok().json(body))
 }
 
-fn completion_body(id: &str, created: u64, model: &str, completion: &Completion, return_ids: bool) -> Value {
+fn completion_body(
+    id: &str,
+    created: u64,
+    model: &str,
+    completion: &Completion,
+    return_ids: bool,
+    expose_cache_hits: bool,
+) -> Value {
+    let logprobs = completion.logprobs.as_ref().map(|all| logprobs_json(all.iter()));
     let mut choice = json!({
         "index": 0,
         "message": {"role": "assistant", "content": completion.text},
-        "logprobs": null,
+        "logprobs": logprobs,
         "finish_reason": completion.finish_reason.as_str(),
     });
     if return_ids {
@@ -508,9 +542,24 @@ fn completion_body(id: &str, created: u64, model: &str, completion: &Completion,
         "created": created,
         "model": model,
         "choices": [choice],
-        "usage": completion.usage(),
+        "usage": completion.usage(expose_cache_hits),
         "system_fingerprint": null,
     })
+}
+
+/// OpenAI's `logprobs` object: `{"content": [{"token", "logprob", "bytes", "top_logprobs"}], "refusal": null}`.
+fn logprobs_json<'a>(tokens: impl Iterator<Item = &'a Logprobs>) -> Value {
+    // JSON has no -infinity: OpenAI reports impossible tokens at -9999.
+    let entry =
+        |t: &TokenLogprob| json!({"token": t.text, "logprob": t.logprob.max(-9999.0), "bytes": t.text.as_bytes()});
+    let content: Vec<Value> = tokens
+        .map(|l| {
+            let mut token = entry(&l.token);
+            token["top_logprobs"] = l.top.iter().map(entry).collect();
+            token
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -529,12 +578,17 @@ struct ChatStream {
     model: String,
     include_usage: bool,
     return_ids: bool,
+    expose_cache_hits: bool,
     phase: Phase,
 }
 
 impl ChatStream {
     fn chunk(&self, delta: Value, finish: Option<&str>, extra: Option<(&str, Value)>) -> Value {
-        let mut choice = json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish});
+        self.chunk_with(delta, finish, extra, Value::Null)
+    }
+
+    fn chunk_with(&self, delta: Value, finish: Option<&str>, extra: Option<(&str, Value)>, logprobs: Value) -> Value {
+        let mut choice = json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish});
         if let Some((key, value)) = extra {
             choice[key] = value;
         }
@@ -566,9 +620,10 @@ impl ChatStream {
         let event = self.running.events.recv().await;
         let mut out = String::new();
         match event {
-            Some(JobEvent::Token { token_id, text }) => {
+            Some(JobEvent::Token { token_id, text, logprobs }) => {
                 let ids = self.return_ids.then(|| ("token_ids", json!([token_id])));
-                out.push_str(&Self::event(&self.chunk(json!({"content": text}), None, ids)));
+                let logprobs = logprobs.as_ref().map_or(Value::Null, |l| logprobs_json(std::iter::once(l)));
+                out.push_str(&Self::event(&self.chunk_with(json!({"content": text}), None, ids, logprobs)));
                 return Some(Bytes::from(out));
             }
             Some(JobEvent::Done(completion)) => {
@@ -577,7 +632,7 @@ impl ChatStream {
                 if self.include_usage {
                     let mut usage_chunk = self.chunk(json!({}), None, None);
                     usage_chunk["choices"] = json!([]);
-                    usage_chunk["usage"] = json!(completion.usage());
+                    usage_chunk["usage"] = json!(completion.usage(self.expose_cache_hits));
                     out.push_str(&Self::event(&usage_chunk));
                 }
             }

@@ -82,7 +82,7 @@ pub async fn vqa(
         "answer": completion.text,
         "model": model,
         "finish_reason": completion.finish_reason,
-        "usage": completion.usage(),
+        "usage": completion.usage(state.expose_cache_hits),
         "timings": completion.timings_report(image_decode_s, state.expose_cache_hits),
     })))
 }

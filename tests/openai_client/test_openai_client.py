@@ -8,6 +8,7 @@ The binary is taken from $VLMSERVE_BIN, else target/release/vlmserve (conftest.p
 
 import base64
 import json
+import math
 
 import openai
 import pytest
@@ -91,3 +92,77 @@ def test_errors_become_client_exceptions(client):
     assert bad.value.body["param"] == "n"
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
+
+
+def _logprob_entries(choice_logprobs):
+    return [(t.token, t.logprob, [(a.token, a.logprob) for a in t.top_logprobs]) for t in choice_logprobs.content]
+
+
+def test_logprobs_are_sorted_normalised_and_greedy_picks_the_top_one(client):
+    case = _reference_case("one_image")
+    response = client.chat.completions.create(
+        model=MODEL, messages=_messages(case), temperature=0, max_tokens=12, logprobs=True, top_logprobs=5
+    )
+    choice = response.choices[0]
+    entries = choice.logprobs.content
+    assert len(entries) == response.usage.completion_tokens == 12
+    for entry in entries:
+        top = entry.top_logprobs
+        assert len(top) == 5
+        assert [a.logprob for a in top] == sorted((a.logprob for a in top), reverse=True)
+        assert sum(math.exp(a.logprob) for a in top) <= 1 + 1e-5
+        assert (entry.token, entry.logprob) == (top[0].token, top[0].logprob)
+        assert entry.bytes == list(entry.token.encode())
+    if not any("\ufffd" in e.token for e in entries):
+        assert "".join(e.token for e in entries) == choice.message.content
+
+
+def test_streamed_logprobs_equal_the_whole_ones(client):
+    case = _reference_case("two_images")
+    kwargs = {"model": MODEL, "messages": _messages(case), "temperature": 0, "max_tokens": 10, "logprobs": True}
+    whole = client.chat.completions.create(top_logprobs=3, **kwargs)
+    streamed = []
+    for chunk in client.chat.completions.create(stream=True, top_logprobs=3, **kwargs):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += _logprob_entries(chunk.choices[0].logprobs)
+    assert streamed == _logprob_entries(whole.choices[0].logprobs)
+    # Without top_logprobs: the sampled token's alone.
+    plain = client.chat.completions.create(**kwargs)
+    assert all(e.top_logprobs == [] for e in plain.choices[0].logprobs.content)
+    assert [e.logprob for e in plain.choices[0].logprobs.content] == [e[1] for e in streamed]
+
+
+def test_sampled_tokens_logprobs_are_of_the_tempered_distribution(client):
+    case = _reference_case("one_image")
+    kwargs = {"model": MODEL, "messages": _messages(case), "max_tokens": 1, "logprobs": True, "top_logprobs": 5}
+    greedy = client.chat.completions.create(temperature=0, **kwargs).choices[0].logprobs.content[0]
+    tempered = client.chat.completions.create(temperature=0.5, seed=3, **kwargs).choices[0].logprobs.content[0]
+    # Same first position, same ranking; gaps between log-probabilities grow by 1 / temperature.
+    assert [a.token for a in tempered.top_logprobs] == [a.token for a in greedy.top_logprobs]
+    for g, t in zip(greedy.top_logprobs[1:], tempered.top_logprobs[1:]):
+        gap_greedy = greedy.top_logprobs[0].logprob - g.logprob
+        gap_tempered = tempered.top_logprobs[0].logprob - t.logprob
+        assert abs(gap_tempered - gap_greedy / 0.5) < 1e-3 * max(1.0, gap_greedy)
+    assert tempered.logprob <= 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"top_logprobs": 2}, "top_logprobs")],
+)
+def test_bad_logprobs_requests_are_400s(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, extra_body=extra
+        )
+    assert bad.value.body["param"] == param
+
+
+def test_usage_counts_image_tokens_and_hides_cache_hits(client):
+    case = _reference_case("two_images")
+    image_token = json.loads((FIXTURE / "package" / "config.json").read_text())["image_token_id"]
+    for _ in range(2):
+        # The second time the image-feature cache has the images; the server does not say so.
+        usage = client.chat.completions.create(model=MODEL, messages=_messages(case), temperature=0, max_tokens=2).usage
+        assert usage.prompt_tokens_details.image_tokens == case["input_ids"].count(image_token) > 0
+        assert usage.prompt_tokens_details.cached_tokens == 0
