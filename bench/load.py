@@ -279,8 +279,9 @@ def main() -> None:
     text = table(rows)
     print(text)
     if args.out:
+        title = f"## {'GPU load' if args.cuda else 'Load'}{', with and without a JSON schema' if args.schema else ''}:"
         header = (
-            f"## {'GPU load' if args.cuda else 'Load'}: concurrent streams ({datetime.date.today()}, {machine(args.cuda)})\n\n"
+            f"{title} concurrent streams ({datetime.date.today()}, {machine(args.cuda)})\n\n"
             f"`python3 bench/load.py --package {args.package} --precision {args.precision} --clients {args.clients} "
             f"--requests {args.requests} --max-tokens {args.max_tokens}"
             + (f" --vision-threads {args.vision_threads}" if args.vision_threads else "")
@@ -296,7 +297,7 @@ def main() -> None:
             "the gap between streamed chunks (one per token here), so it includes any pause that other "
             "requests' vision encoding and prefill cause.\n\n"
         )
-        write_section(args.out, "## GPU load:" if args.cuda else "## Load: concurrent streams", header + text)
+        write_section(args.out, title, header + text)
 
 
 if __name__ == "__main__":

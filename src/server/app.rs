@@ -9,7 +9,7 @@ use actix_web::dev::Service;
 use actix_web::{App, HttpResponse, HttpServer, web};
 
 use super::errors::ApiError;
-use super::{AppState, ReloadSettings, ServerError, admin, health, openai, page, request, vqa};
+use super::{AppState, ReloadSettings, ServerError, admin, health, openai, page, request, responses, vqa};
 use crate::config::{ServerSettings, Settings};
 use crate::engine::ModelOptions;
 use crate::preprocess::ImageLimits;
@@ -89,6 +89,7 @@ async fn serve(
             .route("/v1/models", web::get().to(openai::list_models))
             .route("/v1/models/{name}", web::get().to(openai::get_model))
             .route("/v1/chat/completions", web::post().to(openai::chat_completions))
+            .route("/v1/responses", web::post().to(responses::responses))
             .route("/v1/vqa", web::post().to(vqa::vqa));
         if admin {
             app = app.route("/admin/models/{name}/reload", web::post().to(admin::reload));

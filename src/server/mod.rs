@@ -1,6 +1,7 @@
 //! The HTTP server (actix-web): the only room that knows HTTP.
 //!
-//! It owns routing, request parsing and limits, the OpenAI schema ([`openai`]), the VQA form
+//! It owns routing, request parsing and limits, the OpenAI schema ([`openai`]) and its Responses
+//! API ([`responses`]), the VQA form
 //! ([`vqa`]), admin reloads ([`admin`]), health, readiness and metrics ([`health`]), the question page ([`page`]), and the
 //! mapping of every error to a status and an OpenAI error body ([`errors`]). Generation goes
 //! through the [`crate::scheduler`], which owns the models.
@@ -12,6 +13,7 @@ mod health;
 mod openai;
 mod page;
 mod request;
+mod responses;
 mod vqa;
 
 use std::sync::Arc;

@@ -217,7 +217,7 @@ impl ChatRequest {
 }
 
 /// Typed from a JSON value, an error naming the path inside `param` (`response_format.type`).
-fn parse_param<T: serde::de::DeserializeOwned>(value: Value, param: &str) -> Result<T, ApiError> {
+pub(super) fn parse_param<T: serde::de::DeserializeOwned>(value: Value, param: &str) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let at = if path == "." { param.to_string() } else { format!("{param}.{path}") };
@@ -336,23 +336,29 @@ impl Role {
 #[derive(Debug, Default)]
 struct Content(Vec<Part>);
 
-/// A content part. A plain struct rather than an enum tagged by `type`, so that an error
-/// inside it still names its field (`...image_url.detail`).
+/// A content part, of chat completions or of the Responses API. A plain struct rather than an
+/// enum tagged by `type`, so that an error inside it still names its field (`...image_url.detail`).
 #[derive(Debug, Deserialize)]
 struct Part {
     #[serde(rename = "type")]
     kind: PartKind,
     #[serde(default)]
     text: Option<String>,
+    /// `{url, detail, max_pixels}` in chat completions, the URL alone in the Responses API.
     #[serde(default)]
     image_url: Option<ImageUrl>,
+    /// The Responses API's `input_image` puts `detail` beside the URL.
+    #[serde(default, deserialize_with = "detail")]
+    detail: Option<Detail>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum PartKind {
-    #[serde(alias = "input_text")]
+    /// `input_text` and `output_text` are the Responses API's names.
+    #[serde(alias = "input_text", alias = "output_text")]
     Text,
+    #[serde(alias = "input_image")]
     ImageUrl,
 }
 
@@ -380,7 +386,8 @@ impl<'de> Deserialize<'de> for Content {
                 Ok(Content::default())
             }
             fn visit_str<E: de::Error>(self, text: &str) -> Result<Content, E> {
-                Ok(Content(vec![Part { kind: PartKind::Text, text: Some(text.to_string()), image_url: None }]))
+                let text = Some(text.to_string());
+                Ok(Content(vec![Part { kind: PartKind::Text, text, image_url: None, detail: None }]))
             }
             fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Content, A::Error> {
                 let mut parts = Vec::new();
@@ -430,8 +437,9 @@ fn detail<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Detail>, 
 
 /// OpenAI messages as chat-template messages, plus the images in order. Each message is read
 /// into the types above; an error names the field it is about (`messages[0].content[1].type`).
-fn parse_messages(
+pub(super) fn parse_messages(
     messages: Vec<Value>,
+    root: &str,
     max_images: usize,
     remote: Option<&RemoteImages>,
 ) -> Result<(Vec<ChatMessage>, Vec<RequestImage>), ApiError> {
@@ -439,7 +447,7 @@ fn parse_messages(
     let mut images = Vec::new();
     // By value: image data moves from the body's JSON into the request, never copied.
     for (i, message) in messages.into_iter().enumerate() {
-        let at = format!("messages[{i}]");
+        let at = format!("{root}[{i}]");
         let message: WireMessage = parse_param(message, &at)?;
         let mut content = Vec::with_capacity(message.content.0.len());
         for (j, part) in message.content.0.into_iter().enumerate() {
@@ -461,7 +469,7 @@ fn parse_messages(
                     }
                     let source = request::image_from_url(image_url.url, &param, remote)?;
                     let budget = ImageBudget {
-                        detail: image_url.detail.unwrap_or_default(),
+                        detail: part.detail.or(image_url.detail).unwrap_or_default(),
                         max_pixels: image_url.max_pixels.map(NonZeroU64::get),
                     };
                     images.push(RequestImage { source, budget });
@@ -486,8 +494,12 @@ pub async fn chat_completions(
     request.check_supported()?;
     let (params, use_default) = request.params(state.default_temperature)?;
     let constraint = request.constraint()?;
-    let (messages, images) =
-        parse_messages(std::mem::take(&mut request.messages), state.max_images, state.remote_images.as_deref())?;
+    let (messages, images) = parse_messages(
+        std::mem::take(&mut request.messages),
+        "messages",
+        state.max_images,
+        state.remote_images.as_deref(),
+    )?;
     let default_max_tokens = use_default.then_some(state.default_max_tokens);
     let input = PrepareInput { messages, images, params, default_max_tokens, constraint };
     let Started { model, running, .. } = request::start(&state, request.model.as_deref(), input, arrived).await?;
