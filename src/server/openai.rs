@@ -717,7 +717,7 @@ mod tests {
             json!({"role": "system", "content": "Be brief."}),
             json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}}, {"type": "text", "text": "What?"}]}),
         ];
-        let (out, images) = parse_messages(messages, 4, None).unwrap();
+        let (out, images) = parse_messages(messages, "messages", 4, None).unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(out[1].content[0], ContentPart::Image);
         assert_eq!(images.len(), 1);
@@ -731,7 +731,7 @@ mod tests {
         let part =
             |image_url: Value| json!({"role": "user", "content": [{"type": "image_url", "image_url": image_url}]});
         let png = "data:image/png;base64,iVBORw0KGgo=";
-        let parse = |image_url| parse_messages(vec![part(image_url)], 4, None);
+        let parse = |image_url| parse_messages(vec![part(image_url)], "messages", 4, None);
         let (_, images) = parse(json!({"url": png, "detail": "low", "max_pixels": 50000})).unwrap();
         assert_eq!(images[0].budget, ImageBudget { detail: Detail::Low, max_pixels: Some(50000) });
         for bad in [
