@@ -750,7 +750,7 @@ mod tests {
 
     #[test]
     fn bad_messages_are_400_or_413() {
-        let error = |m: Value, max: usize| parse_messages(vec![m], max, None).unwrap_err();
+        let error = |m: Value, max: usize| parse_messages(vec![m], "messages", max, None).unwrap_err();
         let status = |m: Value, max: usize| error(m, max).status.as_u16();
         assert_eq!(status(json!({"role": "tool", "content": "x"}), 4), 400);
         assert_eq!(status(json!({"role": "user", "content": 3}), 4), 400);
