@@ -6,7 +6,8 @@ mod common;
 
 use common::{Case, Reference, references};
 use vlmserve::engine::{
-    Batch, Completion, Constraint, EngineError, FinishReason, Flow, GenerationParams, Limits, Model, Prompt,
+    Batch, Completion, Constraint, EngineError, FinishReason, Flow, Fork, GenerationParams, Limits, Model, Prompt,
+    SamplingParams,
 };
 use vlmserve::package::Precision;
 
@@ -17,6 +18,13 @@ struct Tagged {
     streamed: String,
     /// Stop (as a client that went away) after this many tokens.
     stop_after: Option<usize>,
+}
+
+/// A further sample of a request streams into a tag of its own.
+impl Fork for Tagged {
+    fn fork(&self) -> Self {
+        Tagged { events: 0, streamed: String::new(), ..*self }
+    }
 }
 
 fn params(max_new_tokens: usize) -> GenerationParams {
@@ -257,5 +265,55 @@ fn a_constrained_sequence_follows_its_regex_and_leaves_its_neighbours_unchanged(
         } else {
             assert_eq!(completion.token_ids, reference.cases[tag.case].generated_ids);
         }
+    }
+}
+
+/// Samples of one prompt (OpenAI's `n`) are forked from one image encoding and one prefill:
+/// each decodes exactly what the prompt decodes alone with that sample's seed, greedy samples
+/// are PyTorch's tokens, and a neighbour in the batch is unchanged.
+#[test]
+fn samples_of_one_prompt_share_its_prefill_and_each_equals_its_seed_alone() {
+    let reference = references().remove(0);
+    let mut model = reference.load(Precision::Fp32);
+    let case = (0..reference.cases.len()).find(|&c| !reference.cases[c].images.is_empty()).unwrap();
+    let sampling = |seed| SamplingParams { temperature: 1.0, seed: Some(seed), ..SamplingParams::default() };
+    let one = |seed| GenerationParams { max_new_tokens: 12, ignore_eos: true, sampling: sampling(seed), ..params(0) };
+    let alone: Vec<Vec<u32>> = (0..3)
+        .map(|i| model.generate(prompt(&model, &reference, case), &one(11 + i), &mut |_| Flow::Continue).unwrap())
+        .map(|c| c.token_ids)
+        .collect();
+    assert!(alone[0] != alone[1] || alone[1] != alone[2], "three seeds drew the same tokens");
+    let greedy = GenerationParams { samples: 2, ..params(reference.max_new_tokens) };
+
+    let mut batch = Batch::new(model.kv_layout(), Limits { prefill_tokens: 64, vision_tiles: 2 });
+    admit_with(&mut batch, &model, &reference, case, &GenerationParams { samples: 3, ..one(11) }, None);
+    let neighbour = usize::from(case == 0);
+    admit_with(&mut batch, &model, &reference, neighbour, &greedy, None);
+    assert_eq!(batch.len(), 2);
+    assert_eq!(batch.rows().count(), 5, "rows to come count every sample");
+    let done = drain(&mut batch, &mut model, &reference, Vec::new(), 3);
+    let mut sampled: Vec<(usize, Completion)> = Vec::new();
+    let mut greedy_done = Vec::new();
+    for (tag, result) in done {
+        let completion = result.unwrap();
+        assert_eq!(tag.streamed, completion.text, "each sample streams its own text");
+        if tag.case == case {
+            sampled.push((completion.sample, completion));
+        } else {
+            greedy_done.push(completion);
+        }
+    }
+    sampled.sort_by_key(|(sample, _)| *sample);
+    let samples: Vec<usize> = sampled.iter().map(|(sample, _)| *sample).collect();
+    assert_eq!(samples, [0, 1, 2]);
+    for (sample, completion) in &sampled {
+        assert_eq!(completion.token_ids, alone[*sample], "sample {sample} differs from seed {} alone", 11 + sample);
+        // One encoding and one prefill, shared: the forks carry the first's timings.
+        assert_eq!(completion.timings.prefill_s, sampled[0].1.timings.prefill_s);
+    }
+    assert_eq!(greedy_done.len(), 2);
+    for completion in greedy_done {
+        let expected = &reference.cases[neighbour].generated_ids;
+        assert_eq!(&completion.token_ids, expected, "greedy sample {}", completion.sample);
     }
 }

@@ -472,11 +472,14 @@ fn bad_inputs_get_their_status_and_error_body() {
     assert_error(s, &b, 400, "invalid_image");
     let (s, b) = post(&chat(json!([image_part("https://example.com/cat.png".into())])).to_string());
     assert_error(s, &b, 400, "remote_images_disabled");
-    let mut n2 = chat(json!("hi"));
-    n2["n"] = json!(2);
-    let (s, b) = post(&n2.to_string());
-    assert_error(s, &b, 400, "invalid_request");
-    assert_eq!(b["error"]["param"], "n");
+    // n from 1 to max_batch_size: its samples decode as rows of one batch.
+    for n in [0, 100] {
+        let mut samples = chat(json!("hi"));
+        samples["n"] = json!(n);
+        let (s, b) = post(&samples.to_string());
+        assert_error(s, &b, 400, "invalid_request");
+        assert_eq!(b["error"]["param"], "n");
+    }
     let mut hot = chat(json!("hi"));
     hot["temperature"] = json!(-1.0);
     let (s, b) = post(&hot.to_string());

@@ -60,6 +60,7 @@ impl AskArgs {
             },
             guide: None,
             logprobs: None,
+            samples: 1,
             max_new_tokens: self.max_new_tokens,
             stop: self.stop.clone(),
             ignore_eos: false,

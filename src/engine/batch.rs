@@ -33,6 +33,16 @@ use crate::family::{NamedTensor, ProcessedImages, TensorData};
 /// to [`Batch::step`] with its tag, and its end.
 pub type Finished<T> = (T, Result<Completion, EngineError>);
 
+/// A tag that can stand for one more sample of its request: when a prompt asked for several
+/// samples is prefilled, each further sample gets its tag from the first's.
+pub trait Fork {
+    fn fork(&self) -> Self;
+}
+
+impl Fork for () {
+    fn fork(&self) -> Self {}
+}
+
 /// One sequence from admission to its last token.
 struct Sequence<T> {
     id: u64,
@@ -40,6 +50,9 @@ struct Sequence<T> {
     run: Run,
     timings: Timings,
     admitted: Instant,
+    /// Samples still to be made from it when its prefill is done (the request's `samples`
+    /// less one), each a copy of its cache row with a run of its own.
+    siblings: usize,
     phase: Phase,
 }
 
@@ -173,9 +186,10 @@ impl<T> Batch<T> {
         self.seqs.is_empty()
     }
 
-    /// The tags of every sequence, whatever its phase.
-    pub fn tags(&self) -> impl Iterator<Item = &T> {
-        self.seqs.iter().map(|s| &s.tag)
+    /// Rows the sequences hold or will hold once prefilled (a prompt with several samples
+    /// makes as many rows), each with its sequence's tag.
+    pub fn rows(&self) -> impl Iterator<Item = &T> {
+        self.seqs.iter().flat_map(|s| std::iter::repeat_n(&s.tag, 1 + s.siblings))
     }
 
     /// Drop every sequence (after a panic left the batch in an unknown state) and return their
@@ -256,27 +270,9 @@ impl<T> Batch<T> {
             None => Phase::Ready { prompt, features: None },
         };
         self.next_id += 1;
-        self.seqs.push(Sequence { id: self.next_id, tag, run, timings, admitted: Instant::now(), phase });
+        let siblings = params.samples.saturating_sub(1);
+        self.seqs.push(Sequence { id: self.next_id, tag, run, timings, admitted: Instant::now(), siblings, phase });
         Ok(())
-    }
-
-    /// One step: prefill up to `prefill_chunk` prompt tokens, give every decoding row its next
-    /// token (through `on_token` with the row's tag), drop the rows that finished, and run one
-    /// decoder call for the others.
-    pub fn step(&mut self, model: &mut Model, on_token: &mut dyn FnMut(&mut T, Event) -> Flow) -> Step<T> {
-        let mut finished = Vec::new();
-        let start = Instant::now();
-        self.encode_images(model, &mut finished);
-        self.prefill(model, &mut finished);
-        let prefill_s = start.elapsed().as_secs_f64();
-        let tokens = self.sample(model, on_token, &mut finished);
-        let start = Instant::now();
-        if !tokens.is_empty()
-            && let Err(e) = self.decode(model, &tokens)
-        {
-            self.fail_decoding(e, &mut finished);
-        }
-        Step { finished, decode_rows: tokens.len(), prefill_s, decode_s: start.elapsed().as_secs_f64() }
     }
 
     /// Keep the vision encoder busy on its thread, beside prefill and decode: collect a
@@ -393,34 +389,6 @@ impl<T> Batch<T> {
         }
     }
 
-    /// Prefill up to `prefill_tokens` prompt tokens of the sequences whose images are
-    /// encoded, in admission order; those done join the decode batch.
-    fn prefill(&mut self, model: &mut Model, finished: &mut Vec<Finished<T>>) {
-        let mut budget = self.limits.prefill_tokens;
-        let mut i = 0;
-        while budget > 0 && i < self.seqs.len() {
-            if !matches!(self.seqs[i].phase, Phase::Ready { .. } | Phase::Prefilling(_)) {
-                i += 1;
-                continue;
-            }
-            match self.seqs.remove(i).prefill_chunk(model, budget) {
-                Chunk::Partial(seq, used) => {
-                    budget -= used;
-                    self.seqs.insert(i, seq);
-                    i += 1;
-                }
-                Chunk::Done(seq, used, cache) => {
-                    budget -= used;
-                    match self.cache.join(cache, model.decoder.cache_allocator()) {
-                        Ok(()) => self.seqs.push(seq),
-                        Err(e) => finished.push((seq.tag, Err(e))),
-                    }
-                }
-                Chunk::Failed(tag, e) => finished.push((tag, Err(e))),
-            }
-        }
-    }
-
     /// Sample every decoding sequence's next token; finished ones leave the batch. Returns the
     /// tokens of those that stay, in the order of the cache's rows.
     fn sample(
@@ -518,6 +486,85 @@ impl<T> Batch<T> {
         for seq in self.seqs.extract_if(.., |s| matches!(s.phase, Phase::Decoding(_))) {
             finished.push((seq.tag, Err(EngineError::BatchFailed(error.clone()))));
         }
+    }
+}
+
+/// What makes new rows: a step, and the prefill that forks a prompt's samples.
+impl<T: Fork> Batch<T> {
+    /// One step: prefill up to `prefill_chunk` prompt tokens, give every decoding row its next
+    /// token (through `on_token` with the row's tag), drop the rows that finished, and run one
+    /// decoder call for the others.
+    pub fn step(&mut self, model: &mut Model, on_token: &mut dyn FnMut(&mut T, Event) -> Flow) -> Step<T> {
+        let mut finished = Vec::new();
+        let start = Instant::now();
+        self.encode_images(model, &mut finished);
+        self.prefill(model, &mut finished);
+        let prefill_s = start.elapsed().as_secs_f64();
+        let tokens = self.sample(model, on_token, &mut finished);
+        let start = Instant::now();
+        if !tokens.is_empty()
+            && let Err(e) = self.decode(model, &tokens)
+        {
+            self.fail_decoding(e, &mut finished);
+        }
+        Step { finished, decode_rows: tokens.len(), prefill_s, decode_s: start.elapsed().as_secs_f64() }
+    }
+
+    /// Prefill up to `prefill_tokens` prompt tokens of the sequences whose images are
+    /// encoded, in admission order; those done join the decode batch.
+    fn prefill(&mut self, model: &mut Model, finished: &mut Vec<Finished<T>>) {
+        let mut budget = self.limits.prefill_tokens;
+        let mut i = 0;
+        while budget > 0 && i < self.seqs.len() {
+            if !matches!(self.seqs[i].phase, Phase::Ready { .. } | Phase::Prefilling(_)) {
+                i += 1;
+                continue;
+            }
+            match self.seqs.remove(i).prefill_chunk(model, budget) {
+                Chunk::Partial(seq, used) => {
+                    budget -= used;
+                    self.seqs.insert(i, seq);
+                    i += 1;
+                }
+                Chunk::Done(seq, used, cache) => {
+                    budget -= used;
+                    match self.cache.join(cache, 1 + seq.siblings, model.decoder.cache_allocator()) {
+                        // In the order of the rows just joined.
+                        Ok(()) => self.seqs.extend(seq.into_samples(&mut self.next_id)),
+                        Err(e) => finished.push((seq.tag, Err(e))),
+                    }
+                }
+                Chunk::Failed(tag, e) => finished.push((tag, Err(e))),
+            }
+        }
+    }
+}
+
+impl<T: Fork> Sequence<T> {
+    /// A sequence just prefilled and its siblings, one per sample: the same first logits and
+    /// position, each with a run of its own. One not decoding yet has nothing to share.
+    fn into_samples(mut self, next_id: &mut u64) -> Vec<Self> {
+        let siblings = std::mem::take(&mut self.siblings);
+        let Phase::Decoding(first) = &self.phase else { return vec![self] };
+        let mut samples = Vec::with_capacity(1 + siblings);
+        for sample in 1..=siblings {
+            *next_id += 1;
+            samples.push(Sequence {
+                id: *next_id,
+                tag: self.tag.fork(),
+                run: self.run.fork(sample),
+                timings: self.timings.clone(),
+                admitted: self.admitted,
+                siblings: 0,
+                phase: Phase::Decoding(Decoding {
+                    logits: first.logits.clone(),
+                    position: first.position,
+                    since: None,
+                }),
+            });
+        }
+        samples.insert(0, self);
+        samples
     }
 }
 
@@ -629,8 +676,8 @@ impl Prefill {
 }
 
 impl Model {
-    /// Generate from `prompt`, calling `on_token` for every token; it may stop generation.
-    /// A batch of one: the same steps as concurrent sequences take, with the whole prompt
+    /// Generate one sample from `prompt`, calling `on_token` for every token; it may stop
+    /// generation. A batch of one: the same steps as concurrent sequences take, with the whole prompt
     /// prefilled in one decoder call. Takes the prompt (its pixels move into the batch).
     pub fn generate(
         &mut self,
@@ -638,6 +685,9 @@ impl Model {
         params: &GenerationParams,
         on_token: &mut dyn FnMut(Event) -> Flow,
     ) -> Result<Completion, EngineError> {
+        if params.samples != 1 {
+            return Err(EngineError::InvalidParameter("generate makes one sample; a Batch makes several".into()));
+        }
         let mut batch = Batch::new(&self.decoder.layout, Limits::ALONE);
         batch.add(self, (), prompt, params).map_err(|(_, e)| e)?;
         loop {

@@ -42,6 +42,9 @@ pub struct GenerationParams {
     /// Report each sampled token's log-probability with those of this many most probable
     /// tokens (see [`Sampler::logprobs`]); `None`: no log-probabilities.
     pub logprobs: Option<usize>,
+    /// Samples drawn from the prompt (OpenAI's `n`): they share its image encoding and
+    /// prefill, and sample `i` draws with `seed + i`.
+    pub samples: usize,
 }
 
 impl Default for GenerationParams {
@@ -53,6 +56,7 @@ impl Default for GenerationParams {
             ignore_eos: false,
             guide: None,
             logprobs: None,
+            samples: 1,
         }
     }
 }
@@ -61,6 +65,8 @@ impl Default for GenerationParams {
 /// character or a possible stop string is incomplete).
 #[derive(Debug, Clone, Copy)]
 pub struct Event<'a> {
+    /// Which of the request's samples it belongs to.
+    pub sample: usize,
     pub token_id: u32,
     pub text: &'a str,
     /// The token's log-probabilities, when asked for (not on the text flushed at the end).
@@ -120,6 +126,8 @@ impl Timings {
 /// The result of a generation.
 #[derive(Debug, Clone, Serialize)]
 pub struct Completion {
+    /// Which of the request's samples it is.
+    pub sample: usize,
     pub token_ids: Vec<u32>,
     pub text: String,
     pub prompt_tokens: usize,
@@ -159,6 +167,24 @@ pub struct TimingsReport<'a> {
     pub decode_tokens_per_second: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vision_cache_hit: Option<bool>,
+}
+
+impl Usage {
+    /// The counts of several samples of one prompt: the prompt once, every sample's tokens.
+    pub fn of_samples(completions: &[Completion], with_cache_hits: bool) -> Option<Usage> {
+        let (first, rest) = completions.split_first()?;
+        let mut usage = first.usage(with_cache_hits);
+        for completion in rest {
+            usage.add_sample(completion);
+        }
+        Some(usage)
+    }
+
+    /// One more sample of the same prompt: its tokens count, the prompt does not again.
+    pub fn add_sample(&mut self, completion: &Completion) {
+        self.completion_tokens += completion.token_ids.len();
+        self.total_tokens += completion.token_ids.len();
+    }
 }
 
 impl Completion {
@@ -247,6 +273,9 @@ impl Codec {
         if params.max_new_tokens == 0 {
             return Err(EngineError::InvalidParameter("max_new_tokens must be at least 1".into()));
         }
+        if params.samples == 0 {
+            return Err(EngineError::InvalidParameter("samples must be at least 1".into()));
+        }
         if prompt.input_ids.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -307,6 +336,7 @@ pub(super) fn float_value(array: ArrayD<f32>, ty: TensorElementType) -> Result<D
 
 /// The state of one generation's output: tokens, text, and what has been streamed.
 pub(super) struct Run {
+    sample: usize,
     stop: StopRules,
     sampler: Sampler,
     history: Vec<u32>,
@@ -329,6 +359,7 @@ impl Run {
     pub(super) fn new(prompt: &Prompt, stop: StopRules, sampler: Sampler, params: &GenerationParams) -> Self {
         let prompt_ids = &prompt.input_ids;
         Self {
+            sample: 0,
             image_tokens: prompt.images.as_ref().map_or(0, ProcessedImages::total_tokens),
             guide: params.guide.clone(),
             logprobs: params.logprobs.map(|top| (top, Vec::new())),
@@ -341,6 +372,26 @@ impl Run {
             text: String::new(),
             emitted: 0,
             cut: false,
+        }
+    }
+
+    /// Sample `sample` of the same prompt, before any token: its own random state, the same
+    /// rules and constraint.
+    pub(super) fn fork(&self, sample: usize) -> Self {
+        Self {
+            sample,
+            stop: self.stop.clone(),
+            sampler: self.sampler.fork(sample),
+            history: self.history.clone(),
+            token_ids: Vec::new(),
+            detokenizer: Detokenizer::new(),
+            text: String::new(),
+            emitted: 0,
+            cut: false,
+            guide: self.guide.clone(),
+            logprobs: self.logprobs.as_ref().map(|(top, _)| (*top, Vec::new())),
+            sampled: None,
+            image_tokens: self.image_tokens,
         }
     }
 
@@ -394,7 +445,8 @@ impl Run {
     fn emit(&mut self, token: u32, upto: usize, with_logprobs: bool, on_token: &mut dyn FnMut(Event) -> Flow) -> Flow {
         let upto = upto.max(self.emitted);
         let logprobs = self.logprobs.as_ref().filter(|_| with_logprobs).and_then(|(_, reported)| reported.last());
-        let flow = on_token(Event { token_id: token, text: &self.text[self.emitted..upto], logprobs });
+        let text = &self.text[self.emitted..upto];
+        let flow = on_token(Event { sample: self.sample, token_id: token, text, logprobs });
         self.emitted = upto;
         flow
     }
@@ -418,6 +470,7 @@ impl Run {
         let prompt_tokens = self.history.len() - self.token_ids.len();
         let logprobs = self.logprobs.map(|(_, reported)| reported);
         Ok(Completion {
+            sample: self.sample,
             token_ids: self.token_ids,
             text: self.text,
             prompt_tokens,

@@ -405,7 +405,7 @@ mod tests {
             run.push(step(decoder, &mut cache, &[(0.2, 3)], 1));
             let mut other = KvCache::empty(&decoder.layout).unwrap();
             run.push(step(decoder, &mut other, &[(0.3, 0)], 2));
-            cache.join(other, &Allocator::default()).unwrap();
+            cache.join(other, 1, &Allocator::default()).unwrap();
             run.push(step(decoder, &mut cache, &[(0.4, 4), (0.5, 2)], 1));
             let (last, cost) = step_cost(decoder, &mut cache, &[(0.6, 5), (0.6, 3)], 1);
             run.push(last);

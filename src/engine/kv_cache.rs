@@ -234,15 +234,17 @@ impl KvCache {
         Ok(())
     }
 
-    /// Append `other`'s rows after this cache's (copies both, unless this one is empty).
-    pub fn join(&mut self, mut other: KvCache, allocator: &Allocator) -> Result<(), EngineError> {
-        if self.rows() == 0 {
+    /// Append `other`'s rows after this cache's, `copies` times over (samples of one prompt
+    /// share its prefill); copies both, unless this one is empty and one copy is asked for.
+    pub fn join(&mut self, mut other: KvCache, copies: usize, allocator: &Allocator) -> Result<(), EngineError> {
+        if self.rows() == 0 && copies == 1 {
             *self = other;
             return Ok(());
         }
         let transferred = self.bring_to_host()? + other.bring_to_host()? + self.transferred + other.transferred;
+        let repeated = (0..copies).flat_map(|_| 0..other.rows());
         let rows: Vec<(&KvCache, usize)> =
-            (0..self.rows()).map(|r| (&*self, r)).chain((0..other.rows()).map(|r| (&other, r))).collect();
+            (0..self.rows()).map(|r| (&*self, r)).chain(repeated.map(|r| (&other, r))).collect();
         *self = Self::gather(&rows, allocator)?;
         self.transferred = transferred;
         Ok(())
@@ -474,7 +476,7 @@ mod tests {
         // A shorter sequence joins: both rows right-aligned, every position in the older blocks.
         let mut other = KvCache::empty(&layout).unwrap();
         other.advance(present(&other, 10, 3), 3, &heap()).unwrap();
-        cache.join(other, &heap()).unwrap();
+        cache.join(other, 1, &heap()).unwrap();
         assert_eq!((cache.rows(), cache.width()), (2, 6));
         assert_eq!(widths(&cache), [(6, 0); 4]);
         assert_eq!(row(&cache, 1, 0), [1000., 1001., 1002., 1003., 1004., 1005.]);
@@ -490,6 +492,28 @@ mod tests {
     }
 
     #[test]
+    fn a_prefilled_row_joins_as_many_copies_as_samples_into_an_empty_or_busy_batch() {
+        crate::runtime::init(None, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let layout = layout();
+        let prefilled = |tag, len| {
+            let mut cache = KvCache::empty(&layout).unwrap();
+            cache.advance(present(&cache, tag, len), len, &heap()).unwrap();
+            cache
+        };
+        let mut batch = KvCache::none(&layout);
+        batch.join(prefilled(10, 3), 2, &heap()).unwrap();
+        assert_eq!((batch.rows(), batch.width()), (2, 3));
+        assert_eq!(row(&batch, 1, 0), row(&batch, 1, 1));
+        batch.join(prefilled(20, 2), 3, &heap()).unwrap();
+        assert_eq!((batch.rows(), batch.width()), (5, 3));
+        for copy in 2..5 {
+            assert_eq!(row(&batch, 0, copy), [0., 20000., 20001.]);
+        }
+        assert_eq!(row(&batch, 0, 0), [10000., 10001., 10002.]);
+        assert_eq!(batch.attention_mask(0).row(4).to_vec(), [0, 1, 1]);
+    }
+
+    #[test]
     fn a_decoder_without_older_blocks_keeps_every_position_in_the_recent_block() {
         crate::runtime::init(None, &[]).unwrap_or_else(|e| panic!("{e}"));
         let layout = KvLayout { older: Vec::new(), settle: false, ..layout() };
@@ -498,7 +522,7 @@ mod tests {
         cache.advance(present(&cache, 0, 1), 1, &heap()).unwrap();
         let mut other = KvCache::empty(&layout).unwrap();
         other.advance(present(&other, 10, 2), 2, &heap()).unwrap();
-        cache.join(other, &heap()).unwrap();
+        cache.join(other, 1, &heap()).unwrap();
         assert!(cache.older.is_empty());
         let recent: Vec<i64> = cache.recent.iter().map(|r| r.shape()[2]).collect();
         assert_eq!(recent, [5; 4]);

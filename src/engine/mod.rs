@@ -19,7 +19,7 @@ mod stop;
 mod tensors;
 mod vision;
 
-pub use batch::{Batch, Finished, Limits, Step};
+pub use batch::{Batch, Finished, Fork, Limits, Step};
 pub use detokenize::Detokenizer;
 pub use feature_cache::FeatureCache;
 pub use generate::{

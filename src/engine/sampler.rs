@@ -73,6 +73,13 @@ impl Sampler {
         Self { params, rng }
     }
 
+    /// A sampler for sample `sample` of one request: seeded `seed + sample` (distinct and
+    /// reproducible), or from the OS when no seed was given.
+    pub fn fork(&self, sample: usize) -> Self {
+        let seed = self.params.seed.map(|seed| seed.wrapping_add(sample as u64));
+        Self::new(SamplingParams { seed, ..self.params.clone() })
+    }
+
     /// Pick the next token. `history` is every token so far (prompt and output), for the
     /// repetition penalty. `logits` is modified in place.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {

@@ -108,12 +108,15 @@ pub struct Job {
     pub enqueued: Instant,
 }
 
-/// What a job reports, in order: tokens, then exactly one `Done` or `Failed`.
+/// What a job reports: for each of its samples, tokens then one `Done`, unless a `Failed`
+/// ends the job (the channel closes after the last).
 #[derive(Debug)]
 pub enum JobEvent {
     /// A token's newly visible text (empty while held back), with its log-probabilities when
     /// they were asked for.
     Token {
+        /// Which of the job's samples it belongs to.
+        sample: usize,
         token_id: u32,
         text: String,
         logprobs: Option<Logprobs>,
@@ -433,6 +436,11 @@ impl Scheduler {
             model: name.into(),
         };
         Ok(Admission { version, permit })
+    }
+
+    /// The most samples one request may ask for: they decode as rows of one worker's batch.
+    pub fn max_samples(&self) -> usize {
+        self.config.max_batch_size
     }
 
     /// Every model has a version that loaded and warmed up, and no shutdown has begun.

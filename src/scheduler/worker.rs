@@ -13,8 +13,8 @@ use super::metrics::{Metrics, Stage};
 use super::queue::Queue;
 use super::{CancelToken, Job, JobEvent, SchedulerError};
 use crate::engine::{
-    Batch, Codec, Completion, EngineError, Event, FeatureCache, FinishReason, Flow, GenerationParams, KvLayout, Limits,
-    Model, ModelOptions, Step,
+    Batch, Codec, Completion, EngineError, Event, FeatureCache, FinishReason, Flow, Fork, GenerationParams, KvLayout,
+    Limits, Model, ModelOptions, Step,
 };
 use crate::preprocess::chat_template::ChatMessage;
 use prometheus::Histogram;
@@ -104,9 +104,12 @@ fn serve(mut model: Model, spec: &WorkerSpec) {
             let Some(job) = spec.queue.pop() else { break };
             start_job(&mut batch, &model, job, spec);
         }
-        while batch.len() < spec.max_batch_size {
-            let held: Vec<usize> = batch.tags().map(|a| a.reserved).collect();
-            let fits = |job: &Job| fits_budget(&held, reservation(job, &layout), spec.max_kv_bytes);
+        loop {
+            let held: Vec<usize> = batch.rows().map(|a| a.reserved).collect();
+            let fits = |job: &Job| {
+                held.len() + job.params.samples <= spec.max_batch_size
+                    && fits_budget(&held, reservation(job, &layout), job.params.samples, spec.max_kv_bytes)
+            };
             let Some(job) = spec.queue.pop_if(fits) else { break };
             start_job(&mut batch, &model, job, spec);
         }
@@ -140,17 +143,19 @@ fn serve(mut model: Model, spec: &WorkerSpec) {
     tracing::debug!(model = %spec.model, "worker exits");
 }
 
-/// Cache bytes a job may come to hold: its prompt plus every token it may generate.
+/// Cache bytes one sample of a job may come to hold: its prompt plus every token it may
+/// generate.
 fn reservation(job: &Job, layout: &KvLayout) -> usize {
     job.prompt.input_ids.len().saturating_add(job.params.max_new_tokens).saturating_mul(layout.bytes_per_token())
 }
 
-/// Whether a sequence reserving `new` bytes may join sequences holding `held`: the batch's
-/// cache is padded to its longest row, so it can grow to rows x the largest reservation. A
-/// worker with nothing to do takes any job (one sequence is bounded by the context anyway).
-fn fits_budget(held: &[usize], new: usize, budget: usize) -> bool {
+/// Whether `samples` rows reserving `new` bytes each may join rows holding `held`: the
+/// batch's cache is padded to its longest row, so it can grow to rows x the largest
+/// reservation. A worker with nothing to do takes any job (one sequence is bounded by the
+/// context anyway).
+fn fits_budget(held: &[usize], new: usize, samples: usize, budget: usize) -> bool {
     let widest = held.iter().copied().max().unwrap_or(0).max(new);
-    held.is_empty() || (held.len() + 1).saturating_mul(widest) <= budget
+    held.is_empty() || (held.len() + samples).saturating_mul(widest) <= budget
 }
 
 fn record_step(spec: &WorkerSpec, step: &Step<Active>, kv_bytes: usize) {
@@ -200,6 +205,27 @@ struct Active<'a> {
     ttft: Histogram,
     itl: Histogram,
     _running: RunningGuard<'a>,
+}
+
+/// Each further sample of a job is a sequence of its own: its own clocks, counted running.
+impl Fork for Active<'_> {
+    fn fork(&self) -> Self {
+        Active {
+            events: self.events.clone(),
+            cancel: self.cancel.clone(),
+            deadline: self.deadline,
+            timeout_s: self.timeout_s,
+            enqueued: self.enqueued,
+            started: self.started,
+            last_token: None,
+            deadline_hit: false,
+            has_images: self.has_images,
+            reserved: self.reserved,
+            ttft: self.ttft.clone(),
+            itl: self.itl.clone(),
+            _running: RunningGuard::start(self._running.0),
+        }
+    }
 }
 
 /// Move a queued job into the batch, unless its client left or its deadline passed.
@@ -257,6 +283,7 @@ fn on_token(active: &mut Active, event: Event) -> Flow {
     // A token whose text is held back is sent only for its log-probabilities.
     if !event.text.is_empty() || event.logprobs.is_some() {
         let token = JobEvent::Token {
+            sample: event.sample,
             token_id: event.token_id,
             text: event.text.to_string(),
             logprobs: event.logprobs.cloned(),
@@ -318,5 +345,19 @@ fn report(active: Active, result: Result<Completion, EngineError>, spec: &Worker
             finished("error");
             let _ = active.events.send(JobEvent::Failed(SchedulerError::Engine(e)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fits_budget;
+
+    #[test]
+    fn every_sample_of_a_job_counts_against_the_kv_budget() {
+        assert!(fits_budget(&[], 1000, 8, 10), "an idle worker takes any job");
+        assert!(fits_budget(&[100], 100, 3, 400));
+        assert!(!fits_budget(&[100], 100, 3, 399));
+        // The batch is padded to its widest row: a wide newcomer widens every row.
+        assert!(!fits_budget(&[100, 100], 200, 1, 599));
     }
 }

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::errors::ApiError;
 use super::request::{self, PrepareInput, RemoteImages, RequestConstraint, RequestImage, Running, Started};
-use crate::engine::{Completion, Constraint, GenerationParams, Logprobs, SamplingParams, TokenLogprob};
+use crate::engine::{Completion, Constraint, GenerationParams, Logprobs, SamplingParams, TokenLogprob, Usage};
 use crate::family::{Detail, ImageBudget};
 use crate::preprocess::chat_template::{ChatMessage, ContentPart};
 use crate::scheduler::{JobEvent, SchedulerError};
@@ -138,12 +138,6 @@ const MAX_STOP_BYTES: usize = 256;
 impl ChatRequest {
     /// Reject what we do not support, with the parameter named.
     fn check_supported(&self) -> Result<(), ApiError> {
-        match self.n {
-            None | Some(1) => {}
-            Some(n) => {
-                return Err(ApiError::invalid_param("n", format!("n = {n} is not supported; only n = 1")));
-            }
-        }
         for (name, value) in
             [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)]
         {
@@ -160,7 +154,19 @@ impl ChatRequest {
         Ok(())
     }
 
-    fn params(&self, default_temperature: f32) -> Result<(GenerationParams, bool), ApiError> {
+    /// The generation parameters, and whether `max_tokens` was left to the server's default.
+    /// At most `max_samples` samples (`n`).
+    fn params(&self, default_temperature: f32, max_samples: usize) -> Result<(GenerationParams, bool), ApiError> {
+        let samples = match self.n {
+            None => 1,
+            Some(n) if n >= 1 && n <= max_samples as u64 => n as usize,
+            Some(n) => {
+                return Err(ApiError::invalid_param(
+                    "n",
+                    format!("n must be 1 to {max_samples} (the server's max_batch_size), not {n}"),
+                ));
+            }
+        };
         let top_k = match self.top_k {
             None | Some(-1) | Some(0) => 0,
             Some(k) if k > 0 => k as usize,
@@ -211,7 +217,7 @@ impl ChatRequest {
             (_, None) => None,
         };
         let ignore_eos = self.ignore_eos.unwrap_or(false);
-        let params = GenerationParams { sampling, max_new_tokens, stop, ignore_eos, guide: None, logprobs };
+        let params = GenerationParams { sampling, max_new_tokens, stop, ignore_eos, guide: None, logprobs, samples };
         Ok((params, requested.is_none()))
     }
 }
@@ -488,11 +494,10 @@ pub async fn chat_completions(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let arrived = Instant::now();
-    let body = request::read_body(&req, payload, state.max_body_bytes).await?;
-    let mut request: ChatRequest = request::parse_json(&body)?;
-    drop(body);
+    let mut request: ChatRequest = request::read_json(&req, payload, state.max_body_bytes).await?;
     request.check_supported()?;
-    let (params, use_default) = request.params(state.default_temperature)?;
+    let (params, use_default) = request.params(state.default_temperature, state.scheduler.max_samples())?;
+    let samples = params.samples;
     let constraint = request.constraint()?;
     let (messages, images) = parse_messages(
         std::mem::take(&mut request.messages),
@@ -517,6 +522,8 @@ pub async fn chat_completions(
             include_usage,
             return_ids,
             expose_cache_hits,
+            samples,
+            finished: Vec::new(),
             phase: Phase::Start,
         };
         return Ok(HttpResponse::Ok()
@@ -525,36 +532,40 @@ pub async fn chat_completions(
             .insert_header(("X-Accel-Buffering", "no"))
             .streaming(stream.into_stream()));
     }
-    let completion = request::collect(running).await?;
-    let body = completion_body(&id, created, &model, &completion, return_ids, state.expose_cache_hits);
+    let completions = request::collect_samples(running).await?;
+    let body = completion_body(&id, created, &model, &completions, return_ids, state.expose_cache_hits);
     Ok(HttpResponse::Ok().json(body))
 }
 
+/// A whole response: one choice per sample.
 fn completion_body(
     id: &str,
     created: u64,
     model: &str,
-    completion: &Completion,
+    completions: &[Completion],
     return_ids: bool,
     expose_cache_hits: bool,
 ) -> Value {
-    let logprobs = completion.logprobs.as_ref().map(|all| logprobs_json(all.iter()));
-    let mut choice = json!({
-        "index": 0,
-        "message": {"role": "assistant", "content": completion.text},
-        "logprobs": logprobs,
-        "finish_reason": completion.finish_reason.as_str(),
-    });
-    if return_ids {
-        choice["token_ids"] = json!(completion.token_ids);
-    }
+    let choice = |completion: &Completion| {
+        let logprobs = completion.logprobs.as_ref().map(|all| logprobs_json(all.iter()));
+        let mut choice = json!({
+            "index": completion.sample,
+            "message": {"role": "assistant", "content": completion.text},
+            "logprobs": logprobs,
+            "finish_reason": completion.finish_reason.as_str(),
+        });
+        if return_ids {
+            choice["token_ids"] = json!(completion.token_ids);
+        }
+        choice
+    };
     json!({
         "id": id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [choice],
-        "usage": completion.usage(expose_cache_hits),
+        "choices": completions.iter().map(choice).collect::<Vec<_>>(),
+        "usage": Usage::of_samples(completions, expose_cache_hits),
         "system_fingerprint": null,
     })
 }
@@ -591,16 +602,26 @@ struct ChatStream {
     include_usage: bool,
     return_ids: bool,
     expose_cache_hits: bool,
+    /// The request's `n`, and the completions of those that finished.
+    samples: usize,
+    finished: Vec<Completion>,
     phase: Phase,
 }
 
 impl ChatStream {
-    fn chunk(&self, delta: Value, finish: Option<&str>, extra: Option<(&str, Value)>) -> Value {
-        self.chunk_with(delta, finish, extra, Value::Null)
+    fn chunk(&self, sample: usize, delta: Value, finish: Option<&str>, extra: Option<(&str, Value)>) -> Value {
+        self.chunk_with(sample, delta, finish, extra, Value::Null)
     }
 
-    fn chunk_with(&self, delta: Value, finish: Option<&str>, extra: Option<(&str, Value)>, logprobs: Value) -> Value {
-        let mut choice = json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish});
+    fn chunk_with(
+        &self,
+        sample: usize,
+        delta: Value,
+        finish: Option<&str>,
+        extra: Option<(&str, Value)>,
+        logprobs: Value,
+    ) -> Value {
+        let mut choice = json!({"index": sample, "delta": delta, "logprobs": logprobs, "finish_reason": finish});
         if let Some((key, value)) = extra {
             choice[key] = value;
         }
@@ -624,27 +645,32 @@ impl ChatStream {
             Phase::Finished => return None,
             Phase::Start => {
                 self.phase = Phase::Tokens;
-                let first = self.chunk(json!({"role": "assistant", "content": ""}), None, None);
-                return Some(Bytes::from(Self::event(&first)));
+                let role =
+                    |sample| Self::event(&self.chunk(sample, json!({"role": "assistant", "content": ""}), None, None));
+                return Some(Bytes::from((0..self.samples).map(role).collect::<String>()));
             }
             Phase::Tokens => {}
         }
         let event = self.running.events.recv().await;
         let mut out = String::new();
         match event {
-            Some(JobEvent::Token { token_id, text, logprobs }) => {
+            Some(JobEvent::Token { sample, token_id, text, logprobs }) => {
                 let ids = self.return_ids.then(|| ("token_ids", json!([token_id])));
                 let logprobs = logprobs.as_ref().map_or(Value::Null, |l| logprobs_json(std::iter::once(l)));
-                out.push_str(&Self::event(&self.chunk_with(json!({"content": text}), None, ids, logprobs)));
+                out.push_str(&Self::event(&self.chunk_with(sample, json!({"content": text}), None, ids, logprobs)));
                 return Some(Bytes::from(out));
             }
             Some(JobEvent::Done(completion)) => {
-                let last = self.chunk(json!({}), Some(completion.finish_reason.as_str()), None);
+                let last = self.chunk(completion.sample, json!({}), Some(completion.finish_reason.as_str()), None);
                 out.push_str(&Self::event(&last));
+                self.finished.push(completion);
+                if self.finished.len() < self.samples {
+                    return Some(Bytes::from(out));
+                }
                 if self.include_usage {
-                    let mut usage_chunk = self.chunk(json!({}), None, None);
+                    let mut usage_chunk = self.chunk(0, json!({}), None, None);
                     usage_chunk["choices"] = json!([]);
-                    usage_chunk["usage"] = json!(completion.usage(self.expose_cache_hits));
+                    usage_chunk["usage"] = json!(Usage::of_samples(&self.finished, self.expose_cache_hits));
                     out.push_str(&Self::event(&usage_chunk));
                 }
             }
@@ -769,18 +795,21 @@ mod tests {
     #[test]
     fn unsupported_parameters_are_400() {
         let request = |v: Value| serde_json::from_value::<ChatRequest>(v).unwrap();
-        let n2 = request(json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}));
-        assert_eq!(n2.check_supported().unwrap_err().param.as_deref(), Some("n"));
+        let n = |n: u64| request(json!({"messages": [{"role": "user", "content": "x"}], "n": n}));
+        assert_eq!(n(3).params(1.0, 3).unwrap().0.samples, 3);
+        for bad in [0, 4] {
+            assert_eq!(n(bad).params(1.0, 3).unwrap_err().param.as_deref(), Some("n"));
+        }
         let temp = request(json!({"messages": [{"role": "user", "content": "x"}], "temperature": -1}));
-        assert_eq!(temp.params(1.0).unwrap_err().status.as_u16(), 400);
+        assert_eq!(temp.params(1.0, 1).unwrap_err().status.as_u16(), 400);
         let zero = request(json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}));
-        assert_eq!(zero.params(1.0).unwrap_err().status.as_u16(), 400);
+        assert_eq!(zero.params(1.0, 1).unwrap_err().status.as_u16(), 400);
         let long_stop =
             request(json!({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b".repeat(257)]}));
-        assert_eq!(long_stop.params(1.0).unwrap_err().param.as_deref(), Some("stop"));
+        assert_eq!(long_stop.params(1.0, 1).unwrap_err().param.as_deref(), Some("stop"));
         let ok =
             request(json!({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 5, "stop": "a"}));
-        let (params, default) = ok.params(0.0).unwrap();
+        let (params, default) = ok.params(0.0, 1).unwrap();
         assert_eq!((params.max_new_tokens, default, params.stop.len()), (5, false, 1));
     }
 }

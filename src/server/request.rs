@@ -37,6 +37,15 @@ pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usiz
     Ok(body.freeze())
 }
 
+/// The body read within `limit` and parsed as JSON; the bytes are dropped once parsed.
+pub async fn read_json<T: serde::de::DeserializeOwned>(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+) -> Result<T, ApiError> {
+    parse_json(&read_body(req, payload, limit).await?)
+}
+
 /// Parse JSON, with serde's message (it names the field and position) as a 400.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
@@ -346,16 +355,28 @@ fn submit(state: &AppState, admission: Admission, prepared: Prepared, arrived: I
     Running { events, _admission: admission, _cancel: CancelOnDrop(cancel) }
 }
 
-/// Wait for the whole completion (non-streaming responses).
-pub async fn collect(mut running: Running) -> Result<Completion, ApiError> {
+/// Wait for every sample's whole completion (non-streaming responses), in sample order; at
+/// least one. The events end when the last sample's sequence is gone.
+pub async fn collect_samples(mut running: Running) -> Result<Vec<Completion>, ApiError> {
+    let mut completions = Vec::new();
     while let Some(event) = running.events.recv().await {
         match event {
             JobEvent::Token { .. } => {}
-            JobEvent::Done(completion) => return Ok(completion),
+            JobEvent::Done(completion) => completions.push(completion),
             JobEvent::Failed(e) => return Err(e.into()),
         }
     }
-    Err(SchedulerError::WorkerGone.into())
+    if completions.is_empty() {
+        return Err(SchedulerError::WorkerGone.into());
+    }
+    completions.sort_by_key(|c| c.sample);
+    Ok(completions)
+}
+
+/// Wait for the whole completion of a one-sample request.
+pub async fn collect(running: Running) -> Result<Completion, ApiError> {
+    let first = collect_samples(running).await?.into_iter().next();
+    first.ok_or_else(|| SchedulerError::WorkerGone.into())
 }
 
 /// The model a request names, or the first configured one.

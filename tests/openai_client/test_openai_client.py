@@ -87,8 +87,9 @@ def test_streaming_concatenates_to_the_same_text(client):
 def test_errors_become_client_exceptions(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    # n up to the server's max_batch_size (8 by default).
     with pytest.raises(openai.BadRequestError) as bad:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=9)
     assert bad.value.body["param"] == "n"
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
@@ -166,3 +167,52 @@ def test_usage_counts_image_tokens_and_hides_cache_hits(client):
         usage = client.chat.completions.create(model=MODEL, messages=_messages(case), temperature=0, max_tokens=2).usage
         assert usage.prompt_tokens_details.image_tokens == case["input_ids"].count(image_token) > 0
         assert usage.prompt_tokens_details.cached_tokens == 0
+
+
+def _samples(client, n, **extra):
+    case = _reference_case("two_images")
+    return client.chat.completions.create(
+        model=MODEL, messages=_messages(case), n=n, max_tokens=12, extra_body={"return_token_ids": True}, **extra
+    )
+
+
+def test_n_samples_with_a_seed_are_distinct_and_reproducible(client):
+    first = _samples(client, 3, temperature=1.0, seed=5)
+    again = _samples(client, 3, temperature=1.0, seed=5)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in again.choices]
+    assert len(set(texts)) > 1, texts
+    # The prompt counts once, every sample's tokens count.
+    generated = sum(len(c.model_extra["token_ids"]) for c in first.choices)
+    assert first.usage.completion_tokens == generated
+    assert first.usage.prompt_tokens == _samples(client, 1, temperature=0).usage.prompt_tokens
+
+
+def test_greedy_samples_are_equal_to_one_greedy_answer(client):
+    one = _samples(client, 1, temperature=0).choices[0].message.content
+    assert [c.message.content for c in _samples(client, 2, temperature=0).choices] == [one, one]
+
+
+def test_streamed_samples_concatenate_per_index_to_the_whole_ones(client):
+    whole = _samples(client, 3, temperature=1.0, seed=9)
+    case = _reference_case("two_images")
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=_messages(case),
+        n=3,
+        max_tokens=12,
+        temperature=1.0,
+        seed=9,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts, finishes, usage = ["", "", ""], [None, None, None], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+        usage = chunk.usage or usage
+    assert texts == [c.message.content for c in whole.choices]
+    assert finishes == [c.finish_reason for c in whole.choices]
+    assert usage.completion_tokens == whole.usage.completion_tokens
