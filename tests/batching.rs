@@ -57,7 +57,7 @@ fn admit_with(
 
 fn prompt(model: &Model, reference: &Reference, case: usize) -> Prompt {
     let c: &Case = &reference.cases[case];
-    model.codec.prepare(&c.chat_messages(), &c.decoded_images(&reference.dir), &[]).unwrap()
+    model.codec.prepare(&c.chat_messages(), &c.decoded_images(&reference.dir), &[], &[]).unwrap()
 }
 
 /// Step until the batch is empty; admits `later` (case, max_new_tokens) one per step meanwhile.
@@ -159,7 +159,7 @@ fn fp16_batches_match_fp16_single_streams() {
         .cases
         .iter()
         .map(|c| {
-            let prompt = model.codec.prepare(&c.chat_messages(), &c.decoded_images(&reference.dir), &[]).unwrap();
+            let prompt = model.codec.prepare(&c.chat_messages(), &c.decoded_images(&reference.dir), &[], &[]).unwrap();
             model.generate(prompt, &params(reference.max_new_tokens), &mut |_| Flow::Continue).unwrap().token_ids
         })
         .collect();
@@ -186,7 +186,7 @@ fn a_bad_prompt_is_refused_at_admission_without_touching_the_batch() {
     let model = reference.load(Precision::Fp32);
     let mut batch: Batch<u32> = Batch::new(model.kv_layout(), Limits::ALONE);
     let case = &reference.cases[0];
-    let prompt = model.codec.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir), &[]).unwrap();
+    let prompt = model.codec.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir), &[], &[]).unwrap();
     let context = model.codec.info.context_length;
     let (tag, error) = batch.add(&model, 7, prompt, &params(context)).unwrap_err();
     assert_eq!(tag, 7);

@@ -35,7 +35,7 @@ fn generate(
     messages: &[ChatMessage],
     params: &GenerationParams,
 ) -> Result<vlmserve::engine::Completion, EngineError> {
-    let prompt = model.codec.prepare(messages, &[], &[])?;
+    let prompt = model.codec.prepare(messages, &[], &[], &[])?;
     model.generate(prompt, params, &mut |_| Flow::Continue)
 }
 
@@ -122,7 +122,7 @@ fn prompt_errors_are_typed() {
 
     let images = reference.cases.iter().find(|c| c.images.len() == 1).unwrap().decoded_images(&reference.dir);
     let two = vec![images[0].clone(), images[0].clone()];
-    let err = model.codec.prepare(&[ChatMessage::user(1, "one placeholder")], &two, &[]).unwrap_err();
+    let err = model.codec.prepare(&[ChatMessage::user(1, "one placeholder")], &two, &[], &[]).unwrap_err();
     assert!(
         matches!(err, EngineError::Family(FamilyError::ImageCountMismatch { placeholders: 1, images: 2 })),
         "{err:?}"
@@ -176,7 +176,7 @@ fn stop_strings_cut_the_answer_and_streaming_agrees() {
     let word = full.split_whitespace().nth(2).expect("an answer of several words").to_string();
     let cut = full.find(&word).unwrap();
     let params = GenerationParams { max_new_tokens: reference.max_new_tokens, stop: vec![word], ..Default::default() };
-    let prompt = model.codec.prepare(&case.chat_messages(), &[], &[]).unwrap();
+    let prompt = model.codec.prepare(&case.chat_messages(), &[], &[], &[]).unwrap();
     let mut streamed = String::new();
     let out = model
         .generate(prompt, &params, &mut |e| {
@@ -193,7 +193,7 @@ fn stop_strings_cut_the_answer_and_streaming_agrees() {
 fn a_callback_can_stop_generation() {
     let reference = fixture();
     let mut model = reference.load(Precision::Fp32);
-    let prompt = model.codec.prepare(&[ChatMessage::user(0, "Describe the image.")], &[], &[]).unwrap();
+    let prompt = model.codec.prepare(&[ChatMessage::user(0, "Describe the image.")], &[], &[], &[]).unwrap();
     let params = GenerationParams { max_new_tokens: 20, ignore_eos: true, ..Default::default() };
     let mut seen = 0;
     let out = model
@@ -313,7 +313,8 @@ fn a_repeated_image_reuses_its_features_and_gives_the_same_tokens() {
     let with_images: Vec<_> = reference.cases.iter().filter(|c| !c.images.is_empty()).take(2).collect();
     let params = GenerationParams { max_new_tokens: reference.max_new_tokens, ..GenerationParams::default() };
     let mut run = |case: &common::Case| {
-        let prompt = model.codec.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir), &[]).unwrap();
+        let prompt =
+            model.codec.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir), &[], &[]).unwrap();
         let completion = model.generate(prompt, &params, &mut |_| Flow::Continue).unwrap();
         // Greedy tokens equal PyTorch's whether the features came from the encoder or the cache.
         assert_eq!(completion.token_ids, case.generated_ids, "{}", case.name);

@@ -25,7 +25,7 @@ fn run(model: &mut Model, prompt: &Prompt, max_new_tokens: usize) -> Completion 
 }
 
 fn our_prompt(model: &Model, reference: &Reference, case: &Case) -> Prompt {
-    model.codec.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir), &[]).unwrap()
+    model.codec.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir), &[], &[]).unwrap()
 }
 
 /// The same prompt, but with the vision-encoder inputs transformers computed instead of ours.
@@ -56,7 +56,7 @@ fn prompts_match_the_processor() {
     for reference in references() {
         let model = reference.load(Precision::Fp32);
         for case in &reference.cases {
-            let rendered = model.codec.template.render(&case.chat_messages()).unwrap();
+            let rendered = model.codec.template.render(&case.chat_messages(), &[]).unwrap();
             assert_eq!(rendered, case.prompt, "{}: chat template", case.name);
             let prompt = our_prompt(&model, &reference, case);
             assert_eq!(prompt.input_ids, case.input_ids, "{}: input_ids", case.name);

@@ -74,7 +74,7 @@ pub fn run(settings: &Settings, args: &AskArgs) -> Result<(), CliError> {
     let images = args.images.iter().map(|path| super::read_image(path)).collect::<Result<Vec<_>, _>>()?;
     let image_decode_s = decode_start.elapsed().as_secs_f64();
     let message = ChatMessage::user(images.len(), &args.prompt);
-    let prompt = model.codec.prepare(&[message], &images, &args.budget.per_image(images.len()))?;
+    let prompt = model.codec.prepare(&[message], &images, &args.budget.per_image(images.len()), &[])?;
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
     let completion = model.generate(prompt, &args.params(), &mut |event| {

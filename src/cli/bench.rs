@@ -107,7 +107,7 @@ impl Workload<'_> {
         };
         let image_decode_s = start.elapsed().as_secs_f64();
         let message = ChatMessage::user(images.len(), &self.args.prompt);
-        let prompt = model.codec.prepare(&[message], &images, &self.args.budget.per_image(images.len()))?;
+        let prompt = model.codec.prepare(&[message], &images, &self.args.budget.per_image(images.len()), &[])?;
         let params =
             GenerationParams { max_new_tokens: self.args.new_tokens, ignore_eos: true, ..GenerationParams::default() };
         let completion = model.generate(prompt, &params, &mut |_| Flow::Continue)?;

@@ -173,7 +173,7 @@ fn answer(
     let image = images.get(base.join(&item.image))?;
     let prompt = model
         .codec
-        .prepare(&[ChatMessage::user(1, &item.question)], std::slice::from_ref(image), &[])
+        .prepare(&[ChatMessage::user(1, &item.question)], std::slice::from_ref(image), &[], &[])
         .map_err(|e| e.to_string())?;
     let params = GenerationParams { max_new_tokens, ..GenerationParams::default() };
     let completion = model.generate(prompt, &params, &mut |_| Flow::Continue).map_err(|e| e.to_string())?;

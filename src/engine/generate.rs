@@ -18,6 +18,7 @@ use super::stop::{FinishReason, StopRules};
 use super::tensors::{host_copy, to_f32_array};
 use crate::family::{ImageBudget, Positions, ProcessedImages};
 use crate::preprocess::chat_template::ChatMessage;
+use crate::preprocess::tools::Tool;
 
 /// A prompt ready for the graphs: token ids, processed images and position ids.
 #[derive(Debug, Clone)]
@@ -216,13 +217,14 @@ impl Completion {
 }
 
 impl Codec {
-    /// Render the chat template, process the images (each within its budget, see
-    /// [`ImageBudget::of`]) and tokenize the expanded prompt.
+    /// Render the chat template (offering `tools`), process the images (each within its
+    /// budget, see [`ImageBudget::of`]) and tokenize the expanded prompt.
     pub fn prepare(
         &self,
         messages: &[ChatMessage],
         images: &[RgbImage],
         budgets: &[ImageBudget],
+        tools: &[Tool],
     ) -> Result<Prompt, EngineError> {
         let start = Instant::now();
         let wanted: usize = messages.iter().map(ChatMessage::image_count).sum();
@@ -234,7 +236,7 @@ impl Codec {
         if messages.iter().all(|m| m.content.is_empty()) {
             return Err(EngineError::EmptyPrompt);
         }
-        let text = self.template.render(messages)?;
+        let text = self.template.render(messages, tools)?;
         // Tokenizing a huge text costs seconds and gigabytes: refuse what cannot fit first.
         let most = self.info.context_length.saturating_mul(self.max_token_bytes);
         if text.len() > most {

@@ -35,8 +35,10 @@ pub enum Constraint {
 impl Constraint {
     fn grammar(&self) -> TopLevelGrammar {
         match self {
-            Constraint::JsonObject => TopLevelGrammar::from_json_schema(compact(serde_json::json!({"type": "object"}))),
-            Constraint::JsonSchema(schema) => TopLevelGrammar::from_json_schema(compact(schema.clone())),
+            Constraint::JsonObject => {
+                TopLevelGrammar::from_json_schema(compact_schema(serde_json::json!({"type": "object"})))
+            }
+            Constraint::JsonSchema(schema) => TopLevelGrammar::from_json_schema(compact_schema(schema.clone())),
             Constraint::Regex(regex) => TopLevelGrammar::from_regex(regex),
             Constraint::Choice(choices) => {
                 let alternatives: Vec<String> = choices.iter().map(|c| escape_regex(c)).collect();
@@ -61,7 +63,7 @@ impl Constraint {
 /// JSON written one way (`{"a": 1, "b": [2, 3]}`) unless the schema sets llguidance's options
 /// itself (`x-guidance`): where any whitespace may come between tokens, a small model can fill
 /// its whole budget with newlines.
-fn compact(mut schema: Value) -> Value {
+pub fn compact_schema(mut schema: Value) -> Value {
     if let Some(object) = schema.as_object_mut() {
         object.entry("x-guidance").or_insert_with(
             || serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),

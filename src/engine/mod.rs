@@ -25,7 +25,7 @@ pub use feature_cache::FeatureCache;
 pub use generate::{
     Completion, Event, Flow, GenerationParams, Logprobs, Prompt, Timings, TimingsReport, TokenLogprob, Usage,
 };
-pub use grammar::{Constraint, Guide};
+pub use grammar::{Constraint, Guide, compact_schema};
 pub use kv_cache::{KvCache, KvLayout};
 pub use model::{Codec, GraphChoice, Model, ModelInfo, ModelOptions};
 pub use sampler::{Sampler, SamplingParams};

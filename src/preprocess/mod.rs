@@ -1,12 +1,15 @@
 //! Turning request inputs into model-ready values, independent of any model family:
 //! image decoding under limits ([`decode_image`]), Pillow-exact resampling ([`resize()`]),
-//! rescale/normalize into CHW floats ([`normalize`]), and chat-template rendering
-//! ([`chat_template`]). Families combine these into their own processors.
+//! rescale/normalize into CHW floats ([`normalize`]), chat-template rendering
+//! ([`chat_template`]) with the tools a request offers ([`tools`], which also reads tool calls
+//! back out of generated text in the format it writes them). Families combine these into their
+//! own processors.
 
 pub mod chat_template;
 mod image;
 pub mod normalize;
 pub mod resize;
+pub mod tools;
 
 pub use self::image::{ImageLimits, decode_image, header_dimensions};
 pub use resize::{Filter, resize};

@@ -87,7 +87,7 @@ fn load(spec: &WorkerSpec) -> Result<Model, EngineError> {
     let start = Instant::now();
     let mut model = Model::load(&spec.dir, &spec.options)?.with_feature_cache(spec.feature_cache.clone());
     if spec.warmup {
-        let prompt = model.codec.prepare(&[ChatMessage::user(0, "Hello")], &[], &[])?;
+        let prompt = model.codec.prepare(&[ChatMessage::user(0, "Hello")], &[], &[], &[])?;
         let params = GenerationParams { max_new_tokens: 1, ..GenerationParams::default() };
         model.generate(prompt, &params, &mut |_| Flow::Continue)?;
     }

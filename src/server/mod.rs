@@ -14,6 +14,7 @@ mod openai;
 mod page;
 mod request;
 mod responses;
+mod tools;
 mod vqa;
 
 use std::sync::Arc;

@@ -13,9 +13,11 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::errors::ApiError;
 use super::request::{self, PrepareInput, RemoteImages, RequestConstraint, RequestImage, Running, Started};
+use super::tools::{self, HeldText, RequestTools};
 use crate::engine::{Completion, Constraint, GenerationParams, Logprobs, SamplingParams, TokenLogprob, Usage};
 use crate::family::{Detail, ImageBudget};
 use crate::preprocess::chat_template::{ChatMessage, ContentPart};
+use crate::preprocess::tools::ToolCall;
 use crate::scheduler::{JobEvent, SchedulerError};
 
 /// The request fields we read; unknown fields are ignored, as OpenAI-compatible servers do.
@@ -66,6 +68,10 @@ pub struct ChatRequest {
     top_logprobs: Option<u64>,
     #[serde(default)]
     tools: Option<Vec<Value>>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
     #[serde(default)]
     response_format: Option<Value>,
     /// vLLM's older constraint fields, one at most (or `structured_outputs`, or a JSON
@@ -144,9 +150,6 @@ impl ChatRequest {
             if value.is_some_and(|v| v != 0.0) {
                 return Err(ApiError::invalid_param(name, format!("{name} is not supported (use repetition_penalty)")));
             }
-        }
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::invalid_param("tools", "tools are not supported"));
         }
         if self.messages.is_empty() {
             return Err(ApiError::invalid_param("messages", "messages must not be empty"));
@@ -241,10 +244,10 @@ fn schema_value(value: Value, param: &'static str) -> Result<Value, ApiError> {
 }
 
 impl ChatRequest {
-    /// The output constraint the request asks for, if any: at most one of `response_format`
-    /// (JSON kinds), `structured_outputs` and the `guided_*` fields.
-    fn constraint(&mut self) -> Result<Option<RequestConstraint>, ApiError> {
-        let mut found: Vec<RequestConstraint> = Vec::new();
+    /// The output constraint the request asks for, if any: at most one of a forced tool
+    /// choice, `response_format` (JSON kinds), `structured_outputs` and the `guided_*` fields.
+    fn constraint(&mut self, tools: &RequestTools) -> Result<Option<RequestConstraint>, ApiError> {
+        let mut found: Vec<RequestConstraint> = tools.constraint().into_iter().collect();
         let mut add = |constraint, param| found.push(RequestConstraint { constraint, param });
         if let Some(format) = self.response_format.take() {
             match parse_param::<ResponseFormat>(format, "response_format")? {
@@ -316,6 +319,12 @@ struct WireMessage {
     role: Role,
     #[serde(default)]
     content: Content,
+    /// An assistant message's calls, sent back with the conversation.
+    #[serde(default)]
+    tool_calls: Vec<WireToolCall>,
+    /// A `tool` message's call.
+    #[serde(default)]
+    tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -326,6 +335,7 @@ enum Role {
     Developer,
     User,
     Assistant,
+    Tool,
 }
 
 impl Role {
@@ -334,7 +344,28 @@ impl Role {
             Role::System | Role::Developer => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct WireToolCall {
+    function: WireCalled,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireCalled {
+    name: String,
+    /// A string of JSON, as OpenAI sends it.
+    arguments: String,
+}
+
+impl From<WireToolCall> for ToolCall {
+    fn from(call: WireToolCall) -> Self {
+        let WireCalled { name, arguments } = call.function;
+        let arguments = serde_json::from_str(&arguments).unwrap_or(Value::String(arguments));
+        ToolCall { name, arguments }
     }
 }
 
@@ -455,6 +486,10 @@ pub(super) fn parse_messages(
     for (i, message) in messages.into_iter().enumerate() {
         let at = format!("{root}[{i}]");
         let message: WireMessage = parse_param(message, &at)?;
+        if matches!(message.role, Role::Tool) && message.tool_call_id.is_none() {
+            let param = format!("{at}.tool_call_id");
+            return Err(ApiError::invalid_param(&param, format!("{param} is missing: a tool message answers a call")));
+        }
         let mut content = Vec::with_capacity(message.content.0.len());
         for (j, part) in message.content.0.into_iter().enumerate() {
             let missing = |field: &str| {
@@ -483,7 +518,12 @@ pub(super) fn parse_messages(
                 }
             }
         }
-        out.push(ChatMessage { role: message.role.template_role().to_string(), content });
+        out.push(ChatMessage {
+            role: message.role.template_role().to_string(),
+            content,
+            tool_calls: message.tool_calls.into_iter().map(ToolCall::from).collect(),
+            tool_call_id: message.tool_call_id,
+        });
     }
     Ok((out, images))
 }
@@ -498,7 +538,13 @@ pub async fn chat_completions(
     request.check_supported()?;
     let (params, use_default) = request.params(state.default_temperature, state.scheduler.max_samples())?;
     let samples = params.samples;
-    let constraint = request.constraint()?;
+    let tools = RequestTools::read(
+        request.tools.take().unwrap_or_default(),
+        request.tool_choice.take(),
+        request.parallel_tool_calls,
+    )?;
+    let constraint = request.constraint(&tools)?;
+    let reads_calls = tools.reads_calls();
     let (messages, images) = parse_messages(
         std::mem::take(&mut request.messages),
         "messages",
@@ -506,7 +552,7 @@ pub async fn chat_completions(
         state.remote_images.as_deref(),
     )?;
     let default_max_tokens = use_default.then_some(state.default_max_tokens);
-    let input = PrepareInput { messages, images, params, default_max_tokens, constraint };
+    let input = PrepareInput { messages, images, tools: tools.offered, params, default_max_tokens, constraint };
     let Started { model, running, .. } = request::start(&state, request.model.as_deref(), input, arrived).await?;
     let id = format!("chatcmpl-{:032x}", rand::random::<u128>());
     let created = request::unix_now();
@@ -524,6 +570,7 @@ pub async fn chat_completions(
             expose_cache_hits,
             samples,
             finished: Vec::new(),
+            held: reads_calls.then(|| (0..samples).map(|_| HeldText::default()).collect()),
             phase: Phase::Start,
         };
         return Ok(HttpResponse::Ok()
@@ -533,28 +580,33 @@ pub async fn chat_completions(
             .streaming(stream.into_stream()));
     }
     let completions = request::collect_samples(running).await?;
-    let body = completion_body(&id, created, &model, &completions, return_ids, state.expose_cache_hits);
+    let shape = Shape { return_ids, expose_cache_hits: state.expose_cache_hits, reads_calls };
+    let body = completion_body(&id, created, &model, &completions, shape);
     Ok(HttpResponse::Ok().json(body))
 }
 
-/// A whole response: one choice per sample.
-fn completion_body(
-    id: &str,
-    created: u64,
-    model: &str,
-    completions: &[Completion],
+/// What a whole response shows besides the text.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
     return_ids: bool,
     expose_cache_hits: bool,
-) -> Value {
+    /// Tool calls are read out of the text.
+    reads_calls: bool,
+}
+
+/// A whole response: one choice per sample.
+fn completion_body(id: &str, created: u64, model: &str, completions: &[Completion], shape: Shape) -> Value {
     let choice = |completion: &Completion| {
         let logprobs = completion.logprobs.as_ref().map(|all| logprobs_json(all.iter()));
+        let (message, finish_reason) =
+            tools::message(&completion.text, completion.finish_reason.as_str(), shape.reads_calls);
         let mut choice = json!({
             "index": completion.sample,
-            "message": {"role": "assistant", "content": completion.text},
+            "message": message,
             "logprobs": logprobs,
-            "finish_reason": completion.finish_reason.as_str(),
+            "finish_reason": finish_reason,
         });
-        if return_ids {
+        if shape.return_ids {
             choice["token_ids"] = json!(completion.token_ids);
         }
         choice
@@ -565,7 +617,7 @@ fn completion_body(
         "created": created,
         "model": model,
         "choices": completions.iter().map(choice).collect::<Vec<_>>(),
-        "usage": Usage::of_samples(completions, expose_cache_hits),
+        "usage": Usage::of_samples(completions, shape.expose_cache_hits),
         "system_fingerprint": null,
     })
 }
@@ -605,6 +657,8 @@ struct ChatStream {
     /// The request's `n`, and the completions of those that finished.
     samples: usize,
     finished: Vec<Completion>,
+    /// Per sample, its text while tool calls may come; `None` when the request offers no tools.
+    held: Option<Vec<HeldText>>,
     phase: Phase,
 }
 
@@ -651,31 +705,54 @@ impl ChatStream {
             }
             Phase::Tokens => {}
         }
-        let event = self.running.events.recv().await;
         let mut out = String::new();
-        match event {
-            Some(JobEvent::Token { sample, token_id, text, logprobs }) => {
-                let ids = self.return_ids.then(|| ("token_ids", json!([token_id])));
-                let logprobs = logprobs.as_ref().map_or(Value::Null, |l| logprobs_json(std::iter::once(l)));
-                out.push_str(&Self::event(&self.chunk_with(sample, json!({"content": text}), None, ids, logprobs)));
-                return Some(Bytes::from(out));
-            }
-            Some(JobEvent::Done(completion)) => {
-                let last = self.chunk(completion.sample, json!({}), Some(completion.finish_reason.as_str()), None);
-                out.push_str(&Self::event(&last));
-                self.finished.push(completion);
-                if self.finished.len() < self.samples {
+        loop {
+            match self.running.events.recv().await {
+                Some(JobEvent::Token { sample, token_id, text, logprobs }) => {
+                    let content = match self.held.as_mut().and_then(|held| held.get_mut(sample)) {
+                        Some(held) => held.push(&text).to_string(),
+                        None => text,
+                    };
+                    // Text held back for a possible call is sent at the sample's end.
+                    if content.is_empty() && logprobs.is_none() && !self.return_ids {
+                        continue;
+                    }
+                    let ids = self.return_ids.then(|| ("token_ids", json!([token_id])));
+                    let logprobs = logprobs.as_ref().map_or(Value::Null, |l| logprobs_json(std::iter::once(l)));
+                    let chunk = self.chunk_with(sample, json!({"content": content}), None, ids, logprobs);
+                    out.push_str(&Self::event(&chunk));
                     return Some(Bytes::from(out));
                 }
-                if self.include_usage {
-                    let mut usage_chunk = self.chunk(0, json!({}), None, None);
-                    usage_chunk["choices"] = json!([]);
-                    usage_chunk["usage"] = json!(Usage::of_samples(&self.finished, self.expose_cache_hits));
-                    out.push_str(&Self::event(&usage_chunk));
+                Some(JobEvent::Done(completion)) => {
+                    let sample = completion.sample;
+                    let mut finish = completion.finish_reason.as_str();
+                    if let Some(held) = self.held.as_ref().and_then(|held| held.get(sample)) {
+                        let (rest, calls) = held.finish();
+                        if !rest.is_empty() {
+                            out.push_str(&Self::event(&self.chunk(sample, json!({"content": rest}), None, None)));
+                        }
+                        if let Some(calls) = calls {
+                            let delta = json!({"tool_calls": tools::calls_json(&calls, true)});
+                            out.push_str(&Self::event(&self.chunk(sample, delta, None, None)));
+                            finish = tools::calls_finish(finish);
+                        }
+                    }
+                    out.push_str(&Self::event(&self.chunk(sample, json!({}), Some(finish), None)));
+                    self.finished.push(completion);
+                    if self.finished.len() < self.samples {
+                        return Some(Bytes::from(out));
+                    }
+                    if self.include_usage {
+                        let mut usage_chunk = self.chunk(0, json!({}), None, None);
+                        usage_chunk["choices"] = json!([]);
+                        usage_chunk["usage"] = json!(Usage::of_samples(&self.finished, self.expose_cache_hits));
+                        out.push_str(&Self::event(&usage_chunk));
+                    }
                 }
+                Some(JobEvent::Failed(e)) => out.push_str(&Self::event(&ApiError::from(e).body())),
+                None => out.push_str(&Self::event(&ApiError::from(SchedulerError::WorkerGone).body())),
             }
-            Some(JobEvent::Failed(e)) => out.push_str(&Self::event(&ApiError::from(e).body())),
-            None => out.push_str(&Self::event(&ApiError::from(SchedulerError::WorkerGone).body())),
+            break;
         }
         out.push_str("data: [DONE]\n\n");
         self.phase = Phase::Finished;

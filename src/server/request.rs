@@ -14,6 +14,7 @@ use super::errors::ApiError;
 use crate::engine::{Codec, Completion, Constraint, EngineError, GenerationParams, Prompt};
 use crate::family::ImageBudget;
 use crate::preprocess::chat_template::ChatMessage;
+use crate::preprocess::tools::Tool;
 use crate::preprocess::{ImageLimits, decode_image, header_dimensions};
 use crate::scheduler::{Admission, CancelOnDrop, CancelToken, JobEvent, SchedulerError, Stage};
 
@@ -226,6 +227,8 @@ pub fn decode_base64(data: &str, param: &str, limits: &ImageLimits) -> Result<Ve
 pub struct PrepareInput {
     pub messages: Vec<ChatMessage>,
     pub images: Vec<RequestImage>,
+    /// Offered to the model in the prompt.
+    pub tools: Vec<Tool>,
     pub params: GenerationParams,
     /// `max_new_tokens` was not given: use `default_max_tokens`, cut to what the context leaves.
     pub default_max_tokens: Option<usize>,
@@ -253,7 +256,7 @@ fn prepare_blocking(
     limits: &ImageLimits,
     remote: Option<&RemoteImages>,
 ) -> Result<Prepared, ApiError> {
-    let PrepareInput { messages, images, mut params, default_max_tokens, constraint } = input;
+    let PrepareInput { messages, images, tools, mut params, default_max_tokens, constraint } = input;
     // Compiled first: a refused schema costs no image decoding.
     if let Some(RequestConstraint { constraint, param }) = constraint {
         let guide = codec.guide(&constraint).map_err(|e| ApiError::from(e).with_param(param))?;
@@ -297,7 +300,7 @@ fn prepare_blocking(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let image_decode_s = start.elapsed().as_secs_f64();
-    let prompt = codec.prepare(&messages, &decoded, &budgets)?;
+    let prompt = codec.prepare(&messages, &decoded, &budgets, &tools)?;
     if let Some(default) = default_max_tokens {
         params.max_new_tokens = default.min(context.saturating_sub(prompt.input_ids.len())).max(1);
     }

@@ -16,7 +16,7 @@ use super::errors::ApiError;
 use super::openai::{parse_messages, parse_param};
 use super::request::{self, PrepareInput, RequestConstraint, Running, Started};
 use crate::engine::{Completion, Constraint, FinishReason, GenerationParams, SamplingParams};
-use crate::preprocess::chat_template::{ChatMessage, ContentPart};
+use crate::preprocess::chat_template::ChatMessage;
 use crate::scheduler::{JobEvent, SchedulerError};
 
 /// The request fields we read; unknown fields are ignored, as for chat completions.
@@ -119,11 +119,10 @@ pub async fn responses(
     let (mut messages, images) =
         parse_messages(request.input_messages(), "input", state.max_images, state.remote_images.as_deref())?;
     if let Some(instructions) = request.instructions.take() {
-        messages
-            .insert(0, ChatMessage { role: "system".into(), content: vec![ContentPart::Text { text: instructions }] });
+        messages.insert(0, ChatMessage::text("system", instructions));
     }
     let default_max_tokens = use_default.then_some(state.default_max_tokens);
-    let input = PrepareInput { messages, images, params, default_max_tokens, constraint };
+    let input = PrepareInput { messages, images, tools: Vec::new(), params, default_max_tokens, constraint };
     let Started { model, running, .. } = request::start(&state, request.model.as_deref(), input, arrived).await?;
     let reply = Reply {
         id: format!("resp_{:032x}", rand::random::<u128>()),

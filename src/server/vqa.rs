@@ -71,6 +71,7 @@ pub async fn vqa(
     let input = PrepareInput {
         messages: vec![ChatMessage::user(1, question)],
         images: vec![RequestImage { source: image, budget: ImageBudget::default() }],
+        tools: Vec::new(),
         params,
         default_max_tokens: requested.is_none().then_some(state.default_max_tokens),
         constraint: None,

@@ -155,6 +155,7 @@ impl Case {
                         _ => ContentPart::Text { text: part["text"].as_str().unwrap().to_string() },
                     })
                     .collect(),
+                ..ChatMessage::default()
             })
             .collect()
     }

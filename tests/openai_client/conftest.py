@@ -1,5 +1,6 @@
 """A real `vlmserve serve` on a loopback port, for the official client's tests."""
 
+import base64
 import contextlib
 import json
 import os
@@ -58,3 +59,26 @@ def serve(models: dict[str, Path]):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+DEFAULT = "shapes-vlm"
+FAMILIES = ["idefics3-tiny", "qwen2-vl-tiny", "qwen2.5-vl-tiny"]
+CIRCLE = ROOT / "tests" / "fixtures" / "scenes" / "red-circle.png"
+
+
+@pytest.fixture(scope="module")
+def every_model():
+    """The official client of a server of the default model and every fixture family."""
+    import openai
+
+    models = {DEFAULT: ROOT / "models" / DEFAULT / "package"}
+    models |= {name: ROOT / "tests" / "fixtures" / name / "package" for name in FAMILIES}
+    with serve(models) as base:
+        yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def circle_messages(question: str):
+    """One user message: the red circle picture and `question`."""
+    data = base64.b64encode(CIRCLE.read_bytes()).decode()
+    image = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
+    return [{"role": "user", "content": [image, {"type": "text", "text": question}]}]

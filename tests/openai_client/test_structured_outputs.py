@@ -2,19 +2,14 @@
 object), vLLM's guided_* fields and structured_outputs, on the default model and on every
 fixture family; refused constraints are 400s naming their parameter."""
 
-import base64
 import json
 import re
 from enum import StrEnum
 
 import openai
 import pytest
-from conftest import ROOT, serve
+from conftest import DEFAULT, FAMILIES, circle_messages
 from pydantic import BaseModel, Field
-
-DEFAULT = "shapes-vlm"
-FAMILIES = ["idefics3-tiny", "qwen2-vl-tiny", "qwen2.5-vl-tiny"]
-CIRCLE = ROOT / "tests" / "fixtures" / "scenes" / "red-circle.png"
 
 
 class Colour(StrEnum):
@@ -31,17 +26,12 @@ class Answer(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def client():
-    models = {DEFAULT: ROOT / "models" / DEFAULT / "package"}
-    models |= {name: ROOT / "tests" / "fixtures" / name / "package" for name in FAMILIES}
-    with serve(models) as base:
-        yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+def client(every_model):
+    return every_model
 
 
 def _messages(question: str = "What color is the circle?"):
-    data = base64.b64encode(CIRCLE.read_bytes()).decode()
-    image = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
-    return [{"role": "user", "content": [image, {"type": "text", "text": question}]}]
+    return circle_messages(question)
 
 
 @pytest.mark.parametrize("model", [DEFAULT, *FAMILIES])
