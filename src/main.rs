@@ -13,7 +13,8 @@ use vlmserve::cli::{self, Cli};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
-        0 => "warn,vlmserve=info",
+        // actix logs a client's malformed HTTP (answered 400) as ERROR: not ours to alarm about.
+        0 => "warn,vlmserve=info,actix_http::h1::dispatcher=off",
         1 => "debug,ort=info",
         _ => "trace",
     };

@@ -439,6 +439,61 @@ fn png(width: u32, height: u32) -> Vec<u8> {
     out.into_inner()
 }
 
+/// What a web page or a slow client could do: a request naming another host (DNS rebinding)
+/// is 403, a POST that is not JSON (a browser's cross-origin "simple" request) is 415, a body
+/// not sent in time is 408, and a data URL of another type is 400; the server serves on.
+#[test]
+fn cross_site_requests_and_slow_bodies_are_refused() {
+    let server = Server::start(&config_toml(&package_dir(), "body_read_timeout_s = 1"));
+    let hello = json!({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let raw = |head: &str, body: &str| {
+        let mut stream = TcpStream::connect(server.addr()).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(stream, "{head}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+        let mut response = String::new();
+        let _ = std::io::Read::read_to_string(&mut stream, &mut response);
+        response
+    };
+    let rebound = raw(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: attacker.example:8080\r\nContent-Type: application/json\r\n",
+        &hello,
+    );
+    assert!(rebound.starts_with("HTTP/1.1 403"), "{rebound}");
+    assert!(rebound.contains("host_not_allowed"), "{rebound}");
+    let models = raw("GET /v1/models HTTP/1.1\r\nHost: attacker.example\r\n", "");
+    assert!(models.starts_with("HTTP/1.1 403"), "the listing names folders: {models}");
+    let local =
+        raw("POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n", &hello);
+    assert!(local.starts_with("HTTP/1.1 200"), "{local}");
+
+    for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
+        for path in ["/v1/chat/completions", "/v1/responses", "/v1/vqa"] {
+            let (s, _, b) = server.post_raw(path, &hello, content_type, &[]);
+            assert_error(s, &b, 415, "unsupported_media_type");
+        }
+    }
+    let (s, _, b) = server.post_raw("/v1/chat/completions", &hello, "application/json; charset=utf-8", &[]);
+    assert_eq!(s, 200, "{b}");
+
+    // Half a body, then nothing: 408 after body_read_timeout_s, not a held connection.
+    let mut stream = TcpStream::connect(server.addr()).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let started = Instant::now();
+    write!(stream, "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}", hello.len(), &hello[..10]).unwrap();
+    let mut head = String::new();
+    let _ = BufReader::new(&stream).read_line(&mut head);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+
+    let text_url = json!({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGVsbG8="}}]}]});
+    let (s, b) = server.post("/v1/chat/completions", &text_url);
+    assert_error(s, &b, 400, "invalid_image_url");
+    assert_eq!(b["error"]["param"], "messages[0].content[0].image_url");
+    let (s, b) = server.post("/v1/chat/completions", &serde_json::from_str(&hello).unwrap());
+    assert_eq!(s, 200, "{b}");
+}
+
 #[test]
 fn bad_inputs_get_their_status_and_error_body() {
     let extra =
@@ -512,7 +567,7 @@ fn bad_inputs_get_their_status_and_error_body() {
     // A body declared over the limit is refused from its Content-Length, before it is read.
     let mut stream = TcpStream::connect(server.addr()).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(stream, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 3000000\r\n\r\n{{\"model\"").unwrap();
+    write!(stream, "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 3000000\r\n\r\n{{\"model\"").unwrap();
     let mut head = String::new();
     let _ = BufReader::new(&stream).read_line(&mut head);
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
@@ -628,7 +683,7 @@ fn send_raw_chat(server: &Server, request: &Value) -> TcpStream {
     let mut stream = TcpStream::connect(server.addr()).unwrap();
     write!(
         stream,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();

@@ -301,6 +301,24 @@ fn truncated_png_is_reported_as_truncated() {
     }
 }
 
+/// PIL refuses a cut-off JPEG ("image file is truncated"); the image crate's decoder would fill
+/// the rest with gray.
+#[test]
+fn truncated_jpeg_is_reported_as_truncated() {
+    for file in ["color420.jpg", "gray.jpg"] {
+        let full = std::fs::read(resize_dir().join("decode").join(file)).unwrap();
+        assert!(decode(&full).is_ok());
+        for cut in [full.len() / 2, full.len() - 2] {
+            let err = decode(&full[..cut]).unwrap_err();
+            assert!(matches!(err, PreprocessError::Truncated(_)), "{file} cut at {cut}: {err:?}");
+        }
+        // Bytes after the end marker are ignored, as PIL ignores them.
+        let mut padded = full.clone();
+        padded.extend_from_slice(b"trailing");
+        assert!(decode(&padded).is_ok(), "{file} with trailing bytes");
+    }
+}
+
 #[test]
 fn corrupt_data_is_a_decode_error() {
     // A valid header with image data that is not zlib.

@@ -67,6 +67,11 @@ pub struct ServerSettings {
     /// A model that fails to load at start stops the server (true), or stays `failed` while
     /// the others serve and `/ready` says 503 until a reload fixes it (false).
     pub exit_on_load_failure: bool,
+    /// How long a client may take to send its request body, in seconds (then 408).
+    pub body_read_timeout_s: f64,
+    /// `Host` names the server answers to (`"vlm.example.com"`, `"*.example.com"`, `"*"` for
+    /// any); empty: loopback names when bound to a loopback address, else any.
+    pub allowed_hosts: Vec<String>,
     /// Say in `/v1/vqa`'s timings whether the image's features came from the shared
     /// image-feature cache: off, since it tells a client whether anyone sent that image before.
     pub expose_cache_hits: bool,
@@ -92,6 +97,8 @@ impl Default for ServerSettings {
             remote_image_timeout_s: 10.0,
             exit_on_load_failure: true,
             expose_cache_hits: false,
+            body_read_timeout_s: 30.0,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -254,14 +261,20 @@ impl Settings {
         if !server.request_timeout_s.is_finite() || server.request_timeout_s < 0.0 {
             return bad("server.request_timeout_s", "must be a finite number >= 0");
         }
-        if !server.remote_image_timeout_s.is_finite() || server.remote_image_timeout_s <= 0.0 {
-            return bad("server.remote_image_timeout_s", "must be a finite number > 0");
+        for (key, seconds) in [
+            ("server.remote_image_timeout_s", server.remote_image_timeout_s),
+            ("server.body_read_timeout_s", server.body_read_timeout_s),
+        ] {
+            if !seconds.is_finite() || seconds <= 0.0 {
+                return bad(key, "must be a finite number > 0");
+            }
         }
-        if server.remote_image_hosts.iter().any(|h| h.trim().is_empty() || h.contains('/')) {
-            return bad(
-                "server.remote_image_hosts",
-                "entries must be host names like \"example.com\" or \"*.example.com\"",
-            );
+        for (key, hosts) in
+            [("server.remote_image_hosts", &server.remote_image_hosts), ("server.allowed_hosts", &server.allowed_hosts)]
+        {
+            if hosts.iter().any(|h| h.trim().is_empty() || h.contains('/')) {
+                return bad(key, "entries must be host names like \"example.com\" or \"*.example.com\"");
+            }
         }
         if self.scheduler.concurrency == 0 {
             return bad("scheduler.concurrency", "must be at least 1");

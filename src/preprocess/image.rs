@@ -54,6 +54,10 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, Prep
     let Some(format) = reader.format() else {
         return Err(PreprocessError::UnsupportedFormat("unrecognized data".into()));
     };
+    // The JPEG decoder fills a cut-off image with gray; PIL (the reference) refuses it.
+    if format == image::ImageFormat::Jpeg && !jpeg_is_whole(bytes) {
+        return Err(PreprocessError::Truncated("Jpeg: the data ends before the image's end marker".into()));
+    }
     reader.limits(header_limits(limits));
     // Building the decoder parses only the header.
     let mut decoder = reader.into_decoder().map_err(|e| decode_error(e, format))?;
@@ -66,6 +70,14 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, Prep
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(e, format))?;
     image.apply_orientation(orientation);
     Ok(to_rgb_like_pil(image))
+}
+
+/// Whether JPEG data ends its last scan with an end-of-image marker (FF D9). Scan data cannot
+/// hold one (a data byte FF is followed by 00), and an embedded thumbnail's comes before the
+/// main image's scans.
+fn jpeg_is_whole(bytes: &[u8]) -> bool {
+    let last = |marker: u8| bytes.windows(2).rposition(|w| w == [0xFF, marker]);
+    matches!((last(0xD9), last(0xDA)), (Some(end), Some(scan)) if end > scan)
 }
 
 /// The size an image's header claims, where it is within `limits`: `None` for anything

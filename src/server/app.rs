@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use actix_web::dev::Service;
 use actix_web::{App, HttpResponse, HttpServer, web};
+use futures_util::future::Either;
 
 use super::errors::ApiError;
-use super::{AppState, ReloadSettings, ServerError, admin, health, openai, page, request, responses, vqa};
+use super::{AppState, ReloadSettings, ServerError, admin, health, hosts, openai, page, request, responses, vqa};
 use crate::config::{ServerSettings, Settings};
 use crate::engine::ModelOptions;
 use crate::preprocess::ImageLimits;
@@ -42,7 +43,11 @@ fn app_state(
             max_bytes: server.max_image_bytes,
         },
         max_images: server.max_images_per_request,
-        max_body_bytes: server.max_body_bytes,
+        body_limits: request::BodyLimits {
+            max_bytes: server.max_body_bytes,
+            timeout: Duration::from_secs_f64(server.body_read_timeout_s),
+        },
+        hosts: hosts::AllowedHosts::new(&server.allowed_hosts, &server.host),
         default_max_tokens: server.default_max_tokens,
         default_temperature: server.default_temperature,
         expose_cache_hits: server.expose_cache_hits,
@@ -69,14 +74,21 @@ async fn serve(
     let admin = state.admin_token.is_some();
     let mut http = HttpServer::new(move || {
         let metrics = state.metrics.clone();
+        let hosts = state.hosts.clone();
         let mut app = App::new()
             .app_data(state.clone())
             .wrap_fn(move |req, srv| {
                 let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
                 let metrics = metrics.clone();
-                let response = srv.call(req);
+                let outcome = match hosts.refuses(req.request()) {
+                    None => Either::Left(srv.call(req)),
+                    Some(error) => Either::Right(req.error_response(error)),
+                };
                 async move {
-                    let response = response.await?;
+                    let response = match outcome {
+                        Either::Left(response) => response.await?.map_into_boxed_body(),
+                        Either::Right(refused) => refused,
+                    };
                     metrics.http_requests.with_label_values(&[route.as_str(), response.status().as_str()]).inc();
                     Ok(response)
                 }

@@ -1,7 +1,8 @@
 //! The one place errors become HTTP statuses and OpenAI error bodies
 //! `{"error": {"message", "type", "param", "code"}}`.
 //!
-//! Bad input is 400 (413 when over a size limit); 404 an unknown model or route; 429 admission
+//! Bad input is 400 (413 when over a size limit, 415 of a type the route does not read, 408
+//! when its body is not sent in time); 403 a `Host` not allowed; 404 an unknown model or route; 429 admission
 //! refused (with `Retry-After`); 503 not ready or shutting down; 504 a request past its
 //! deadline; 500 only for failures of the server itself.
 
@@ -58,6 +59,21 @@ impl ApiError {
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", message)
+    }
+
+    /// 403: the request may not be made here (a host not allowed).
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_error", code, message)
+    }
+
+    /// 408: the client did not send its body in time.
+    pub fn body_timeout(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "body_timeout", message)
+    }
+
+    /// 415: a body of a type the route does not read.
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error", "unsupported_media_type", message)
     }
 
     pub fn internal(message: impl Into<String>) -> Self {

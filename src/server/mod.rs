@@ -10,6 +10,7 @@ mod admin;
 mod app;
 pub mod errors;
 mod health;
+mod hosts;
 mod openai;
 mod page;
 mod request;
@@ -46,7 +47,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub image_limits: ImageLimits,
     pub max_images: usize,
-    pub max_body_bytes: usize,
+    pub body_limits: request::BodyLimits,
+    pub hosts: hosts::AllowedHosts,
     pub default_max_tokens: usize,
     pub default_temperature: f32,
     /// `server.expose_cache_hits`.

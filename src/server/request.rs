@@ -18,8 +18,21 @@ use crate::preprocess::tools::Tool;
 use crate::preprocess::{ImageLimits, decode_image, header_dimensions};
 use crate::scheduler::{Admission, CancelOnDrop, CancelToken, JobEvent, SchedulerError, Stage};
 
-/// The request body, refused with 413 once over `limit` (from `Content-Length` before reading).
-pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
+/// How much of a body the server reads, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    pub max_bytes: usize,
+    pub timeout: std::time::Duration,
+}
+
+/// Memory reserved up front for a body: what it declares, up to this (a declared size is a
+/// claim, not bytes sent).
+const BODY_RESERVED: usize = 1 << 20;
+
+/// The request body, refused with 413 once over the limit (from `Content-Length` before
+/// reading) and with 408 when it has not all arrived within the timeout.
+pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limits: BodyLimits) -> Result<Bytes, ApiError> {
+    let limit = limits.max_bytes;
     let too_large =
         || ApiError::too_large("body_too_large", format!("request body is over the limit of {limit} bytes"));
     let declared =
@@ -27,24 +40,41 @@ pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usiz
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::invalid(format!("could not read the request body: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(too_large());
+    let mut body = BytesMut::with_capacity(declared.map_or(0, |n| (n as usize).min(BODY_RESERVED)));
+    let read = async {
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| ApiError::invalid(format!("could not read the request body: {e}")))?;
+            if body.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
-    }
+        Ok(())
+    };
+    tokio::time::timeout(limits.timeout, read).await.map_err(|_| {
+        ApiError::body_timeout(format!("the request body did not arrive within {:.0} s", limits.timeout.as_secs_f64()))
+    })??;
     Ok(body.freeze())
 }
 
-/// The body read within `limit` and parsed as JSON; the bytes are dropped once parsed.
+/// The body of a JSON request (`Content-Type: application/json`, so that a web page cannot
+/// send one cross-origin without asking), read within `limits` and parsed; the bytes are
+/// dropped once parsed.
 pub async fn read_json<T: serde::de::DeserializeOwned>(
     req: &HttpRequest,
     payload: web::Payload,
-    limit: usize,
+    limits: BodyLimits,
 ) -> Result<T, ApiError> {
-    parse_json(&read_body(req, payload, limit).await?)
+    if !content_type_is(req, "application/json") {
+        return Err(ApiError::unsupported_media_type("send the request as JSON with Content-Type: application/json"));
+    }
+    parse_json(&read_body(req, payload, limits).await?)
+}
+
+/// Whether the request's `Content-Type` is `media_type` (parameters such as `charset` aside).
+pub fn content_type_is(req: &HttpRequest, media_type: &str) -> bool {
+    let value = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    value.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case(media_type))
 }
 
 /// Parse JSON, with serde's message (it names the field and position) as a 400.
@@ -113,11 +143,7 @@ impl RemoteImages {
     }
 
     fn allows(&self, host: &str) -> bool {
-        let host = host.to_ascii_lowercase();
-        self.hosts.iter().any(|allowed| match allowed.strip_prefix("*.") {
-            Some(domain) => host.strip_suffix(domain).is_some_and(|sub| sub.ends_with('.')),
-            None => *allowed == host,
-        })
+        super::hosts::matches_host(&self.hosts, host)
     }
 
     /// Blocking: the image's bytes, or 400 (`image_fetch_failed`) / 413 (`image_too_large`).
@@ -191,6 +217,11 @@ fn payload_start(url: &str, param: &str) -> Result<usize, ApiError> {
             ApiError::invalid_param(param, "data: URL has no ',' before its data").with_code("invalid_image_url")
         );
     };
+    let media_type = meta.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if !(media_type.is_empty() || media_type.starts_with("image/") || media_type == "application/octet-stream") {
+        return Err(ApiError::invalid_param(param, format!("data: URL of type {media_type:?}, not an image"))
+            .with_code("invalid_image_url"));
+    }
     if !meta.split(';').any(|p| p.eq_ignore_ascii_case("base64")) {
         return Err(ApiError::invalid_param(param, "data: URL must be base64-encoded (;base64,)")
             .with_code("invalid_image_url"));

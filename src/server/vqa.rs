@@ -40,10 +40,12 @@ pub async fn vqa(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let arrived = Instant::now();
-    let body = request::read_body(&req, payload, state.max_body_bytes).await?;
-    let content_type =
-        req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
-    let (fields, image) = if content_type.starts_with("multipart/form-data") {
+    let multipart = request::content_type_is(&req, "multipart/form-data");
+    if !multipart && !request::content_type_is(&req, "application/json") {
+        return Err(ApiError::unsupported_media_type("send multipart/form-data or application/json"));
+    }
+    let body = request::read_body(&req, payload, state.body_limits).await?;
+    let (fields, image) = if multipart {
         let (fields, bytes) = from_multipart(&req, body).await?;
         (fields, ImageSource::Bytes(bytes))
     } else {
