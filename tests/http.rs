@@ -1118,6 +1118,54 @@ fn sigterm_lets_requests_in_flight_finish_then_exits() {
     assert!(status.success(), "{status:?}");
 }
 
+/// SIGTERM starts a drain a load balancer can follow: `/ready` is 503 at once while requests
+/// are still served for `shutdown_delay_s`; then queued requests are refused and running ones
+/// end (here at once: `shutdown_timeout_s = 0`), every stream with an error event or its finish,
+/// then `[DONE]`; then the server exits cleanly.
+#[test]
+fn sigterm_drains_then_ends_every_request_cleanly() {
+    let extra = "shutdown_delay_s = 2\nshutdown_timeout_s = 0\n\n[scheduler]\nconcurrency = 1\nmax_batch_size = 1\nqueue_size = 32\n";
+    let mut server = Server::start(&config_toml(&package_dir(), extra));
+    let killed = Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while server.get("/ready").0 != 503 {
+        assert!(Instant::now() < deadline, "/ready still 200 after SIGTERM");
+    }
+    let short = json!({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
+    let (status, body) = server.post("/v1/chat/completions", &short);
+    assert_eq!(status, 200, "requests are served during the delay: {body}");
+
+    // More work than the delay leaves: one stream runs at a time, the others wait in the queue.
+    let long = json!({
+        "model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "temperature": 0,
+        "max_tokens": 1900, "ignore_eos": true, "stream": true,
+    });
+    let outcomes: Vec<String> = std::thread::scope(|scope| {
+        let streams: Vec<_> = (0..24)
+            .map(|_| {
+                scope.spawn(|| {
+                    let response = server.chat_response(&long);
+                    let mut text = String::new();
+                    BufReader::new(response.into_body().into_reader()).read_to_string(&mut text).unwrap();
+                    let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+                    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+                    let last: Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+                    match last["error"]["code"].as_str() {
+                        Some(code) => code.to_string(),
+                        None => last["choices"][0]["finish_reason"].as_str().unwrap_or("none").to_string(),
+                    }
+                })
+            })
+            .collect();
+        streams.into_iter().map(|s| s.join().unwrap()).collect()
+    });
+    assert!(outcomes.iter().all(|o| o == "length" || o == "shutting_down"), "{outcomes:?}");
+    assert!(outcomes.iter().any(|o| o == "shutting_down"), "none was refused: {outcomes:?}");
+    let status = server.wait_for_exit(Duration::from_secs(30), "server did not exit after the drain");
+    assert!(status.success(), "{status:?}");
+}
+
 #[test]
 fn a_model_that_fails_to_load_at_start_stops_the_server() {
     let broken = tempfile::tempdir().unwrap();

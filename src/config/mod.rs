@@ -55,7 +55,10 @@ pub struct ServerSettings {
     pub default_temperature: f32,
     /// Per-request deadline, queueing included; 0 = none.
     pub request_timeout_s: f64,
-    /// On SIGTERM/SIGINT: how long requests in flight may take to finish.
+    /// On SIGTERM: how long `/ready` answers 503 while requests are still accepted, so that a
+    /// load balancer stops sending before the listener closes (not on SIGINT).
+    pub shutdown_delay_s: f64,
+    /// Then: how long running requests may take to finish; those still running end with 503.
     pub shutdown_timeout_s: u64,
     /// Bearer token for `/admin/*`; admin routes are off when unset or empty.
     pub admin_token: Option<String>,
@@ -91,6 +94,7 @@ impl Default for ServerSettings {
             default_max_tokens: 256,
             default_temperature: 0.0,
             request_timeout_s: 300.0,
+            shutdown_delay_s: 5.0,
             shutdown_timeout_s: 30,
             admin_token: None,
             remote_image_hosts: Vec::new(),
@@ -268,6 +272,9 @@ impl Settings {
             if !seconds.is_finite() || seconds <= 0.0 {
                 return bad(key, "must be a finite number > 0");
             }
+        }
+        if !server.shutdown_delay_s.is_finite() || server.shutdown_delay_s < 0.0 {
+            return bad("server.shutdown_delay_s", "must be a finite number >= 0");
         }
         for (key, hosts) in
             [("server.remote_image_hosts", &server.remote_image_hosts), ("server.allowed_hosts", &server.allowed_hosts)]

@@ -208,7 +208,12 @@ pub struct Scheduler {
     slots: Vec<Arc<ModelSlot>>,
     config: SchedulerSettings,
     pub metrics: Arc<Metrics>,
+    /// Not ready any more (a drain began), though still admitting.
+    draining: AtomicBool,
+    /// Admitting no more requests.
     shutting_down: AtomicBool,
+    /// Set when running requests must end now; every worker sees it.
+    ending: Arc<AtomicBool>,
 }
 
 /// An admitted request: a place in the model's budget and the version it will run on.
@@ -289,7 +294,14 @@ impl Scheduler {
                 Arc::new(slot)
             })
             .collect();
-        Arc::new(Self { slots, config, metrics, shutting_down: AtomicBool::new(false) })
+        Arc::new(Self {
+            slots,
+            config,
+            metrics,
+            draining: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            ending: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// Load every model (blocking); failed ones are marked `failed` and the first failure is
@@ -375,6 +387,7 @@ impl Scheduler {
             queue: queue.clone(),
             running: slot.running.clone(),
             in_flight: slot.in_flight.clone(),
+            ending: self.ending.clone(),
             metrics: self.metrics.clone(),
             feature_cache: FeatureCache::new(self.config.image_feature_cache_mb << 20).map(Arc::new),
             max_batch_size: self.config.max_batch_size,
@@ -443,18 +456,40 @@ impl Scheduler {
         self.config.max_batch_size
     }
 
-    /// Every model has a version that loaded and warmed up, and no shutdown has begun.
+    /// Every model has a version that loaded and warmed up, and no drain has begun.
     pub fn ready(&self) -> bool {
-        !self.shutting_down.load(Ordering::SeqCst) && self.slots.iter().all(|s| s.current().is_some())
+        !self.is_shutting_down() && self.slots.iter().all(|s| s.current().is_some())
     }
 
-    /// Refuse new requests from now on (requests in flight continue).
+    /// Say not ready from now on, still admitting requests (a load balancer's time to notice).
+    pub fn begin_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Refuse new requests from now on, and the queued ones at once (503: another replica can
+    /// answer them sooner than this one's running requests end); running requests continue.
     pub fn begin_shutdown(&self) {
+        self.begin_draining();
         self.shutting_down.store(true, Ordering::SeqCst);
+        for version in self.slots.iter().filter_map(|s| s.current()) {
+            version.queue.refuse_waiting(|| SchedulerError::ShuttingDown);
+        }
     }
 
+    /// End every running request now with 503 (`shutting_down`); workers stop within a step.
+    pub fn end_running(&self) {
+        self.begin_shutdown();
+        self.ending.store(true, Ordering::SeqCst);
+    }
+
+    /// Draining or shutting down.
     pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::SeqCst)
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Sequences admitted to a batch and not finished, over all models.
+    pub fn running(&self) -> usize {
+        self.slots.iter().map(|s| s.running.load(Ordering::SeqCst)).sum()
     }
 
     /// Requests admitted and not finished, over all models.

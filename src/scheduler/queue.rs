@@ -61,6 +61,14 @@ impl Queue {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Fail every job waiting, with `error`.
+    pub fn refuse_waiting(&self, error: impl Fn() -> SchedulerError) {
+        let waiting: Vec<Job> = self.lock().jobs.drain(..).collect();
+        for job in waiting {
+            let _ = job.events.send(JobEvent::Failed(error()));
+        }
+    }
+
     pub fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_all();

@@ -5,7 +5,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
@@ -28,6 +28,8 @@ pub struct WorkerSpec {
     pub queue: Arc<Queue>,
     pub running: Arc<AtomicUsize>,
     pub in_flight: Arc<AtomicUsize>,
+    /// Set when the server ends every running request (the end of a drain).
+    pub ending: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
     /// One for all of this version's workers; `None` when off.
     pub feature_cache: Option<Arc<FeatureCache>>,
@@ -112,6 +114,13 @@ fn serve(mut model: Model, spec: &WorkerSpec) {
             };
             let Some(job) = spec.queue.pop_if(fits) else { break };
             start_job(&mut batch, &model, job, spec);
+        }
+        if spec.ending.load(Ordering::SeqCst) {
+            for active in batch.abandon() {
+                spec.metrics.finished.with_label_values(&[&spec.model, "shutdown"]).inc();
+                let _ = active.events.send(JobEvent::Failed(SchedulerError::ShuttingDown));
+            }
+            continue;
         }
         // A client that leaves while its images are encoded or its prompt prefilled stops costing
         // compute at once, not at its first token.

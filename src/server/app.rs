@@ -112,7 +112,8 @@ async fn serve(
     // (actix otherwise notices only when it next writes, i.e. never for a non-streaming wait).
     .h1_allow_half_closed(false)
     .disable_signals()
-    .shutdown_timeout(server.shutdown_timeout_s);
+    // Past our own timeout, running requests are ended with a 503 that still has to be written.
+    .shutdown_timeout(server.shutdown_timeout_s + RESPONSE_GRACE_S);
     if server.http_workers > 0 {
         http = http.workers(server.http_workers);
     }
@@ -132,10 +133,25 @@ async fn serve(
 
     let stopper = handle.clone();
     let on_signal = scheduler.clone();
+    let delay = Duration::from_secs_f64(server.shutdown_delay_s);
+    let timeout = Duration::from_secs(server.shutdown_timeout_s);
     actix_web::rt::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!(in_flight = on_signal.in_flight(), "shutting down: no new requests, finishing those in flight");
+        let signal = wait_for_signal().await;
+        // A load balancer sees /ready fail and stops sending before the listener goes.
+        on_signal.begin_draining();
+        let delay = if signal == Signal::Terminate { delay } else { Duration::ZERO };
+        tracing::info!(delay_s = delay.as_secs_f64(), "draining: /ready answers 503, requests are still served");
+        actix_web::rt::time::sleep(delay).await;
+        tracing::info!(
+            in_flight = on_signal.in_flight(),
+            "shutting down: new and queued requests are refused, running ones may finish"
+        );
         on_signal.begin_shutdown();
+        let ender = on_signal.clone();
+        actix_web::rt::spawn(async move {
+            actix_web::rt::time::sleep(timeout).await;
+            ender.end_running();
+        });
         stopper.stop(true).await;
     });
 
@@ -152,6 +168,12 @@ async fn serve(
         }
     });
     http.await?;
+    // Nothing decodes once the server says it stopped.
+    scheduler.end_running();
+    let deadline = std::time::Instant::now() + Duration::from_secs(RESPONSE_GRACE_S);
+    while scheduler.running() > 0 && std::time::Instant::now() < deadline {
+        actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+    }
     if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(e.into());
     }
@@ -159,22 +181,33 @@ async fn serve(
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Seconds after `shutdown_timeout_s` for the responses of the requests it ended to be written.
+const RESPONSE_GRACE_S: u64 = 5;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    /// SIGTERM, as an orchestrator sends it: drain with the delay.
+    Terminate,
+    /// SIGINT (Ctrl-C): someone at a terminal, no delay.
+    Interrupt,
+}
+
+async fn wait_for_signal() -> Signal {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            std::future::pending::<()>().await;
-            return;
+            return std::future::pending().await;
         };
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = term.recv() => Signal::Terminate,
+            _ = int.recv() => Signal::Interrupt,
         }
     }
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+        Signal::Interrupt
     }
 }
 
