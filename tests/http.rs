@@ -496,8 +496,8 @@ fn cross_site_requests_and_slow_bodies_are_refused() {
 
 #[test]
 fn bad_inputs_get_their_status_and_error_body() {
-    let extra =
-        "max_body_bytes = 2000000\nmax_images_per_request = 3\nmax_image_side = 1000\nmax_image_pixels = 500000\n";
+    let extra = "max_body_bytes = 2000000\nmax_images_per_request = 3\nmax_image_side = 1000\nmax_image_pixels = 500000\n\
+                 image_decode_budget_mb = 1\n";
     let server = Server::start(&config_toml(&package_dir(), extra));
     let post = |body: &str| {
         let (status, _, body) = server.post_raw("/v1/chat/completions", body, "application/json", &[]);
@@ -561,6 +561,11 @@ fn bad_inputs_get_their_status_and_error_body() {
     assert_error(s, &b, 413, "image_too_large");
     let (s, b) = post(&chat(json!([image_part(data_url(&png(900, 900)))])).to_string());
     assert_error(s, &b, 413, "image_too_large");
+    // Within every size limit, but its decoded pixels (500 x 500 x 9 bytes) are over the
+    // server's decode budget: refused from the header, before decoding.
+    let (s, b) = post(&chat(json!([image_part(data_url(&png(500, 500)))])).to_string());
+    assert_error(s, &b, 413, "image_too_large");
+    assert!(b["error"]["message"].as_str().unwrap().contains("decode budget"), "{b}");
     let small = image_part(data_url(&png(8, 8)));
     let (s, b) = post(&chat(json!([small.clone(), small.clone(), small.clone(), small])).to_string());
     assert_error(s, &b, 413, "too_many_images");

@@ -49,6 +49,11 @@ pub struct ServerSettings {
     pub max_image_bytes: usize,
     pub max_image_pixels: u64,
     pub max_image_side: u32,
+    /// Memory all requests together may use to decode images, in MiB (from their headers,
+    /// before decoding).
+    pub image_decode_budget_mb: u64,
+    /// How long a request waits for its share of that memory, in seconds (then 429).
+    pub image_decode_wait_s: f64,
     /// `max_tokens` when a request gives none (cut to what the context leaves).
     pub default_max_tokens: usize,
     /// `temperature` when a request gives none (OpenAI's default is 1.0).
@@ -91,6 +96,8 @@ impl Default for ServerSettings {
             max_image_bytes: 20 << 20,
             max_image_pixels: 33_554_432,
             max_image_side: 8192,
+            image_decode_budget_mb: 1024,
+            image_decode_wait_s: 10.0,
             default_max_tokens: 256,
             default_temperature: 0.0,
             request_timeout_s: 300.0,
@@ -268,6 +275,7 @@ impl Settings {
         for (key, seconds) in [
             ("server.remote_image_timeout_s", server.remote_image_timeout_s),
             ("server.body_read_timeout_s", server.body_read_timeout_s),
+            ("server.image_decode_wait_s", server.image_decode_wait_s),
         ] {
             if !seconds.is_finite() || seconds <= 0.0 {
                 return bad(key, "must be a finite number > 0");

@@ -80,13 +80,27 @@ fn jpeg_is_whole(bytes: &[u8]) -> bool {
     matches!((last(0xD9), last(0xDA)), (Some(end), Some(scan)) if end > scan)
 }
 
-/// The size an image's header claims, where it is within `limits`: `None` for anything
-/// [`decode_image`] would refuse on its header, which then says why.
-pub fn header_dimensions(bytes: &[u8], limits: &ImageLimits) -> Option<(u32, u32)> {
+/// What an image's header claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageHeader {
+    pub width: u32,
+    pub height: u32,
+    /// Memory [`decode_image`] takes for it: the decoded pixels in the header's layout, the RGB
+    /// copy, and a turned copy where the orientation asks for one.
+    pub decode_bytes: u64,
+}
+
+/// The header of an image within `limits`: `None` for anything [`decode_image`] would refuse
+/// on its header, which then says why.
+pub fn read_header(bytes: &[u8], limits: &ImageLimits) -> Option<ImageHeader> {
     let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().ok()?;
     reader.limits(header_limits(limits));
-    let (width, height) = reader.into_dimensions().ok()?;
-    check_dimensions(width, height, limits).ok().map(|()| (width, height))
+    let decoder = reader.into_decoder().ok()?;
+    let (width, height) = decoder.dimensions();
+    check_dimensions(width, height, limits).ok()?;
+    let decoded = u64::from(decoder.color_type().bytes_per_pixel());
+    let pixels = u64::from(width) * u64::from(height);
+    Some(ImageHeader { width, height, decode_bytes: pixels * (2 * decoded + 3) })
 }
 
 /// Limits while reading the header: no dimension limits yet (we want to report the claimed size

@@ -1,17 +1,19 @@
 //! Turning request inputs into model-ready values, independent of any model family:
-//! image decoding under limits ([`decode_image`]), Pillow-exact resampling ([`resize()`]),
+//! image decoding under limits ([`decode_image`]) and a shared memory budget ([`DecodeBudget`]), Pillow-exact resampling ([`resize()`]),
 //! rescale/normalize into CHW floats ([`normalize`]), chat-template rendering
 //! ([`chat_template`]) with the tools a request offers ([`tools`], which also reads tool calls
 //! back out of generated text in the format it writes them). Families combine these into their
 //! own processors.
 
+mod budget;
 pub mod chat_template;
 mod image;
 pub mod normalize;
 pub mod resize;
 pub mod tools;
 
-pub use self::image::{ImageLimits, decode_image, header_dimensions};
+pub use self::image::{ImageHeader, ImageLimits, decode_image, read_header};
+pub use budget::{DecodeBudget, Reservation};
 pub use resize::{Filter, resize};
 
 /// Errors from decoding and preparing images and prompts.
@@ -38,4 +40,8 @@ pub enum PreprocessError {
     DecoderLimit(String),
     #[error("chat template: {0}")]
     Template(String),
+    #[error("decoding the images needs {bytes} bytes, over the server's decode budget of {budget}")]
+    DecodeTooLarge { bytes: u64, budget: u64 },
+    #[error("the server's image decode budget ({budget} bytes) is in use; {bytes} bytes were not free in time")]
+    DecodeBusy { bytes: u64, budget: u64 },
 }

@@ -13,7 +13,7 @@ use super::errors::ApiError;
 use super::{AppState, ReloadSettings, ServerError, admin, health, hosts, openai, page, request, responses, vqa};
 use crate::config::{ServerSettings, Settings};
 use crate::engine::ModelOptions;
-use crate::preprocess::ImageLimits;
+use crate::preprocess::{DecodeBudget, ImageLimits};
 use crate::scheduler::{Metrics, Scheduler};
 
 /// Serve `settings` until SIGTERM/SIGINT. Prints `listening on http://ADDR` on stdout once bound.
@@ -41,6 +41,10 @@ fn app_state(
             max_pixels: server.max_image_pixels,
             max_side: server.max_image_side,
             max_bytes: server.max_image_bytes,
+        },
+        decoding: request::Decoding {
+            budget: Arc::new(DecodeBudget::new(server.image_decode_budget_mb << 20)),
+            wait: Duration::from_secs_f64(server.image_decode_wait_s),
         },
         max_images: server.max_images_per_request,
         body_limits: request::BodyLimits {

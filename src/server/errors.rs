@@ -121,7 +121,12 @@ impl From<PreprocessError> for ApiError {
         match e {
             PreprocessError::TooManyBytes { .. }
             | PreprocessError::TooLarge { .. }
+            | PreprocessError::DecodeTooLarge { .. }
             | PreprocessError::DecoderLimit(_) => Self::too_large("image_too_large", message),
+            PreprocessError::DecodeBusy { .. } => Self {
+                retry_after_s: Some(1),
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "overloaded", message)
+            },
             PreprocessError::Template(_) => Self::invalid_param("messages", message).with_code("invalid_messages"),
             PreprocessError::Empty
             | PreprocessError::UnsupportedFormat(_)

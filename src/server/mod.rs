@@ -46,6 +46,7 @@ pub struct AppState {
     pub scheduler: Arc<Scheduler>,
     pub metrics: Arc<Metrics>,
     pub image_limits: ImageLimits,
+    pub decoding: request::Decoding,
     pub max_images: usize,
     pub body_limits: request::BodyLimits,
     pub hosts: hosts::AllowedHosts,

@@ -1,6 +1,7 @@
 //! What the chat and VQA endpoints share: reading a bounded body, images from data URLs or
 //! bytes, preparing the prompt off the async threads, and running the job.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::HttpRequest;
@@ -15,7 +16,7 @@ use crate::engine::{Codec, Completion, Constraint, EngineError, GenerationParams
 use crate::family::ImageBudget;
 use crate::preprocess::chat_template::ChatMessage;
 use crate::preprocess::tools::Tool;
-use crate::preprocess::{ImageLimits, decode_image, header_dimensions};
+use crate::preprocess::{DecodeBudget, ImageLimits, decode_image, read_header};
 use crate::scheduler::{Admission, CancelOnDrop, CancelToken, JobEvent, SchedulerError, Stage};
 
 /// How much of a body the server reads, and for how long.
@@ -254,6 +255,13 @@ pub fn decode_base64(data: &str, param: &str, limits: &ImageLimits) -> Result<Ve
     })
 }
 
+/// The server's memory for decoding images, and how long a request waits for its share.
+#[derive(Debug, Clone)]
+pub struct Decoding {
+    pub budget: Arc<DecodeBudget>,
+    pub wait: std::time::Duration,
+}
+
 /// Everything needed to prepare a prompt off the async threads.
 pub struct PrepareInput {
     pub messages: Vec<ChatMessage>,
@@ -285,6 +293,7 @@ fn prepare_blocking(
     codec: &Codec,
     input: PrepareInput,
     limits: &ImageLimits,
+    decoding: &Decoding,
     remote: Option<&RemoteImages>,
 ) -> Result<Prepared, ApiError> {
     let PrepareInput { messages, images, tools, mut params, default_max_tokens, constraint } = input;
@@ -307,17 +316,23 @@ fn prepare_blocking(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let context = codec.info.context_length;
-    // Image tokens are known from the headers: refuse over-budget requests before any pixel work.
+    // Image tokens and decoding memory are known from the headers: refuse over-budget requests
+    // before any pixel work.
     let mut image_tokens = 0usize;
+    let mut decode_bytes = 0u64;
     for (bytes, budget) in images.iter().zip(&budgets) {
-        if let Some((w, h)) = header_dimensions(bytes, limits) {
-            image_tokens = image_tokens.saturating_add(codec.family.image_tokens_for_size(w, h, *budget));
+        if let Some(header) = read_header(bytes, limits) {
+            let tokens = codec.family.image_tokens_for_size(header.width, header.height, *budget);
+            image_tokens = image_tokens.saturating_add(tokens);
+            decode_bytes = decode_bytes.saturating_add(header.decode_bytes);
         }
     }
     let min_new = if default_max_tokens.is_some() { 1 } else { params.max_new_tokens };
     if image_tokens.saturating_add(min_new) > context {
         return Err(EngineError::PromptTooLong { prompt_tokens: image_tokens, max_new_tokens: min_new, context }.into());
     }
+    // Held until the prompt is prepared, the decoded images dropped.
+    let _reservation = decoding.budget.reserve(decode_bytes, decoding.wait)?;
     let start = Instant::now();
     let decoded = images
         .iter()
@@ -365,8 +380,9 @@ pub async fn start(
 async fn prepare(state: &AppState, admission: &Admission, input: PrepareInput) -> Result<Prepared, ApiError> {
     let codec = admission.codec().clone();
     let limits = state.image_limits;
+    let decoding = state.decoding.clone();
     let remote = state.remote_images.clone();
-    let prepared = web::block(move || prepare_blocking(&codec, input, &limits, remote.as_deref()))
+    let prepared = web::block(move || prepare_blocking(&codec, input, &limits, &decoding, remote.as_deref()))
         .await
         .map_err(|e| ApiError::internal(format!("preprocessing was interrupted: {e}")))??;
     state.metrics.stage(admission.model(), Stage::ImageDecode, prepared.image_decode_s);
