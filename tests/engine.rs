@@ -81,6 +81,20 @@ fn an_image_token_id_the_tokenizer_disagrees_with_is_refused_at_load() {
     }
 }
 
+/// Graphs that load but do not fit together (here another family's vision encoder) fail the
+/// warm-up, which runs at load, instead of every image request.
+#[test]
+fn a_vision_encoder_that_does_not_fit_fails_the_warm_up() {
+    let reference = fixture();
+    load(&reference.package_dir()).unwrap().warm_up().unwrap();
+    let tmp = package_copy(&reference);
+    let other = common::root().join("tests/fixtures/qwen2.5-vl-tiny/package/onnx/vision_encoder.onnx");
+    std::fs::copy(other, tmp.path().join("onnx/vision_encoder.onnx")).unwrap();
+    let mut swapped = load(tmp.path()).expect("each graph loads on its own");
+    let error = swapped.warm_up().unwrap_err();
+    assert!(error.to_string().contains("vision encoder"), "{error}");
+}
+
 #[test]
 fn graphs_that_disagree_with_the_config_are_rejected() {
     let reference = fixture();

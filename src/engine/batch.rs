@@ -676,6 +676,18 @@ impl Prefill {
 }
 
 impl Model {
+    /// One short generation about a small picture, through every graph: a package whose
+    /// graphs run but do not fit together (image features of another width than the
+    /// embeddings, a vision encoder of another family) fails here, at load, rather than on
+    /// every image request.
+    pub fn warm_up(&mut self) -> Result<(), EngineError> {
+        let picture = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 128]));
+        let message = crate::preprocess::chat_template::ChatMessage::user(1, "Hello");
+        let prompt = self.codec.prepare(&[message], &[picture], &[], &[])?;
+        let params = GenerationParams { max_new_tokens: 1, ..GenerationParams::default() };
+        self.generate(prompt, &params, &mut |_| Flow::Continue).map(|_| ())
+    }
+
     /// Generate one sample from `prompt`, calling `on_token` for every token; it may stop
     /// generation. A batch of one: the same steps as concurrent sequences take, with the whole prompt
     /// prefilled in one decoder call. Takes the prompt (its pixels move into the batch).

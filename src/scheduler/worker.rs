@@ -13,10 +13,9 @@ use super::metrics::{Metrics, Stage};
 use super::queue::Queue;
 use super::{CancelToken, Job, JobEvent, SchedulerError};
 use crate::engine::{
-    Batch, Codec, Completion, EngineError, Event, FeatureCache, FinishReason, Flow, Fork, GenerationParams, KvLayout,
-    Limits, Model, ModelOptions, Step,
+    Batch, Codec, Completion, EngineError, Event, FeatureCache, FinishReason, Flow, Fork, KvLayout, Limits, Model,
+    ModelOptions, Step,
 };
-use crate::preprocess::chat_template::ChatMessage;
 use prometheus::Histogram;
 
 pub struct WorkerSpec {
@@ -89,9 +88,7 @@ fn load(spec: &WorkerSpec) -> Result<Model, EngineError> {
     let start = Instant::now();
     let mut model = Model::load(&spec.dir, &spec.options)?.with_feature_cache(spec.feature_cache.clone());
     if spec.warmup {
-        let prompt = model.codec.prepare(&[ChatMessage::user(0, "Hello")], &[], &[], &[])?;
-        let params = GenerationParams { max_new_tokens: 1, ..GenerationParams::default() };
-        model.generate(prompt, &params, &mut |_| Flow::Continue)?;
+        model.warm_up()?;
     }
     tracing::debug!(model = %spec.model, seconds = start.elapsed().as_secs_f64(), "worker loaded");
     Ok(model)
