@@ -4,6 +4,8 @@
 //! Every server is started by its test and stopped by it (killed on drop).
 
 mod common;
+#[path = "http/fuzz.rs"]
+mod fuzz;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

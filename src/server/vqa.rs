@@ -92,6 +92,12 @@ pub async fn vqa(
 
 /// Fields of a multipart body that was already read under the body limit.
 async fn from_multipart(req: &HttpRequest, body: Bytes) -> Result<(VqaRequest, Vec<u8>), ApiError> {
+    // The parser waits for more data after a body cut off before its closing boundary, though
+    // the body is complete: such a body is refused before parsing.
+    if !ends_with_closing_boundary(req, &body) {
+        return Err(ApiError::invalid("invalid multipart body: it does not end with its closing boundary")
+            .with_code("invalid_multipart"));
+    }
     let stream = futures_util::stream::once(async move { Ok::<_, actix_web::error::PayloadError>(body) });
     let mut multipart = Multipart::new(req.headers(), stream);
     let mut fields = VqaRequest::default();
@@ -132,4 +138,15 @@ async fn from_multipart(req: &HttpRequest, body: Bytes) -> Result<(VqaRequest, V
     let image =
         image.ok_or_else(|| ApiError::invalid_param("image", "image is required (a file field named \"image\")"))?;
     Ok((fields, image))
+}
+
+/// Whether `body` ends with `--BOUNDARY--` (then at most white space), the boundary taken from
+/// the `Content-Type`.
+fn ends_with_closing_boundary(req: &HttpRequest, body: &[u8]) -> bool {
+    let content_type = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let boundary =
+        content_type.split(';').find_map(|p| p.trim().strip_prefix("boundary=")).map(|b| b.trim_matches('"'));
+    let Some(boundary) = boundary.filter(|b| !b.is_empty()) else { return false };
+    let end = body.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1);
+    body[..end].ends_with(format!("--{boundary}--").as_bytes())
 }
