@@ -446,7 +446,8 @@ fn png(width: u32, height: u32) -> Vec<u8> {
 /// not sent in time is 408, and a data URL of another type is 400; the server serves on.
 #[test]
 fn cross_site_requests_and_slow_bodies_are_refused() {
-    let server = Server::start(&config_toml(&package_dir(), "body_read_timeout_s = 1"));
+    let extra = "body_read_timeout_s = 1\nmax_body_bytes = 1000000\nbody_bytes_in_flight_mb = 1";
+    let server = Server::start(&config_toml(&package_dir(), extra));
     let hello = json!({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}).to_string();
     let raw = |head: &str, body: &str| {
         let mut stream = TcpStream::connect(server.addr()).unwrap();
@@ -486,6 +487,23 @@ fn cross_site_requests_and_slow_bodies_are_refused() {
     let _ = BufReader::new(&stream).read_line(&mut head);
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+
+    // A large body being read holds its declared size of the bodies budget (1 MiB here): another
+    // large one is refused at once (429) rather than read beside it; small ones pass.
+    let mut slow = TcpStream::connect(server.addr()).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(slow, "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 900000\r\n\r\n{{").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let big = format!("{{\"model\": \"{MODEL}\", \"pad\": \"{}\"}}", "x".repeat(300_000));
+    let (s, retry, b) = server.post_raw("/v1/chat/completions", &big, "application/json", &[]);
+    assert_error(s, &b, 429, "overloaded");
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert_eq!(server.post("/v1/chat/completions", &serde_json::from_str(&hello).unwrap()).0, 200);
+    let mut head = String::new();
+    let _ = BufReader::new(&slow).read_line(&mut head);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    let (s, _, b) = server.post_raw("/v1/chat/completions", &big, "application/json", &[]);
+    assert_error(s, &b, 400, "invalid_json");
 
     let text_url = json!({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGVsbG8="}}]}]});

@@ -75,6 +75,9 @@ pub struct ServerSettings {
     /// A model that fails to load at start stops the server (true), or stays `failed` while
     /// the others serve and `/ready` says 503 until a reload fixes it (false).
     pub exit_on_load_failure: bool,
+    /// Bytes of request bodies all requests together may hold while they are read and parsed,
+    /// in MiB (then 429).
+    pub body_bytes_in_flight_mb: u64,
     /// How long a client may take to send its request body, in seconds (then 408).
     pub body_read_timeout_s: f64,
     /// `Host` names the server answers to (`"vlm.example.com"`, `"*.example.com"`, `"*"` for
@@ -109,6 +112,7 @@ impl Default for ServerSettings {
             exit_on_load_failure: true,
             expose_cache_hits: false,
             body_read_timeout_s: 30.0,
+            body_bytes_in_flight_mb: 256,
             allowed_hosts: Vec::new(),
         }
     }
@@ -259,6 +263,9 @@ impl Settings {
         }
         if server.max_body_bytes == 0 {
             return bad("server.max_body_bytes", "must be at least 1");
+        }
+        if (server.body_bytes_in_flight_mb << 20) < server.max_body_bytes as u64 {
+            return bad("server.body_bytes_in_flight_mb", "must hold at least one body of max_body_bytes");
         }
         if server.max_image_bytes == 0 || server.max_image_pixels == 0 || server.max_image_side == 0 {
             return bad("server.max_image_bytes/max_image_pixels/max_image_side", "must be at least 1");

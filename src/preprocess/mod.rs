@@ -1,5 +1,5 @@
 //! Turning request inputs into model-ready values, independent of any model family:
-//! image decoding under limits ([`decode_image`]) and a shared memory budget ([`DecodeBudget`]), Pillow-exact resampling ([`resize()`]),
+//! image decoding under limits ([`decode_image`]) and a shared memory budget ([`MemoryBudget`]), Pillow-exact resampling ([`resize()`]),
 //! rescale/normalize into CHW floats ([`normalize`]), chat-template rendering
 //! ([`chat_template`]) with the tools a request offers ([`tools`], which also reads tool calls
 //! back out of generated text in the format it writes them). Families combine these into their
@@ -13,7 +13,7 @@ pub mod resize;
 pub mod tools;
 
 pub use self::image::{ImageHeader, ImageLimits, decode_image, read_header};
-pub use budget::{DecodeBudget, Reservation};
+pub use budget::{MemoryBudget, Reservation, Shortfall};
 pub use resize::{Filter, resize};
 
 /// Errors from decoding and preparing images and prompts.

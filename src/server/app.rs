@@ -13,7 +13,7 @@ use super::errors::ApiError;
 use super::{AppState, ReloadSettings, ServerError, admin, health, hosts, openai, page, request, responses, vqa};
 use crate::config::{ServerSettings, Settings};
 use crate::engine::ModelOptions;
-use crate::preprocess::{DecodeBudget, ImageLimits};
+use crate::preprocess::{ImageLimits, MemoryBudget};
 use crate::scheduler::{Metrics, Scheduler};
 
 /// Serve `settings` until SIGTERM/SIGINT. Prints `listening on http://ADDR` on stdout once bound.
@@ -43,13 +43,14 @@ fn app_state(
             max_bytes: server.max_image_bytes,
         },
         decoding: request::Decoding {
-            budget: Arc::new(DecodeBudget::new(server.image_decode_budget_mb << 20)),
+            budget: Arc::new(MemoryBudget::new(server.image_decode_budget_mb << 20)),
             wait: Duration::from_secs_f64(server.image_decode_wait_s),
         },
         max_images: server.max_images_per_request,
         body_limits: request::BodyLimits {
             max_bytes: server.max_body_bytes,
             timeout: Duration::from_secs_f64(server.body_read_timeout_s),
+            in_flight: Arc::new(MemoryBudget::new(server.body_bytes_in_flight_mb << 20)),
         },
         hosts: hosts::AllowedHosts::new(&server.allowed_hosts, &server.host),
         default_max_tokens: server.default_max_tokens,

@@ -66,6 +66,14 @@ impl ApiError {
         Self::new(StatusCode::FORBIDDEN, "permission_error", code, message)
     }
 
+    /// 429: a server-wide budget is in use; retry in a second.
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self {
+            retry_after_s: Some(1),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "overloaded", message)
+        }
+    }
+
     /// 408: the client did not send its body in time.
     pub fn body_timeout(message: impl Into<String>) -> Self {
         Self::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "body_timeout", message)
@@ -123,10 +131,7 @@ impl From<PreprocessError> for ApiError {
             | PreprocessError::TooLarge { .. }
             | PreprocessError::DecodeTooLarge { .. }
             | PreprocessError::DecoderLimit(_) => Self::too_large("image_too_large", message),
-            PreprocessError::DecodeBusy { .. } => Self {
-                retry_after_s: Some(1),
-                ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "overloaded", message)
-            },
+            PreprocessError::DecodeBusy { .. } => Self::overloaded(message),
             PreprocessError::Template(_) => Self::invalid_param("messages", message).with_code("invalid_messages"),
             PreprocessError::Empty
             | PreprocessError::UnsupportedFormat(_)

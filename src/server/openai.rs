@@ -534,7 +534,7 @@ pub async fn chat_completions(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let arrived = Instant::now();
-    let mut request: ChatRequest = request::read_json(&req, payload, state.body_limits).await?;
+    let mut request: ChatRequest = request::read_json(&req, payload, &state.body_limits).await?;
     request.check_supported()?;
     let (params, use_default) = request.params(state.default_temperature, state.scheduler.max_samples())?;
     let samples = params.samples;

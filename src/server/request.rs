@@ -16,14 +16,18 @@ use crate::engine::{Codec, Completion, Constraint, EngineError, GenerationParams
 use crate::family::ImageBudget;
 use crate::preprocess::chat_template::ChatMessage;
 use crate::preprocess::tools::Tool;
-use crate::preprocess::{DecodeBudget, ImageLimits, decode_image, read_header};
+use crate::preprocess::{
+    ImageLimits, MemoryBudget, PreprocessError, Reservation, Shortfall, decode_image, read_header,
+};
 use crate::scheduler::{Admission, CancelOnDrop, CancelToken, JobEvent, SchedulerError, Stage};
 
-/// How much of a body the server reads, and for how long.
-#[derive(Debug, Clone, Copy)]
+/// How much of a body the server reads, for how long, and how many bytes of bodies all
+/// requests together may hold while they are read and parsed.
+#[derive(Debug, Clone)]
 pub struct BodyLimits {
     pub max_bytes: usize,
     pub timeout: std::time::Duration,
+    pub in_flight: Arc<MemoryBudget>,
 }
 
 /// Memory reserved up front for a body: what it declares, up to this (a declared size is a
@@ -31,8 +35,15 @@ pub struct BodyLimits {
 const BODY_RESERVED: usize = 1 << 20;
 
 /// The request body, refused with 413 once over the limit (from `Content-Length` before
-/// reading) and with 408 when it has not all arrived within the timeout.
-pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limits: BodyLimits) -> Result<Bytes, ApiError> {
+/// reading), with 429 when the bodies being read already hold the server's budget for them
+/// (before reading; a body without a length counts at the limit), and with 408 when it has not
+/// all arrived within the timeout. The bytes count against that budget while the reservation
+/// lives: keep it until the body is parsed.
+pub async fn read_body<'a>(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limits: &'a BodyLimits,
+) -> Result<(Bytes, Reservation<'a>), ApiError> {
     let limit = limits.max_bytes;
     let too_large =
         || ApiError::too_large("body_too_large", format!("request body is over the limit of {limit} bytes"));
@@ -41,6 +52,11 @@ pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limits: Bod
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
+    let reservation =
+        limits.in_flight.reserve(declared.unwrap_or(limit as u64), std::time::Duration::ZERO).map_err(|shortfall| {
+            let (Shortfall::Never { budget, .. } | Shortfall::NotNow { budget, .. }) = shortfall;
+            ApiError::overloaded(format!("the server is reading {budget} bytes of other request bodies; retry"))
+        })?;
     let mut body = BytesMut::with_capacity(declared.map_or(0, |n| (n as usize).min(BODY_RESERVED)));
     let read = async {
         while let Some(chunk) = payload.next().await {
@@ -55,7 +71,7 @@ pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limits: Bod
     tokio::time::timeout(limits.timeout, read).await.map_err(|_| {
         ApiError::body_timeout(format!("the request body did not arrive within {:.0} s", limits.timeout.as_secs_f64()))
     })??;
-    Ok(body.freeze())
+    Ok((body.freeze(), reservation))
 }
 
 /// The body of a JSON request (`Content-Type: application/json`, so that a web page cannot
@@ -64,12 +80,13 @@ pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limits: Bod
 pub async fn read_json<T: serde::de::DeserializeOwned>(
     req: &HttpRequest,
     payload: web::Payload,
-    limits: BodyLimits,
+    limits: &BodyLimits,
 ) -> Result<T, ApiError> {
     if !content_type_is(req, "application/json") {
         return Err(ApiError::unsupported_media_type("send the request as JSON with Content-Type: application/json"));
     }
-    parse_json(&read_body(req, payload, limits).await?)
+    let (body, _reservation) = read_body(req, payload, limits).await?;
+    parse_json(&body)
 }
 
 /// Whether the request's `Content-Type` is `media_type` (parameters such as `charset` aside).
@@ -258,7 +275,7 @@ pub fn decode_base64(data: &str, param: &str, limits: &ImageLimits) -> Result<Ve
 /// The server's memory for decoding images, and how long a request waits for its share.
 #[derive(Debug, Clone)]
 pub struct Decoding {
-    pub budget: Arc<DecodeBudget>,
+    pub budget: Arc<MemoryBudget>,
     pub wait: std::time::Duration,
 }
 
@@ -332,7 +349,7 @@ fn prepare_blocking(
         return Err(EngineError::PromptTooLong { prompt_tokens: image_tokens, max_new_tokens: min_new, context }.into());
     }
     // Held until the prompt is prepared, the decoded images dropped.
-    let _reservation = decoding.budget.reserve(decode_bytes, decoding.wait)?;
+    let _reservation = decoding.budget.reserve(decode_bytes, decoding.wait).map_err(PreprocessError::from)?;
     let start = Instant::now();
     let decoded = images
         .iter()

@@ -112,7 +112,7 @@ pub async fn responses(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let arrived = Instant::now();
-    let mut request: ResponsesRequest = request::read_json(&req, payload, state.body_limits).await?;
+    let mut request: ResponsesRequest = request::read_json(&req, payload, &state.body_limits).await?;
     request.check_supported()?;
     let (params, use_default) = request.params(state.default_temperature)?;
     let constraint = request.constraint()?;

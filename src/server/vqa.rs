@@ -44,7 +44,7 @@ pub async fn vqa(
     if !multipart && !request::content_type_is(&req, "application/json") {
         return Err(ApiError::unsupported_media_type("send multipart/form-data or application/json"));
     }
-    let body = request::read_body(&req, payload, state.body_limits).await?;
+    let (body, reservation) = request::read_body(&req, payload, &state.body_limits).await?;
     let (fields, image) = if multipart {
         let (fields, bytes) = from_multipart(&req, body).await?;
         (fields, ImageSource::Bytes(bytes))
@@ -57,6 +57,8 @@ pub async fn vqa(
         };
         (fields, image)
     };
+    // Parsed: the body's bytes are gone.
+    drop(reservation);
     let question = fields.question.as_deref().map(str::trim).unwrap_or_default();
     if question.is_empty() {
         return Err(ApiError::invalid_param("question", "question is required"));
