@@ -14,7 +14,7 @@ use super::detokenize::Detokenizer;
 use super::grammar::Guide;
 use super::model::{Codec, Model};
 use super::sampler::{RawLogprobs, Sampler, SamplingParams};
-use super::stop::{FinishReason, StopRules};
+use super::stop::{FinishReason, StopRules, StopStrings};
 use super::tensors::{host_copy, to_f32_array};
 use crate::family::{ImageBudget, Positions, ProcessedImages};
 use crate::preprocess::chat_template::ChatMessage;
@@ -262,7 +262,7 @@ impl Codec {
     pub fn stop_rules(&self, params: &GenerationParams) -> StopRules {
         StopRules {
             eos_token_ids: self.info.eos_token_ids.clone(),
-            stop_strings: params.stop.clone(),
+            stop_strings: StopStrings::new(&params.stop),
             max_new_tokens: params.max_new_tokens,
             context_length: self.info.context_length,
             ignore_eos: params.ignore_eos,
@@ -427,13 +427,13 @@ impl Run {
         };
         let before = self.text.len();
         self.text.push_str(&self.detokenizer.push(&model.codec.tokenizer, token)?);
-        if let Some(cut) = self.stop.stop_string_cut(&self.text, before) {
+        if let Some(cut) = self.stop.stop_strings.cut_after(&self.text[before..]) {
             self.text.truncate(cut);
             self.cut = true;
             self.emit(token, self.text.len(), true, on_token);
             return Ok(Some(FinishReason::Stop));
         }
-        let safe = self.text.len() - self.stop.pending_prefix(&self.text);
+        let safe = self.text.len() - self.stop.stop_strings.pending();
         if self.emit(token, safe, true, on_token) == Flow::Stop {
             return Ok(Some(FinishReason::Cancelled));
         }

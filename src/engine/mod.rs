@@ -29,7 +29,7 @@ pub use grammar::{Constraint, Guide, compact_schema};
 pub use kv_cache::{KvCache, KvLayout};
 pub use model::{Codec, GraphChoice, Model, ModelInfo, ModelOptions};
 pub use sampler::{Sampler, SamplingParams};
-pub use stop::{FinishReason, StopRules};
+pub use stop::{FinishReason, StopRules, StopStrings};
 
 use crate::family::FamilyError;
 use crate::package::PackageError;

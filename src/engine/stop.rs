@@ -35,7 +35,7 @@ impl Serialize for FinishReason {
 #[derive(Debug, Clone, Default)]
 pub struct StopRules {
     pub eos_token_ids: Vec<u32>,
-    pub stop_strings: Vec<String>,
+    pub stop_strings: StopStrings,
     pub max_new_tokens: usize,
     /// Total positions the model can attend to.
     pub context_length: usize,
@@ -54,39 +54,113 @@ impl StopRules {
             None
         }
     }
+}
 
-    /// If `text` (everything generated so far) contains a stop string, the length to cut it
-    /// to: the output ends before the earliest stop string, as OpenAI servers do.
-    pub fn stop_string_cut(&self, text: &str, searched_from: usize) -> Option<usize> {
-        self.stop_strings
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| {
-                // A stop string may straddle the previous chunk: search a little before it.
-                let from = floor_char_boundary(text, searched_from.saturating_sub(s.len()));
-                text[from..].find(s.as_str()).map(|i| from + i)
-            })
-            .min()
-    }
+/// Stop strings as one Aho-Corasick automaton over bytes, with the state of the text read so
+/// far: each token's new text is read once, so a stop check costs the length of that text, not
+/// of the stop strings; the state also says how much of the text's end could begin one.
+#[derive(Debug, Clone)]
+pub struct StopStrings {
+    /// Per node of the strings' trie, its children by byte, sorted.
+    children: Vec<Vec<(u8, u32)>>,
+    /// The node of the longest proper suffix of this node's string that is in the trie.
+    fail: Vec<u32>,
+    /// Bytes from the root.
+    depth: Vec<u32>,
+    /// The longest stop string ending at this node's string (0: none).
+    ends: Vec<u32>,
+    /// The node of the longest tail of the text read so far that is in the trie.
+    state: u32,
+    /// Bytes read so far.
+    read: usize,
+}
 
-    /// Longest tail of `text` that could be the start of a stop string; streaming holds it back
-    /// until it is clear that it is not.
-    pub fn pending_prefix(&self, text: &str) -> usize {
-        self.stop_strings
-            .iter()
-            .flat_map(|s| (1..s.len()).rev().filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
-            .filter(|prefix| text.ends_with(prefix))
-            .map(str::len)
-            .max()
-            .unwrap_or(0)
+impl Default for StopStrings {
+    fn default() -> Self {
+        Self::new(&[])
     }
 }
 
-fn floor_char_boundary(s: &str, mut i: usize) -> usize {
-    while !s.is_char_boundary(i) {
-        i -= 1;
+impl StopStrings {
+    pub fn new(strings: &[String]) -> Self {
+        let mut automaton =
+            Self { children: vec![Vec::new()], fail: vec![0], depth: vec![0], ends: vec![0], state: 0, read: 0 };
+        for string in strings.iter().filter(|s| !s.is_empty()) {
+            let mut node = 0;
+            for &byte in string.as_bytes() {
+                node = match automaton.child(node, byte) {
+                    Some(next) => next,
+                    None => automaton.add_child(node, byte),
+                };
+            }
+            automaton.ends[node as usize] = string.len() as u32;
+        }
+        // Failure links breadth first, so a node's failure is final before its children's.
+        let mut queue: std::collections::VecDeque<u32> = automaton.children[0].iter().map(|&(_, c)| c).collect();
+        while let Some(node) = queue.pop_front() {
+            let children = automaton.children[node as usize].clone();
+            for (byte, child) in children {
+                let fail = automaton.step(automaton.fail[node as usize], byte);
+                automaton.fail[child as usize] = fail;
+                if automaton.ends[child as usize] == 0 {
+                    automaton.ends[child as usize] = automaton.ends[fail as usize];
+                }
+                queue.push_back(child);
+            }
+        }
+        automaton
     }
-    i
+
+    fn child(&self, node: u32, byte: u8) -> Option<u32> {
+        let children = &self.children[node as usize];
+        children.binary_search_by_key(&byte, |&(b, _)| b).ok().map(|i| children[i].1)
+    }
+
+    fn add_child(&mut self, node: u32, byte: u8) -> u32 {
+        let next = self.children.len() as u32;
+        let children = &mut self.children[node as usize];
+        let at = children.partition_point(|&(b, _)| b < byte);
+        children.insert(at, (byte, next));
+        self.children.push(Vec::new());
+        self.fail.push(0);
+        self.depth.push(self.depth[node as usize] + 1);
+        self.ends.push(0);
+        next
+    }
+
+    /// The node after `byte` from `node`, following failure links (amortized constant).
+    fn step(&self, mut node: u32, byte: u8) -> u32 {
+        loop {
+            if let Some(next) = self.child(node, byte) {
+                return next;
+            }
+            if node == 0 {
+                return 0;
+            }
+            node = self.fail[node as usize];
+        }
+    }
+
+    /// Read the text's next piece; if a stop string ends in it, the length to cut the whole
+    /// text to: before the first stop string to complete (the longest, where several end at
+    /// once).
+    pub fn cut_after(&mut self, new: &str) -> Option<usize> {
+        for (i, &byte) in new.as_bytes().iter().enumerate() {
+            self.state = self.step(self.state, byte);
+            let ends = self.ends[self.state as usize] as usize;
+            if ends > 0 {
+                return Some(self.read + i + 1 - ends);
+            }
+        }
+        self.read += new.len();
+        None
+    }
+
+    /// How many bytes at the end of the text read could be the start of a stop string:
+    /// streaming holds them back until it is clear that they are not.
+    pub fn pending(&self) -> usize {
+        self.depth[self.state as usize] as usize
+    }
 }
 
 #[cfg(test)]
@@ -96,11 +170,15 @@ mod tests {
     fn rules() -> StopRules {
         StopRules {
             eos_token_ids: vec![2, 7],
-            stop_strings: vec!["STOP".into(), "\n\n".into()],
+            stop_strings: StopStrings::default(),
             max_new_tokens: 5,
             context_length: 100,
             ignore_eos: false,
         }
+    }
+
+    fn stops(strings: &[&str]) -> StopStrings {
+        StopStrings::new(&strings.iter().map(|s| s.to_string()).collect::<Vec<_>>())
     }
 
     #[test]
@@ -115,19 +193,64 @@ mod tests {
     }
 
     #[test]
-    fn stop_strings_cut_at_the_earliest_match_even_across_chunks() {
-        let r = rules();
-        assert_eq!(r.stop_string_cut("hello ST", 0), None);
-        assert_eq!(r.stop_string_cut("hello STOP and more\n\n", 6), Some(6));
-        assert_eq!(r.stop_string_cut("a\n\nb STOP", 2), Some(1));
-        assert_eq!(r.stop_string_cut("é€STOP", 5), Some(5));
+    fn stop_strings_cut_where_they_begin_even_across_pieces() {
+        let mut s = stops(&["STOP", "\n\n"]);
+        assert_eq!(s.cut_after("hello ST"), None);
+        assert_eq!(s.pending(), 2, "\"ST\" may begin STOP");
+        assert_eq!(s.cut_after("OP and more\n\n"), Some(6));
+        let mut s = stops(&["STOP", "\n\n"]);
+        assert_eq!(s.cut_after("a\n\nb STOP"), Some(1));
+        let mut s = stops(&["STOP"]);
+        assert_eq!(s.cut_after("é€"), None);
+        assert_eq!(s.cut_after("STOP"), Some(5));
+        let mut s = stops(&["abcd", "bc", "x"]);
+        assert_eq!(s.cut_after("zab"), None);
+        assert_eq!(s.cut_after("cd"), Some(2), "bc completes first");
     }
 
     #[test]
-    fn pending_prefix_holds_back_possible_starts() {
-        let r = rules();
-        assert_eq!(r.pending_prefix("hello ST"), 2);
-        assert_eq!(r.pending_prefix("hello\n"), 1);
-        assert_eq!(r.pending_prefix("hello"), 0);
+    fn pending_holds_back_possible_starts() {
+        let mut s = stops(&["STOP", "\n\n"]);
+        s.cut_after("hello\n");
+        assert_eq!(s.pending(), 1);
+        let mut s = stops(&["STOP"]);
+        s.cut_after("hello");
+        assert_eq!(s.pending(), 0);
+        // A tail that is a failure away from the start of a string.
+        let mut s = stops(&["aab"]);
+        s.cut_after("xaaa");
+        assert_eq!(s.pending(), 2);
+    }
+
+    /// Against the direct reading: the first position where some string ends, cut before the
+    /// longest that ends there; the longest tail that begins a string.
+    #[test]
+    fn the_automaton_agrees_with_the_direct_reading_on_random_texts() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let word = |rng: &mut rand::rngs::StdRng, n: usize| -> String {
+            (0..rng.random_range(1..=n)).map(|_| ['a', 'b', 'c'][rng.random_range(0..3)]).collect()
+        };
+        for _ in 0..2000 {
+            let strings: Vec<String> = (0..rng.random_range(1..4)).map(|_| word(&mut rng, 4)).collect();
+            let text = word(&mut rng, 24);
+            let direct = (1..=text.len()).find_map(|end| {
+                let longest = strings.iter().filter(|s| text[..end].ends_with(s.as_str())).map(String::len).max();
+                longest.map(|len| end - len)
+            });
+            let mut automaton = StopStrings::new(&strings);
+            let mut cut = None;
+            let mut read = 0;
+            while cut.is_none() && read < text.len() {
+                let next = (read + rng.random_range(1..4)).min(text.len());
+                cut = automaton.cut_after(&text[read..next]);
+                read = next;
+            }
+            assert_eq!(cut, direct, "{strings:?} in {text:?}");
+            if cut.is_none() {
+                let tail = strings.iter().flat_map(|s| (1..s.len()).filter(|&n| text.ends_with(&s[..n]))).max();
+                assert_eq!(automaton.pending(), tail.unwrap_or(0), "{strings:?} after {text:?}");
+            }
+        }
     }
 }
