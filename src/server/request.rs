@@ -95,13 +95,41 @@ pub fn content_type_is(req: &HttpRequest, media_type: &str) -> bool {
     value.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case(media_type))
 }
 
+/// The most values (objects, arrays and their elements) a JSON body may hold. Each is a small
+/// allocation or a few when parsed, and the allocator keeps such memory resident after a
+/// request of millions of them (docs/reliability.md); a real request holds a few hundred.
+const MAX_JSON_VALUES: usize = 131_072;
+
 /// Parse JSON, with serde's message (it names the field and position) as a 400.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
         return Err(ApiError::invalid("the request body is empty; expected JSON"));
     }
+    if json_values(body) > MAX_JSON_VALUES {
+        return Err(ApiError::too_large(
+            "too_many_json_values",
+            format!("the body holds more than {MAX_JSON_VALUES} JSON values"),
+        ));
+    }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")).with_code("invalid_json"))
+}
+
+/// About how many values JSON text holds: objects and arrays opened and the commas between
+/// elements (outside strings), counted before parsing in one pass over the bytes.
+fn json_values(body: &[u8]) -> usize {
+    let (mut count, mut in_string, mut escaped) = (0, false, false);
+    for &byte in body {
+        match (in_string, escaped, byte) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (true, false, b'"') => in_string = false,
+            (false, _, b'"') => in_string = true,
+            (false, _, b'{' | b'[' | b',') => count += 1,
+            _ => {}
+        }
+    }
+    count
 }
 
 /// One image of a request: where it comes from, and what the client lets it cost.
@@ -470,4 +498,18 @@ pub fn requested_max_tokens(requested: Option<u64>) -> Result<Option<usize>, Api
 
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_values_are_counted_outside_strings() {
+        assert_eq!(json_values(br#"{"a": [1, "{[\",]", {}], "b\\": "[,"}"#), 6);
+        let many = format!("[{}]", vec!["1"; MAX_JSON_VALUES + 1].join(","));
+        let error = parse_json::<serde_json::Value>(many.as_bytes()).unwrap_err();
+        assert_eq!((error.status.as_u16(), error.code), (413, Some("too_many_json_values")));
+        assert!(parse_json::<serde_json::Value>(b"[[1], {\"x\": \"{{{{\"}]").is_ok());
+    }
 }
