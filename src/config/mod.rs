@@ -105,7 +105,7 @@ impl Default for ServerSettings {
             default_temperature: 0.0,
             request_timeout_s: 300.0,
             shutdown_delay_s: 5.0,
-            shutdown_timeout_s: 30,
+            shutdown_timeout_s: 20,
             admin_token: None,
             remote_image_hosts: Vec::new(),
             remote_image_timeout_s: 10.0,
