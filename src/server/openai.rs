@@ -12,7 +12,9 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::errors::ApiError;
-use super::request::{self, PrepareInput, RemoteImages, RequestConstraint, RequestImage, Running, Started};
+use super::request::{
+    self, PrepareInput, RemoteImages, RequestConstraint, RequestImage, Running, Started, parse_param,
+};
 use super::tools::{self, HeldText, RequestTools};
 use crate::engine::{Completion, Constraint, GenerationParams, Logprobs, SamplingParams, TokenLogprob, Usage};
 use crate::family::{Detail, ImageBudget};
@@ -223,15 +225,6 @@ impl ChatRequest {
         let params = GenerationParams { sampling, max_new_tokens, stop, ignore_eos, guide: None, logprobs, samples };
         Ok((params, requested.is_none()))
     }
-}
-
-/// Typed from a JSON value, an error naming the path inside `param` (`response_format.type`).
-pub(super) fn parse_param<T: serde::de::DeserializeOwned>(value: Value, param: &str) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let at = if path == "." { param.to_string() } else { format!("{param}.{path}") };
-        ApiError::invalid_param(&at, format!("{at}: {}", e.into_inner()))
-    })
 }
 
 /// A JSON schema given as an object or as a string of JSON (vLLM takes both).

@@ -115,6 +115,15 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
         .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")).with_code("invalid_json"))
 }
 
+/// Typed from a JSON value, an error naming the path inside `param` (`response_format.type`).
+pub fn parse_param<T: serde::de::DeserializeOwned>(value: serde_json::Value, param: &str) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let at = if path == "." { param.to_string() } else { format!("{param}.{path}") };
+        ApiError::invalid_param(&at, format!("{at}: {}", e.into_inner()))
+    })
+}
+
 /// About how many values JSON text holds: objects and arrays opened and the commas between
 /// elements (outside strings), counted before parsing in one pass over the bytes.
 fn json_values(body: &[u8]) -> usize {

@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::errors::ApiError;
-use super::openai::{parse_messages, parse_param};
-use super::request::{self, PrepareInput, RequestConstraint, Running, Started};
+use super::openai::parse_messages;
+use super::request::{self, PrepareInput, RequestConstraint, Running, Started, parse_param};
 use crate::engine::{Completion, Constraint, FinishReason, GenerationParams, SamplingParams};
 use crate::preprocess::chat_template::ChatMessage;
 use crate::scheduler::{JobEvent, SchedulerError};

@@ -6,8 +6,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::errors::ApiError;
-use super::openai::parse_param;
-use super::request::RequestConstraint;
+use super::request::{RequestConstraint, parse_param};
 use crate::engine::{Constraint, compact_schema};
 use crate::preprocess::tools::{self, CALL_CLOSE, CALL_OPEN, Tool, ToolCall};
 
