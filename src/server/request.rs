@@ -1,5 +1,7 @@
-//! What the chat and VQA endpoints share: reading a bounded body, images from data URLs or
-//! bytes, preparing the prompt off the async threads, and running the job.
+//! What the generating endpoints share: reading a bounded body (within its size, its time and
+//! the server's budget of bodies being read), typed parameters whose errors name their path,
+//! images from data URLs or bytes, preparing the prompt off the async threads (within the image
+//! decode budget), and running the job.
 
 use std::sync::Arc;
 use std::time::Instant;
