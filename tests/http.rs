@@ -1191,6 +1191,52 @@ fn sigterm_drains_then_ends_every_request_cleanly() {
     assert!(status.success(), "{status:?}");
 }
 
+/// At the default verbosity a client's malformed HTTP is its own 400, not an ERROR line in the
+/// server's log (actix logs it so); the server's own info lines still come.
+#[test]
+fn malformed_http_is_not_logged_as_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, config_toml(&package_dir(), "shutdown_delay_s = 0")).unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut child = common::vlmserve()
+        .args(["serve", "--port", "0", "--host", "127.0.0.1", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on http://").unwrap_or_else(|| panic!("{line}")).to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while agent().get(format!("http://{addr}/ready")).call().map(|r| r.status().as_u16()).ok() != Some(200) {
+        assert!(Instant::now() < deadline, "not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for garbage in ["GARBAGE / HTTP/9.9\r\n\r\n", "POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: x\r\n\r\n"] {
+        let mut stream = TcpStream::connect(&addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream.write_all(garbage.as_bytes()).unwrap();
+        let mut head = String::new();
+        let _ = BufReader::new(&stream).read_line(&mut head);
+        assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    }
+    let hello = json!({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
+    let response = agent()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .header("Content-Type", "application/json")
+        .send(hello.to_string())
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("ERROR"), "{text}");
+    assert!(text.contains("generation finished"), "{text}");
+}
+
 #[test]
 fn a_model_that_fails_to_load_at_start_stops_the_server() {
     let broken = tempfile::tempdir().unwrap();
