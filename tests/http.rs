@@ -932,6 +932,16 @@ fn vqa_answers_json_and_multipart_like_chat() {
     assert_eq!(response.status(), 200, "{text}");
     let multipart: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(multipart["answer"], answer["answer"]);
+
+    // Cut off before its closing boundary (the parser used to wait for the rest forever).
+    let cut = &body[..body.len() - format!("--{boundary}--\r\n").len()];
+    let (status, _, error) = server.post_raw(
+        "/v1/vqa",
+        &String::from_utf8_lossy(cut),
+        &format!("multipart/form-data; boundary={boundary}"),
+        &[],
+    );
+    assert_error(status, &error, 400, "invalid_multipart");
 }
 
 #[test]

@@ -175,16 +175,10 @@ impl Usage {
     pub fn of_samples(completions: &[Completion], with_cache_hits: bool) -> Option<Usage> {
         let (first, rest) = completions.split_first()?;
         let mut usage = first.usage(with_cache_hits);
-        for completion in rest {
-            usage.add_sample(completion);
-        }
+        let more: usize = rest.iter().map(|c| c.token_ids.len()).sum();
+        usage.completion_tokens += more;
+        usage.total_tokens += more;
         Some(usage)
-    }
-
-    /// One more sample of the same prompt: its tokens count, the prompt does not again.
-    pub fn add_sample(&mut self, completion: &Completion) {
-        self.completion_tokens += completion.token_ids.len();
-        self.total_tokens += completion.token_ids.len();
     }
 }
 

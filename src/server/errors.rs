@@ -225,6 +225,13 @@ mod tests {
         assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
         let e: ApiError = PreprocessError::Decode("x".into()).into();
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        // The image decode budget: over all of it never fits; in use, retry.
+        let e: ApiError = PreprocessError::DecodeTooLarge { bytes: 9, budget: 8 }.into();
+        assert_eq!((e.status.as_u16(), e.code), (413, Some("image_too_large")));
+        let e: ApiError = PreprocessError::DecodeBusy { bytes: 9, budget: 16 }.into();
+        assert_eq!((e.status.as_u16(), e.code, e.retry_after_s), (429, Some("overloaded"), Some(1)));
+        let e: ApiError = PreprocessError::Truncated("Jpeg".into()).into();
+        assert_eq!((e.status.as_u16(), e.code), (400, Some("invalid_image")));
         let e: ApiError = SchedulerError::UnknownModel { name: "x".into(), known: "m".into() }.into();
         assert_eq!((e.status.as_u16(), e.body()["error"]["param"].as_str()), (404, Some("model")));
         // The caller's text failing to tokenize is their error; our tokenizer failing is ours.

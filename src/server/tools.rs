@@ -191,16 +191,24 @@ pub fn calls_finish(finish_reason: &str) -> &str {
 pub struct HeldText {
     text: String,
     sent: usize,
+    /// A call began at `sent`: nothing more is sent before the end.
+    calling: bool,
 }
 
 impl HeldText {
-    /// Take a token's text; the content that can be sent now.
+    /// Take a token's text; the content that can be sent now. Only the text not sent yet is
+    /// looked at (at most a tag's length besides the new text), so a token costs its own length.
     pub fn push(&mut self, text: &str) -> &str {
         self.text.push_str(text);
-        let end = tools::content_end(&self.text).max(self.sent);
-        let ready = &self.text[self.sent..end];
+        if self.calling {
+            return "";
+        }
+        let start = self.sent;
+        let unsent = &self.text[start..];
+        let end = start + tools::content_end(unsent);
+        self.calling = self.text[end..].starts_with(tools::CALL_OPEN);
         self.sent = end;
-        ready
+        &self.text[start..end]
     }
 
     /// At the sample's end: the content still to send, and the calls if it made some.
