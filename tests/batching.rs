@@ -4,12 +4,16 @@
 
 mod common;
 
-use common::{Case, Reference, references};
+use std::sync::Arc;
+
+use common::{Case, Reference, agreement, references};
 use vlmserve::engine::{
-    Batch, Completion, Constraint, EngineError, FinishReason, Flow, Fork, GenerationParams, Limits, Model, Prompt,
-    SamplingParams,
+    BLOCK_TOKENS, Batch, Completion, Constraint, EngineError, FinishReason, Flow, Fork, GenerationParams, Limits,
+    Model, PrefixCache, Prompt, SamplingParams,
 };
+use vlmserve::family::{Detail, ImageBudget};
 use vlmserve::package::Precision;
+use vlmserve::preprocess::chat_template::ChatMessage;
 
 struct Tagged {
     case: usize,
@@ -315,5 +319,199 @@ fn samples_of_one_prompt_share_its_prefill_and_each_equals_its_seed_alone() {
     for completion in greedy_done {
         let expected = &reference.cases[neighbour].generated_ids;
         assert_eq!(&completion.token_ids, expected, "greedy sample {}", completion.sample);
+    }
+}
+
+/// A model of `reference` with a prefix cache of `bytes`.
+fn with_prefix_cache(reference: &Reference, bytes: usize) -> (Model, Arc<PrefixCache>) {
+    let cache = Arc::new(PrefixCache::new(bytes).unwrap());
+    (reference.load(Precision::Fp32).with_prefix_cache(Some(cache.clone())), cache)
+}
+
+fn prepare(model: &Model, reference: &Reference, case: &Case) -> Prompt {
+    model.codec.prepare(&case.chat_messages(), &case.decoded_images(&reference.dir), &[], &[]).unwrap()
+}
+
+/// The rows the prefix cache has seen: each one's images and the tokens it fed the decoder.
+#[derive(Default)]
+struct CachedRows(Vec<(Vec<String>, Vec<u32>)>);
+
+impl CachedRows {
+    /// A finished sequence's row: its prompt and every generated token but the last (never fed).
+    fn add(&mut self, case: &Case, generated: &[u32]) {
+        let mut row = case.input_ids.clone();
+        row.extend_from_slice(&generated[..generated.len().saturating_sub(1)]);
+        self.0.push((case.images.clone(), row));
+    }
+
+    /// The tokens `case` may reuse: the full blocks a row shares with its prompt short of the
+    /// last token, and never past its first image token unless the row showed the same images.
+    fn reusable(&self, case: &Case, image_token: u32) -> usize {
+        let prompt = &case.input_ids[..case.input_ids.len() - 1];
+        let first_image = prompt.iter().position(|&t| t == image_token).unwrap_or(prompt.len());
+        let shared = |(images, row): &(Vec<String>, Vec<u32>)| {
+            let common = agreement(row, prompt);
+            if *images == case.images { common } else { common.min(first_image) }
+        };
+        self.0.iter().map(shared).max().unwrap_or(0) / BLOCK_TOKENS * BLOCK_TOKENS
+    }
+}
+
+/// A chat client's turns about one picture (each re-sending the picture and the history) and
+/// one system prompt before different pictures: with the prefix cache, each prompt prefills
+/// only what no earlier row had, and the answers are still PyTorch's token for token, on every
+/// family (Qwen2-VL's three-axis positions resume mid-prompt). The blocks reused are exactly
+/// the shared full blocks, generated tokens included, and never an image token of another
+/// picture, though every picture's tokens are the same placeholder ids.
+#[test]
+fn follow_up_turns_and_a_shared_system_prompt_reuse_cached_blocks_and_match_pytorch() {
+    for reference in references() {
+        let (mut model, cache) = with_prefix_cache(&reference, 64 << 20);
+        let image_token = model.codec.family.image_token_id();
+        let mut rows = CachedRows::default();
+        for case in reference.conversations() {
+            let expected = rows.reusable(&case, image_token);
+            let params = params(reference.max_new_tokens);
+            let completion =
+                model.generate(prepare(&model, &reference, &case), &params, &mut |_| Flow::Continue).unwrap();
+            let name = format!("{} {}", reference.family, case.name);
+            assert_eq!(completion.token_ids, case.generated_ids, "{name}: tokens differ from PyTorch's");
+            assert_eq!(completion.timings.prefix_cached_tokens, expected, "{name}: reused tokens");
+            assert_eq!(completion.usage(true).prompt_tokens_details.cached_tokens, expected, "{name}");
+            if ["conversation_2", "conversation_3", "system_grayscale"].contains(&case.name.as_str()) {
+                assert!(expected >= BLOCK_TOKENS, "{name}: the fixture shares too little to test reuse");
+            }
+            rows.add(&case, &completion.token_ids);
+        }
+        assert!(cache.bytes() > 0);
+    }
+}
+
+/// The same prompts in a continuous batch, a few at a time, prefilled in chunks: a joining
+/// sequence starts from its cached prefix, and every answer is still PyTorch's.
+#[test]
+fn sequences_joining_a_batch_start_from_their_cached_prefix() {
+    for reference in references() {
+        let (mut model, _cache) = with_prefix_cache(&reference, 64 << 20);
+        let cases = reference.conversations();
+        let mut batch = Batch::new(model.kv_layout(), Limits { prefill_tokens: 48, vision_tiles: 2 });
+        let waves: [&[&str]; 3] = [
+            &["conversation_1", "system_one_image"],
+            &["conversation_2", "system_grayscale", "system_rgba"],
+            &["conversation_3", "system_tiny_image"],
+        ];
+        let mut reused = 0;
+        for wave in waves {
+            for name in wave {
+                let case = cases.iter().position(|c| c.name == *name).unwrap();
+                let tag = Tagged { case, max_new: 0, events: 0, streamed: String::new(), stop_after: None };
+                let prompt = prepare(&model, &reference, &cases[case]);
+                batch.add(&model, tag, prompt, &params(reference.max_new_tokens)).map_err(|(_, e)| e).unwrap();
+            }
+            while !batch.is_empty() {
+                for (tag, result) in batch.step(&mut model, &mut |_, _| Flow::Continue).finished {
+                    let case = &cases[tag.case];
+                    let completion = result.unwrap();
+                    assert_eq!(completion.token_ids, case.generated_ids, "{} {}", reference.family, case.name);
+                    reused += completion.timings.prefix_cached_tokens;
+                }
+            }
+        }
+        assert!(reused >= 3 * BLOCK_TOKENS, "{}: only {reused} tokens reused", reference.family);
+    }
+}
+
+/// A picture of its own for each `i`: a coloured square on a background, both set by `i`.
+fn numbered_picture(i: u32) -> image::RgbImage {
+    let (x0, y0) = (8 + (i % 5) * 36, 8 + (i / 5 % 4) * 30);
+    image::RgbImage::from_fn(224, 168, |x, y| {
+        if (x0..x0 + 40).contains(&x) && (y0..y0 + 40).contains(&y) {
+            image::Rgb([(i * 53 % 256) as u8, (i * 97 % 256) as u8, (255 - i * 31 % 256) as u8])
+        } else {
+            image::Rgb([(200 + i) as u8, 220, (i * 6) as u8])
+        }
+    })
+}
+
+/// Forty pictures with the same question, sent twice each, interleaved in a batch with the
+/// prefix cache on: each answer equals its answer with the cache off, and no prompt reuses a
+/// block holding another picture's tokens. The same picture at `detail: low` and `high`
+/// shares no image block either.
+#[test]
+fn forty_pictures_with_one_question_never_share_image_blocks() {
+    for reference in references() {
+        let mut plain = reference.load(Precision::Fp32);
+        let (mut model, _cache) = with_prefix_cache(&reference, 64 << 20);
+        let image_token = model.codec.family.image_token_id();
+        let question = [ChatMessage::user(1, "What is in the image?")];
+        let ask = |model: &Model, i: u32, detail| {
+            let budget = [ImageBudget { detail, max_pixels: None }];
+            model.codec.prepare(&question, &[numbered_picture(i)], &budget, &[]).unwrap()
+        };
+        let params = params(6);
+        let alone: Vec<Vec<u32>> = (0..40)
+            .map(|i| plain.generate(ask(&plain, i, Detail::Auto), &params, &mut |_| Flow::Continue).unwrap().token_ids)
+            .collect();
+        assert!(alone.iter().any(|a| *a != alone[0]), "{}: the pictures give one answer", reference.family);
+
+        let order: Vec<u32> = (0..2).flat_map(|_| (0..20).flat_map(|i| [i, i + 20])).collect();
+        let mut batch = Batch::new(model.kv_layout(), Limits { prefill_tokens: 64, vision_tiles: 4 });
+        let mut seen = vec![false; 40];
+        for wave in order.chunks(5) {
+            for &i in wave {
+                let prompt = ask(&model, i, Detail::Auto);
+                let first_image = prompt.input_ids.iter().position(|&t| t == image_token).unwrap();
+                let tag = Tagged {
+                    case: i as usize,
+                    max_new: first_image,
+                    events: 0,
+                    streamed: String::new(),
+                    stop_after: None,
+                };
+                batch.add(&model, tag, prompt, &params).map_err(|(_, e)| e).unwrap();
+            }
+            while !batch.is_empty() {
+                for (tag, result) in batch.step(&mut model, &mut |_, _| Flow::Continue).finished {
+                    let completion = result.unwrap();
+                    assert_eq!(completion.token_ids, alone[tag.case], "{} picture {}", reference.family, tag.case);
+                    let first_image = tag.max_new;
+                    if !seen[tag.case] {
+                        assert!(
+                            completion.timings.prefix_cached_tokens <= first_image,
+                            "{} picture {}: {} tokens reused, its first image token is at {first_image}",
+                            reference.family,
+                            tag.case,
+                            completion.timings.prefix_cached_tokens
+                        );
+                    }
+                    seen[tag.case] = true;
+                }
+            }
+        }
+
+        let mut cached = |detail| {
+            let prompt = ask(&model, 40, detail);
+            let first_image = prompt.input_ids.iter().position(|&t| t == image_token).unwrap();
+            let completion = model.generate(prompt, &params, &mut |_| Flow::Continue).unwrap();
+            (completion.timings.prefix_cached_tokens, first_image)
+        };
+        cached(Detail::Low);
+        let (reused, first_image) = cached(Detail::High);
+        assert!(reused <= first_image, "{}: low and high shared an image block", reference.family);
+    }
+}
+
+/// A prefix cache of a few blocks evicts as it goes: the answers stay PyTorch's and the cache
+/// stays within its bytes.
+#[test]
+fn a_small_prefix_cache_evicts_and_answers_stay_exact() {
+    let reference = references().remove(0);
+    let block_bytes = reference.load(Precision::Fp32).kv_layout().bytes_per_token() * BLOCK_TOKENS;
+    let (mut model, cache) = with_prefix_cache(&reference, 5 * block_bytes);
+    for case in reference.conversations().iter().chain(&reference.conversations()) {
+        let params = params(reference.max_new_tokens);
+        let completion = model.generate(prepare(&model, &reference, case), &params, &mut |_| Flow::Continue).unwrap();
+        assert_eq!(completion.token_ids, case.generated_ids, "{}", case.name);
+        assert!(cache.bytes() <= 5 * block_bytes && cache.bytes() > 0, "{} bytes held", cache.bytes());
     }
 }

@@ -144,6 +144,10 @@ pub struct SchedulerSettings {
     pub warmup: bool,
     /// Image features kept per model for repeated images, in MiB; 0 turns the cache off.
     pub image_feature_cache_mb: usize,
+    /// Keys and values of prompt beginnings kept per model for later prompts that start the
+    /// same way (a conversation's next turn, a shared system prompt), in MiB; 0 turns the cache
+    /// off. Counted in each worker's `max_kv_bytes`: it gives way to running requests.
+    pub prefix_cache_mb: usize,
 }
 
 impl Default for SchedulerSettings {
@@ -158,6 +162,7 @@ impl Default for SchedulerSettings {
             retry_after_s: 1,
             warmup: true,
             image_feature_cache_mb: 256,
+            prefix_cache_mb: 512,
         }
     }
 }

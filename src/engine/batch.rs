@@ -24,6 +24,7 @@ use super::generate::{Completion, Event, Flow, GenerationParams, Prompt, Run, Ti
 use super::grammar::Guide;
 use super::kv_cache::{KvCache, KvLayout};
 use super::model::Model;
+use super::prefix_cache::{BLOCK_TOKENS, Block, PrefixCache, TokenIdentity};
 use super::sampler::Sampler;
 use super::stop::FinishReason;
 use super::vision::VisionReply;
@@ -53,6 +54,8 @@ struct Sequence<T> {
     /// Samples still to be made from it when its prefill is done (the request's `samples`
     /// less one), each a copy of its cache row with a run of its own.
     siblings: usize,
+    /// How its tokens are keyed in the prefix cache; `None` when the model has none.
+    identity: Option<TokenIdentity>,
     phase: Phase,
 }
 
@@ -78,6 +81,9 @@ struct PromptInput {
     /// Position of the first generated token.
     next_position: i64,
     cache: KvCache,
+    /// The prefix cache's blocks for its first positions, copied into `cache` at its first
+    /// chunk (held until then, so they are not evicted).
+    reused: Vec<Arc<Block>>,
 }
 
 /// Images on their way through the vision encoder.
@@ -92,8 +98,10 @@ struct Encoding {
 
 struct Prefill {
     prompt: PromptInput,
-    /// `[1, prompt, hidden]`.
+    /// `[1, prompt, hidden]` of the prompt's tokens from `start`.
     embeds: ArrayD<f32>,
+    /// Prompt tokens the prefix cache had.
+    start: usize,
     /// Prompt tokens in the cache so far.
     done: usize,
 }
@@ -257,8 +265,20 @@ impl<T> Batch<T> {
             constraint_compile_s: params.guide.as_ref().map_or(0.0, |guide| guide.compile_s),
             ..Timings::default()
         };
+        let identity = model.prefix_cache.as_ref().map(|_| model.codec.token_identity(&prompt));
+        let reused = match (&model.prefix_cache, &identity) {
+            (Some(cache), Some(identity)) => cache_hit(cache, identity, &prompt.input_ids),
+            _ => Vec::new(),
+        };
+        let start = reused.len() * BLOCK_TOKENS;
+        let mut timings = timings;
+        timings.prefix_cached_tokens = start;
         let Prompt { input_ids, images, positions, .. } = prompt;
-        let prompt = PromptInput { input_ids, positions: positions.prompt, next_position: positions.next, cache };
+        // Images whose tokens are all in the reused blocks need no features.
+        let image_token = model.codec.family.image_token_id();
+        let images = images.filter(|_| input_ids[start..].contains(&image_token));
+        let prompt =
+            PromptInput { input_ids, positions: positions.prompt, next_position: positions.next, cache, reused };
         let phase = match images {
             Some(images) => Phase::Encoding(Encoding {
                 prompt,
@@ -271,7 +291,8 @@ impl<T> Batch<T> {
         };
         self.next_id += 1;
         let siblings = params.samples.saturating_sub(1);
-        self.seqs.push(Sequence { id: self.next_id, tag, run, timings, admitted: Instant::now(), siblings, phase });
+        let admitted = Instant::now();
+        self.seqs.push(Sequence { id: self.next_id, tag, run, timings, admitted, siblings, identity, phase });
         Ok(())
     }
 
@@ -423,7 +444,10 @@ impl<T> Batch<T> {
                     tokens.push(token);
                     self.seqs.push(seq);
                 }
-                Ok(Some(reason)) => finished.push(seq.finish(model, reason, since, on_token)),
+                Ok(Some(reason)) => {
+                    seq.keep_prefix(model, &self.cache, keep.len() - 1);
+                    finished.push(seq.finish(model, reason, since, on_token));
+                }
                 Err(e) => finished.push((seq.tag, Err(e))),
             }
         }
@@ -528,6 +552,7 @@ impl<T: Fork> Batch<T> {
                 }
                 Chunk::Done(seq, used, cache) => {
                     budget -= used;
+                    seq.keep_prefix(model, &cache, 0);
                     match self.cache.join(cache, 1 + seq.siblings, model.decoder.cache_allocator()) {
                         // In the order of the rows just joined.
                         Ok(()) => self.seqs.extend(seq.into_samples(&mut self.next_id)),
@@ -556,6 +581,7 @@ impl<T: Fork> Sequence<T> {
                 timings: self.timings.clone(),
                 admitted: self.admitted,
                 siblings: 0,
+                identity: self.identity.clone(),
                 phase: Phase::Decoding(Decoding {
                     logits: first.logits.clone(),
                     position: first.position,
@@ -569,12 +595,28 @@ impl<T: Fork> Sequence<T> {
 }
 
 impl<T> Sequence<T> {
+    /// Keep the full blocks of row `row` of `cache` (its positions so far: the prompt, and
+    /// the tokens fed back after it) in the model's prefix cache. A block that cannot be read
+    /// is left out with a warning: the cache is an optimisation, the answer is not at stake.
+    fn keep_prefix(&self, model: &Model, cache: &KvCache, row: usize) {
+        let (Some(pool), Some(identity)) = (&model.prefix_cache, &self.identity) else { return };
+        let tokens = self.run.history();
+        let keys = identity.keys(&tokens[..cache.row_len(row).min(tokens.len())]);
+        if let Err(e) = pool.insert(&keys, |b| cache.block(row, b * BLOCK_TOKENS)) {
+            tracing::warn!(error = %e, "a finished sequence's blocks were not kept in the prefix cache");
+        }
+    }
+
     /// Encoding -> Ready when the feature cache has its images' features.
     fn with_cached_features(mut self, model: &Model) -> Self {
         let Phase::Encoding(work) = &self.phase else { return self };
         let (Some(cache), Some(key), 0) = (&model.feature_cache, &work.key, work.done) else { return self };
         let Some(features) = cache.get(key) else { return self };
         self.timings.vision_cache_hit = true;
+        let image_token = model.codec.family.image_token_id();
+        let reused = work.prompt.reused.len() * BLOCK_TOKENS;
+        self.timings.feature_cached_tokens =
+            work.prompt.input_ids[reused..].iter().filter(|&&id| id == image_token).count();
         self.phase = match self.phase {
             Phase::Encoding(work) => Phase::Ready { prompt: work.prompt, features: Some(features) },
             other => other,
@@ -617,8 +659,8 @@ impl<T> Sequence<T> {
     fn prefill_chunk(mut self, model: &mut Model, budget: usize) -> Chunk<T> {
         let start = Instant::now();
         let mut prefill = match self.phase {
-            Phase::Ready { prompt, features } => match model.prompt_embeddings(&prompt.input_ids, features) {
-                Ok(embeds) => Prefill { prompt, embeds, done: 0 },
+            Phase::Ready { prompt, features } => match Prefill::start(model, prompt, features) {
+                Ok(prefill) => prefill,
                 Err(e) => return Chunk::Failed(self.tag, e),
             },
             Phase::Prefilling(prefill) => prefill,
@@ -662,11 +704,30 @@ impl<T> Sequence<T> {
 }
 
 impl Prefill {
+    /// The embeddings of the prompt's tokens past the reused blocks, whose positions go into
+    /// its cache first.
+    fn start(
+        model: &mut Model,
+        mut prompt: PromptInput,
+        features: Option<Arc<Array2<f32>>>,
+    ) -> Result<Self, EngineError> {
+        let start = prompt.reused.len() * BLOCK_TOKENS;
+        if start > 0 {
+            let reused = std::mem::take(&mut prompt.reused);
+            prompt.cache = KvCache::from_blocks(&model.decoder.layout, &reused, model.decoder.cache_allocator())?;
+        }
+        let image_token = model.codec.family.image_token_id();
+        let skip_rows = prompt.input_ids[..start].iter().filter(|&&id| id == image_token).count();
+        let embeds = model.prompt_embeddings(&prompt.input_ids[start..], features, skip_rows)?;
+        Ok(Prefill { prompt, embeds, start, done: start })
+    }
+
     /// The next `chunk` prompt tokens through the decoder; the logits of the chunk's last
     /// position.
     fn forward(&mut self, model: &mut Model, chunk: usize) -> Result<Vec<Vec<f32>>, EngineError> {
         let range = Slice::from(self.done..self.done + chunk);
-        let inputs = float_value(self.embeds.slice_axis(Axis(1), range).to_owned(), model.decoder.embeds_type())?;
+        let own = Slice::from(self.done - self.start..self.done - self.start + chunk);
+        let inputs = float_value(self.embeds.slice_axis(Axis(1), own).to_owned(), model.decoder.embeds_type())?;
         let positions = &self.prompt.positions;
         let positions = positions.slice_axis(Axis(positions.ndim() - 1), range).to_owned();
         let (logits, _) = model.decoder.forward(inputs, positions, &mut self.prompt.cache)?;
@@ -708,6 +769,13 @@ impl Model {
             }
         }
     }
+}
+
+/// The prefix cache's blocks for the beginning of `input_ids`, leaving at least its last
+/// token to prefill (its logits give the first generated token).
+fn cache_hit(cache: &PrefixCache, identity: &TokenIdentity, input_ids: &[u32]) -> Vec<Arc<Block>> {
+    let keys = identity.keys(&input_ids[..input_ids.len().saturating_sub(1)]);
+    cache.lookup(&keys)
 }
 
 /// One step's position ids for the batch from each row's: `[1, 1]` rows become `[rows, 1]`,

@@ -8,11 +8,14 @@ use image::RgbImage;
 use ndarray::{Array2, ArrayD, Axis};
 use ort::value::{DynValue, Tensor, TensorElementType};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use super::EngineError;
 use super::detokenize::Detokenizer;
+use super::feature_cache::FeatureCache;
 use super::grammar::Guide;
 use super::model::{Codec, Model};
+use super::prefix_cache::{ImageId, TokenIdentity};
 use super::sampler::{RawLogprobs, Sampler, SamplingParams};
 use super::stop::{FinishReason, StopRules, StopStrings};
 use super::tensors::{host_copy, to_f32_array};
@@ -26,6 +29,8 @@ pub struct Prompt {
     pub input_ids: Vec<u32>,
     pub images: Option<ProcessedImages>,
     pub positions: Positions,
+    /// What each image stands for in the prefix cache's keys, in prompt order.
+    pub image_ids: Vec<ImageId>,
     /// Template, image processing and tokenization time.
     pub preprocess_time: Duration,
 }
@@ -116,6 +121,13 @@ pub struct Timings {
     pub decode_transferred_bytes: usize,
     /// Compiling the output constraint (0 without one, or when it was compiled before).
     pub constraint_compile_s: f64,
+    /// Prompt tokens whose keys and values came from the prefix cache. Reported only through
+    /// [`Completion::usage`], where the caller decides (the cache is shared).
+    #[serde(skip)]
+    pub prefix_cached_tokens: usize,
+    /// Image tokens past those whose features came from the image-feature cache.
+    #[serde(skip)]
+    pub feature_cached_tokens: usize,
 }
 
 impl Timings {
@@ -183,18 +195,19 @@ impl Usage {
 }
 
 impl Completion {
-    /// The token counts; cache hits only `with_cache_hits` (the image-feature cache is shared
-    /// between clients, so a hit tells one that another sent the same image).
+    /// The token counts; cache hits only `with_cache_hits` (the caches are shared between
+    /// clients, so a hit tells one that another sent the same image or prompt). Cached are the
+    /// prompt tokens from the prefix cache and the later image tokens whose features were cached.
     pub fn usage(&self, with_cache_hits: bool) -> Usage {
         let generated = self.token_ids.len();
-        let cached = with_cache_hits && self.timings.vision_cache_hit;
+        let cached = self.timings.prefix_cached_tokens + self.timings.feature_cached_tokens;
         Usage {
             prompt_tokens: self.prompt_tokens,
             completion_tokens: generated,
             total_tokens: self.prompt_tokens + generated,
             prompt_tokens_details: PromptTokensDetails {
                 image_tokens: self.image_tokens,
-                cached_tokens: if cached { self.image_tokens } else { 0 },
+                cached_tokens: if with_cache_hits { cached } else { 0 },
             },
         }
     }
@@ -240,16 +253,55 @@ impl Codec {
         let layouts = processed.as_ref().map(|p| p.layouts.as_slice()).unwrap_or_default();
         let expanded = self.family.expand_prompt(&text, layouts)?;
         let encoding = self.tokenizer.encode(expanded, true).map_err(|e| EngineError::Encode(e.to_string()))?;
-        let mut prompt = self.prompt_from_ids(encoding.get_ids().to_vec(), processed);
+        let image_ids =
+            images.iter().zip(0..).map(|(image, i)| self.image_id(image, ImageBudget::of(budgets, i))).collect();
+        let mut prompt = self.prompt_with(encoding.get_ids().to_vec(), processed, image_ids);
         prompt.preprocess_time = start.elapsed();
         Ok(prompt)
     }
 
-    /// A prompt from token ids that already contain the expanded image tokens.
+    /// A prompt from token ids that already contain the expanded image tokens. Its images are
+    /// told apart by their processed inputs as a whole.
     pub fn prompt_from_ids(&self, input_ids: Vec<u32>, images: Option<ProcessedImages>) -> Prompt {
+        let image_ids = match &images {
+            Some(processed) => {
+                let set = FeatureCache::key(&processed.inputs);
+                (0..processed.layouts.len() as u64)
+                    .map(|i| Sha256::new().chain_update(set).chain_update(i.to_le_bytes()).finalize().into())
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        self.prompt_with(input_ids, images, image_ids)
+    }
+
+    fn prompt_with(&self, input_ids: Vec<u32>, images: Option<ProcessedImages>, image_ids: Vec<ImageId>) -> Prompt {
         let layouts = images.as_ref().map(|p| p.layouts.as_slice()).unwrap_or_default();
         let positions = self.family.prompt_positions(&input_ids, layouts);
-        Prompt { input_ids, images, positions, preprocess_time: Duration::ZERO }
+        Prompt { input_ids, images, positions, image_ids, preprocess_time: Duration::ZERO }
+    }
+
+    /// An image's identity in prefix-cache keys: its pixels with everything that turns them
+    /// into image tokens and features (its budget, the family and its processor settings).
+    fn image_id(&self, image: &RgbImage, budget: ImageBudget) -> ImageId {
+        let mut hash = Sha256::new();
+        hash.update(self.family.name());
+        hash.update(self.package.processor.to_string());
+        hash.update(format!("{:?}", budget.detail));
+        hash.update(budget.max_pixels.unwrap_or(0).to_le_bytes());
+        hash.update(image.width().to_le_bytes());
+        hash.update(image.height().to_le_bytes());
+        hash.update(image.as_raw());
+        hash.finalize().into()
+    }
+
+    /// How the prefix cache tells this prompt's tokens apart.
+    pub(super) fn token_identity(&self, prompt: &Prompt) -> TokenIdentity {
+        let layouts = prompt.images.as_ref().map(|p| p.layouts.as_slice()).unwrap_or_default();
+        TokenIdentity {
+            image_token: self.family.image_token_id(),
+            images: prompt.image_ids.iter().copied().zip(layouts.iter().map(|l| l.tokens)).collect(),
+        }
     }
 
     /// The stop rules for `params` on this model.
@@ -290,11 +342,12 @@ impl Codec {
 
 impl Model {
     /// Token embeddings `[1, len, hidden]` with the image features written over the
-    /// image-token rows.
+    /// image-token rows; the first `skip_rows` feature rows are for image tokens before `ids`.
     pub(super) fn prompt_embeddings(
         &mut self,
         ids: &[u32],
         features: Option<Arc<Array2<f32>>>,
+        skip_rows: usize,
     ) -> Result<ArrayD<f32>, EngineError> {
         let (embeds, _) = self.embedder.embed(ids, 1)?;
         let embeds = host_copy(&embeds)?.unwrap_or(embeds);
@@ -302,6 +355,7 @@ impl Model {
         let Some(features) = features else { return Ok(array) };
         let image_token = self.codec.family.image_token_id();
         let rows: Vec<usize> = ids.iter().enumerate().filter(|(_, id)| **id == image_token).map(|(i, _)| i).collect();
+        let features = features.slice(ndarray::s![skip_rows.min(features.nrows()).., ..]);
         if rows.len() != features.nrows() {
             return Err(EngineError::GraphMismatch(format!(
                 "the prompt has {} image tokens but the vision encoder returned {} feature rows",
@@ -373,6 +427,11 @@ impl Run {
 
     /// Sample `sample` of the same prompt, before any token: its own random state, the same
     /// rules and constraint.
+    /// The prompt's tokens and those generated so far.
+    pub(super) fn history(&self) -> &[u32] {
+        &self.history
+    }
+
     pub(super) fn fork(&self, sample: usize) -> Self {
         Self {
             sample,

@@ -264,6 +264,11 @@ impl Decoder {
         &self.cache_allocator
     }
 
+    /// Whether the KV cache's blocks live in host memory.
+    pub fn cache_on_host(&self) -> bool {
+        matches!(self.placement, Placement::Host)
+    }
+
     /// Element type the decoder wants for `inputs_embeds`.
     pub fn embeds_type(&self) -> TensorElementType {
         self.embeds_type

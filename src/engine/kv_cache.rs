@@ -17,12 +17,15 @@
 //! each grown block fresh pages whose faults cost more than the copy (docs/benchmarks.md,
 //! "Measurements behind design choices").
 
+use std::sync::Arc;
+
 use ndarray::{Array2, s};
 use ort::memory::Allocator;
 use ort::session::Session;
 use ort::value::{DynValue, PrimitiveTensorElementType, Tensor, TensorElementType};
 
 use super::EngineError;
+use super::prefix_cache::{BLOCK_TOKENS, Block, Columns};
 use super::tensors::{empty_float, host_copy, tensor_bytes};
 
 /// Shape of the cache as the decoder declares it.
@@ -329,6 +332,134 @@ impl KvCache {
     /// Bytes the cache holds, padding included.
     pub fn bytes(&self, layout: &KvLayout) -> usize {
         self.rows() * self.width * layout.bytes_per_token()
+    }
+
+    /// A cache of one sequence holding `blocks`' positions, in the layout a prefill leaves.
+    pub(super) fn from_blocks(
+        layout: &KvLayout,
+        blocks: &[Arc<Block>],
+        allocator: &Allocator,
+    ) -> Result<Self, EngineError> {
+        let mut cache = Self::none(layout);
+        let len = blocks.len() * BLOCK_TOKENS;
+        let filled = (0..layout.tensors.len())
+            .map(|t| match layout.element_type {
+                TensorElementType::Float16 => from_columns::<half::f16>(blocks, t, cache.dims, allocator),
+                _ => from_columns::<f32>(blocks, t, cache.dims, allocator),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        cache.width = len;
+        cache.lens = vec![len];
+        let empty = || (0..layout.tensors.len()).map(|_| cache.empty_block(1)).collect::<Result<Vec<_>, _>>();
+        (cache.older, cache.recent) = match (layout.older.is_empty(), layout.settle) {
+            (true, _) => (Vec::new(), filled),
+            (false, true) => (filled, empty()?),
+            (false, false) => (empty()?, filled),
+        };
+        Ok(cache)
+    }
+
+    /// Positions `from..from + BLOCK_TOKENS` of row `row` (counted from the row's first
+    /// position, not from the padding), copied out as a block. Host blocks only.
+    pub(super) fn block(&self, row: usize, from: usize) -> Result<Block, EngineError> {
+        let column = self.width - self.lens[row] + from;
+        let tensors = (0..self.recent.len())
+            .map(|t| {
+                let blocks = self.blocks(t);
+                Ok(match self.element_type {
+                    TensorElementType::Float16 => Columns::F16(read_columns(&blocks, row, column)?),
+                    _ => Columns::F32(read_columns(&blocks, row, column)?),
+                })
+            })
+            .collect::<Result<_, EngineError>>()?;
+        Ok(Block { tensors })
+    }
+
+    /// Positions of row `row`, oldest first.
+    pub(super) fn row_len(&self, row: usize) -> usize {
+        self.lens[row]
+    }
+}
+
+/// `[1, heads, blocks x BLOCK_TOKENS, dim]` made of cache tensor `t` of every block in order.
+fn from_columns<T>(
+    blocks: &[Arc<Block>],
+    t: usize,
+    (heads, dim): (usize, usize),
+    allocator: &Allocator,
+) -> Result<DynValue, EngineError>
+where
+    T: PrimitiveTensorElementType + BlockElement + Copy + std::fmt::Debug + 'static,
+{
+    let len = blocks.len() * BLOCK_TOKENS;
+    let mut tensor = Tensor::<T>::new(allocator, [1, heads, len, dim])?;
+    let (_, out) = tensor.try_extract_tensor_mut()?;
+    let lane = BLOCK_TOKENS * dim;
+    for (b, block) in blocks.iter().enumerate() {
+        let columns = block
+            .tensors
+            .get(t)
+            .and_then(T::columns)
+            .filter(|c| c.len() == heads * lane)
+            .ok_or_else(|| EngineError::GraphMismatch("a cached block of another layout".into()))?;
+        for h in 0..heads {
+            out[h * len * dim + b * lane..][..lane].copy_from_slice(&columns[h * lane..][..lane]);
+        }
+    }
+    Ok(tensor.into_dyn())
+}
+
+/// `[heads, BLOCK_TOKENS, dim]` of row `row` from column `column` of blocks read as one.
+fn read_columns<T>(blocks: &[&DynValue], row: usize, column: usize) -> Result<Vec<T>, EngineError>
+where
+    T: PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static,
+{
+    let mut out = Vec::new();
+    let views = blocks.iter().map(|b| b.try_extract_array::<T>()).collect::<Result<Vec<_>, _>>()?;
+    let heads = views.first().map_or(0, |v| v.shape()[1]);
+    for h in 0..heads {
+        let (mut at, mut left) = (column, BLOCK_TOKENS);
+        for view in &views {
+            let columns = view.shape()[2];
+            if at >= columns {
+                at -= columns;
+                continue;
+            }
+            let take = left.min(columns - at);
+            out.extend(view.slice(s![row, h, at..at + take, ..]).iter().copied());
+            left -= take;
+            at = 0;
+            if left == 0 {
+                break;
+            }
+        }
+        if left > 0 {
+            return Err(EngineError::GraphMismatch("a cache block past the row's positions".into()));
+        }
+    }
+    Ok(out)
+}
+
+/// The element types a block's columns come in.
+trait BlockElement: Sized {
+    fn columns(columns: &Columns) -> Option<&[Self]>;
+}
+
+impl BlockElement for f32 {
+    fn columns(columns: &Columns) -> Option<&[Self]> {
+        match columns {
+            Columns::F32(v) => Some(v),
+            Columns::F16(_) => None,
+        }
+    }
+}
+
+impl BlockElement for half::f16 {
+    fn columns(columns: &Columns) -> Option<&[Self]> {
+        match columns {
+            Columns::F16(v) => Some(v),
+            Columns::F32(_) => None,
+        }
     }
 }
 

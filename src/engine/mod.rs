@@ -1,5 +1,5 @@
 //! The engine: a loaded model (its three ONNX sessions, tokenizer, template and family), the
-//! image-feature cache, the KV cache, sampling, stop rules, incremental detokenization and the generation loop.
+//! image-feature cache, the KV cache and its prefix cache, sampling, stop rules, incremental detokenization and the generation loop.
 //!
 //! It knows tensors and tokens; it does not know HTTP, files beyond the package, or time
 //! budgets. `prepare` (template, images, tokens) takes `&self` so it can run off the
@@ -14,6 +14,7 @@ mod grammar;
 mod graphs;
 mod kv_cache;
 mod model;
+mod prefix_cache;
 mod sampler;
 mod stop;
 mod tensors;
@@ -28,6 +29,7 @@ pub use generate::{
 pub use grammar::{Constraint, Guide, compact_schema};
 pub use kv_cache::{KvCache, KvLayout};
 pub use model::{Codec, GraphChoice, Model, ModelInfo, ModelOptions};
+pub use prefix_cache::{BLOCK_TOKENS, PrefixCache};
 pub use sampler::{Sampler, SamplingParams};
 pub use stop::{FinishReason, StopRules, StopStrings};
 

@@ -11,6 +11,7 @@ use super::feature_cache::FeatureCache;
 use super::grammar::{Constraint, Grammars, Guide};
 use super::graphs::{Decoder, Embedder, VisionEncoder};
 use super::kv_cache::KvLayout;
+use super::prefix_cache::PrefixCache;
 use super::vision::VisionWorker;
 use crate::family::{self, Family};
 use crate::package::{Graph, ModelPackage, Precision};
@@ -105,6 +106,8 @@ pub struct Model {
     pub(super) decoder: Decoder,
     /// Shared with the other workers of the same model version; `None` when off.
     pub(super) feature_cache: Option<Arc<FeatureCache>>,
+    /// Shared like the feature cache; `None` when off.
+    pub(super) prefix_cache: Option<Arc<PrefixCache>>,
 }
 
 /// A graph's inputs and outputs as `name: type`.
@@ -156,12 +159,30 @@ impl Model {
         codec.check_consistency(&decoder.layout)?;
         let vision_io = describe(vision.session());
         let vision = VisionWorker::start(vision)?;
-        Ok(Self { codec: Arc::new(codec), vision, vision_io, embedder, decoder, feature_cache: None })
+        Ok(Self {
+            codec: Arc::new(codec),
+            vision,
+            vision_io,
+            embedder,
+            decoder,
+            feature_cache: None,
+            prefix_cache: None,
+        })
     }
 
     /// Reuse the vision encoder's output for inputs `cache` has seen.
     pub fn with_feature_cache(mut self, cache: Option<Arc<FeatureCache>>) -> Self {
         self.feature_cache = cache;
+        self
+    }
+
+    /// Reuse the KV cache of prompt beginnings `cache` holds. Only where the KV cache lives in
+    /// host memory: on a device, filling the cache would copy every finished row to the host.
+    pub fn with_prefix_cache(mut self, cache: Option<Arc<PrefixCache>>) -> Self {
+        if cache.is_some() && !self.decoder.cache_on_host() {
+            tracing::info!("prefix cache off: the decoder's KV cache lives in device memory");
+        }
+        self.prefix_cache = cache.filter(|_| self.decoder.cache_on_host());
         self
     }
 

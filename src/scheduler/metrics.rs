@@ -47,6 +47,9 @@ pub struct Metrics {
     pub kv_cache_bytes: IntGaugeVec,
     pub feature_cache_lookups: IntCounterVec,
     pub feature_cache_bytes: IntGaugeVec,
+    pub prefix_cache_lookups: IntCounterVec,
+    pub prefix_cache_hit_tokens: IntCounterVec,
+    pub prefix_cache_bytes: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] =
@@ -131,6 +134,17 @@ impl Metrics {
                 &["model", "result"],
             ),
             feature_cache_bytes: gauge("image_feature_cache_bytes", "Bytes of image features cached", &["model"]),
+            prefix_cache_lookups: counter(
+                "prefix_cache_lookups_total",
+                "Requests by prefix cache result (hit: some prompt tokens' keys and values were reused; miss)",
+                &["model", "result"],
+            ),
+            prefix_cache_hit_tokens: counter(
+                "prefix_cache_hit_tokens_total",
+                "Prompt tokens whose keys and values came from the prefix cache",
+                &["model"],
+            ),
+            prefix_cache_bytes: gauge("prefix_cache_bytes", "Bytes of keys and values in the prefix cache", &["model"]),
             registry,
         })
     }

@@ -27,7 +27,7 @@ pub use metrics::{Metrics, Stage};
 
 use crate::config::{ModelSettings, SchedulerSettings};
 use crate::engine::{
-    Codec, Completion, EngineError, FeatureCache, GenerationParams, Limits, Logprobs, ModelOptions, Prompt,
+    Codec, Completion, EngineError, FeatureCache, GenerationParams, Limits, Logprobs, ModelOptions, PrefixCache, Prompt,
 };
 use queue::Queue;
 
@@ -390,6 +390,7 @@ impl Scheduler {
             ending: self.ending.clone(),
             metrics: self.metrics.clone(),
             feature_cache: FeatureCache::new(self.config.image_feature_cache_mb << 20).map(Arc::new),
+            prefix_cache: PrefixCache::new(self.config.prefix_cache_mb << 20).map(Arc::new),
             max_batch_size: self.config.max_batch_size,
             max_kv_bytes: kv_budget(self.config.max_kv_bytes),
             limits: Limits {
@@ -601,6 +602,7 @@ mod tests {
                     prompt: ndarray::ArrayD::zeros(ndarray::IxDyn(&[1, 1])),
                     next: 1,
                 },
+                image_ids: Vec::new(),
                 preprocess_time: Duration::ZERO,
             };
             Job {

@@ -14,7 +14,7 @@ use super::queue::Queue;
 use super::{CancelToken, Job, JobEvent, SchedulerError};
 use crate::engine::{
     Batch, Codec, Completion, EngineError, Event, FeatureCache, FinishReason, Flow, Fork, KvLayout, Limits, Model,
-    ModelOptions, Step,
+    ModelOptions, PrefixCache, Step,
 };
 use prometheus::Histogram;
 
@@ -32,6 +32,8 @@ pub struct WorkerSpec {
     pub metrics: Arc<Metrics>,
     /// One for all of this version's workers; `None` when off.
     pub feature_cache: Option<Arc<FeatureCache>>,
+    /// One for all of this version's workers, within each one's `max_kv_bytes`; `None` when off.
+    pub prefix_cache: Option<Arc<PrefixCache>>,
     pub max_batch_size: usize,
     /// KV-cache bytes this worker's batch may reserve.
     pub max_kv_bytes: usize,
@@ -86,7 +88,9 @@ pub fn spawn_workers(spec: WorkerSpec) -> Result<Arc<Codec>, SchedulerError> {
 
 fn load(spec: &WorkerSpec) -> Result<Model, EngineError> {
     let start = Instant::now();
-    let mut model = Model::load(&spec.dir, &spec.options)?.with_feature_cache(spec.feature_cache.clone());
+    let mut model = Model::load(&spec.dir, &spec.options)?
+        .with_feature_cache(spec.feature_cache.clone())
+        .with_prefix_cache(spec.prefix_cache.clone());
     if spec.warmup {
         model.warm_up()?;
     }
@@ -106,8 +110,13 @@ fn serve(mut model: Model, spec: &WorkerSpec) {
         loop {
             let held: Vec<usize> = batch.rows().map(|a| a.reserved).collect();
             let fits = |job: &Job| {
+                let needed = kv_needed(&held, reservation(job, &layout), job.params.samples);
                 held.len() + job.params.samples <= spec.max_batch_size
-                    && fits_budget(&held, reservation(job, &layout), job.params.samples, spec.max_kv_bytes)
+                    && (held.is_empty()
+                        || spec
+                            .prefix_cache
+                            .as_ref()
+                            .map_or(needed <= spec.max_kv_bytes, |cache| cache.make_room(needed, spec.max_kv_bytes)))
             };
             let Some(job) = spec.queue.pop_if(fits) else { break };
             start_job(&mut batch, &model, job, spec);
@@ -155,13 +164,14 @@ fn reservation(job: &Job, layout: &KvLayout) -> usize {
     job.prompt.input_ids.len().saturating_add(job.params.max_new_tokens).saturating_mul(layout.bytes_per_token())
 }
 
-/// Whether `samples` rows reserving `new` bytes each may join rows holding `held`: the
-/// batch's cache is padded to its longest row, so it can grow to rows x the largest
-/// reservation. A worker with nothing to do takes any job (one sequence is bounded by the
-/// context anyway).
-fn fits_budget(held: &[usize], new: usize, samples: usize, budget: usize) -> bool {
+/// The KV bytes a batch of rows holding `held` may come to with `samples` more rows
+/// reserving `new` bytes each: the batch's cache is padded to its longest row, so it can grow
+/// to rows x the largest reservation. A worker with nothing to do takes any job (one sequence
+/// is bounded by the context anyway); the prefix cache gives way to a job that needs its
+/// bytes (see [`PrefixCache::make_room`]).
+fn kv_needed(held: &[usize], new: usize, samples: usize) -> usize {
     let widest = held.iter().copied().max().unwrap_or(0).max(new);
-    held.is_empty() || (held.len() + samples).saturating_mul(widest) <= budget
+    (held.len() + samples).saturating_mul(widest)
 }
 
 fn record_step(spec: &WorkerSpec, step: &Step<Active>, kv_bytes: usize) {
@@ -314,6 +324,12 @@ fn report(active: Active, result: Result<Completion, EngineError>, spec: &Worker
             metrics.stage(name, Stage::Prefill, t.prefill_s);
             metrics.stage(name, Stage::Decode, t.decode_s);
             metrics.generation_tokens.with_label_values(&[name]).inc_by(completion.token_ids.len() as u64);
+            if let Some(cache) = &spec.prefix_cache {
+                let result = if t.prefix_cached_tokens > 0 { "hit" } else { "miss" };
+                metrics.prefix_cache_lookups.with_label_values(&[name, result]).inc();
+                metrics.prefix_cache_hit_tokens.with_label_values(&[name]).inc_by(t.prefix_cached_tokens as u64);
+                metrics.prefix_cache_bytes.with_label_values(&[name]).set(cache.bytes() as i64);
+            }
             if let (Some(cache), true) = (&spec.feature_cache, active.has_images) {
                 let result = if t.vision_cache_hit { "hit" } else { "miss" };
                 metrics.feature_cache_lookups.with_label_values(&[name, result]).inc();
@@ -356,14 +372,13 @@ fn report(active: Active, result: Result<Completion, EngineError>, spec: &Worker
 
 #[cfg(test)]
 mod tests {
-    use super::fits_budget;
+    use super::kv_needed;
 
     #[test]
     fn every_sample_of_a_job_counts_against_the_kv_budget() {
-        assert!(fits_budget(&[], 1000, 8, 10), "an idle worker takes any job");
-        assert!(fits_budget(&[100], 100, 3, 400));
-        assert!(!fits_budget(&[100], 100, 3, 399));
+        assert_eq!(kv_needed(&[], 1000, 8), 8000);
+        assert_eq!(kv_needed(&[100], 100, 3), 400);
         // The batch is padded to its widest row: a wide newcomer widens every row.
-        assert!(!fits_budget(&[100, 100], 200, 1, 599));
+        assert_eq!(kv_needed(&[100, 100], 200, 1), 600);
     }
 }

@@ -103,6 +103,18 @@ pub fn references() -> Vec<Reference> {
 }
 
 impl Reference {
+    /// The cases of `conversations.json` (`vlmexport.fixtures.make_conversations`): prompts
+    /// that share beginnings, with transformers' greedy answers.
+    pub fn conversations(&self) -> Vec<Case> {
+        #[derive(Deserialize)]
+        struct Conversations {
+            cases: Vec<Case>,
+        }
+        let file = self.dir.join("conversations.json");
+        let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        serde_json::from_str::<Conversations>(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display())).cases
+    }
+
     pub fn package_dir(&self) -> PathBuf {
         self.dir.join(&self.package)
     }
