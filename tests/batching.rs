@@ -456,7 +456,7 @@ fn forty_pictures_with_one_question_never_share_image_blocks() {
 
         let order: Vec<u32> = (0..2).flat_map(|_| (0..20).flat_map(|i| [i, i + 20])).collect();
         let mut batch = Batch::new(model.kv_layout(), Limits { prefill_tokens: 64, vision_tiles: 4 });
-        let mut seen = vec![false; 40];
+        let mut seen = [false; 40];
         for wave in order.chunks(5) {
             for &i in wave {
                 let prompt = ask(&model, i, Detail::Auto);

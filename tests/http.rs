@@ -873,7 +873,9 @@ fn a_request_past_its_deadline_ends_with_504() {
 /// `server.expose_cache_hits = true` opts in to the cache-hit field (one user, or trusted ones).
 #[test]
 fn vqa_reports_cache_hits_only_when_configured() {
-    let server = Server::start(&config_toml(&package_dir(), "expose_cache_hits = true"));
+    // The prefix cache off: it would hold the whole prompt the second time.
+    let server =
+        Server::start(&config_toml(&package_dir(), "expose_cache_hits = true\n[scheduler]\nprefix_cache_mb = 0"));
     let b64 = base64::engine::general_purpose::STANDARD.encode(image_bytes("images/one_image_0.png"));
     let ask = || server.post("/v1/vqa", &json!({"image": b64, "question": "What?", "max_tokens": 2, "temperature": 0}));
     let ((s1, first), (s2, second)) = (ask(), ask());
