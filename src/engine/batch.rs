@@ -260,19 +260,18 @@ impl<T> Batch<T> {
         };
         let sampler = Sampler::new(params.sampling.clone());
         let run = Run::new(&prompt, model.codec.stop_rules(params), sampler, params);
-        let timings = Timings {
-            preprocess_s: prompt.preprocess_time.as_secs_f64(),
-            constraint_compile_s: params.guide.as_ref().map_or(0.0, |guide| guide.compile_s),
-            ..Timings::default()
-        };
         let identity = model.prefix_cache.as_ref().map(|_| model.codec.token_identity(&prompt));
         let reused = match (&model.prefix_cache, &identity) {
             (Some(cache), Some(identity)) => cache_hit(cache, identity, &prompt.input_ids),
             _ => Vec::new(),
         };
         let start = reused.len() * BLOCK_TOKENS;
-        let mut timings = timings;
-        timings.prefix_cached_tokens = start;
+        let timings = Timings {
+            preprocess_s: prompt.preprocess_time.as_secs_f64(),
+            constraint_compile_s: params.guide.as_ref().map_or(0.0, |guide| guide.compile_s),
+            prefix_cached_tokens: start,
+            ..Timings::default()
+        };
         let Prompt { input_ids, images, positions, .. } = prompt;
         // Images whose tokens are all in the reused blocks need no features.
         let image_token = model.codec.family.image_token_id();

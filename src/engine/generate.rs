@@ -285,8 +285,7 @@ impl Codec {
     /// into image tokens and features (its budget, the family and its processor settings).
     fn image_id(&self, image: &RgbImage, budget: ImageBudget) -> ImageId {
         let mut hash = Sha256::new();
-        hash.update(self.family.name());
-        hash.update(self.package.processor.to_string());
+        hash.update(self.image_settings);
         hash.update(format!("{:?}", budget.detail));
         hash.update(budget.max_pixels.unwrap_or(0).to_le_bytes());
         hash.update(image.width().to_le_bytes());

@@ -375,7 +375,7 @@ impl KvCache {
         Ok(Block { tensors })
     }
 
-    /// Positions of row `row`, oldest first.
+    /// Positions row `row` holds (padding not counted).
     pub(super) fn row_len(&self, row: usize) -> usize {
         self.lens[row]
     }

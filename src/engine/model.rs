@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
 use super::EngineError;
@@ -91,6 +92,9 @@ pub struct Codec {
     /// The most bytes of text one token can stand for (4 per character of the longest
     /// vocabulary entry): a prompt longer than the context times this is refused untokenized.
     pub(super) max_token_bytes: usize,
+    /// A hash of the family and its processor settings: part of every image's identity in
+    /// the prefix cache (see `Codec::image_id`).
+    pub(super) image_settings: [u8; 32],
     grammars: Grammars,
 }
 
@@ -155,7 +159,9 @@ impl Model {
         };
         let max_token_bytes = tokenizer.get_vocab(true).keys().map(|t| 4 * t.chars().count()).max().unwrap_or(4);
         let grammars = Grammars::default();
-        let codec = Codec { info, package, family, tokenizer, template, max_token_bytes, grammars };
+        let image_settings =
+            Sha256::new().chain_update(family.name()).chain_update(package.processor.to_string()).finalize().into();
+        let codec = Codec { info, package, family, tokenizer, template, max_token_bytes, image_settings, grammars };
         codec.check_consistency(&decoder.layout)?;
         let vision_io = describe(vision.session());
         let vision = VisionWorker::start(vision)?;

@@ -213,21 +213,20 @@ mod tests {
         assert_eq!(identity(&[]).keys(&text[..64]), keys);
 
         // The same placeholder ids standing for two pictures, or a picture at two budgets
-        // (another id), share no block; the same picture does.
-        // Text before the picture longer than its tokens: only image tokens take its identity.
-        let mut prompt = vec![1u32; 20];
-        prompt.extend([9; 12]);
-        prompt.extend([2; 32]);
-        let a = identity(&[(1, 12)]).keys(&prompt);
-        let b = identity(&[(2, 12)]).keys(&prompt);
-        assert!(a[0] != b[0] && a[1] != b[1]);
-        let mut prompt = vec![1u32; 8];
-        prompt.extend([9; 40]);
-        prompt.extend([2; 16]);
-        let a = identity(&[(1, 40)]).keys(&prompt);
-        let b = identity(&[(2, 40)]).keys(&prompt);
-        assert!(a[0] != b[0] && a[1] != b[1]);
-        assert_eq!(a, identity(&[(1, 40)]).keys(&prompt));
+        // (another id), share no block; the same picture does. `(text, image, text)` tokens,
+        // once with more text before the picture than it has tokens.
+        let picture_keys = |(before, image, after): (usize, usize, usize)| {
+            let prompt: Vec<u32> = [(1, before), (9, image), (2, after)]
+                .iter()
+                .flat_map(|&(token, n)| std::iter::repeat_n(token, n))
+                .collect();
+            let (a, b) = (identity(&[(1, image)]).keys(&prompt), identity(&[(2, image)]).keys(&prompt));
+            assert!(a[0] != b[0] && a[1] != b[1]);
+            assert_eq!(a, identity(&[(1, image)]).keys(&prompt));
+            (prompt, a)
+        };
+        picture_keys((20, 12, 32));
+        let (prompt, a) = picture_keys((8, 40, 16));
         // An image token past the prompt's images is text: differs from one standing for an image.
         let mut generated = prompt.clone();
         generated[60] = 9;
