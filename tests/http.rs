@@ -852,12 +852,17 @@ fn a_client_that_leaves_while_its_images_are_encoded_is_withdrawn_before_its_fir
 
 #[test]
 fn a_request_past_its_deadline_ends_with_504() {
-    let server = Server::start(&config_toml(&package_dir(), "request_timeout_s = 0.3"));
+    // With the response cache on: an answer cut by its deadline is never kept.
+    let server = Server::start(&config_toml(&package_dir(), "request_timeout_s = 0.3\nresponse_cache_mb = 4"));
     let long = json!({"model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "temperature": 0, "max_tokens": 2000, "ignore_eos": true});
-    let start = Instant::now();
-    let (status, body) = server.post("/v1/chat/completions", &long);
-    assert_error(status, &body, 504, "deadline_exceeded");
-    assert!(start.elapsed() < Duration::from_secs(20));
+    for _ in 0..2 {
+        let start = Instant::now();
+        let (status, body) = server.post("/v1/chat/completions", &long);
+        assert_error(status, &body, 504, "deadline_exceeded");
+        assert!(start.elapsed() < Duration::from_secs(20));
+    }
+    assert_eq!(server.metric("vlmserve_response_cache_lookups_total", "result=\"miss\""), 2.0);
+    assert_eq!(server.metric("vlmserve_response_cache_lookups_total", "result=\"hit\""), 0.0);
     let mut streaming = long.clone();
     streaming["stream"] = json!(true);
     let response = server.chat_response(&streaming);
@@ -868,6 +873,164 @@ fn a_request_past_its_deadline_ends_with_504() {
     assert_eq!(error["error"]["code"], "deadline_exceeded", "{error}");
     assert!(server.metric("vlmserve_requests_finished_total", "reason=\"deadline\"") >= 2.0);
     assert_eq!(server.get("/health").0, 200);
+}
+
+/// POST JSON; the status, the `x-vlmserve-cache` header and the body (SSE events when
+/// streamed, as a JSON array of their payloads).
+fn post_cached(server: &Server, path: &str, body: &Value) -> (u16, Option<String>, Value) {
+    let mut response =
+        agent().post(server.url(path)).header("Content-Type", "application/json").send(body.to_string()).unwrap();
+    let status = response.status().as_u16();
+    let cache = response.headers().get("x-vlmserve-cache").map(|v| v.to_str().unwrap().to_string());
+    let text = response.body_mut().read_to_string().unwrap();
+    let body = if body["stream"] == json!(true) {
+        json!(read_events(text.as_bytes()))
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    (status, cache, body)
+}
+
+/// A body without what differs between two answers to the same request: ids and times.
+fn without_ids(body: &Value) -> Value {
+    match body {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "id" | "created" | "created_at" | "item_id"))
+                .map(|(k, v)| (k.clone(), without_ids(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(without_ids).collect()),
+        // SSE payloads are JSON text.
+        Value::String(s) => serde_json::from_str::<Value>(s)
+            .ok()
+            .filter(Value::is_object)
+            .map_or_else(|| body.clone(), |v| without_ids(&v)),
+        other => other.clone(),
+    }
+}
+
+#[test]
+fn identical_deterministic_requests_are_answered_from_the_response_cache() {
+    let server = Server::start(&config_toml(&package_dir(), "response_cache_mb = 4\nadmin_token = \"secret-token\""));
+    let image = image_bytes("images/one_image_0.png");
+    let request = greedy(json!([user_with_images(std::slice::from_ref(&image), "What is in the image?")]), 12);
+    let chat = |body: &Value| post_cached(&server, "/v1/chat/completions", body);
+    let lookups =
+        |result: &str| server.metric("vlmserve_response_cache_lookups_total", &format!("result=\"{result}\""));
+
+    let (status, miss, first) = chat(&request);
+    assert_eq!((status, miss.as_deref()), (200, Some("miss")), "{first}");
+    assert!(server.metric("vlmserve_response_cache_bytes", "") > 0.0);
+    let (status, hit, second) = chat(&request);
+    assert_eq!((status, hit.as_deref()), (200, Some("hit")), "{second}");
+    assert_ne!(first["id"], second["id"]);
+    assert_eq!(without_ids(&second), without_ids(&first), "a hit's body is the answer's, usage included");
+    assert_eq!((lookups("miss"), lookups("hit")), (1.0, 1.0));
+
+    // A stored answer streams as the live one did: the same chunks, in the same order.
+    let mut streamed = greedy(json!([user_with_images(std::slice::from_ref(&image), "Describe the image.")]), 12);
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (_, live_cache, live) = chat(&streamed);
+    let (_, replay_cache, replay) = chat(&streamed);
+    assert_eq!((live_cache.as_deref(), replay_cache.as_deref()), (Some("miss"), Some("hit")));
+    assert_eq!(without_ids(&replay), without_ids(&live));
+    assert!(live.as_array().unwrap().len() > 4, "{live}");
+    // The first request's answer, stored whole, streams too.
+    let mut first_streamed = request.clone();
+    first_streamed["stream"] = json!(true);
+    let (_, cache, events) = chat(&first_streamed);
+    assert_eq!(cache.as_deref(), Some("hit"));
+    let events: Vec<String> = events.as_array().unwrap().iter().map(|e| e.as_str().unwrap().to_string()).collect();
+    assert_eq!(stream_text(&events).0, text(&first));
+
+    // Any parameter, prompt or image changed: a miss.
+    let changed = [
+        ("max_tokens", json!(11)),
+        ("stop", json!(["zzz"])),
+        ("logprobs", json!(true)),
+        ("n", json!(2)),
+        ("repetition_penalty", json!(1.1)),
+        ("response_format", json!({"type": "json_object"})),
+    ];
+    for (param, value) in changed {
+        let mut other = request.clone();
+        other[param] = value;
+        let (status, cache, body) = chat(&other);
+        assert_eq!((status, cache.as_deref()), (200, Some("miss")), "{param}: {body}");
+    }
+    let other_image = image_bytes("images/two_images_0.png");
+    let mut other = request.clone();
+    other["messages"] = json!([user_with_images(&[other_image], "What is in the image?")]);
+    assert_eq!(chat(&other).1.as_deref(), Some("miss"), "another picture");
+    other["messages"][0]["content"][0]["image_url"]["detail"] = json!("low");
+    assert_eq!(chat(&other).1.as_deref(), Some("miss"), "another budget");
+
+    // Sampled: reproducible with a seed only.
+    let mut sampled = request.clone();
+    sampled["temperature"] = json!(0.8);
+    let (status, cache, body) = chat(&sampled);
+    assert_eq!((status, cache), (200, None), "{body}");
+    assert_eq!(chat(&sampled).1, None, "nothing is stored for a sampled request without a seed");
+    sampled["seed"] = json!(7);
+    let (_, cache, seeded) = chat(&sampled);
+    let (_, cache_again, seeded_again) = chat(&sampled);
+    assert_eq!((cache.as_deref(), cache_again.as_deref()), (Some("miss"), Some("hit")));
+    assert_eq!(without_ids(&seeded_again), without_ids(&seeded));
+
+    // The other generating endpoints share the cache's rules.
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&image);
+    let vqa = json!({"image": b64, "question": "What?", "max_tokens": 4, "temperature": 0});
+    let (_, cache, vqa_first) = post_cached(&server, "/v1/vqa", &vqa);
+    let (_, cache_again, vqa_second) = post_cached(&server, "/v1/vqa", &vqa);
+    assert_eq!((cache.as_deref(), cache_again.as_deref()), (Some("miss"), Some("hit")));
+    assert_eq!(vqa_first["answer"], vqa_second["answer"]);
+    let responses = json!({"model": MODEL, "input": "Hello?", "max_output_tokens": 4, "temperature": 0});
+    let (_, cache, _) = post_cached(&server, "/v1/responses", &responses);
+    let (_, cache_again, _) = post_cached(&server, "/v1/responses", &responses);
+    assert_eq!((cache.as_deref(), cache_again.as_deref()), (Some("miss"), Some("hit")));
+
+    // A reload is a new version: its answers are its own.
+    let (status, _, body) = server.post_raw(
+        &format!("/admin/models/{MODEL}/reload"),
+        "",
+        "application/json",
+        &[("Authorization", "Bearer secret-token")],
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, cache, reloaded) = chat(&request);
+    assert_eq!((status, cache.as_deref()), (200, Some("miss")), "{reloaded}");
+    assert_eq!(text(&reloaded), text(&first), "the same files answer the same");
+}
+
+/// A conversation's next turn reuses the keys and values of the turn before (prefix cache on
+/// by default); `cached_tokens` says how many when cache hits are exposed.
+#[test]
+fn a_follow_up_turn_reports_its_reused_prompt_tokens() {
+    let server = Server::start(&config_toml(&package_dir(), "expose_cache_hits = true"));
+    let image = image_bytes("images/one_image_0.png");
+    let question = user_with_images(std::slice::from_ref(&image), "What is in the image?");
+    let hit_tokens = || server.metric("vlmserve_prefix_cache_hit_tokens_total", "");
+    let (hits_before, tokens_before) =
+        (server.metric("vlmserve_prefix_cache_lookups_total", "result=\"hit\""), hit_tokens());
+    let (status, first) = server.post("/v1/chat/completions", &greedy(json!([question.clone()]), 12));
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{first}");
+    let answer = json!({"role": "assistant", "content": text(&first)});
+    let follow_up = json!({"role": "user", "content": "And what colour is it?"});
+    let (status, second) = server.post("/v1/chat/completions", &greedy(json!([question, answer, follow_up]), 12));
+    assert_eq!(status, 200, "{second}");
+    let first_prompt = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    let prompt = second["usage"]["prompt_tokens"].as_u64().unwrap();
+    // The first turn's whole 32-token blocks at least (its answer may add one), never the
+    // whole prompt; cached_tokens adds image tokens past them whose features were cached.
+    let reused = hit_tokens() - tokens_before;
+    assert!(reused >= (first_prompt / 32 * 32) as f64 && reused % 32.0 == 0.0, "{reused} of {first_prompt}");
+    assert!(cached as f64 >= reused && cached < prompt, "{cached} of {prompt}, {reused} reused");
+    assert_eq!(server.metric("vlmserve_prefix_cache_lookups_total", "result=\"hit\"") - hits_before, 1.0);
+    assert!(server.metric("vlmserve_prefix_cache_bytes", "") > 0.0);
 }
 
 /// `server.expose_cache_hits = true` opts in to the cache-hit field (one user, or trusted ones).

@@ -86,6 +86,11 @@ pub struct ServerSettings {
     /// Say in `/v1/vqa`'s timings whether the image's features came from the shared
     /// image-feature cache: off, since it tells a client whether anyone sent that image before.
     pub expose_cache_hits: bool,
+    /// Answers to deterministic requests (greedy, or with a `seed`) kept for identical
+    /// requests, in MiB; 0 turns the cache off. Shared by all clients.
+    pub response_cache_mb: usize,
+    /// How long a kept answer may be replayed, in seconds.
+    pub response_cache_ttl_s: f64,
 }
 
 impl Default for ServerSettings {
@@ -111,6 +116,8 @@ impl Default for ServerSettings {
             remote_image_timeout_s: 10.0,
             exit_on_load_failure: true,
             expose_cache_hits: false,
+            response_cache_mb: 0,
+            response_cache_ttl_s: 600.0,
             body_read_timeout_s: 30.0,
             body_bytes_in_flight_mb: 256,
             allowed_hosts: Vec::new(),

@@ -1,10 +1,10 @@
 //! Prometheus metrics of serving: requests by route and status, queue depth, requests running,
-//! latency histograms, tokens, where generation time goes, and the image-feature cache. The server renders them.
+//! latency histograms, tokens, where generation time goes, and the caches. The server renders them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Stages of a request whose durations are measured separately.
 #[derive(Debug, Clone, Copy)]
@@ -50,6 +50,8 @@ pub struct Metrics {
     pub prefix_cache_lookups: IntCounterVec,
     pub prefix_cache_hit_tokens: IntCounterVec,
     pub prefix_cache_bytes: IntGaugeVec,
+    pub response_cache_lookups: IntCounterVec,
+    pub response_cache_bytes: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] =
@@ -145,6 +147,17 @@ impl Metrics {
                 &["model"],
             ),
             prefix_cache_bytes: gauge("prefix_cache_bytes", "Bytes of keys and values in the prefix cache", &["model"]),
+            response_cache_lookups: counter(
+                "response_cache_lookups_total",
+                "Reproducible requests by response cache result (hit: answered from a stored answer; miss)",
+                &["model", "result"],
+            ),
+            response_cache_bytes: {
+                let gauge = IntGauge::new("response_cache_bytes", "Bytes of answers in the response cache")
+                    .expect("valid metric");
+                registry.register(Box::new(gauge.clone())).expect("unique metric");
+                gauge
+            },
             registry,
         })
     }

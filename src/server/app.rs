@@ -10,6 +10,7 @@ use actix_web::{App, HttpResponse, HttpServer, web};
 use futures_util::future::Either;
 
 use super::errors::ApiError;
+use super::response_cache::ResponseCache;
 use super::{AppState, ReloadSettings, ServerError, admin, health, hosts, openai, page, request, responses, vqa};
 use crate::config::{ServerSettings, Settings};
 use crate::engine::ModelOptions;
@@ -56,6 +57,11 @@ fn app_state(
         default_max_tokens: server.default_max_tokens,
         default_temperature: server.default_temperature,
         expose_cache_hits: server.expose_cache_hits,
+        response_cache: ResponseCache::new(
+            server.response_cache_mb << 20,
+            Duration::from_secs_f64(server.response_cache_ttl_s),
+        )
+        .map(Arc::new),
         request_timeout: (server.request_timeout_s > 0.0).then(|| Duration::from_secs_f64(server.request_timeout_s)),
         admin_token: server.admin_token.clone().filter(|t| !t.trim().is_empty()),
         reload_settings,

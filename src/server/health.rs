@@ -23,5 +23,8 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
 }
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    if let Some(cache) = &state.response_cache {
+        state.metrics.response_cache_bytes.set(cache.bytes() as i64);
+    }
     HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(state.metrics.render())
 }

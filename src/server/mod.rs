@@ -14,6 +14,7 @@ mod hosts;
 mod openai;
 mod page;
 mod request;
+mod response_cache;
 mod responses;
 mod tools;
 mod vqa;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub default_temperature: f32,
     /// `server.expose_cache_hits`.
     pub expose_cache_hits: bool,
+    /// `server.response_cache_mb`, when on.
+    pub response_cache: Option<Arc<response_cache::ResponseCache>>,
     pub request_timeout: Option<Duration>,
     pub admin_token: Option<String>,
     pub reload_settings: ReloadSettings,

@@ -546,7 +546,8 @@ pub async fn chat_completions(
     )?;
     let default_max_tokens = use_default.then_some(state.default_max_tokens);
     let input = PrepareInput { messages, images, tools: tools.offered, params, default_max_tokens, constraint };
-    let Started { model, running, .. } = request::start(&state, request.model.as_deref(), input, arrived).await?;
+    let Started { model, running, cache, .. } =
+        request::start(&state, request.model.as_deref(), input, arrived).await?;
     let id = format!("chatcmpl-{:032x}", rand::random::<u128>());
     let created = request::unix_now();
     let return_ids = request.return_token_ids.unwrap_or(false);
@@ -566,7 +567,7 @@ pub async fn chat_completions(
             held: reads_calls.then(|| (0..samples).map(|_| HeldText::default()).collect()),
             phase: Phase::Start,
         };
-        return Ok(HttpResponse::Ok()
+        return Ok(request::ok(cache)
             .content_type("text/event-stream")
             .insert_header(("Cache-Control", "no-cache"))
             .insert_header(("X-Accel-Buffering", "no"))
@@ -575,7 +576,7 @@ pub async fn chat_completions(
     let completions = request::collect_samples(running).await?;
     let shape = Shape { return_ids, expose_cache_hits: state.expose_cache_hits, reads_calls };
     let body = completion_body(&id, created, &model, &completions, shape);
-    Ok(HttpResponse::Ok().json(body))
+    Ok(request::ok(cache).json(body))
 }
 
 /// What a whole response shows besides the text.
@@ -700,7 +701,7 @@ impl ChatStream {
         }
         let mut out = String::new();
         loop {
-            match self.running.events.recv().await {
+            match self.running.recv().await {
                 Some(JobEvent::Token { sample, token_id, text, logprobs }) => {
                     let content = match self.held.as_mut().and_then(|held| held.get_mut(sample)) {
                         Some(held) => held.push(&text).to_string(),

@@ -14,6 +14,7 @@ use futures_util::StreamExt;
 
 use super::AppState;
 use super::errors::ApiError;
+use super::response_cache::{Answer, Recording, ResponseCache};
 use crate::engine::{Codec, Completion, Constraint, EngineError, GenerationParams, Prompt};
 use crate::family::ImageBudget;
 use crate::preprocess::chat_template::ChatMessage;
@@ -415,10 +416,37 @@ pub struct Started {
     pub model: String,
     pub image_decode_s: f64,
     pub running: Running,
+    /// What the response cache did, when it is on and the request's answer is reproducible.
+    pub cache: Option<CacheLookup>,
+}
+
+/// The response cache's part in an answer, for the `x-vlmserve-cache` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheLookup {
+    Hit,
+    Miss,
+}
+
+impl CacheLookup {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheLookup::Hit => "hit",
+            CacheLookup::Miss => "miss",
+        }
+    }
+}
+
+/// A 200 response, with the `x-vlmserve-cache` header when the response cache took part.
+pub fn ok(cache: Option<CacheLookup>) -> actix_web::HttpResponseBuilder {
+    let mut response = actix_web::HttpResponse::Ok();
+    if let Some(lookup) = cache {
+        response.insert_header(("x-vlmserve-cache", lookup.as_str()));
+    }
+    response
 }
 
 /// Every generating endpoint's way in: resolve the model, take a place in its queue (429 when
-/// full), prepare on the blocking pool, submit.
+/// full), prepare on the blocking pool, then answer from the response cache or submit.
 pub async fn start(
     state: &AppState,
     requested_model: Option<&str>,
@@ -427,9 +455,34 @@ pub async fn start(
 ) -> Result<Started, ApiError> {
     let model = model_name(state, requested_model)?;
     let admission = state.scheduler.admit(&model)?;
+    let constraint = input.constraint.as_ref().map(|c| c.constraint.clone());
     let prepared = prepare(state, &admission, input).await?;
     let image_decode_s = prepared.image_decode_s;
-    Ok(Started { model, image_decode_s, running: submit(state, admission, prepared, arrived) })
+    let cached = state.response_cache.as_ref().and_then(|cache| {
+        let key = ResponseCache::key(
+            &model,
+            admission.version.number,
+            &prepared.prompt,
+            &prepared.params,
+            constraint.as_ref(),
+        )?;
+        Some((cache, key))
+    });
+    let Some((cache, key)) = cached else {
+        let running = submit(state, admission, prepared, arrived, None);
+        return Ok(Started { model, image_decode_s, running, cache: None });
+    };
+    let answer = cache.get(&key);
+    let lookup = if answer.is_some() { CacheLookup::Hit } else { CacheLookup::Miss };
+    state.metrics.response_cache_lookups.with_label_values(&[&model, lookup.as_str()]).inc();
+    let running = match answer {
+        Some(answer) => Running::replay(answer, admission),
+        None => {
+            let recording = Recording::new(cache.clone(), key, prepared.params.samples);
+            submit(state, admission, prepared, arrived, Some(recording))
+        }
+    };
+    Ok(Started { model, image_decode_s, running, cache: Some(lookup) })
 }
 
 /// Prepare on the blocking pool.
@@ -445,27 +498,66 @@ async fn prepare(state: &AppState, admission: &Admission, input: PrepareInput) -
     Ok(prepared)
 }
 
-/// A submitted generation: its events, and what must live as long as the client waits
-/// (dropping it, e.g. when actix drops the request of a client that disconnected, cancels the
-/// generation).
+/// A generation's events, and what must live as long as the client waits (dropping it, e.g.
+/// when actix drops the request of a client that disconnected, cancels the generation).
 pub struct Running {
-    pub events: tokio::sync::mpsc::UnboundedReceiver<JobEvent>,
-    pub _admission: Admission,
-    pub _cancel: CancelOnDrop,
+    events: Events,
+    _admission: Admission,
+    _cancel: CancelOnDrop,
 }
 
-fn submit(state: &AppState, admission: Admission, prepared: Prepared, arrived: Instant) -> Running {
+enum Events {
+    /// From the model's worker, kept for the response cache when `recording` is set.
+    Live { events: tokio::sync::mpsc::UnboundedReceiver<JobEvent>, recording: Option<Recording> },
+    /// A stored answer's, from `next` on.
+    Replay { answer: Answer, next: usize },
+}
+
+impl Running {
+    fn replay(answer: Answer, admission: Admission) -> Self {
+        let events = Events::Replay { answer, next: 0 };
+        Self { events, _admission: admission, _cancel: CancelOnDrop(CancelToken::default()) }
+    }
+
+    /// The next event; `None` once the last sample's sequence is gone.
+    pub async fn recv(&mut self) -> Option<JobEvent> {
+        match &mut self.events {
+            Events::Replay { answer, next } => {
+                let event = answer.get(*next)?.clone();
+                *next += 1;
+                Some(event.into())
+            }
+            Events::Live { events, recording } => {
+                let event = events.recv().await?;
+                if let Some(kept) = recording
+                    && !kept.record(&event)
+                {
+                    *recording = None;
+                }
+                Some(event)
+            }
+        }
+    }
+}
+
+fn submit(
+    state: &AppState,
+    admission: Admission,
+    prepared: Prepared,
+    arrived: Instant,
+    recording: Option<Recording>,
+) -> Running {
     let cancel = CancelToken::default();
     let deadline = state.request_timeout.map(|t| (arrived + t, t));
     let events = admission.submit(prepared.prompt, prepared.params, deadline, cancel.clone());
-    Running { events, _admission: admission, _cancel: CancelOnDrop(cancel) }
+    Running { events: Events::Live { events, recording }, _admission: admission, _cancel: CancelOnDrop(cancel) }
 }
 
 /// Wait for every sample's whole completion (non-streaming responses), in sample order; at
 /// least one. The events end when the last sample's sequence is gone.
 pub async fn collect_samples(mut running: Running) -> Result<Vec<Completion>, ApiError> {
     let mut completions = Vec::new();
-    while let Some(event) = running.events.recv().await {
+    while let Some(event) = running.recv().await {
         match event {
             JobEvent::Token { .. } => {}
             JobEvent::Done(completion) => completions.push(completion),

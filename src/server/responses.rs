@@ -123,7 +123,8 @@ pub async fn responses(
     }
     let default_max_tokens = use_default.then_some(state.default_max_tokens);
     let input = PrepareInput { messages, images, tools: Vec::new(), params, default_max_tokens, constraint };
-    let Started { model, running, .. } = request::start(&state, request.model.as_deref(), input, arrived).await?;
+    let Started { model, running, cache, .. } =
+        request::start(&state, request.model.as_deref(), input, arrived).await?;
     let reply = Reply {
         id: format!("resp_{:032x}", rand::random::<u128>()),
         item_id: format!("msg_{:032x}", rand::random::<u128>()),
@@ -136,14 +137,14 @@ pub async fn responses(
     };
     if request.stream.unwrap_or(false) {
         let stream = ResponseStream { running, reply, sequence: 0, text: String::new(), done: false };
-        return Ok(HttpResponse::Ok()
+        return Ok(request::ok(cache)
             .content_type("text/event-stream")
             .insert_header(("Cache-Control", "no-cache"))
             .insert_header(("X-Accel-Buffering", "no"))
             .streaming(stream.into_stream()));
     }
     let completion = request::collect(running).await?;
-    Ok(HttpResponse::Ok().json(reply.response(Some(&completion))))
+    Ok(request::ok(cache).json(reply.response(Some(&completion))))
 }
 
 /// What every event and the final object repeat about the response.
@@ -273,7 +274,7 @@ impl ResponseStream {
         if self.sequence == 0 {
             return Some(Bytes::from(self.opening()));
         }
-        let out = match self.running.events.recv().await {
+        let out = match self.running.recv().await {
             Some(JobEvent::Token { text, .. }) if text.is_empty() => String::new(),
             Some(JobEvent::Token { text, .. }) => {
                 self.text.push_str(&text);

@@ -80,10 +80,10 @@ pub async fn vqa(
         default_max_tokens: requested.is_none().then_some(state.default_max_tokens),
         constraint: None,
     };
-    let Started { model, image_decode_s, running } =
+    let Started { model, image_decode_s, running, cache } =
         request::start(&state, fields.model.as_deref(), input, arrived).await?;
     let completion = request::collect(running).await?;
-    Ok(HttpResponse::Ok().json(json!({
+    Ok(request::ok(cache).json(json!({
         "answer": completion.text,
         "model": model,
         "finish_reason": completion.finish_reason,
