@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use common::{Case, Reference, agreement, references};
 use vlmserve::engine::{
-    BLOCK_TOKENS, Batch, Completion, Constraint, EngineError, FinishReason, Flow, Fork, GenerationParams, Limits,
-    Model, PrefixCache, Prompt, SamplingParams,
+    BLOCK_TOKENS, Batch, Completion, Constraint, EngineError, FeatureCache, FinishReason, Flow, Fork, GenerationParams,
+    Limits, Model, PrefixCache, Prompt, PromptImages, SamplingParams,
 };
 use vlmserve::family::{Detail, ImageBudget};
 use vlmserve::package::Precision;
@@ -384,6 +384,34 @@ fn follow_up_turns_and_a_shared_system_prompt_reuse_cached_blocks_and_match_pyto
             rows.add(&case, &completion.token_ids);
         }
         assert!(cache.bytes() > 0);
+    }
+}
+
+/// A prompt prepared while the feature cache holds its pictures' features takes them instead
+/// of processing the pixels (a follow-up turn, with the prefix cache off), and the answers are
+/// still PyTorch's on every family.
+#[test]
+fn a_prompt_whose_features_are_cached_skips_processing_and_matches_pytorch() {
+    for reference in references() {
+        let cache = Arc::new(FeatureCache::new(64 << 20).unwrap());
+        let mut model = reference.load(Precision::Fp32).with_feature_cache(Some(cache.clone()));
+        let mut seen = Vec::new();
+        for case in reference.conversations() {
+            let images = case.decoded_images(&reference.dir);
+            let prompt = model.codec.prepare_cached(&case.chat_messages(), &images, &[], &[], Some(&cache)).unwrap();
+            let name = format!("{} {}", reference.family, case.name);
+            let cached = !case.images.is_empty() && seen.contains(&case.images);
+            assert_eq!(matches!(prompt.images, Some(PromptImages::Features { .. })), cached, "{name}");
+            let processed = prepare(&model, &reference, &case);
+            assert_eq!(prompt.input_ids, processed.input_ids, "{name}: the layouts from the sizes expand alike");
+            assert_eq!(prompt.positions.prompt, processed.positions.prompt, "{name}");
+            let completion =
+                model.generate(prompt, &params(reference.max_new_tokens), &mut |_| Flow::Continue).unwrap();
+            assert_eq!(completion.token_ids, case.generated_ids, "{name}: tokens differ from PyTorch's");
+            assert_eq!(completion.timings.vision_cache_hit, cached, "{name}");
+            seen.push(case.images.clone());
+        }
+        assert!(seen.iter().filter(|i| !i.is_empty()).count() > 2, "{}: too few pictures", reference.family);
     }
 }
 

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Case, Reference, agreement, read_bool, read_f32, read_i64, references, unbatch};
-use vlmserve::engine::{Completion, Flow, GenerationParams, Model, Prompt};
+use vlmserve::engine::{Completion, Flow, GenerationParams, Model, Prompt, PromptImages};
 use vlmserve::family::TensorData;
 use vlmserve::package::Precision;
 
@@ -31,7 +31,10 @@ fn our_prompt(model: &Model, reference: &Reference, case: &Case) -> Prompt {
 /// The same prompt, but with the vision-encoder inputs transformers computed instead of ours.
 fn reference_prompt(model: &Model, reference: &Reference, case: &Case) -> Prompt {
     let ours = our_prompt(model, reference, case);
-    let images = ours.images.clone().map(|mut images| {
+    let images = ours.images.clone().map(|images| {
+        let PromptImages::Pixels(mut images) = images else {
+            panic!("{}: prepare without a cache processes", case.name)
+        };
         for input in &mut images.inputs {
             let recorded =
                 case.array(&input.name).unwrap_or_else(|| panic!("{}: no {} recorded", case.name, input.name));

@@ -157,6 +157,28 @@ fn package_settings(package: &Path) -> (serde_json::Value, serde_json::Value) {
     (config, processor)
 }
 
+/// Every family's layouts from an image's size alone equal those its processing gives, at
+/// every budget: prompts whose features are cached are expanded from them.
+#[test]
+fn layouts_from_sizes_equal_the_processed_layouts() {
+    use vlmserve::family::{Detail, ImageBudget};
+    for reference in common::references() {
+        let (config, processor) = package_settings(&reference.package_dir());
+        let family = vlmserve::family::for_model_type(&config, &processor).unwrap();
+        for (width, height) in [(512, 512), (190, 70), (640, 480), (33, 900), (1000, 300)] {
+            let image = RgbImage::from_pixel(width, height, image::Rgb([10, 200, 30]));
+            for detail in [Detail::Auto, Detail::Low, Detail::High] {
+                for max_pixels in [None, Some(200_000)] {
+                    let budget = ImageBudget { detail, max_pixels };
+                    let processed = family.process_images(std::slice::from_ref(&image), &[budget]).unwrap();
+                    let from_size = family.image_layout(width, height, budget).unwrap();
+                    assert_eq!(processed.layouts, [from_size], "{} {width}x{height} {budget:?}", reference.family);
+                }
+            }
+        }
+    }
+}
+
 /// Qwen2-VL normalizes with the CLIP std (~0.27): transformers' float32 arithmetic, which we
 /// repeat, leaves nothing but rounding.
 const QWEN_PIXEL_TOLERANCE: f32 = 1e-4;
@@ -213,7 +235,11 @@ fn qwen2_vl_image_budgets_bound_the_tokens() {
     let image = RgbImage::from_pixel(640, 480, image::Rgb([10, 200, 30]));
     let tokens = |budget: ImageBudget| {
         let processed = family.process_images(std::slice::from_ref(&image), &[budget]).unwrap();
-        assert_eq!(processed.total_tokens(), family.image_tokens_for_size(640, 480, budget), "estimate = actual");
+        assert_eq!(
+            processed.total_tokens(),
+            family.image_layout(640, 480, budget).unwrap().tokens,
+            "estimate = actual"
+        );
         processed.total_tokens()
     };
     let high = tokens(ImageBudget { detail: Detail::High, max_pixels: None });

@@ -44,7 +44,11 @@ fn describe(model: &Model) -> String {
     );
     let _ = writeln!(out, "tokens per image:");
     for (w, h) in SAMPLE_SIZES {
-        let _ = writeln!(out, "  {w}x{h}: {}", model.codec.family.image_tokens_for_size(w, h, ImageBudget::default()));
+        let _ = writeln!(
+            out,
+            "  {w}x{h}: {}",
+            model.codec.family.image_layout(w, h, ImageBudget::default()).unwrap().tokens
+        );
     }
     let described = model.describe_graphs();
     for ((graph, precision, path, providers), (_, inputs, outputs)) in info.graphs.iter().zip(described) {

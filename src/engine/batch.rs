@@ -20,7 +20,7 @@ use ndarray::{Array2, ArrayD, Axis, Slice};
 
 use super::EngineError;
 use super::feature_cache::{FeatureCache, FeatureKey};
-use super::generate::{Completion, Event, Flow, GenerationParams, Prompt, Run, Timings, float_value};
+use super::generate::{Completion, Event, Flow, GenerationParams, Prompt, PromptImages, Run, Timings, float_value};
 use super::grammar::Guide;
 use super::kv_cache::{KvCache, KvLayout};
 use super::model::Model;
@@ -94,6 +94,13 @@ struct Encoding {
     /// Tiles encoded so far, and their feature rows.
     done: usize,
     rows: Vec<Array2<f32>>,
+}
+
+impl PromptInput {
+    /// Image tokens past the reused blocks: those whose features prefill needs.
+    fn image_tokens_to_prefill(&self, image_token: u32) -> usize {
+        self.input_ids[self.reused.len() * BLOCK_TOKENS..].iter().filter(|&&id| id == image_token).count()
+    }
 }
 
 struct Prefill {
@@ -266,26 +273,31 @@ impl<T> Batch<T> {
             _ => Vec::new(),
         };
         let start = reused.len() * BLOCK_TOKENS;
-        let timings = Timings {
+        let mut timings = Timings {
             preprocess_s: prompt.preprocess_time.as_secs_f64(),
             constraint_compile_s: params.guide.as_ref().map_or(0.0, |guide| guide.compile_s),
             prefix_cached_tokens: start,
             ..Timings::default()
         };
-        let Prompt { input_ids, images, positions, .. } = prompt;
+        let Prompt { input_ids, images, positions, image_ids, .. } = prompt;
         // Images whose tokens are all in the reused blocks need no features.
         let image_token = model.codec.family.image_token_id();
         let images = images.filter(|_| input_ids[start..].contains(&image_token));
         let prompt =
             PromptInput { input_ids, positions: positions.prompt, next_position: positions.next, cache, reused };
         let phase = match images {
-            Some(images) => Phase::Encoding(Encoding {
+            Some(PromptImages::Pixels(images)) => Phase::Encoding(Encoding {
                 prompt,
-                key: model.feature_cache.as_ref().map(|_| FeatureCache::key(&images.inputs)),
+                key: model.feature_cache.as_ref().map(|_| FeatureCache::key(&image_ids)),
                 images,
                 done: 0,
                 rows: Vec::new(),
             }),
+            Some(PromptImages::Features { features, .. }) => {
+                timings.vision_cache_hit = true;
+                timings.feature_cached_tokens = prompt.image_tokens_to_prefill(image_token);
+                Phase::Ready { prompt, features: Some(features) }
+            }
             None => Phase::Ready { prompt, features: None },
         };
         self.next_id += 1;
@@ -612,10 +624,7 @@ impl<T> Sequence<T> {
         let (Some(cache), Some(key), 0) = (&model.feature_cache, &work.key, work.done) else { return self };
         let Some(features) = cache.get(key) else { return self };
         self.timings.vision_cache_hit = true;
-        let image_token = model.codec.family.image_token_id();
-        let reused = work.prompt.reused.len() * BLOCK_TOKENS;
-        self.timings.feature_cached_tokens =
-            work.prompt.input_ids[reused..].iter().filter(|&&id| id == image_token).count();
+        self.timings.feature_cached_tokens = work.prompt.image_tokens_to_prefill(model.codec.family.image_token_id());
         self.phase = match self.phase {
             Phase::Encoding(work) => Phase::Ready { prompt: work.prompt, features: Some(features) },
             other => other,

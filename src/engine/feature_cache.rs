@@ -2,9 +2,10 @@
 //! repeated image (a follow-up question about the same picture, a popular image) skips the
 //! encoder, usually most of the time to first token.
 //!
-//! Keyed by a SHA-256 of the processed inputs (names, shapes and values), not of the encoded
-//! file: two encodings of the same pixels share an entry, and any change in preprocessing
-//! misses. Bounded in bytes, least recently used out first. One cache serves all workers of a
+//! Keyed by the request's images' identities (`ImageId`: decoded pixels, budget, processor
+//! settings), not by the encoded files: two encodings of the same pixels share an entry, any
+//! change in preprocessing misses, and a hit is found before the pixels are processed, which
+//! it then skips. Bounded in bytes, least recently used out first. One cache serves all workers of a
 //! model version; a reload starts a new one (the features depend on the weights).
 
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use lru::LruCache;
 use ndarray::{Array2, ArrayD};
 use sha2::{Digest, Sha256};
 
+use super::prefix_cache::ImageId;
 use crate::family::{NamedTensor, TensorData};
 
 pub type FeatureKey = [u8; 32];
@@ -59,7 +61,14 @@ impl FeatureCache {
             .then(|| Self { capacity_bytes, state: Mutex::new(State { entries: LruCache::unbounded(), bytes: 0 }) })
     }
 
-    pub fn key(inputs: &[NamedTensor]) -> FeatureKey {
+    /// The key of a prompt's images, by their identities in prompt order.
+    pub fn key(image_ids: &[ImageId]) -> FeatureKey {
+        image_ids.iter().fold(Sha256::new(), |hash, id| hash.chain_update(id)).finalize().into()
+    }
+
+    /// An identity of processed inputs (names, shapes and values), for images known only by
+    /// them.
+    pub fn inputs_id(inputs: &[NamedTensor]) -> ImageId {
         let mut hash = Sha256::new();
         for input in inputs {
             hash.update((input.name.len() as u64).to_le_bytes());
@@ -124,16 +133,16 @@ mod tests {
 
     #[test]
     fn keys_follow_the_values_names_and_shapes() {
-        assert_eq!(FeatureCache::key(&inputs(0.5)), FeatureCache::key(&inputs(0.5)));
-        assert_ne!(FeatureCache::key(&inputs(0.5)), FeatureCache::key(&inputs(0.25)));
+        assert_eq!(FeatureCache::inputs_id(&inputs(0.5)), FeatureCache::inputs_id(&inputs(0.5)));
+        assert_ne!(FeatureCache::inputs_id(&inputs(0.5)), FeatureCache::inputs_id(&inputs(0.25)));
         let mut renamed = inputs(0.5);
         renamed[0].name = "pixel_attention_mask".into();
-        assert_ne!(FeatureCache::key(&renamed), FeatureCache::key(&inputs(0.5)));
+        assert_ne!(FeatureCache::inputs_id(&renamed), FeatureCache::inputs_id(&inputs(0.5)));
         let reshaped = vec![NamedTensor {
             name: "pixel_values".into(),
             data: TensorData::F32(ArrayD::from_elem(IxDyn(&[2, 1]), 0.5)),
         }];
-        assert_ne!(FeatureCache::key(&reshaped), FeatureCache::key(&inputs(0.5)));
+        assert_ne!(FeatureCache::inputs_id(&reshaped), FeatureCache::inputs_id(&inputs(0.5)));
     }
 
     #[test]

@@ -19,15 +19,38 @@ use super::prefix_cache::{ImageId, TokenIdentity};
 use super::sampler::{RawLogprobs, Sampler, SamplingParams};
 use super::stop::{FinishReason, StopRules, StopStrings};
 use super::tensors::{host_copy, to_f32_array};
-use crate::family::{ImageBudget, Positions, ProcessedImages};
+use crate::family::{ImageBudget, ImageLayout, Positions, ProcessedImages};
 use crate::preprocess::chat_template::ChatMessage;
 use crate::preprocess::tools::Tool;
 
-/// A prompt ready for the graphs: token ids, processed images and position ids.
+/// A prompt's images as the graphs will take them.
+#[derive(Debug, Clone)]
+pub enum PromptImages {
+    /// Processed for the vision encoder.
+    Pixels(ProcessedImages),
+    /// Their features, which the feature cache held when the prompt was prepared: their
+    /// pixels were never processed.
+    Features { layouts: Vec<ImageLayout>, features: Arc<Array2<f32>> },
+}
+
+impl PromptImages {
+    pub fn layouts(&self) -> &[ImageLayout] {
+        match self {
+            PromptImages::Pixels(processed) => &processed.layouts,
+            PromptImages::Features { layouts, .. } => layouts,
+        }
+    }
+
+    pub fn total_tokens(&self) -> usize {
+        self.layouts().iter().map(|l| l.tokens).sum()
+    }
+}
+
+/// A prompt ready for the graphs: token ids, images and position ids.
 #[derive(Debug, Clone)]
 pub struct Prompt {
     pub input_ids: Vec<u32>,
-    pub images: Option<ProcessedImages>,
+    pub images: Option<PromptImages>,
     pub positions: Positions,
     /// What each image stands for in the prefix cache's keys, in prompt order.
     pub image_ids: Vec<ImageId>,
@@ -233,6 +256,19 @@ impl Codec {
         budgets: &[ImageBudget],
         tools: &[Tool],
     ) -> Result<Prompt, EngineError> {
+        self.prepare_cached(messages, images, budgets, tools, None)
+    }
+
+    /// [`Codec::prepare`], taking the images' features from `features` when it holds them
+    /// instead of processing their pixels.
+    pub fn prepare_cached(
+        &self,
+        messages: &[ChatMessage],
+        images: &[RgbImage],
+        budgets: &[ImageBudget],
+        tools: &[Tool],
+        features: Option<&FeatureCache>,
+    ) -> Result<Prompt, EngineError> {
         let start = Instant::now();
         let wanted: usize = messages.iter().map(ChatMessage::image_count).sum();
         if wanted != images.len() {
@@ -249,15 +285,40 @@ impl Codec {
         if text.len() > most {
             return Err(EngineError::PromptTooManyBytes { bytes: text.len(), most, context: self.info.context_length });
         }
-        let processed = if images.is_empty() { None } else { Some(self.family.process_images(images, budgets)?) };
-        let layouts = processed.as_ref().map(|p| p.layouts.as_slice()).unwrap_or_default();
+        let image_ids: Vec<ImageId> =
+            images.iter().zip(0..).map(|(image, i)| self.image_id(image, ImageBudget::of(budgets, i))).collect();
+        let prompt_images = match images {
+            [] => None,
+            _ => Some(self.prompt_images(images, budgets, &image_ids, features)?),
+        };
+        let layouts = prompt_images.as_ref().map(PromptImages::layouts).unwrap_or_default();
         let expanded = self.family.expand_prompt(&text, layouts)?;
         let encoding = self.tokenizer.encode(expanded, true).map_err(|e| EngineError::Encode(e.to_string()))?;
-        let image_ids =
-            images.iter().zip(0..).map(|(image, i)| self.image_id(image, ImageBudget::of(budgets, i))).collect();
-        let mut prompt = self.prompt_with(encoding.get_ids().to_vec(), processed, image_ids);
+        let mut prompt = self.prompt_with(encoding.get_ids().to_vec(), prompt_images, image_ids);
         prompt.preprocess_time = start.elapsed();
         Ok(prompt)
+    }
+
+    /// The images' features when `features` holds them (their layouts follow from their
+    /// sizes), else their processed pixels.
+    fn prompt_images(
+        &self,
+        images: &[RgbImage],
+        budgets: &[ImageBudget],
+        image_ids: &[ImageId],
+        features: Option<&FeatureCache>,
+    ) -> Result<PromptImages, EngineError> {
+        if let Some(features) = features.and_then(|cache| cache.get(&FeatureCache::key(image_ids))) {
+            let layouts = images
+                .iter()
+                .zip(0..)
+                .map(|(image, i)| self.family.image_layout(image.width(), image.height(), ImageBudget::of(budgets, i)))
+                .collect::<Result<Vec<_>, _>>()?;
+            if layouts.iter().map(|l| l.tokens).sum::<usize>() == features.nrows() {
+                return Ok(PromptImages::Features { layouts, features });
+            }
+        }
+        Ok(PromptImages::Pixels(self.family.process_images(images, budgets)?))
     }
 
     /// A prompt from token ids that already contain the expanded image tokens. Its images are
@@ -265,18 +326,18 @@ impl Codec {
     pub fn prompt_from_ids(&self, input_ids: Vec<u32>, images: Option<ProcessedImages>) -> Prompt {
         let image_ids = match &images {
             Some(processed) => {
-                let set = FeatureCache::key(&processed.inputs);
+                let set = FeatureCache::inputs_id(&processed.inputs);
                 (0..processed.layouts.len() as u64)
                     .map(|i| Sha256::new().chain_update(set).chain_update(i.to_le_bytes()).finalize().into())
                     .collect()
             }
             None => Vec::new(),
         };
-        self.prompt_with(input_ids, images, image_ids)
+        self.prompt_with(input_ids, images.map(PromptImages::Pixels), image_ids)
     }
 
-    fn prompt_with(&self, input_ids: Vec<u32>, images: Option<ProcessedImages>, image_ids: Vec<ImageId>) -> Prompt {
-        let layouts = images.as_ref().map(|p| p.layouts.as_slice()).unwrap_or_default();
+    fn prompt_with(&self, input_ids: Vec<u32>, images: Option<PromptImages>, image_ids: Vec<ImageId>) -> Prompt {
+        let layouts = images.as_ref().map(PromptImages::layouts).unwrap_or_default();
         let positions = self.family.prompt_positions(&input_ids, layouts);
         Prompt { input_ids, images, positions, image_ids, preprocess_time: Duration::ZERO }
     }
@@ -296,7 +357,7 @@ impl Codec {
 
     /// How the prefix cache tells this prompt's tokens apart.
     pub(super) fn token_identity(&self, prompt: &Prompt) -> TokenIdentity {
-        let layouts = prompt.images.as_ref().map(|p| p.layouts.as_slice()).unwrap_or_default();
+        let layouts = prompt.images.as_ref().map(PromptImages::layouts).unwrap_or_default();
         TokenIdentity {
             image_token: self.family.image_token_id(),
             images: prompt.image_ids.iter().copied().zip(layouts.iter().map(|l| l.tokens)).collect(),
@@ -409,7 +470,7 @@ impl Run {
         let prompt_ids = &prompt.input_ids;
         Self {
             sample: 0,
-            image_tokens: prompt.images.as_ref().map_or(0, ProcessedImages::total_tokens),
+            image_tokens: prompt.images.as_ref().map_or(0, PromptImages::total_tokens),
             guide: params.guide.clone(),
             logprobs: params.logprobs.map(|top| (top, Vec::new())),
             sampled: None,

@@ -205,8 +205,8 @@ impl Family for Idefics3 {
         })
     }
 
-    fn image_tokens_for_size(&self, width: u32, height: u32, budget: ImageBudget) -> usize {
-        self.layout(&self.plan(width, height, budget)).tokens
+    fn image_layout(&self, width: u32, height: u32, budget: ImageBudget) -> Result<ImageLayout, FamilyError> {
+        Ok(self.layout(&self.plan(width, height, budget)))
     }
 
     fn expand_prompt(&self, prompt: &str, layouts: &[ImageLayout]) -> Result<String, FamilyError> {
@@ -346,19 +346,19 @@ mod tests {
             family.plan(512, 512, ImageBudget::default()),
             Plan { resized: (2048, 2048), tiled: (2048, 2048), rows: 4, cols: 4 }
         );
-        assert_eq!(family.image_tokens_for_size(512, 512, ImageBudget::default()), 1088);
-        assert_eq!(smolvlm(false).image_tokens_for_size(512, 512, ImageBudget::default()), 64);
+        assert_eq!(family.image_layout(512, 512, ImageBudget::default()).unwrap().tokens, 1088);
+        assert_eq!(smolvlm(false).image_layout(512, 512, ImageBudget::default()).unwrap().tokens, 64);
     }
 
     #[test]
     fn budgets_cost_fewer_tiles() {
         let family = smolvlm(true);
         let low = ImageBudget { detail: Detail::Low, max_pixels: None };
-        assert_eq!(family.image_tokens_for_size(512, 512, low), 64);
+        assert_eq!(family.image_layout(512, 512, low).unwrap().tokens, 64);
         // At most 1024x1024 pixels: a 1024 longest edge is 2x2 tiles and the global image.
         let capped = ImageBudget { detail: Detail::High, max_pixels: Some(1024 * 1024) };
         assert_eq!(family.plan(512, 512, capped).rows, 2);
-        assert_eq!(family.image_tokens_for_size(512, 512, capped), 5 * 64);
+        assert_eq!(family.image_layout(512, 512, capped).unwrap().tokens, 5 * 64);
     }
 
     #[test]
@@ -369,7 +369,7 @@ mod tests {
             family.plan(190, 70, ImageBudget::default()),
             Plan { resized: (2048, 754), tiled: (2048, 1024), rows: 2, cols: 4 }
         );
-        assert_eq!(family.image_tokens_for_size(190, 70, ImageBudget::default()), 9 * 64);
+        assert_eq!(family.image_layout(190, 70, ImageBudget::default()).unwrap().tokens, 9 * 64);
         // 1x1 upscales to 2048x2048.
         assert_eq!(family.plan(1, 1, ImageBudget::default()).rows, 4);
         // Extreme aspect: height truncates to 0, min 1, then a whole tile.

@@ -193,9 +193,10 @@ pub trait Family: Send + Sync + std::fmt::Debug {
     /// bounds image `i` (see [`ImageBudget::of`]).
     fn process_images(&self, images: &[RgbImage], budgets: &[ImageBudget]) -> Result<ProcessedImages, FamilyError>;
 
-    /// How many image tokens an image of this size will cost under `budget`, without
-    /// processing it (used for admission before any pixel work).
-    fn image_tokens_for_size(&self, width: u32, height: u32, budget: ImageBudget) -> usize;
+    /// The layout an image of this size gets under `budget`, as [`Family::process_images`]
+    /// gives it, without any pixel work (admission before decoding; prompts whose features
+    /// are cached skip processing).
+    fn image_layout(&self, width: u32, height: u32, budget: ImageBudget) -> Result<ImageLayout, FamilyError>;
 
     /// Replace each image placeholder of a rendered prompt with that image's tokens.
     fn expand_prompt(&self, prompt: &str, layouts: &[ImageLayout]) -> Result<String, FamilyError>;

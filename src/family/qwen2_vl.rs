@@ -309,9 +309,8 @@ impl Family for Qwen2Vl {
         Ok(ProcessedImages { inputs, layouts, tile_tokens: None })
     }
 
-    fn image_tokens_for_size(&self, width: u32, height: u32, budget: ImageBudget) -> usize {
-        // An image refused here is refused with its reason when it is processed.
-        self.target_size(width, height, budget).map_or(0, |(w, h)| self.layout(w, h).tokens)
+    fn image_layout(&self, width: u32, height: u32, budget: ImageBudget) -> Result<ImageLayout, FamilyError> {
+        self.target_size(width, height, budget).map(|(w, h)| self.layout(w, h))
     }
 
     fn expand_prompt(&self, prompt: &str, layouts: &[ImageLayout]) -> Result<String, FamilyError> {
@@ -386,10 +385,12 @@ mod tests {
     #[test]
     fn detail_low_and_max_pixels_lower_the_token_count() {
         let family = Qwen2Vl { low_detail_max_pixels: 16 * 28 * 28, ..qwen("qwen2_vl") };
-        let high = family.image_tokens_for_size(1000, 800, ImageBudget::default());
-        let low = family.image_tokens_for_size(1000, 800, ImageBudget { detail: Detail::Low, max_pixels: None });
-        let capped =
-            family.image_tokens_for_size(1000, 800, ImageBudget { detail: Detail::High, max_pixels: Some(8 * 784) });
+        let high = family.image_layout(1000, 800, ImageBudget::default()).unwrap().tokens;
+        let low = family.image_layout(1000, 800, ImageBudget { detail: Detail::Low, max_pixels: None }).unwrap().tokens;
+        let capped = family
+            .image_layout(1000, 800, ImageBudget { detail: Detail::High, max_pixels: Some(8 * 784) })
+            .unwrap()
+            .tokens;
         // transformers: 196x224 (56 tokens), 84x112 (12), 56x84 (6).
         assert_eq!((high, low, capped), (56, 12, 6));
     }

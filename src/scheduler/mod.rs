@@ -154,6 +154,8 @@ impl Drop for CancelOnDrop {
 pub struct Version {
     pub number: u64,
     pub codec: Arc<Codec>,
+    /// Its workers' image-feature cache, which preparing a prompt consults too.
+    pub feature_cache: Option<Arc<FeatureCache>>,
     pub settings: ModelSettings,
     pub loaded_at: std::time::SystemTime,
     queue: Arc<Queue>,
@@ -378,6 +380,7 @@ impl Scheduler {
     ) -> Result<Arc<Version>, SchedulerError> {
         let number = slot.read().versions + 1;
         let queue = Arc::new(Queue::default());
+        let feature_cache = FeatureCache::new(self.config.image_feature_cache_mb << 20).map(Arc::new);
         let codec = worker::spawn_workers(worker::WorkerSpec {
             model: slot.name.clone(),
             dir: settings.path.clone(),
@@ -389,7 +392,7 @@ impl Scheduler {
             in_flight: slot.in_flight.clone(),
             ending: self.ending.clone(),
             metrics: self.metrics.clone(),
-            feature_cache: FeatureCache::new(self.config.image_feature_cache_mb << 20).map(Arc::new),
+            feature_cache: feature_cache.clone(),
             prefix_cache: PrefixCache::new(self.config.prefix_cache_mb << 20).map(Arc::new),
             max_batch_size: self.config.max_batch_size,
             max_kv_bytes: kv_budget(self.config.max_kv_bytes),
@@ -401,6 +404,7 @@ impl Scheduler {
         Ok(Arc::new(Version {
             number,
             codec,
+            feature_cache,
             settings: settings.clone(),
             loaded_at: std::time::SystemTime::now(),
             queue,

@@ -15,14 +15,14 @@ use futures_util::StreamExt;
 use super::AppState;
 use super::errors::ApiError;
 use super::response_cache::{Answer, Recording, ResponseCache};
-use crate::engine::{Codec, Completion, Constraint, EngineError, GenerationParams, Prompt};
+use crate::engine::{Completion, Constraint, EngineError, GenerationParams, Prompt};
 use crate::family::ImageBudget;
 use crate::preprocess::chat_template::ChatMessage;
 use crate::preprocess::tools::Tool;
 use crate::preprocess::{
     ImageLimits, MemoryBudget, PreprocessError, Reservation, Shortfall, decode_image, read_header,
 };
-use crate::scheduler::{Admission, CancelOnDrop, CancelToken, JobEvent, SchedulerError, Stage};
+use crate::scheduler::{Admission, CancelOnDrop, CancelToken, JobEvent, SchedulerError, Stage, Version};
 
 /// How much of a body the server reads, for how long, and how many bytes of bodies all
 /// requests together may hold while they are read and parsed.
@@ -347,13 +347,14 @@ pub struct Prepared {
 /// Check image sizes (from headers) and the token budget, decode, render and tokenize, and
 /// check the prompt against the context. Blocking: run it in `web::block`.
 fn prepare_blocking(
-    codec: &Codec,
+    version: &Version,
     input: PrepareInput,
     limits: &ImageLimits,
     decoding: &Decoding,
     remote: Option<&RemoteImages>,
 ) -> Result<Prepared, ApiError> {
     let PrepareInput { messages, images, tools, mut params, default_max_tokens, constraint } = input;
+    let codec = &version.codec;
     // Compiled first: a refused schema costs no image decoding.
     if let Some(RequestConstraint { constraint, param }) = constraint {
         let guide = codec.guide(&constraint).map_err(|e| ApiError::from(e).with_param(param))?;
@@ -379,7 +380,8 @@ fn prepare_blocking(
     let mut decode_bytes = 0u64;
     for (bytes, budget) in images.iter().zip(&budgets) {
         if let Some(header) = read_header(bytes, limits) {
-            let tokens = codec.family.image_tokens_for_size(header.width, header.height, *budget);
+            // An image refused here is refused with its reason when it is processed.
+            let tokens = codec.family.image_layout(header.width, header.height, *budget).map_or(0, |l| l.tokens);
             image_tokens = image_tokens.saturating_add(tokens);
             decode_bytes = decode_bytes.saturating_add(header.decode_bytes);
         }
@@ -403,7 +405,7 @@ fn prepare_blocking(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let image_decode_s = start.elapsed().as_secs_f64();
-    let prompt = codec.prepare(&messages, &decoded, &budgets, &tools)?;
+    let prompt = codec.prepare_cached(&messages, &decoded, &budgets, &tools, version.feature_cache.as_deref())?;
     if let Some(default) = default_max_tokens {
         params.max_new_tokens = default.min(context.saturating_sub(prompt.input_ids.len())).max(1);
     }
@@ -487,11 +489,11 @@ pub async fn start(
 
 /// Prepare on the blocking pool.
 async fn prepare(state: &AppState, admission: &Admission, input: PrepareInput) -> Result<Prepared, ApiError> {
-    let codec = admission.codec().clone();
+    let version = admission.version.clone();
     let limits = state.image_limits;
     let decoding = state.decoding.clone();
     let remote = state.remote_images.clone();
-    let prepared = web::block(move || prepare_blocking(&codec, input, &limits, &decoding, remote.as_deref()))
+    let prepared = web::block(move || prepare_blocking(&version, input, &limits, &decoding, remote.as_deref()))
         .await
         .map_err(|e| ApiError::internal(format!("preprocessing was interrupted: {e}")))??;
     state.metrics.stage(admission.model(), Stage::ImageDecode, prepared.image_decode_s);
