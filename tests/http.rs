@@ -912,7 +912,10 @@ fn without_ids(body: &Value) -> Value {
 
 #[test]
 fn identical_deterministic_requests_are_answered_from_the_response_cache() {
-    let server = Server::start(&config_toml(&package_dir(), "response_cache_mb = 4\nadmin_token = \"secret-token\""));
+    let server = Server::start(&config_toml(
+        &package_dir(),
+        "response_cache_mb = 4\nexpose_cache_hits = true\nadmin_token = \"secret-token\"",
+    ));
     let image = image_bytes("images/one_image_0.png");
     let request = greedy(json!([user_with_images(std::slice::from_ref(&image), "What is in the image?")]), 12);
     let chat = |body: &Value| post_cached(&server, "/v1/chat/completions", body);
@@ -954,11 +957,14 @@ fn identical_deterministic_requests_are_answered_from_the_response_cache() {
         ("repetition_penalty", json!(1.1)),
         ("response_format", json!({"type": "json_object"})),
     ];
+    let cached_tokens = |body: &Value| body["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
     for (param, value) in changed {
         let mut other = request.clone();
         other[param] = value;
         let (status, cache, body) = chat(&other);
         assert_eq!((status, cache.as_deref()), (200, Some("miss")), "{param}: {body}");
+        // Generated anew, from the prefix the first request left.
+        assert!(cached_tokens(&body) > 0, "{param}: {body}");
     }
     let other_image = image_bytes("images/two_images_0.png");
     let mut other = request.clone();
@@ -1001,6 +1007,7 @@ fn identical_deterministic_requests_are_answered_from_the_response_cache() {
     assert_eq!(status, 200, "{body}");
     let (status, cache, reloaded) = chat(&request);
     assert_eq!((status, cache.as_deref()), (200, Some("miss")), "{reloaded}");
+    assert_eq!(cached_tokens(&reloaded), 0, "no prefix block or feature of the old version serves the new one");
     assert_eq!(text(&reloaded), text(&first), "the same files answer the same");
 }
 

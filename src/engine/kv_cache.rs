@@ -527,7 +527,11 @@ mod tests {
     use ort::memory::Allocator;
     use ort::value::{DynValue, Tensor, TensorElementType};
 
+    use std::sync::Arc;
+
     use super::{EngineError, KvCache, KvLayout, older_inputs};
+    use crate::engine::BLOCK_TOKENS;
+    use crate::engine::prefix_cache::{Block, Columns};
 
     const HEADS: usize = 2;
     const DIM: usize = 3;
@@ -659,6 +663,74 @@ mod tests {
         assert_eq!(recent, [5; 4]);
         let tags = array(&cache.recent[1]).slice(s![1, 0, .., 0]).to_vec();
         assert_eq!(tags, [0., 0., 0., 11000., 11001.]);
+    }
+
+    /// Row `row` of `cache` read out as whole blocks from its first position, and a cache made
+    /// of them: both hold the same positions, whichever of the older and recent blocks they
+    /// were in, and the padding of a shorter row is never read.
+    fn round_trip(layout: &KvLayout, cache: &KvCache, row_index: usize) {
+        let len = cache.row_len(row_index) / BLOCK_TOKENS * BLOCK_TOKENS;
+        let blocks: Vec<Arc<Block>> =
+            (0..len / BLOCK_TOKENS).map(|b| Arc::new(cache.block(row_index, b * BLOCK_TOKENS).unwrap())).collect();
+        let rebuilt = KvCache::from_blocks(layout, &blocks, &heap()).unwrap();
+        assert_eq!((rebuilt.rows(), rebuilt.width(), rebuilt.row_len(0)), (1, len, len));
+        let padding = cache.width() - cache.row_len(row_index);
+        for t in 0..layout.tensors.len() {
+            let tags = |c: &KvCache, r: usize| match c.older.get(t) {
+                Some(_) => row(c, t, r),
+                None => array(&c.recent[t]).slice(s![r, 0, .., 0]).to_vec(),
+            };
+            assert_eq!(tags(&rebuilt, 0), tags(cache, row_index)[padding..padding + len], "tensor {t}");
+        }
+        assert_eq!(blocks.iter().map(|b| b.bytes()).sum::<usize>(), len * layout.bytes_per_token());
+    }
+
+    #[test]
+    fn blocks_read_from_a_row_rebuild_its_positions_in_either_layout() {
+        crate::runtime::init(None, &[]).unwrap_or_else(|e| panic!("{e}"));
+        for layout in [layout(), KvLayout { older: Vec::new(), settle: false, ..layout() }] {
+            // 69 positions: a prompt chunk, then single steps (older and recent blocks both
+            // hold some), beside a shorter row right-aligned after it.
+            let mut cache = KvCache::empty(&layout).unwrap();
+            cache.advance(present(&cache, 0, 66), 66, &heap()).unwrap();
+            for _ in 0..3 {
+                cache.advance(present(&cache, 0, 1), 1, &heap()).unwrap();
+            }
+            let split = widths(&cache).iter().any(|&(older, recent)| older > 0 && recent > 0);
+            assert!(layout.older.is_empty() || split, "positions in both older and recent blocks");
+            round_trip(&layout, &cache, 0);
+            let mut other = KvCache::empty(&layout).unwrap();
+            other.advance(present(&other, 10, 40), 40, &heap()).unwrap();
+            cache.join(other, 1, &heap()).unwrap();
+            round_trip(&layout, &cache, 0);
+            round_trip(&layout, &cache, 1);
+        }
+    }
+
+    #[test]
+    fn float16_blocks_round_trip_and_blocks_of_another_type_are_refused() {
+        crate::runtime::init(None, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let layout = KvLayout { element_type: TensorElementType::Float16, ..layout() };
+        let values = |b: usize, t: usize| -> Vec<half::f16> {
+            (0..HEADS * BLOCK_TOKENS * DIM)
+                .map(|i| half::f16::from_f32((b * 100 + t * 10) as f32 + i as f32 / 8.0))
+                .collect()
+        };
+        let blocks: Vec<Arc<Block>> = (0..2)
+            .map(|b| {
+                Arc::new(Block { tensors: (0..layout.tensors.len()).map(|t| Columns::F16(values(b, t))).collect() })
+            })
+            .collect();
+        let cache = KvCache::from_blocks(&layout, &blocks, &heap()).unwrap();
+        for b in 0..blocks.len() {
+            let read = cache.block(0, b * BLOCK_TOKENS).unwrap();
+            for (t, columns) in read.tensors.iter().enumerate() {
+                assert!(matches!(columns, Columns::F16(v) if *v == values(b, t)), "block {b} tensor {t}");
+            }
+        }
+        let float32 =
+            Arc::new(Block { tensors: (0..4).map(|_| Columns::F32(vec![0.0; HEADS * BLOCK_TOKENS * DIM])).collect() });
+        assert!(matches!(KvCache::from_blocks(&layout, &[float32], &heap()), Err(EngineError::GraphMismatch(_))));
     }
 
     #[test]

@@ -101,6 +101,8 @@ fn load(spec: &WorkerSpec) -> Result<Model, EngineError> {
 fn serve(mut model: Model, spec: &WorkerSpec) {
     let layout = model.kv_layout().clone();
     let mut batch: Batch<Active> = Batch::new(&layout, spec.limits);
+    // The warm-up generation filled them.
+    record_cache_bytes(spec);
     loop {
         if batch.is_empty() {
             // Idle: wait for work.
@@ -311,6 +313,17 @@ fn on_token(active: &mut Active, event: Event) -> Flow {
     Flow::Continue
 }
 
+/// What the model's feature and prefix caches hold now.
+fn record_cache_bytes(spec: &WorkerSpec) {
+    let name = spec.model.as_str();
+    if let Some(cache) = &spec.prefix_cache {
+        spec.metrics.prefix_cache_bytes.with_label_values(&[name]).set(cache.bytes() as i64);
+    }
+    if let Some(cache) = &spec.feature_cache {
+        spec.metrics.feature_cache_bytes.with_label_values(&[name]).set(cache.bytes() as i64);
+    }
+}
+
 /// Tell the client how its sequence ended and count it.
 fn report(active: Active, result: Result<Completion, EngineError>, spec: &WorkerSpec) {
     let metrics = &spec.metrics;
@@ -324,17 +337,16 @@ fn report(active: Active, result: Result<Completion, EngineError>, spec: &Worker
             metrics.stage(name, Stage::Prefill, t.prefill_s);
             metrics.stage(name, Stage::Decode, t.decode_s);
             metrics.generation_tokens.with_label_values(&[name]).inc_by(completion.token_ids.len() as u64);
-            if let Some(cache) = &spec.prefix_cache {
+            if spec.prefix_cache.is_some() {
                 let result = if t.prefix_cached_tokens > 0 { "hit" } else { "miss" };
                 metrics.prefix_cache_lookups.with_label_values(&[name, result]).inc();
                 metrics.prefix_cache_hit_tokens.with_label_values(&[name]).inc_by(t.prefix_cached_tokens as u64);
-                metrics.prefix_cache_bytes.with_label_values(&[name]).set(cache.bytes() as i64);
             }
-            if let (Some(cache), true) = (&spec.feature_cache, active.has_images) {
+            if spec.feature_cache.is_some() && active.has_images {
                 let result = if t.vision_cache_hit { "hit" } else { "miss" };
                 metrics.feature_cache_lookups.with_label_values(&[name, result]).inc();
-                metrics.feature_cache_bytes.with_label_values(&[name]).set(cache.bytes() as i64);
             }
+            record_cache_bytes(spec);
             metrics.prompt_tokens.with_label_values(&[name]).inc_by(completion.prompt_tokens as u64);
             match completion.finish_reason {
                 FinishReason::Cancelled if active.deadline_hit => {
