@@ -464,14 +464,10 @@ fn reduced_precisions_answer_alike_with_and_without_the_prefix_cache() {
             }
             let family = &reference.family;
             assert!(reused >= 3 * BLOCK_TOKENS, "{family} {precision:?}: only {reused} tokens reused");
-            assert!(
-                2 * compared >= cases.len(),
-                "{family} {precision:?}: {compared} of {} answers compared",
-                cases.len()
-            );
             assert!(cache.bytes() > 0);
         }
     }
+    assert!(2 * compared >= answers, "only {compared} of {answers} answers compared");
 }
 
 /// The same prompts in a continuous batch, a few at a time, prefilled in chunks: a joining
