@@ -47,7 +47,11 @@ fn describe(model: &Model) -> String {
         let _ = writeln!(
             out,
             "  {w}x{h}: {}",
-            model.codec.family.image_layout(w, h, ImageBudget::default()).unwrap().tokens
+            model
+                .codec
+                .family
+                .image_layout(w, h, ImageBudget::default())
+                .map_or_else(|e| e.to_string(), |l| l.tokens.to_string())
         );
     }
     let described = model.describe_graphs();
