@@ -555,7 +555,7 @@ pub async fn chat_completions(
         let include_usage = request.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
         let expose_cache_hits = state.expose_cache_hits;
         let stream = ChatStream {
-            running,
+            running: running.first_event().await?,
             id,
             created,
             model,

@@ -504,6 +504,8 @@ async fn prepare(state: &AppState, admission: &Admission, input: PrepareInput) -
 /// when actix drops the request of a client that disconnected, cancels the generation).
 pub struct Running {
     events: Events,
+    /// An event [`Running::first_event`] took, given out again by the next `recv`.
+    first: Option<JobEvent>,
     _admission: Admission,
     _cancel: CancelOnDrop,
 }
@@ -518,11 +520,28 @@ enum Events {
 impl Running {
     fn replay(answer: Answer, admission: Admission) -> Self {
         let events = Events::Replay { answer, next: 0 };
-        Self { events, _admission: admission, _cancel: CancelOnDrop(CancelToken::default()) }
+        Self { events, first: None, _admission: admission, _cancel: CancelOnDrop(CancelToken::default()) }
+    }
+
+    /// Wait for the first event, for streaming responses: a request that fails before its
+    /// first token (queued when the server began shutting down, past its deadline, refused by
+    /// the engine) is answered with its own status, not a 200 stream that ends in an error, so
+    /// a proxy in front can retry it on another replica.
+    pub async fn first_event(mut self) -> Result<Self, ApiError> {
+        match self.recv().await {
+            Some(JobEvent::Failed(e)) => Err(e.into()),
+            event => {
+                self.first = event;
+                Ok(self)
+            }
+        }
     }
 
     /// The next event; `None` once the last sample's sequence is gone.
     pub async fn recv(&mut self) -> Option<JobEvent> {
+        if let Some(event) = self.first.take() {
+            return Some(event);
+        }
         match &mut self.events {
             Events::Replay { answer, next } => {
                 let event = answer.get(*next)?.clone();
@@ -552,7 +571,12 @@ fn submit(
     let cancel = CancelToken::default();
     let deadline = state.request_timeout.map(|t| (arrived + t, t));
     let events = admission.submit(prepared.prompt, prepared.params, deadline, cancel.clone());
-    Running { events: Events::Live { events, recording }, _admission: admission, _cancel: CancelOnDrop(cancel) }
+    Running {
+        events: Events::Live { events, recording },
+        first: None,
+        _admission: admission,
+        _cancel: CancelOnDrop(cancel),
+    }
 }
 
 /// Wait for every sample's whole completion (non-streaming responses), in sample order; at

@@ -136,6 +136,7 @@ pub async fn responses(
         expose_cache_hits: state.expose_cache_hits,
     };
     if request.stream.unwrap_or(false) {
+        let running = running.first_event().await?;
         let stream = ResponseStream { running, reply, sequence: 0, text: String::new(), done: false };
         return Ok(request::ok(cache)
             .content_type("text/event-stream")
