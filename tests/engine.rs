@@ -8,7 +8,7 @@ use std::path::Path;
 
 use common::{Reference, references};
 use vlmserve::engine::{
-    EngineError, FeatureCache, FinishReason, Flow, GenerationParams, Model, ModelOptions, SamplingParams,
+    EngineError, FeatureCache, FinishReason, Flow, GenerationParams, ImageFeatures, Model, ModelOptions, SamplingParams,
 };
 use vlmserve::family::FamilyError;
 use vlmserve::package::{PackageError, Precision};
@@ -332,16 +332,16 @@ fn a_repeated_image_reuses_its_features_and_gives_the_same_tokens() {
         let completion = model.generate(prompt, &params, &mut |_| Flow::Continue).unwrap();
         // Greedy tokens equal PyTorch's whether the features came from the encoder or the cache.
         assert_eq!(completion.token_ids, case.generated_ids, "{}", case.name);
-        completion.timings.vision_cache_hit
+        completion.timings.image_features
     };
     let (first, second) = (with_images[0], with_images[1]);
-    assert!(!run(first), "a new image runs the vision encoder");
+    assert_eq!(run(first), ImageFeatures::Encoded, "a new image runs the vision encoder");
     let held = cache.bytes();
     assert!(held > 0);
-    assert!(run(first), "the same image again comes from the cache");
-    assert!(!run(second), "another image misses");
+    assert_eq!(run(first), ImageFeatures::FeatureCache, "the same image again comes from the cache");
+    assert_eq!(run(second), ImageFeatures::Encoded, "another image misses");
     assert!(cache.bytes() > held);
-    assert!(run(first) && run(second));
+    assert_eq!((run(first), run(second)), (ImageFeatures::FeatureCache, ImageFeatures::FeatureCache));
 }
 
 #[test]

@@ -1038,6 +1038,9 @@ fn a_follow_up_turn_reports_its_reused_prompt_tokens() {
     assert!(cached as f64 >= reused && cached < prompt, "{cached} of {prompt}, {reused} reused");
     assert_eq!(server.metric("vlmserve_prefix_cache_lookups_total", "result=\"hit\"") - hits_before, 1.0);
     assert!(server.metric("vlmserve_prefix_cache_bytes", "") > 0.0);
+    // The image was encoded once; the second turn found it in the reused blocks or the
+    // feature cache, neither of which is a feature-cache miss.
+    assert_eq!(server.metric("vlmserve_image_feature_cache_lookups_total", "result=\"miss\""), 1.0);
 }
 
 /// `server.expose_cache_hits = true` opts in to the cache-hit field (one user, or trusted ones).

@@ -20,7 +20,9 @@ use ndarray::{Array2, ArrayD, Axis, Slice};
 
 use super::EngineError;
 use super::feature_cache::{FeatureCache, FeatureKey};
-use super::generate::{Completion, Event, Flow, GenerationParams, Prompt, PromptImages, Run, Timings, float_value};
+use super::generate::{
+    Completion, Event, Flow, GenerationParams, ImageFeatures, Prompt, PromptImages, Run, Timings, float_value,
+};
 use super::grammar::Guide;
 use super::kv_cache::{KvCache, KvLayout};
 use super::model::Model;
@@ -282,10 +284,16 @@ impl<T> Batch<T> {
         let Prompt { input_ids, images, positions, image_ids, .. } = prompt;
         // Images whose tokens are all in the reused blocks need no features.
         let image_token = model.codec.family.image_token_id();
-        let images = images.filter(|_| input_ids[start..].contains(&image_token));
+        let needed = input_ids[start..].contains(&image_token);
+        timings.image_features = match (&images, needed) {
+            (None, _) => ImageFeatures::NoImages,
+            (Some(_), false) => ImageFeatures::PrefixCache,
+            (Some(PromptImages::Features { .. }), true) => ImageFeatures::FeatureCache,
+            (Some(PromptImages::Pixels(_)), true) => ImageFeatures::Encoded,
+        };
         let prompt =
             PromptInput { input_ids, positions: positions.prompt, next_position: positions.next, cache, reused };
-        let phase = match images {
+        let phase = match images.filter(|_| needed) {
             Some(PromptImages::Pixels(images)) => Phase::Encoding(Encoding {
                 prompt,
                 key: model.feature_cache.as_ref().map(|_| FeatureCache::key(&image_ids)),
@@ -294,7 +302,6 @@ impl<T> Batch<T> {
                 rows: Vec::new(),
             }),
             Some(PromptImages::Features { features, .. }) => {
-                timings.vision_cache_hit = true;
                 timings.feature_cached_tokens = prompt.image_tokens_to_prefill(image_token);
                 Phase::Ready { prompt, features: Some(features) }
             }
@@ -623,7 +630,7 @@ impl<T> Sequence<T> {
         let Phase::Encoding(work) = &self.phase else { return self };
         let (Some(cache), Some(key), 0) = (&model.feature_cache, &work.key, work.done) else { return self };
         let Some(features) = cache.get(key) else { return self };
-        self.timings.vision_cache_hit = true;
+        self.timings.image_features = ImageFeatures::FeatureCache;
         self.timings.feature_cached_tokens = work.prompt.image_tokens_to_prefill(model.codec.family.image_token_id());
         self.phase = match self.phase {
             Phase::Encoding(work) => Phase::Ready { prompt: work.prompt, features: Some(features) },

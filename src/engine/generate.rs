@@ -129,10 +129,10 @@ pub enum Flow {
 pub struct Timings {
     pub preprocess_s: f64,
     pub vision_s: f64,
-    /// The image features came from the image-feature cache (the vision encoder did not run).
-    /// Reported only through [`TimingsReport`], where the caller decides (the cache is shared).
+    /// Where the image features came from. Reported only through [`TimingsReport`], where the
+    /// caller decides (the caches are shared).
     #[serde(skip)]
-    pub vision_cache_hit: bool,
+    pub image_features: ImageFeatures,
     pub prefill_s: f64,
     /// From the start of `generate` to the first token.
     pub time_to_first_token_s: f64,
@@ -193,6 +193,27 @@ pub struct PromptTokensDetails {
     pub cached_tokens: usize,
 }
 
+/// Where a generation's image features came from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ImageFeatures {
+    /// The prompt has no image.
+    #[default]
+    NoImages,
+    /// The vision encoder ran (the image-feature cache, if on, did not have them).
+    Encoded,
+    /// The image-feature cache had them.
+    FeatureCache,
+    /// The prefix cache held keys and values past every image: no features were needed.
+    PrefixCache,
+}
+
+impl ImageFeatures {
+    /// The vision encoder did not run for images the prompt has.
+    pub fn from_cache(self) -> bool {
+        matches!(self, Self::FeatureCache | Self::PrefixCache)
+    }
+}
+
 /// A generation's timings as the server and the CLI report them: the engine's, the image
 /// decode before it, and the decode rate.
 #[derive(Debug, Clone, Serialize)]
@@ -241,7 +262,7 @@ impl Completion {
             timings: &self.timings,
             image_decode_s,
             decode_tokens_per_second: self.timings.decode_tokens_per_second(),
-            vision_cache_hit: with_cache_hit.then_some(self.timings.vision_cache_hit),
+            vision_cache_hit: with_cache_hit.then_some(self.timings.image_features.from_cache()),
         }
     }
 }

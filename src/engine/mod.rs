@@ -24,8 +24,8 @@ pub use batch::{Batch, Finished, Fork, Limits, Step};
 pub use detokenize::Detokenizer;
 pub use feature_cache::FeatureCache;
 pub use generate::{
-    Completion, Event, Flow, GenerationParams, Logprobs, Prompt, PromptImages, Timings, TimingsReport, TokenLogprob,
-    Usage,
+    Completion, Event, Flow, GenerationParams, ImageFeatures, Logprobs, Prompt, PromptImages, Timings, TimingsReport,
+    TokenLogprob, Usage,
 };
 pub use grammar::{Constraint, Guide, compact_schema};
 pub use kv_cache::{KvCache, KvLayout};

@@ -293,6 +293,8 @@ impl Scheduler {
                     in_flight: Arc::new(AtomicUsize::new(0)),
                     running: Arc::new(AtomicUsize::new(0)),
                 };
+                // The queue gauges exist from the start: an autoscaler reads an idle replica's 0.
+                metrics.update_queue(&slot.name, &slot.in_flight, &slot.running);
                 Arc::new(slot)
             })
             .collect();

@@ -13,8 +13,8 @@ use super::metrics::{Metrics, Stage};
 use super::queue::Queue;
 use super::{CancelToken, Job, JobEvent, SchedulerError};
 use crate::engine::{
-    Batch, Codec, Completion, EngineError, Event, FeatureCache, FinishReason, Flow, Fork, KvLayout, Limits, Model,
-    ModelOptions, PrefixCache, Step,
+    Batch, Codec, Completion, EngineError, Event, FeatureCache, FinishReason, Flow, Fork, ImageFeatures, KvLayout,
+    Limits, Model, ModelOptions, PrefixCache, Step,
 };
 use prometheus::Histogram;
 
@@ -217,7 +217,6 @@ struct Active<'a> {
     started: Instant,
     last_token: Option<Instant>,
     deadline_hit: bool,
-    has_images: bool,
     /// KV bytes counted against the worker's budget.
     reserved: usize,
     ttft: Histogram,
@@ -237,7 +236,6 @@ impl Fork for Active<'_> {
             started: self.started,
             last_token: None,
             deadline_hit: false,
-            has_images: self.has_images,
             reserved: self.reserved,
             ttft: self.ttft.clone(),
             itl: self.itl.clone(),
@@ -273,7 +271,6 @@ fn start_job<'a>(batch: &mut Batch<Active<'a>>, model: &Model, job: Job, spec: &
         started,
         last_token: None,
         deadline_hit: false,
-        has_images: job.prompt.images.is_some(),
         ttft: metrics.time_to_first_token.with_label_values(&[name]),
         itl: metrics.inter_token_latency.with_label_values(&[name]),
         _running: RunningGuard::start(spec),
@@ -342,8 +339,13 @@ fn report(active: Active, result: Result<Completion, EngineError>, spec: &Worker
                 metrics.prefix_cache_lookups.with_label_values(&[name, result]).inc();
                 metrics.prefix_cache_hit_tokens.with_label_values(&[name]).inc_by(t.prefix_cached_tokens as u64);
             }
-            if spec.feature_cache.is_some() && active.has_images {
-                let result = if t.vision_cache_hit { "hit" } else { "miss" };
+            // A prompt whose images the prefix cache covered looked nothing up.
+            let lookup = match t.image_features {
+                ImageFeatures::Encoded => Some("miss"),
+                ImageFeatures::FeatureCache => Some("hit"),
+                ImageFeatures::NoImages | ImageFeatures::PrefixCache => None,
+            };
+            if let (Some(result), Some(_)) = (lookup, &spec.feature_cache) {
                 metrics.feature_cache_lookups.with_label_values(&[name, result]).inc();
             }
             record_cache_bytes(spec);
