@@ -399,6 +399,17 @@ mod tests {
             .map_err(|e| e.to_string())
     }
 
+    /// deploy/k8s mounts these files as the server's configuration.
+    #[test]
+    fn the_deployment_configurations_load() {
+        for file in ["base", "overlays/cpu", "overlays/gpu"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/k8s").join(file).join("config.toml");
+            let settings = Settings::load(Some(&path)).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert_eq!((settings.server.host.as_str(), settings.server.port), ("0.0.0.0", 8080), "{file}");
+            assert!(!settings.models.is_empty(), "{file}");
+        }
+    }
+
     #[test]
     fn defaults_parse_and_name_the_embedded_model_at_each_precision() {
         let settings = parse(DEFAULT_TOML).unwrap();

@@ -32,7 +32,9 @@ def alternatives(tmp_path: Path) -> Path:
     overlay = tmp_path / "alternatives"
     overlay.mkdir()
     # kustomize takes only relative paths.
-    components = [os.path.relpath(K8S / "components" / name, overlay) for name in ("keda", "ingress-nginx", "models-pvc")]
+    components = [
+        os.path.relpath(K8S / "components" / name, overlay) for name in ("keda", "ingress-nginx", "models-pvc")
+    ]
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
@@ -113,7 +115,9 @@ def test_a_broken_field_fails_validation(variants):
     broken = copy.deepcopy(docs)
     one(broken, "ServiceMonitor")["spec"]["endpoints"][0]["interval"] = 15
     assert any("interval" in e for e in schema_errors(broken))
-    assert any("no schema" in e for e in schema_errors([{"apiVersion": "x/v1", "kind": "Y", "metadata": {"name": "z"}}]))
+    assert any(
+        "no schema" in e for e in schema_errors([{"apiVersion": "x/v1", "kind": "Y", "metadata": {"name": "z"}}])
+    )
 
 
 def config(docs: list[dict]) -> dict:
@@ -164,7 +168,10 @@ def test_the_gpu_overlay_asks_for_a_gpu_and_names_cuda(variants):
     assert c["image"].endswith(":gpu")
     assert all(m["providers"][0]["kind"] == "cuda" for m in config(docs)["models"])
     volumes = {v["name"]: v for v in one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["models"]["persistentVolumeClaim"]["claimName"] == one(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    assert (
+        volumes["models"]["persistentVolumeClaim"]["claimName"]
+        == one(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    )
     assert "emptyDir" not in volumes["models"]
 
 
