@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Installs what the deployment tests (tests/deploy) need when missing: Debian's nginx (apt, as
-# root or through sudo), the custom-resource validators from tests/deploy/package-lock.json
-# (npm) and kubernetes-validate (tests/requirements.txt, in .venv). kubectl, whose kustomize
-# renders the manifests, must already be installed: Debian does not package it.
+# Installs what the deployment tests (tests/deploy, deploy/test-image.sh) need when missing:
+# Debian's nginx, podman and debootstrap (apt, as root or through sudo), and the
+# custom-resource validators from tests/deploy/package-lock.json (npm); kubernetes-validate
+# comes with tests/requirements.txt. kubectl, whose kustomize renders the manifests, must
+# already be installed: Debian does not package it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+if [ ! -x /usr/sbin/nginx ] || ! command -v podman >/dev/null || [ ! -x /usr/sbin/debootstrap ]; then
   sudo=""
   if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nginx-light >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nginx-light podman debootstrap >/dev/null
 fi
 if [ ! -d tests/deploy/node_modules/@kubernetes-models/keda ]; then
   npm ci --prefix tests/deploy --no-audit --no-fund --silent

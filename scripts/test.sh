@@ -3,8 +3,8 @@
 # library, the Python environment (.venv), Chromium and playwright-core when missing, then the
 # lints (rustfmt, ruff, clippy with warnings as errors), the Python export tests, the Rust
 # tests, the OpenAI-client tests against the built server, the deployment tests (manifests,
-# failover behind nginx), and the browser test of the question page (screenshots and the
-# failover figures in target/test-artifacts/).
+# failover behind nginx), the browser test of the question page (screenshots and the failover
+# figures in target/test-artifacts/), and the container image built and run with podman.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-ort.sh
@@ -28,3 +28,6 @@ cargo test --release
 .venv/bin/python -m pytest -q tests/deploy
 # The question page in headless Chromium against the same binary.
 VLMSERVE_BIN="$PWD/target/release/vlmserve" npm test --prefix tests/browser
+# The container image, built with podman from local stand-ins for its base images (CI machines
+# cannot reach Docker Hub), run read-only: ready, answering, exit 0 on SIGTERM.
+bash deploy/test-image.sh --stand-in-bases
