@@ -66,8 +66,13 @@ queue_size = 256
 image_feature_cache_mb = 0
 """
     )
+    return launch(args.binary, config, workdir)
+
+
+def launch(binary: str, config: Path, workdir: Path) -> tuple[subprocess.Popen, str]:
+    """`vlmserve serve --config CONFIG`, logging to WORKDIR/server.log; its base URL once bound."""
     proc = subprocess.Popen(
-        [str(args.binary), "serve", "--config", str(config)],
+        [str(binary), "serve", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=open(workdir / "server.log", "w"),
         text=True,

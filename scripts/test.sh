@@ -24,6 +24,8 @@ cargo clippy --release --all-targets -- -D warnings
 cargo test --release
 # The official OpenAI client against the binary cargo just built.
 .venv/bin/python -m pytest -q tests/openai_client
+# A candidate version whose every generation fails is rolled back by the error gate.
+.venv/bin/python -m pytest -q tests/rollout
 # The Kubernetes manifests against their schemas; three replicas behind nginx failing over.
 .venv/bin/python -m pytest -q tests/deploy
 # The question page in headless Chromium against the same binary.

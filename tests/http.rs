@@ -1276,7 +1276,7 @@ fn reload_under_load_swaps_atomically_and_survives_corrupt_files() {
         (answers, reloaded)
     });
     assert_eq!(reloaded.0, 200, "{}", reloaded.1);
-    assert_eq!(reloaded.1["version"], 2);
+    assert_eq!(reloaded.1["revision"], 2);
     let (status, after) = server.post("/v1/chat/completions", &request);
     assert_eq!(status, 200, "{after}");
     let after = token_ids(&after);
@@ -1295,7 +1295,7 @@ fn reload_under_load_swaps_atomically_and_survives_corrupt_files() {
     let (_, models) = server.get("/v1/models");
     let models: Value = serde_json::from_str(&models).unwrap();
     assert_eq!(models["data"][0]["state"], "ready");
-    assert_eq!(models["data"][0]["version"], 2);
+    assert_eq!(models["data"][0]["revision"], 2);
     assert!(models["data"][0]["last_error"].is_string());
     assert_eq!(server.metric("vlmserve_model_reloads_total", "result=\"failed\""), 1.0);
     assert_eq!(server.get("/ready").0, 200);
@@ -1589,4 +1589,374 @@ fn qwen2_vl_serves_with_per_image_budgets() {
     // A strip beyond the processor's aspect ratio limit is a clear 400.
     let (s, b) = chat(json!({"url": data_url(&png(3000, 10))}), 2);
     assert_error(s, &b, 400, "invalid_image");
+}
+
+/// Two versions of the fixture model, `stable` and `candidate`, at `weights`.
+fn versions_toml(weights: (u32, u32), extra: &str) -> String {
+    let path = format!("{:?}", package_dir().display().to_string());
+    format!(
+        "[[models]]\nname = \"{MODEL}\"\nversion = \"stable\"\nweight = {}\npath = {path}\n\n\
+         [[models]]\nname = \"{MODEL}\"\nversion = \"candidate\"\nweight = {}\npath = {path}\n\n\
+         [server]\nhttp_workers = 2\nadmin_token = \"secret-token\"\n{extra}\n",
+        weights.0, weights.1
+    )
+}
+
+impl Server {
+    /// The version that answered a one-token chat completion for `model`, with `headers`
+    /// (and the body's `user` when given), checking the response names it alike throughout.
+    fn version_answering(&self, model: &str, user: Option<&str>, headers: &[(&str, &str)]) -> String {
+        let mut body = json!({"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]});
+        if let Some(user) = user {
+            body["user"] = json!(user);
+        }
+        let mut request = agent().post(self.url("/v1/chat/completions")).header("Content-Type", "application/json");
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let mut response = request.send(body.to_string()).unwrap();
+        let header = response.headers().get("x-vlmserve-model-version").map(|v| v.to_str().unwrap().to_string());
+        let answer: Value = serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+        assert_eq!(response.status(), 200, "{answer}");
+        let version = header.unwrap_or_else(|| panic!("no version header: {answer}"));
+        assert_eq!(answer["system_fingerprint"], json!(version), "{answer}");
+        assert_eq!(answer["model"], json!(model), "the model as asked for: {answer}");
+        version
+    }
+
+    /// An admin call: PUT for weights and shadow shares, POST for the others.
+    fn admin(&self, path: &str, body: &Value) -> (u16, Value) {
+        let url = self.url(path);
+        let put = path.ends_with("/weights") || path.ends_with("/shadow");
+        let request = if put { agent().put(url) } else { agent().post(url) };
+        let response = request
+            .header("Content-Type", "application/json")
+            .header("Authorization", "Bearer secret-token")
+            .send(body.to_string())
+            .unwrap();
+        status_and_json(response)
+    }
+
+    fn admin_delete(&self, path: &str) -> (u16, Value) {
+        let response = agent().delete(self.url(path)).header("Authorization", "Bearer secret-token").call().unwrap();
+        status_and_json(response)
+    }
+}
+
+fn status_and_json(mut response: ureq::http::Response<ureq::Body>) -> (u16, Value) {
+    let status = response.status().as_u16();
+    (status, serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap())
+}
+
+/// A model with versions: unkeyed requests split by weight (within a 99.9% binomial bound), a
+/// session key (header or `user`) always lands on one version, a weight change moves only the
+/// keys that must move, `model@version` pins; versions are promoted, added from files (corrupt
+/// ones refused), rolled back and removed.
+#[test]
+fn versions_split_requests_by_weight_and_keep_each_session_on_one() {
+    let server = Server::start(&versions_toml((90, 10), ""));
+    let candidate = (0..2000).filter(|_| server.version_answering(MODEL, None, &[]) == "candidate").count();
+    // 200 expected; 3.29 standard deviations (13.4) either side.
+    assert!((156..=244).contains(&candidate), "{candidate} of 2000 on the candidate at 10%");
+
+    let keys: Vec<String> = (0..200).map(|i| format!("user-{i}")).collect();
+    let by_header = |key: &str| server.version_answering(MODEL, None, &[("x-session-id", key)]);
+    let before: Vec<String> = keys.iter().map(|k| by_header(k)).collect();
+    for (key, version) in keys.iter().zip(&before) {
+        assert_eq!(&by_header(key), version, "{key} moved without a weight change");
+        assert_eq!(&server.version_answering(MODEL, Some(key), &[]), version, "the user field keys alike");
+    }
+    let (status, listed) = server.admin(&format!("/admin/models/{MODEL}/weights"), &json!({"candidate": 20}));
+    assert_eq!(status, 200, "{listed}");
+    let weights: Vec<(Value, Value)> =
+        listed["versions"].as_array().unwrap().iter().map(|v| (v["version"].clone(), v["weight"].clone())).collect();
+    assert_eq!(weights, [(json!("stable"), json!(90)), (json!("candidate"), json!(20))]);
+    let after: Vec<String> = keys.iter().map(|k| by_header(k)).collect();
+    let moved: Vec<(&String, &String)> = before.iter().zip(&after).filter(|(b, a)| b != a).collect();
+    assert!(moved.iter().all(|(b, a)| (b.as_str(), a.as_str()) == ("stable", "candidate")), "{moved:?}");
+    assert!(!moved.is_empty() && moved.len() < 40, "{} of 200 moved from 10/100 to 20/110", moved.len());
+
+    // Pinned: every request, whatever its key or the weights.
+    for key in keys.iter().take(20) {
+        assert_eq!(server.version_answering(&format!("{MODEL}@candidate"), Some(key), &[]), "candidate");
+    }
+    let (status, body) = server.post(
+        "/v1/chat/completions",
+        &json!({"model": format!("{MODEL}@nope"), "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_error(status, &body, 404, "model_not_found");
+
+    // Listing and metrics show each version with its weight.
+    let (_, models) = server.get("/v1/models");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    let [model] = models["data"].as_array().unwrap().as_slice() else { panic!("{models}") };
+    assert_eq!((&model["id"], &model["state"]), (&json!(MODEL), &json!("ready")), "{model}");
+    assert_eq!(model["versions"][1]["id"], format!("{MODEL}@candidate"));
+    assert!(model["versions"][1]["requests"]["length"].as_u64().unwrap() > 100, "{model}");
+    assert_eq!(server.metric("vlmserve_model_version_weight", "version=\"candidate\""), 20.0);
+
+    // Bad weight changes change nothing.
+    let weights_path = format!("/admin/models/{MODEL}/weights");
+    let (status, body) = server.admin(&weights_path, &json!({"nope": 5}));
+    assert_error(status, &body, 404, "version_not_found");
+    let (status, body) = server.admin(&weights_path, &json!({"stable": 0, "candidate": 0}));
+    assert_error(status, &body, 400, "invalid_weights");
+    let (status, body) = server.admin(&weights_path, &json!({"stable": "ten"}));
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(server.metric("vlmserve_model_version_weight", "version=\"stable\""), 90.0);
+
+    // Promotion: the candidate takes everything and the stable version is gone.
+    let (status, body) = server.admin(&format!("/admin/models/{MODEL}/promote"), &json!({"version": "candidate"}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(versions_listed(&body), [("candidate".to_string(), 100)]);
+    assert!(keys.iter().take(50).all(|k| by_header(k) == "candidate"));
+    // The only version left taking requests can be neither rolled back nor removed.
+    let rollback = format!("/admin/models/{MODEL}/rollback");
+    let (status, body) = server.admin(&rollback, &json!({"version": "candidate"}));
+    assert_error(status, &body, 400, "invalid_weights");
+    let (status, body) = server.admin_delete(&format!("/admin/models/{MODEL}/versions/candidate"));
+    assert_error(status, &body, 400, "invalid_weights");
+
+    // Added from files: it answers once loaded, with its weight.
+    let versions = format!("/admin/models/{MODEL}/versions");
+    let entry = |version: &str, path: &Path, weight: u32| json!({"version": version, "path": path, "weight": weight, "precision": "fp32"});
+    let (status, body) = server.admin(&versions, &entry("stable", &package_dir(), 90));
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(versions_listed(&body), [("candidate".to_string(), 100), ("stable".to_string(), 90)]);
+    assert_eq!(server.version_answering(&format!("{MODEL}@stable"), None, &[]), "stable");
+    let (status, body) = server.admin(&versions, &entry("stable", &package_dir(), 10));
+    assert_error(status, &body, 409, "version_exists");
+    // Corrupt files are refused when added, and nothing changes.
+    let corrupt = tempfile::tempdir().unwrap();
+    common::copy_dir(&package_dir(), corrupt.path());
+    replace_file(&corrupt.path().join("onnx"), "decoder_model_merged.onnx", b"not a graph");
+    let (status, body) = server.admin(&versions, &entry("broken", corrupt.path(), 50));
+    assert_error(status, &body, 422, "model_load_failed");
+    let (_, listed) = server.get(&format!("/v1/models/{MODEL}"));
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(versions_listed(&listed), [("candidate".to_string(), 100), ("stable".to_string(), 90)]);
+    let (status, body) = server.admin(&versions, &json!({"path": package_dir(), "weight": 5}));
+    assert_error(status, &body, 400, "invalid_request");
+    let (status, body) = server.admin(&versions, &json!({"version": "x", "path": package_dir(), "wieght": 5}));
+    assert_eq!(status, 400, "a misspelt key is refused: {body}");
+
+    // Rollback: no more requests, unloaded (pinned requests get 503), listed with its reason.
+    let (status, body) = server.admin(&rollback, &json!({"version": "candidate"}));
+    assert_eq!(status, 200, "{body}");
+    assert!(keys.iter().take(50).all(|k| by_header(k) == "stable"));
+    let candidate = &body["versions"][0];
+    assert_eq!((&candidate["state"], &candidate["weight"]), (&json!("unloaded"), &json!(0)), "{body}");
+    assert_eq!(candidate["rollback"]["gate"], "admin", "{body}");
+    let (status, body) = server.post(
+        "/v1/chat/completions",
+        &json!({"model": format!("{MODEL}@candidate"), "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_error(status, &body, 503, "model_unloaded");
+    let (status, _) = server.get("/ready");
+    assert_eq!(status, 200, "an unloaded version does not make the server unready");
+    // A reload brings it back without traffic; weights give it some.
+    let (status, body) = server.admin(&format!("/admin/models/{MODEL}@candidate/reload"), &json!({}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(server.version_answering(&format!("{MODEL}@candidate"), None, &[]), "candidate");
+    assert!(keys.iter().take(20).all(|k| by_header(k) == "stable"));
+
+    // Removed: gone from the listing and the metrics.
+    let (status, body) = server.admin_delete(&format!("/admin/models/{MODEL}/versions/candidate"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(versions_listed(&body), [("stable".to_string(), 90)]);
+    assert!(!server.get("/metrics").1.contains("version=\"candidate\""));
+    let (status, body) = server.post(
+        "/v1/chat/completions",
+        &json!({"model": format!("{MODEL}@candidate"), "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_error(status, &body, 404, "model_not_found");
+}
+
+/// `(version, weight)` of a model as `/v1/models` lists it.
+fn versions_listed(model: &Value) -> Vec<(String, u64)> {
+    let versions = model["versions"].as_array().unwrap_or_else(|| panic!("no versions: {model}"));
+    versions.iter().map(|v| (v["version"].as_str().unwrap().to_string(), v["weight"].as_u64().unwrap())).collect()
+}
+
+/// Weight changes, promotions, additions and rollbacks while 8 clients stream: every stream
+/// completes.
+#[test]
+fn weight_changes_under_streaming_load_lose_no_request() {
+    let server = Server::start(&versions_toml((50, 50), ""));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let stream = json!({
+        "model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "temperature": 0,
+        "max_tokens": 24, "ignore_eos": true, "stream": true,
+    });
+    let (completed, changes) = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..8)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = 0;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        let response = server.chat_response(&stream);
+                        assert_eq!(response.status(), 200);
+                        let events = read_events(response.into_body().into_reader());
+                        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+                        let (_, finish, _) = stream_text(&events);
+                        assert_eq!(finish.as_deref(), Some("length"), "{events:?}");
+                        done += 1;
+                    }
+                    done
+                })
+            })
+            .collect();
+        let weights = format!("/admin/models/{MODEL}/weights");
+        // Each round removes and unloads each version once while streams run on it.
+        let steps = [
+            (weights.clone(), json!({"stable": 90, "candidate": 10}), 200),
+            (format!("/admin/models/{MODEL}/promote"), json!({"version": "candidate"}), 200),
+            (
+                format!("/admin/models/{MODEL}/versions"),
+                json!({"version": "stable", "path": package_dir(), "weight": 100}),
+                201,
+            ),
+            (format!("/admin/models/{MODEL}/rollback"), json!({"version": "candidate"}), 200),
+            (format!("/admin/models/{MODEL}@candidate/reload"), json!({}), 200),
+            (weights, json!({"stable": 50, "candidate": 50}), 200),
+        ];
+        let mut changes = 0;
+        for _round in 0..3 {
+            for (path, body, expected) in &steps {
+                let (status, answer) = server.admin(path, body);
+                assert_eq!(status, *expected, "{path}: {answer}");
+                changes += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        (clients.into_iter().map(|c| c.join().unwrap()).sum::<usize>(), changes)
+    });
+    assert!(completed >= 16 && changes == 18, "{completed} streams, {changes} changes");
+    assert_eq!(server.metric("vlmserve_requests_finished_total", "reason=\"error\""), 0.0);
+}
+
+/// Shadow copies: a version with the same files agrees on every greedy answer; one with other
+/// files (another family's random weights) disagrees and the agreement gate takes its shadow
+/// share away, with the reason listed; the client is answered by the stable version throughout.
+#[test]
+fn shadows_are_compared_and_a_disagreeing_one_is_rolled_back() {
+    let path = format!("{:?}", package_dir().display().to_string());
+    let server = Server::start(&format!(
+        "[[models]]\nname = \"{MODEL}\"\nversion = \"stable\"\npath = {path}\n\n\
+         [[models]]\nname = \"{MODEL}\"\nversion = \"candidate\"\nweight = 0\nshadow = 100\npath = {path}\n\n\
+         [server]\nhttp_workers = 2\nadmin_token = \"secret-token\"\n\
+         [rollout]\nmin_requests = 4\ncheck_interval_s = 0.05\n"
+    ));
+    let image = image_bytes("images/one_image_0.png");
+    let ask = |question: &str, temperature: f64| {
+        let mut request = greedy(json!([user_with_images(std::slice::from_ref(&image), question)]), 8);
+        request["temperature"] = json!(temperature);
+        let (status, body) = server.post("/v1/chat/completions", &request);
+        assert_eq!((status, &body["system_fingerprint"]), (200, &json!("stable")), "{body}");
+    };
+    let questions = ["What color?", "What shape?", "Describe it.", "How many?", "Where?", "Is it red?"];
+    for question in questions {
+        ask(question, 0.0);
+    }
+    ask("Anything.", 1.0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let candidate = format!("model=\"{MODEL}@candidate\"");
+    server.wait_for_metric(
+        "vlmserve_shadow_requests_total",
+        &candidate,
+        |n| n >= 7.0,
+        deadline,
+        "every shadow copy is counted",
+    );
+    let listed = |version: &str| {
+        let (_, body) = server.get(&format!("/v1/models/{MODEL}"));
+        let body: Value = serde_json::from_str(&body).unwrap();
+        let versions = body["versions"].as_array().unwrap().clone();
+        versions.into_iter().find(|v| v["version"] == version).unwrap_or_else(|| panic!("{body}"))
+    };
+    let shadow = listed("candidate");
+    assert_eq!(shadow["shadow"]["results"], json!({"agreed": 6, "uncompared": 1}), "{shadow}");
+    assert_eq!(shadow["window"]["shadow_agreement"], json!(1.0), "{shadow}");
+    assert_eq!(shadow["window"]["requests"], json!(7), "the copies ran on the shadow: {shadow}");
+    assert_eq!(shadow["rollback"], Value::Null);
+
+    let other = fixture_dir().parent().unwrap().join("qwen2-vl-tiny/package");
+    let (status, body) = server.admin(
+        &format!("/admin/models/{MODEL}/versions"),
+        &json!({"version": "other", "path": other, "weight": 0, "shadow": 100}),
+    );
+    assert_eq!(status, 201, "{body}");
+    for question in questions {
+        ask(question, 0.0);
+    }
+    let rolled_back = || server.metric("vlmserve_rollbacks_total", &format!("model=\"{MODEL}@other\""));
+    while rolled_back() == 0.0 {
+        assert!(Instant::now() < deadline, "the disagreeing shadow is not rolled back: {}", listed("other"));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let other = listed("other");
+    assert_eq!(other["shadow"]["percent"], 0, "{other}");
+    assert_eq!(other["rollback"]["gate"], "shadow_agreement", "{other}");
+    assert!(other["rollback"]["reason"].as_str().unwrap().contains("below 90.0%"), "{other}");
+    assert!(other["shadow"]["results"]["disagreed"].as_u64().unwrap() >= 4, "{other}");
+    let shadow = listed("candidate");
+    assert_eq!((&shadow["shadow"]["percent"], &shadow["rollback"]), (&json!(100), &Value::Null), "{shadow}");
+    assert_eq!(server.metric("vlmserve_model_version_shadow_percent", "version=\"other\""), 0.0);
+}
+
+/// `vlmserve eval --url` scores a served version through the API as local `eval` scores the
+/// same files, item for item; `--min-accuracy` fails the command below its threshold.
+#[test]
+fn eval_through_the_api_matches_local_eval() {
+    let package = common::root().join("models/shapes-vlm/package");
+    let path = format!("{:?}", package.display().to_string());
+    let server = Server::start(&format!(
+        "[[models]]\nname = \"shapes\"\nversion = \"stable\"\npath = {path}\n\n\
+         [[models]]\nname = \"shapes\"\nversion = \"candidate\"\nweight = 0\nprecision = \"int8\"\npath = {path}\n\n\
+         [server]\nhttp_workers = 2\n"
+    ));
+    let eval = |data: &Path, args: &[&str]| {
+        let out = common::vlmserve().arg("eval").arg("--data").arg(data).arg("--json").args(args).output().unwrap();
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (out.status.success(), report, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let data = common::root().join("tests/fixtures/eval-small/eval.jsonl");
+    let url = server.url("");
+    let (ok, remote, stderr) = eval(&data, &["--url", &url, "--model", "shapes@candidate", "--min-accuracy", "0.9"]);
+    assert!(ok, "{stderr}");
+    let (ok, local, stderr) = eval(&data, &["--model", package.to_str().unwrap(), "--precision", "int8"]);
+    assert!(ok, "{stderr}");
+    let items = |report: &Value| -> Vec<(Value, Value, Value)> {
+        let predictions = report["predictions"].as_array().unwrap();
+        predictions
+            .iter()
+            .map(|p| (p["line"].clone(), p["prediction"].clone(), p["generated_tokens"].clone()))
+            .collect()
+    };
+    assert_eq!(items(&remote), items(&local));
+    assert_eq!(items(&remote).len(), 20);
+    for key in ["vqa", "caption", "per_kind", "failed"] {
+        assert_eq!(remote[key], local[key], "{key}");
+    }
+    assert_eq!(remote["answered_by"], json!(["candidate"]), "the pinned version answered");
+
+    // A set the model gets wrong: below the threshold, the command fails and says why.
+    let work = tempfile::tempdir().unwrap();
+    let wrong: String = std::fs::read_to_string(&data)
+        .unwrap()
+        .lines()
+        .take(4)
+        .map(|line| {
+            let mut item: Value = serde_json::from_str(line).unwrap();
+            item["image"] = json!(data.parent().unwrap().join(item["image"].as_str().unwrap()));
+            item["answers"] = json!(["no such answer"]);
+            format!("{item}\n")
+        })
+        .collect();
+    std::fs::write(work.path().join("wrong.jsonl"), wrong).unwrap();
+    let (ok, report, stderr) =
+        eval(&work.path().join("wrong.jsonl"), &["--url", &url, "--model", "shapes", "--min-accuracy", "0.5"]);
+    assert!(!ok && stderr.contains("VQA accuracy 0.00% is below --min-accuracy 50.00%"), "{stderr}");
+    assert_eq!(report["vqa"]["accuracy"], json!(0.0), "the report is written all the same");
 }

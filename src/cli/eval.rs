@@ -7,6 +7,10 @@
 //! ("vqa"), and items of kind "caption" are scored with BLEU-4 instead of VQA accuracy. A line
 //! that does not parse or whose image cannot be read is reported with its line number, counted
 //! as failed and skipped; failed items are not part of the scores.
+//!
+//! With `--url`, the questions go to a running server's chat completions API instead (greedy,
+//! the same prompt), so a deployed version is scored as clients meet it; `--min-accuracy` makes
+//! the command fail below a threshold, as a promotion gate.
 
 mod progress;
 mod score;
@@ -16,6 +20,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use base64::Engine as _;
 use clap::Args;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
@@ -45,6 +50,18 @@ pub struct EvalArgs {
     /// Also write the JSON report to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Ask a running server (http://HOST:PORT) instead of loading the model here; `--model` is
+    /// then the name it serves (`name` or `name@version`).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Fail (exit status 1) when the VQA accuracy is below this fraction, from 0 to 1.
+    #[arg(long, value_parser = fraction)]
+    pub min_accuracy: Option<f64>,
+}
+
+fn fraction(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    if (0.0..=1.0).contains(&value) { Ok(value) } else { Err(format!("{value} is not a fraction from 0 to 1")) }
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,9 +90,7 @@ struct Scored {
     score: f64,
     generated_tokens: usize,
     #[serde(skip)]
-    decode_steps: usize,
-    #[serde(skip)]
-    decode_s: f64,
+    decode: Option<(usize, f64)>,
     #[serde(skip)]
     elapsed_s: f64,
 }
@@ -90,14 +105,16 @@ pub fn run(settings: &Settings, args: &EvalArgs) -> Result<(), CliError> {
     let text =
         std::fs::read_to_string(&args.data).map_err(|source| CliError::Io { path: args.data.clone(), source })?;
     let lines = parse_lines(&text);
-    let mut model = args.model.load(settings)?;
+    let mut answerer = match &args.url {
+        Some(url) => Answerer::Remote(Remote::new(url, &args.model.model)),
+        None => Answerer::Local { model: Box::new(args.model.load(settings)?), images: LastImage::default() },
+    };
     let base = args.data.parent().unwrap_or(Path::new(""));
-    let mut images = LastImage::default();
     let mut tally = Tally::default();
     let mut progress = Progress::new(lines.len());
     let start = Instant::now();
     for (line, item) in lines {
-        let outcome = item.and_then(|item| answer(&mut model, &mut images, base, item, args.max_new_tokens));
+        let outcome = item.and_then(|item| score(&mut answerer, base, item, args.max_new_tokens));
         match outcome {
             Ok(mut scored) => {
                 scored.line = line;
@@ -111,12 +128,148 @@ pub fn run(settings: &Settings, args: &EvalArgs) -> Result<(), CliError> {
         progress.tick(&tally.status());
     }
     progress.finish();
-    let report = tally.report(&model, args, start.elapsed().as_secs_f64());
+    let report = tally.report(&answerer, args, start.elapsed().as_secs_f64());
     write_outputs(args, &report, &tally)?;
     if tally.scored.is_empty() && !tally.failures.is_empty() {
         return Err(CliError::Output(format!("all {} items failed", tally.failures.len())));
     }
+    if let Some(min) = args.min_accuracy {
+        let accuracy = mean(tally.vqa_items().map(|s| s.score)).unwrap_or(0.0);
+        if accuracy < min {
+            return Err(CliError::Usage(format!(
+                "VQA accuracy {:.2}% is below --min-accuracy {:.2}%",
+                100.0 * accuracy,
+                100.0 * min
+            )));
+        }
+    }
     Ok(())
+}
+
+/// Where the answers come from.
+enum Answerer {
+    Local { model: Box<Model>, images: LastImage },
+    Remote(Remote),
+}
+
+/// A model's greedy answer to one question about one image.
+struct Answer {
+    text: String,
+    generated_tokens: usize,
+    /// Decode steps and their time, when the model ran here.
+    decode: Option<(usize, f64)>,
+}
+
+impl Answerer {
+    fn answer(&mut self, image: PathBuf, question: &str, max_new_tokens: usize) -> Result<Answer, String> {
+        match self {
+            Answerer::Local { model, images } => {
+                let image = images.get(image)?;
+                let message = ChatMessage::user(1, question);
+                let prompt = model
+                    .codec
+                    .prepare(&[message], std::slice::from_ref(image), &[], &[])
+                    .map_err(|e| e.to_string())?;
+                let params = GenerationParams { max_new_tokens, ..GenerationParams::default() };
+                let completion = model.generate(prompt, &params, &mut |_| Flow::Continue).map_err(|e| e.to_string())?;
+                let timings = &completion.timings;
+                Ok(Answer {
+                    generated_tokens: completion.token_ids.len(),
+                    decode: Some((timings.decode_steps, timings.decode_s)),
+                    text: completion.text,
+                })
+            }
+            Answerer::Remote(remote) => remote.answer(&image, question, max_new_tokens),
+        }
+    }
+
+    /// What answered, for the report: the package and its precisions, or the server and the
+    /// version that answered.
+    fn describe(&self) -> serde_json::Map<String, Value> {
+        let described = match self {
+            Answerer::Local { model, .. } => {
+                let precisions: BTreeMap<String, String> = model
+                    .codec
+                    .info
+                    .graphs
+                    .iter()
+                    .map(|(graph, precision, ..)| (graph.to_string(), precision.to_string()))
+                    .collect();
+                json!({"model": model.codec.info.dir, "precision": precisions})
+            }
+            Answerer::Remote(remote) => json!({
+                "model": remote.model,
+                "url": remote.endpoint,
+                "answered_by": remote.answered_by,
+            }),
+        };
+        match described {
+            Value::Object(fields) => fields,
+            _ => serde_json::Map::new(),
+        }
+    }
+}
+
+/// A server's chat completions endpoint.
+struct Remote {
+    agent: ureq::Agent,
+    endpoint: String,
+    model: String,
+    /// The versions that answered (`system_fingerprint`), in order of first answer.
+    answered_by: Vec<String>,
+}
+
+impl Remote {
+    fn new(url: &str, model: &str) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(std::time::Duration::from_secs(600)))
+            .http_status_as_error(false)
+            .user_agent(concat!("vlmserve-eval/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        let endpoint = format!("{}/v1/chat/completions", url.trim_end_matches('/'));
+        Self { agent, endpoint, model: model.to_string(), answered_by: Vec::new() }
+    }
+
+    fn answer(&mut self, image: &Path, question: &str, max_new_tokens: usize) -> Result<Answer, String> {
+        let bytes = std::fs::read(image).map_err(|e| format!("{}: {e}", image.display()))?;
+        let media_type = image::ImageFormat::from_path(image).map_or("application/octet-stream", |f| f.to_mime_type());
+        let url = format!("data:{media_type};base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes));
+        let body = json!({
+            "model": self.model,
+            "temperature": 0,
+            "max_tokens": max_new_tokens,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": question},
+            ]}],
+        });
+        let mut response = self
+            .agent
+            .post(&self.endpoint)
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+            .map_err(|e| format!("{}: {e}", self.endpoint))?;
+        let status = response.status();
+        let text = response.body_mut().read_to_string().map_err(|e| format!("{}: {e}", self.endpoint))?;
+        let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if !status.is_success() {
+            let message = answer["error"]["message"].as_str().unwrap_or(&text);
+            return Err(format!("the server answered {status}: {message}"));
+        }
+        let content = answer["choices"][0]["message"]["content"].as_str();
+        let content = content.ok_or_else(|| format!("the server's answer has no message content: {text}"))?;
+        if let Some(version) = answer["system_fingerprint"].as_str()
+            && !self.answered_by.iter().any(|v| v == version)
+        {
+            self.answered_by.push(version.to_string());
+        }
+        Ok(Answer {
+            text: content.to_string(),
+            generated_tokens: answer["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize,
+            decode: None,
+        })
+    }
 }
 
 /// Numbered non-blank lines, each parsed or with its parse error.
@@ -162,22 +315,10 @@ impl LastImage {
 }
 
 /// Greedy answer to one item and its score.
-fn answer(
-    model: &mut Model,
-    images: &mut LastImage,
-    base: &Path,
-    item: Item,
-    max_new_tokens: usize,
-) -> Result<Scored, String> {
+fn score(answerer: &mut Answerer, base: &Path, item: Item, max_new_tokens: usize) -> Result<Scored, String> {
     let start = Instant::now();
-    let image = images.get(base.join(&item.image))?;
-    let prompt = model
-        .codec
-        .prepare(&[ChatMessage::user(1, &item.question)], std::slice::from_ref(image), &[], &[])
-        .map_err(|e| e.to_string())?;
-    let params = GenerationParams { max_new_tokens, ..GenerationParams::default() };
-    let completion = model.generate(prompt, &params, &mut |_| Flow::Continue).map_err(|e| e.to_string())?;
-    let prediction = completion.text.trim().to_string();
+    let answer = answerer.answer(base.join(&item.image), &item.question, max_new_tokens)?;
+    let prediction = answer.text.trim().to_string();
     let score = if item.kind == CAPTION {
         f64::from(u8::from(item.answers.iter().any(|a| normalize_answer(a) == normalize_answer(&prediction))))
     } else {
@@ -190,9 +331,8 @@ fn answer(
         answers: item.answers,
         prediction,
         score,
-        generated_tokens: completion.token_ids.len(),
-        decode_steps: completion.timings.decode_steps,
-        decode_s: completion.timings.decode_s,
+        generated_tokens: answer.generated_tokens,
+        decode: answer.decode,
         elapsed_s: start.elapsed().as_secs_f64(),
     })
 }
@@ -246,26 +386,18 @@ impl Tally {
             .collect()
     }
 
-    fn report(&self, model: &Model, args: &EvalArgs, wall_s: f64) -> Value {
+    fn report(&self, answerer: &Answerer, args: &EvalArgs, wall_s: f64) -> Value {
         let generated: usize = self.scored.iter().map(|s| s.generated_tokens).sum();
-        let decode_s: f64 = self.scored.iter().map(|s| s.decode_s).sum();
-        let decode_steps: usize = self.scored.iter().map(|s| s.decode_steps).sum();
+        let decode_s: f64 = self.scored.iter().filter_map(|s| s.decode).map(|d| d.1).sum();
+        let decode_steps: usize = self.scored.iter().filter_map(|s| s.decode).map(|d| d.0).sum();
         let answering_s: f64 = self.scored.iter().map(|s| s.elapsed_s).sum();
-        let precisions: BTreeMap<String, String> = model
-            .codec
-            .info
-            .graphs
-            .iter()
-            .map(|(graph, precision, ..)| (graph.to_string(), precision.to_string()))
-            .collect();
         let per_kind: BTreeMap<&str, Value> = self
             .per_kind()
             .into_iter()
             .map(|(kind, (accuracy, items))| (kind, json!({"accuracy": accuracy, "items": items})))
             .collect();
-        json!({
-            "model": model.codec.info.dir,
-            "precision": precisions,
+        let mut report = answerer.describe();
+        let figures = json!({
             "data": args.data,
             "items": self.scored.len() + self.failures.len(),
             "scored": self.scored.len(),
@@ -286,7 +418,11 @@ impl Tally {
             },
             "failures": self.failures,
             "predictions": self.scored,
-        })
+        });
+        if let Value::Object(figures) = figures {
+            report.extend(figures);
+        }
+        Value::Object(report)
     }
 }
 

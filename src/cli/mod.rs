@@ -102,7 +102,6 @@ impl ImageBudgetArgs {
     }
 }
 
-/// `KEY=JSON`; a value that is not JSON is taken as a string.
 /// An image file's bytes.
 fn read_file(path: &Path) -> Result<Vec<u8>, CliError> {
     std::fs::read(path).map_err(|source| CliError::Io { path: path.to_path_buf(), source })
@@ -117,6 +116,7 @@ fn read_image(path: &Path) -> Result<RgbImage, CliError> {
     decode_file(path, &read_file(path)?)
 }
 
+/// `KEY=JSON`; a value that is not JSON is taken as a string.
 fn parse_setting(text: &str) -> Result<(String, serde_json::Value), String> {
     let (key, value) = text.split_once('=').ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
     let value = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_string()));

@@ -34,6 +34,50 @@ pub struct Settings {
     pub server: ServerSettings,
     #[serde(default)]
     pub scheduler: SchedulerSettings,
+    #[serde(default)]
+    pub rollout: RolloutSettings,
+}
+
+/// `[rollout]`: the gates that take a candidate version's traffic away automatically, judged
+/// over a sliding window against the model's stable version (its largest weight).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutSettings {
+    /// Off: versions keep their weights whatever they do.
+    pub enabled: bool,
+    /// The sliding window, in seconds.
+    pub window_s: f64,
+    /// Ended requests (or compared shadow answers) a version's window needs before a gate judges it.
+    pub min_requests: usize,
+    /// A candidate fails above this multiple of the stable version's error rate...
+    pub max_error_ratio: f64,
+    /// ...and above this error rate (so that one error against none is no verdict).
+    pub min_error_rate: f64,
+    /// A candidate fails above this multiple of the stable version's time-to-first-token p99...
+    pub max_ttft_p99_ratio: f64,
+    /// ...when that is also this many seconds more (milliseconds of scheduling noise are no
+    /// verdict).
+    pub min_ttft_p99_increase_s: f64,
+    /// A shadow version fails when fewer of its greedy answers than this equal the primary's.
+    pub min_shadow_agreement: f64,
+    /// How often the gates are checked, in seconds.
+    pub check_interval_s: f64,
+}
+
+impl Default for RolloutSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window_s: 300.0,
+            min_requests: 20,
+            max_error_ratio: 2.0,
+            min_error_rate: 0.05,
+            max_ttft_p99_ratio: 1.5,
+            min_ttft_p99_increase_s: 0.1,
+            min_shadow_agreement: 0.9,
+            check_interval_s: 1.0,
+        }
+    }
 }
 
 /// `[server]`: the HTTP listener, request limits and the admin API (`vlmserve serve`).
@@ -91,6 +135,10 @@ pub struct ServerSettings {
     pub response_cache_mb: usize,
     /// How long a kept answer may be replayed, in seconds.
     pub response_cache_ttl_s: f64,
+    /// Request header whose value keeps a user on one version of a model with versions (and,
+    /// behind a hashing proxy, on one replica); without it, the body's `user` field. Empty: the
+    /// `user` field only.
+    pub session_header: String,
 }
 
 impl Default for ServerSettings {
@@ -118,6 +166,7 @@ impl Default for ServerSettings {
             expose_cache_hits: false,
             response_cache_mb: 0,
             response_cache_ttl_s: 600.0,
+            session_header: "x-session-id".into(),
             body_read_timeout_s: 30.0,
             body_bytes_in_flight_mb: 256,
             allowed_hosts: Vec::new(),
@@ -185,6 +234,19 @@ pub struct RuntimeSettings {
 #[serde(deny_unknown_fields)]
 pub struct ModelSettings {
     pub name: String,
+    /// A version label: entries that share `name` with different versions are one model whose
+    /// requests are split between them by `weight`; `model: "name@version"` names one.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// This version's share of its name's requests, relative to the other versions' weights;
+    /// 0 = only requests that name it.
+    #[serde(default = "full_weight")]
+    pub weight: u32,
+    /// Percent of the requests its model's other versions answer that this version also runs,
+    /// as a shadow: its answer is compared with theirs and discarded. Its workers run at the
+    /// lowest CPU priority, so that shadow work never slows the answers clients wait for.
+    #[serde(default)]
+    pub shadow: u8,
     pub path: PathBuf,
     #[serde(default = "fp32")]
     pub precision: Precision,
@@ -224,6 +286,10 @@ fn fp32() -> Precision {
     Precision::Fp32
 }
 
+fn full_weight() -> u32 {
+    100
+}
+
 fn cpu_only() -> Vec<Provider> {
     vec![Provider::Cpu(CpuOptions::default())]
 }
@@ -253,15 +319,20 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |i: usize, why: String| Err(ConfigError::Invalid(format!("models[{i}].{why}")));
         for (i, model) in self.models.iter().enumerate() {
-            if model.name.trim().is_empty() {
-                return Err(ConfigError::Invalid(format!("models[{i}].name is empty")));
+            if let Err(why) = model.check() {
+                return bad(i, why);
             }
-            if self.models[..i].iter().any(|m| m.name == model.name) {
-                return Err(ConfigError::Invalid(format!("models[{i}].name {:?} is used twice", model.name)));
+            let same_name: Vec<&ModelSettings> = self.models.iter().filter(|m| m.name == model.name).collect();
+            if same_name.len() > 1 && model.version.is_none() {
+                return bad(i, format!("name {:?} is used twice: give each entry a version", model.name));
             }
-            if model.providers.is_empty() {
-                return Err(ConfigError::Invalid(format!("models[{i}].providers is empty")));
+            if self.models[..i].iter().any(|m| m.id() == model.id()) {
+                return bad(i, format!("{:?} is configured twice", model.id()));
+            }
+            if same_name.iter().all(|m| m.weight == 0) {
+                return bad(i, format!("weight: some version of {:?} must have a weight above 0", model.name));
             }
         }
         self.validate_server()
@@ -310,6 +381,28 @@ impl Settings {
                 return bad(key, "entries must be host names like \"example.com\" or \"*.example.com\"");
             }
         }
+        let rollout = &self.rollout;
+        for (key, value) in [
+            ("rollout.window_s", rollout.window_s),
+            ("rollout.check_interval_s", rollout.check_interval_s),
+            ("rollout.max_error_ratio", rollout.max_error_ratio),
+            ("rollout.max_ttft_p99_ratio", rollout.max_ttft_p99_ratio),
+        ] {
+            if !value.is_finite() || value <= 0.0 {
+                return bad(key, "must be a finite number > 0");
+            }
+        }
+        for (key, value) in [
+            ("rollout.min_error_rate", rollout.min_error_rate),
+            ("rollout.min_shadow_agreement", rollout.min_shadow_agreement),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return bad(key, "must be a fraction from 0 to 1");
+            }
+        }
+        if !rollout.min_ttft_p99_increase_s.is_finite() || rollout.min_ttft_p99_increase_s < 0.0 {
+            return bad("rollout.min_ttft_p99_increase_s", "must be a finite number >= 0");
+        }
         if self.scheduler.concurrency == 0 {
             return bad("scheduler.concurrency", "must be at least 1");
         }
@@ -328,14 +421,15 @@ impl Settings {
     /// A configured model by name, or a package folder with the first model's settings
     /// (or the defaults) applied to it.
     pub fn model(&self, name_or_path: &str) -> Result<ModelSettings, ConfigError> {
-        if let Some(model) = self.models.iter().find(|m| m.name == name_or_path) {
+        let by_id = self.models.iter().find(|m| m.id() == name_or_path);
+        if let Some(model) = by_id.or_else(|| self.models.iter().find(|m| m.name == name_or_path)) {
             return Ok(model.clone());
         }
         let path = Path::new(name_or_path);
         if path.is_dir() {
             return Ok(ModelSettings::for_path(path));
         }
-        let known: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+        let known: Vec<String> = self.models.iter().map(ModelSettings::id).collect();
         Err(ConfigError::UnknownModel { name: name_or_path.into(), known: known.join(", ") })
     }
 
@@ -354,11 +448,41 @@ impl Settings {
 }
 
 impl ModelSettings {
+    /// What one entry must be on its own, whatever the others are: the reason, naming the key.
+    pub fn check(&self) -> Result<(), String> {
+        if self.name.trim().is_empty() || self.name.contains('@') {
+            return Err(format!("name {:?} must be non-empty and without '@'", self.name));
+        }
+        if let Some(version) = &self.version
+            && (version.trim().is_empty() || version.contains(['@', '/']))
+        {
+            return Err(format!("version {version:?} must be non-empty and without '@' or '/'"));
+        }
+        if self.shadow > 100 || (self.shadow > 0 && self.version.is_none()) {
+            return Err("shadow: a percentage from 0 to 100, for a model's version".into());
+        }
+        if self.providers.is_empty() {
+            return Err("providers is empty".into());
+        }
+        Ok(())
+    }
+
+    /// What names this entry alone: `name@version`, or the name of an unversioned model.
+    pub fn id(&self) -> String {
+        match &self.version {
+            Some(version) => format!("{}@{version}", self.name),
+            None => self.name.clone(),
+        }
+    }
+
     /// Defaults for a package folder given on the command line.
     pub fn for_path(path: &Path) -> Self {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         Self {
             name,
+            version: None,
+            weight: full_weight(),
+            shadow: 0,
             path: path.to_path_buf(),
             precision: fp32(),
             providers: cpu_only(),
@@ -476,6 +600,28 @@ mod tests {
         assert!(zero.validate().unwrap_err().to_string().contains("scheduler.concurrency"));
         let unknown = parse("[server]\nprot = 1\n").unwrap_err();
         assert!(unknown.contains("prot"), "{unknown}");
+    }
+
+    #[test]
+    fn versions_of_a_model_are_checked_together() {
+        let entry = |version: &str, extra: &str| format!("[[models]]\nname = \"m\"\npath = \"x\"\n{version}{extra}\n");
+        let two =
+            parse(&(entry("version = \"a\"\n", "weight = 90") + &entry("version = \"b\"\n", "shadow = 20"))).unwrap();
+        two.validate().unwrap();
+        assert_eq!(two.models.iter().map(ModelSettings::id).collect::<Vec<_>>(), ["m@a", "m@b"]);
+        assert_eq!((two.models[0].weight, two.models[1].weight, two.models[1].shadow), (90, 100, 20));
+        assert_eq!(two.model("m@b").unwrap().version.as_deref(), Some("b"));
+        let invalid = |toml: String| parse(&toml).unwrap().validate().unwrap_err().to_string();
+        assert!(invalid(entry("", "") + &entry("version = \"b\"\n", "")).contains("give each entry a version"));
+        assert!(invalid(entry("version = \"a\"\n", "") + &entry("version = \"a\"\n", "")).contains("twice"));
+        let zero = entry("version = \"a\"\n", "weight = 0") + &entry("version = \"b\"\n", "weight = 0");
+        assert!(invalid(zero).contains("weight above 0"));
+        assert!(invalid(entry("version = \"a@b\"\n", "")).contains("without '@'"));
+        assert!(invalid(entry("version = \"a\"\n", "shadow = 101")).contains("shadow"));
+        assert!(invalid(entry("", "shadow = 10")).contains("shadow"));
+        let gate = parse("[rollout]\nmin_shadow_agreement = 1.5\n").unwrap();
+        assert!(gate.validate().unwrap_err().to_string().contains("rollout.min_shadow_agreement"));
+        assert_eq!(parse(DEFAULT_TOML).unwrap().rollout.max_error_ratio, 2.0);
     }
 
     #[test]

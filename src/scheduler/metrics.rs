@@ -32,6 +32,11 @@ pub struct Metrics {
     pub registry: Registry,
     pub http_requests: IntCounterVec,
     pub waiting: IntGaugeVec,
+    /// Each version's share of its model's requests.
+    pub weight: IntGaugeVec,
+    pub shadow_percent: IntGaugeVec,
+    pub shadow_requests: IntCounterVec,
+    pub rollbacks: IntCounterVec,
     pub running: IntGaugeVec,
     pub queue_duration: HistogramVec,
     pub time_to_first_token: HistogramVec,
@@ -84,6 +89,27 @@ impl Metrics {
                 &["model"],
             ),
             running: gauge("num_requests_running", "Requests generating", &["model"]),
+            weight: gauge(
+                "model_version_weight",
+                "Weight of each version of a model (its share of the model's requests)",
+                &["model", "version"],
+            ),
+            shadow_percent: gauge(
+                "model_version_shadow_percent",
+                "Percent of the other versions' requests each version runs as a shadow",
+                &["model", "version"],
+            ),
+            shadow_requests: counter(
+                "shadow_requests_total",
+                "Shadow copies by result: agreed or disagreed (greedy answers, same text or not), \
+                 uncompared (sampled, or the primary did not finish), failed, dropped (the shadow was busy)",
+                &["model", "result"],
+            ),
+            rollbacks: counter(
+                "rollbacks_total",
+                "Versions whose traffic was taken away, by gate (errors, ttft, shadow_agreement, admin)",
+                &["model", "gate"],
+            ),
             queue_duration: histogram(
                 "request_queue_duration_seconds",
                 "Time from queueing to the start of generation",
@@ -171,6 +197,31 @@ impl Metrics {
         let waiting = in_flight.load(Ordering::SeqCst).saturating_sub(running);
         self.waiting.with_label_values(&[model]).set(waiting as i64);
         self.running.with_label_values(&[model]).set(running as i64);
+    }
+
+    /// Generations of `model` finished so far, by how they ended.
+    pub fn finished_by_reason(&self, model: &str) -> std::collections::BTreeMap<String, u64> {
+        self.counts("vlmserve_requests_finished_total", model, "reason")
+    }
+
+    /// Shadow copies `model` ran, by result.
+    pub fn shadow_by_result(&self, model: &str) -> std::collections::BTreeMap<String, u64> {
+        self.counts("vlmserve_shadow_requests_total", model, "result")
+    }
+
+    /// A counter family's values for `model`, by its other label `by`.
+    fn counts(&self, family: &str, model: &str, by: &str) -> std::collections::BTreeMap<String, u64> {
+        let families = self.registry.gather();
+        let family = families.iter().find(|f| f.name() == family);
+        family
+            .into_iter()
+            .flat_map(|f| f.get_metric())
+            .filter(|m| m.get_label().iter().any(|l| l.name() == "model" && l.value() == model))
+            .filter_map(|m| {
+                let value = m.get_label().iter().find(|l| l.name() == by)?.value().to_string();
+                Some((value, m.get_counter().get_value() as u64))
+            })
+            .collect()
     }
 
     /// The Prometheus text exposition of every metric.

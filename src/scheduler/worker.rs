@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use super::metrics::{Metrics, Stage};
 use super::queue::Queue;
+use super::rollout::{Outcome, Window};
 use super::{CancelToken, Job, JobEvent, SchedulerError};
 use crate::engine::{
     Batch, Codec, Completion, EngineError, Event, FeatureCache, FinishReason, Flow, Fork, ImageFeatures, KvLayout,
@@ -24,9 +25,13 @@ pub struct WorkerSpec {
     pub options: ModelOptions,
     pub count: usize,
     pub warmup: bool,
+    /// Run at the lowest CPU priority (a shadow's workers, with the threads they start).
+    pub low_priority: bool,
     pub queue: Arc<Queue>,
     pub running: Arc<AtomicUsize>,
     pub in_flight: Arc<AtomicUsize>,
+    /// The version's outcomes, for the rollout gates.
+    pub window: Arc<Window>,
     /// Set when the server ends every running request (the end of a drain).
     pub ending: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
@@ -88,6 +93,9 @@ pub fn spawn_workers(spec: WorkerSpec) -> Result<Arc<Codec>, SchedulerError> {
 
 fn load(spec: &WorkerSpec) -> Result<Model, EngineError> {
     let start = Instant::now();
+    if spec.low_priority {
+        lower_priority(&spec.model);
+    }
     let mut model = Model::load(&spec.dir, &spec.options)?
         .with_feature_cache(spec.feature_cache.clone())
         .with_prefix_cache(spec.prefix_cache.clone());
@@ -96,6 +104,15 @@ fn load(spec: &WorkerSpec) -> Result<Model, EngineError> {
     }
     tracing::debug!(model = %spec.model, seconds = start.elapsed().as_secs_f64(), "worker loaded");
     Ok(model)
+}
+
+/// The lowest CPU priority for this thread and the threads it starts from now on (ONNX
+/// Runtime's pools, created with the sessions), which inherit it.
+fn lower_priority(model: &str) {
+    // On Linux a thread id names that thread alone.
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
+        tracing::warn!(model, "could not lower the shadow worker's priority: {e}");
+    }
 }
 
 fn serve(mut model: Model, spec: &WorkerSpec) {
@@ -152,6 +169,7 @@ fn serve(mut model: Model, spec: &WorkerSpec) {
                 tracing::error!(model = %spec.model, "generation panicked");
                 for active in batch.abandon() {
                     spec.metrics.finished.with_label_values(&[&spec.model, "error"]).inc();
+                    spec.window.record(Outcome::Failed);
                     let _ = active.events.send(JobEvent::Failed(SchedulerError::WorkerGone));
                 }
             }
@@ -361,6 +379,7 @@ fn report(active: Active, result: Result<Completion, EngineError>, spec: &Worker
                 }
                 reason => {
                     finished(reason.as_str());
+                    spec.window.record(Outcome::Answered { ttft_s: t.time_to_first_token_s });
                     // Counts and times only: never prompt text or images at info level.
                     tracing::info!(
                         model = name,
@@ -379,6 +398,7 @@ fn report(active: Active, result: Result<Completion, EngineError>, spec: &Worker
         Err(e) => {
             tracing::warn!(model = name, "generation failed: {e}");
             finished("error");
+            spec.window.record(Outcome::Failed);
             let _ = active.events.send(JobEvent::Failed(SchedulerError::Engine(e)));
         }
     }

@@ -24,7 +24,8 @@ pub fn run(settings: Settings, reload_settings: ReloadSettings) -> Result<(), Se
     let listener = TcpListener::bind(&addr).map_err(|error| ServerError::Bind { addr: addr.clone(), error })?;
     let bound = listener.local_addr()?;
     let metrics = Metrics::new();
-    let scheduler = Scheduler::new(&settings.models, settings.scheduler.clone(), metrics.clone());
+    let scheduler =
+        Scheduler::new(&settings.models, settings.scheduler.clone(), settings.rollout.clone(), metrics.clone());
     let state = web::Data::new(app_state(&server, scheduler.clone(), metrics, reload_settings));
     actix_web::rt::System::new().block_on(serve(listener, bound, server, settings, scheduler, state))
 }
@@ -54,6 +55,7 @@ fn app_state(
             in_flight: Arc::new(MemoryBudget::new(server.body_bytes_in_flight_mb << 20)),
         },
         hosts: hosts::AllowedHosts::new(&server.allowed_hosts, &server.host),
+        session_header: Some(server.session_header.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()),
         default_max_tokens: server.default_max_tokens,
         default_temperature: server.default_temperature,
         expose_cache_hits: server.expose_cache_hits,
@@ -115,7 +117,14 @@ async fn serve(
             .route("/v1/responses", web::post().to(responses::responses))
             .route("/v1/vqa", web::post().to(vqa::vqa));
         if admin {
-            app = app.route("/admin/models/{name}/reload", web::post().to(admin::reload));
+            app = app
+                .route("/admin/models/{name}/reload", web::post().to(admin::reload))
+                .route("/admin/models/{name}/weights", web::put().to(admin::weights))
+                .route("/admin/models/{name}/promote", web::post().to(admin::promote))
+                .route("/admin/models/{name}/rollback", web::post().to(admin::rollback))
+                .route("/admin/models/{name}/shadow", web::put().to(admin::shadow))
+                .route("/admin/models/{name}/versions", web::post().to(admin::add_version))
+                .route("/admin/models/{name}/versions/{version}", web::delete().to(admin::remove_version));
         }
         app.default_service(web::to(not_found))
     })

@@ -181,6 +181,22 @@ impl From<SchedulerError> for ApiError {
                 Self::new(StatusCode::NOT_FOUND, "invalid_request_error", "model_not_found", message)
                     .with_param("model")
             }
+            SchedulerError::UnknownVersion { .. } => {
+                Self::new(StatusCode::NOT_FOUND, "invalid_request_error", "version_not_found", message)
+                    .with_param("model")
+            }
+            SchedulerError::InvalidWeights(_) => {
+                Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_weights", message)
+            }
+            SchedulerError::VersionExists(_) => {
+                Self::new(StatusCode::CONFLICT, "invalid_request_error", "version_exists", message)
+            }
+            SchedulerError::Unversioned(_) => {
+                Self::new(StatusCode::CONFLICT, "invalid_request_error", "model_has_no_versions", message)
+            }
+            SchedulerError::Unloaded(..) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "model_unloaded", message)
+            }
             SchedulerError::NotReady(_) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "model_not_ready", message)
             }

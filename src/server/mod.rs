@@ -16,6 +16,7 @@ mod page;
 mod request;
 mod response_cache;
 mod responses;
+mod shadow;
 mod tools;
 mod vqa;
 
@@ -51,6 +52,8 @@ pub struct AppState {
     pub max_images: usize,
     pub body_limits: request::BodyLimits,
     pub hosts: hosts::AllowedHosts,
+    /// `server.session_header`, when set.
+    pub session_header: Option<String>,
     pub default_max_tokens: usize,
     pub default_temperature: f32,
     /// `server.expose_cache_hits`.

@@ -27,6 +27,9 @@ use crate::scheduler::{JobEvent, SchedulerError};
 pub struct ChatRequest {
     #[serde(default)]
     model: Option<String>,
+    /// Keeps the user on one version of a model with versions (see `request::session_key`).
+    #[serde(default)]
+    user: Option<String>,
     messages: Vec<Value>,
     #[serde(default)]
     max_tokens: Option<u64>,
@@ -546,8 +549,9 @@ pub async fn chat_completions(
     )?;
     let default_max_tokens = use_default.then_some(state.default_max_tokens);
     let input = PrepareInput { messages, images, tools: tools.offered, params, default_max_tokens, constraint };
-    let Started { model, running, cache, .. } =
-        request::start(&state, request.model.as_deref(), input, arrived).await?;
+    let session = request::session_key(&req, &state, request.user.as_deref());
+    let Started { model, running, answered_by, .. } =
+        request::start(&state, request.model.as_deref(), session, input, arrived).await?;
     let id = format!("chatcmpl-{:032x}", rand::random::<u128>());
     let created = request::unix_now();
     let return_ids = request.return_token_ids.unwrap_or(false);
@@ -559,6 +563,7 @@ pub async fn chat_completions(
             id,
             created,
             model,
+            version: answered_by.version.clone(),
             include_usage,
             return_ids,
             expose_cache_hits,
@@ -567,7 +572,7 @@ pub async fn chat_completions(
             held: reads_calls.then(|| (0..samples).map(|_| HeldText::default()).collect()),
             phase: Phase::Start,
         };
-        return Ok(request::ok(cache)
+        return Ok(request::ok(&answered_by)
             .content_type("text/event-stream")
             .insert_header(("Cache-Control", "no-cache"))
             .insert_header(("X-Accel-Buffering", "no"))
@@ -575,8 +580,8 @@ pub async fn chat_completions(
     }
     let completions = request::collect_samples(running).await?;
     let shape = Shape { return_ids, expose_cache_hits: state.expose_cache_hits, reads_calls };
-    let body = completion_body(&id, created, &model, &completions, shape);
-    Ok(request::ok(cache).json(body))
+    let body = completion_body(&id, created, &model, answered_by.version.as_deref(), &completions, shape);
+    Ok(request::ok(&answered_by).json(body))
 }
 
 /// What a whole response shows besides the text.
@@ -589,7 +594,15 @@ struct Shape {
 }
 
 /// A whole response: one choice per sample.
-fn completion_body(id: &str, created: u64, model: &str, completions: &[Completion], shape: Shape) -> Value {
+/// `version`: the model's version that answered, as `system_fingerprint`.
+fn completion_body(
+    id: &str,
+    created: u64,
+    model: &str,
+    version: Option<&str>,
+    completions: &[Completion],
+    shape: Shape,
+) -> Value {
     let choice = |completion: &Completion| {
         let logprobs = completion.logprobs.as_ref().map(|all| logprobs_json(all.iter()));
         let (message, finish_reason) =
@@ -612,7 +625,7 @@ fn completion_body(id: &str, created: u64, model: &str, completions: &[Completio
         "model": model,
         "choices": completions.iter().map(choice).collect::<Vec<_>>(),
         "usage": Usage::of_samples(completions, shape.expose_cache_hits),
-        "system_fingerprint": null,
+        "system_fingerprint": version,
     })
 }
 
@@ -645,6 +658,8 @@ struct ChatStream {
     id: String,
     created: u64,
     model: String,
+    /// The model's version that answers, as `system_fingerprint`.
+    version: Option<String>,
     include_usage: bool,
     return_ids: bool,
     expose_cache_hits: bool,
@@ -679,7 +694,7 @@ impl ChatStream {
             "created": self.created,
             "model": self.model,
             "choices": [choice],
-            "system_fingerprint": null,
+            "system_fingerprint": self.version,
         })
     }
 
@@ -763,21 +778,54 @@ impl ChatStream {
 
 /// `GET /v1/models`: every configured model with its state, precision and providers.
 pub async fn list_models(state: web::Data<AppState>) -> HttpResponse {
-    let data: Vec<Value> = state.scheduler.models().iter().map(model_json).collect();
+    let models = state.scheduler.models();
+    let mut names: Vec<&str> = models.iter().map(|m| m.model.as_str()).collect();
+    names.dedup();
+    let data: Vec<Value> = names.into_iter().map(|name| served_json(name, &models, &state.metrics)).collect();
     HttpResponse::Ok().json(json!({"object": "list", "data": data}))
 }
 
-/// `GET /v1/models/{name}`.
+/// `GET /v1/models/{name}`: a model, or one version of one (`name@version`).
 pub async fn get_model(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let name = path.into_inner();
     state.scheduler.check_model(&name)?;
     let models = state.scheduler.models();
-    let model = models.iter().find(|m| m.name == name).ok_or_else(|| ApiError::not_found("model vanished"))?;
-    Ok(HttpResponse::Ok().json(model_json(model)))
+    if let Some(version) = models.iter().find(|m| m.name == name && m.version.is_some()) {
+        return Ok(HttpResponse::Ok().json(model_json(version, &state.metrics)));
+    }
+    Ok(HttpResponse::Ok().json(served_json(&name, &models, &state.metrics)))
 }
 
-fn model_json(model: &crate::scheduler::ModelStatus) -> Value {
-    let created = model.loaded_at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+/// A name as clients use it: the model itself, or, for one with versions, its versions with
+/// their weights and counters (each answers to `name@version` too).
+pub(super) fn served_json(
+    name: &str,
+    models: &[crate::scheduler::ModelStatus],
+    metrics: &crate::scheduler::Metrics,
+) -> Value {
+    let versions: Vec<&crate::scheduler::ModelStatus> = models.iter().filter(|m| m.model == name).collect();
+    match versions.as_slice() {
+        [only] if only.version.is_none() => model_json(only, metrics),
+        _ => {
+            let ready = versions.iter().any(|v| v.weight > 0 && v.state == crate::scheduler::ModelState::Ready);
+            json!({
+                "id": name,
+                "object": "model",
+                "owned_by": "vlmserve",
+                "created": versions.iter().map(|v| created(v)).max().unwrap_or(0),
+                "state": if ready { "ready" } else { "not_ready" },
+                "versions": versions.iter().map(|v| model_json(v, metrics)).collect::<Vec<_>>(),
+            })
+        }
+    }
+}
+
+fn created(model: &crate::scheduler::ModelStatus) -> u64 {
+    model.loaded_at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs())
+}
+
+fn model_json(model: &crate::scheduler::ModelStatus, metrics: &crate::scheduler::Metrics) -> Value {
+    let created = created(model);
     let graphs: Vec<Value> = model
         .graphs
         .iter()
@@ -785,21 +833,31 @@ fn model_json(model: &crate::scheduler::ModelStatus) -> Value {
         .collect();
     let mut providers: Vec<&str> = model.graphs.iter().flat_map(|g| g.2.iter().copied()).collect();
     providers.dedup();
-    json!({
+    let mut json = json!({
         "id": model.name,
         "object": "model",
         "root": model.root,
         "created": created,
         "owned_by": "vlmserve",
         "state": model.state.as_str(),
-        "version": model.version,
+        "revision": model.revision,
         "family": model.family,
         "context_length": model.context_length,
         "precision": model.precision,
         "providers": providers,
         "graphs": graphs,
         "last_error": model.last_error,
-    })
+        "model": model.model,
+        "version": model.version,
+        "weight": model.version.as_ref().map(|_| model.weight),
+        "requests": metrics.finished_by_reason(&model.name),
+    });
+    if model.version.is_some() {
+        json["shadow"] = json!({"percent": model.shadow, "results": metrics.shadow_by_result(&model.name)});
+        json["window"] = json!(model.window);
+        json["rollback"] = json!(model.rollback);
+    }
+    json
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use crate::preprocess::tools::Tool;
 use crate::preprocess::{
     ImageLimits, MemoryBudget, PreprocessError, Reservation, Shortfall, decode_image, read_header,
 };
-use crate::scheduler::{Admission, CancelOnDrop, CancelToken, JobEvent, SchedulerError, Stage, Version};
+use crate::scheduler::{Admission, CancelOnDrop, CancelToken, JobEvent, Revision, SchedulerError, Stage};
 
 /// How much of a body the server reads, for how long, and how many bytes of bodies all
 /// requests together may hold while they are read and parsed.
@@ -145,13 +145,14 @@ fn json_values(body: &[u8]) -> usize {
 }
 
 /// One image of a request: where it comes from, and what the client lets it cost.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RequestImage {
     pub source: ImageSource,
     pub budget: ImageBudget,
 }
 
 /// An image as a request gives it: bytes, or a remote URL fetched while preparing.
+#[derive(Clone)]
 pub enum ImageSource {
     Bytes(Vec<u8>),
     /// Decoded while preparing, off the async threads.
@@ -320,6 +321,7 @@ pub struct Decoding {
 }
 
 /// Everything needed to prepare a prompt off the async threads.
+#[derive(Clone)]
 pub struct PrepareInput {
     pub messages: Vec<ChatMessage>,
     pub images: Vec<RequestImage>,
@@ -332,7 +334,7 @@ pub struct PrepareInput {
 }
 
 /// An output constraint and the request parameter that asked for it (named by its errors).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RequestConstraint {
     pub constraint: Constraint,
     pub param: &'static str,
@@ -347,14 +349,14 @@ pub struct Prepared {
 /// Check image sizes (from headers) and the token budget, decode, render and tokenize, and
 /// check the prompt against the context. Blocking: run it in `web::block`.
 fn prepare_blocking(
-    version: &Version,
+    revision: &Revision,
     input: PrepareInput,
     limits: &ImageLimits,
     decoding: &Decoding,
     remote: Option<&RemoteImages>,
 ) -> Result<Prepared, ApiError> {
     let PrepareInput { messages, images, tools, mut params, default_max_tokens, constraint } = input;
-    let codec = &version.codec;
+    let codec = &revision.codec;
     // Compiled first: a refused schema costs no image decoding.
     if let Some(RequestConstraint { constraint, param }) = constraint {
         let guide = codec.guide(&constraint).map_err(|e| ApiError::from(e).with_param(param))?;
@@ -405,7 +407,7 @@ fn prepare_blocking(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let image_decode_s = start.elapsed().as_secs_f64();
-    let prompt = codec.prepare_cached(&messages, &decoded, &budgets, &tools, version.feature_cache.as_deref())?;
+    let prompt = codec.prepare_cached(&messages, &decoded, &budgets, &tools, revision.feature_cache.as_deref())?;
     if let Some(default) = default_max_tokens {
         params.max_new_tokens = default.min(context.saturating_sub(prompt.input_ids.len())).max(1);
     }
@@ -418,6 +420,14 @@ pub struct Started {
     pub model: String,
     pub image_decode_s: f64,
     pub running: Running,
+    pub answered_by: AnsweredBy,
+}
+
+/// What a response says about who answered it, in its headers.
+#[derive(Debug, Clone)]
+pub struct AnsweredBy {
+    /// The model's version, when it has versions.
+    pub version: Option<String>,
     /// What the response cache did, when it is on and the request's answer is reproducible.
     pub cache: Option<CacheLookup>,
 }
@@ -438,62 +448,92 @@ impl CacheLookup {
     }
 }
 
-/// A 200 response, with the `x-vlmserve-cache` header when the response cache took part.
-pub fn ok(cache: Option<CacheLookup>) -> actix_web::HttpResponseBuilder {
+/// A 200 response, with the `x-vlmserve-model-version` header when the model has versions
+/// and `x-vlmserve-cache` when the response cache took part.
+pub fn ok(answered_by: &AnsweredBy) -> actix_web::HttpResponseBuilder {
     let mut response = actix_web::HttpResponse::Ok();
-    if let Some(lookup) = cache {
+    if let Some(version) = &answered_by.version {
+        response.insert_header(("x-vlmserve-model-version", version.as_str()));
+    }
+    if let Some(lookup) = answered_by.cache {
         response.insert_header(("x-vlmserve-cache", lookup.as_str()));
     }
     response
 }
 
+/// The key that keeps a user on one version of a model: the session header
+/// (`server.session_header`) when the request has it, else the body's `user` field.
+pub fn session_key<'a>(req: &'a HttpRequest, state: &AppState, user: Option<&'a str>) -> Option<&'a str> {
+    let header = state.session_header.as_deref().and_then(|name| req.headers().get(name)?.to_str().ok());
+    header.or(user).filter(|key| !key.is_empty())
+}
+
 /// Every generating endpoint's way in: resolve the model, take a place in its queue (429 when
-/// full), prepare on the blocking pool, then answer from the response cache or submit.
+/// full), prepare on the blocking pool, then answer from the response cache or submit. A model
+/// with versions answers with the one `session` keeps to (see [`session_key`]).
 pub async fn start(
-    state: &AppState,
+    state: &web::Data<AppState>,
     requested_model: Option<&str>,
+    session: Option<&str>,
     input: PrepareInput,
     arrived: Instant,
 ) -> Result<Started, ApiError> {
     let model = model_name(state, requested_model)?;
-    let admission = state.scheduler.admit(&model)?;
+    let admission = state.scheduler.admit(&model, session)?;
+    let version = admission.version.clone();
+    let shadows: Vec<(Admission, PrepareInput)> =
+        state.scheduler.shadows(&model, admission.model()).into_iter().map(|s| (s, input.clone())).collect();
     let constraint = input.constraint.as_ref().map(|c| c.constraint.clone());
     let prepared = prepare(state, &admission, input).await?;
     let image_decode_s = prepared.image_decode_s;
     let cached = state.response_cache.as_ref().and_then(|cache| {
+        // The model's version by its own name: two versions' answers are their own.
         let key = ResponseCache::key(
-            &model,
-            admission.version.number,
+            admission.model(),
+            admission.revision.number,
             &prepared.prompt,
             &prepared.params,
             constraint.as_ref(),
         )?;
         Some((cache, key))
     });
-    let Some((cache, key)) = cached else {
-        let running = submit(state, admission, prepared, arrived, None);
-        return Ok(Started { model, image_decode_s, running, cache: None });
-    };
-    let answer = cache.get(&key);
-    let lookup = if answer.is_some() { CacheLookup::Hit } else { CacheLookup::Miss };
-    state.metrics.response_cache_lookups.with_label_values(&[&model, lookup.as_str()]).inc();
-    let running = match answer {
-        Some(answer) => Running::replay(answer, admission),
-        None => {
-            let recording = Recording::new(cache.clone(), key, prepared.params.samples);
-            submit(state, admission, prepared, arrived, Some(recording))
+    let (mut running, cache) = match cached {
+        None => (submit(state, admission, prepared, arrived, None), None),
+        Some((cache, key)) => {
+            let answer = cache.get(&key);
+            let lookup = if answer.is_some() { CacheLookup::Hit } else { CacheLookup::Miss };
+            state.metrics.response_cache_lookups.with_label_values(&[admission.model(), lookup.as_str()]).inc();
+            let running = match answer {
+                Some(answer) => Running::replay(answer, admission),
+                None => {
+                    let recording = Recording::new(cache.clone(), key, prepared.params.samples);
+                    submit(state, admission, prepared, arrived, Some(recording))
+                }
+            };
+            (running, Some(lookup))
         }
     };
-    Ok(Started { model, image_decode_s, running, cache: Some(lookup) })
+    if !shadows.is_empty() {
+        let (watch, primary) = tokio::sync::watch::channel(None);
+        running.watch = Some(watch);
+        for (shadow, input) in shadows {
+            super::shadow::spawn(state.clone(), shadow, input, primary.clone());
+        }
+    }
+    Ok(Started { model, image_decode_s, running, answered_by: AnsweredBy { version, cache } })
 }
 
 /// Prepare on the blocking pool.
-async fn prepare(state: &AppState, admission: &Admission, input: PrepareInput) -> Result<Prepared, ApiError> {
-    let version = admission.version.clone();
+pub(super) async fn prepare(
+    state: &AppState,
+    admission: &Admission,
+    input: PrepareInput,
+) -> Result<Prepared, ApiError> {
+    let revision = admission.revision.clone();
     let limits = state.image_limits;
     let decoding = state.decoding.clone();
     let remote = state.remote_images.clone();
-    let prepared = web::block(move || prepare_blocking(&version, input, &limits, &decoding, remote.as_deref()))
+    let prepared = web::block(move || prepare_blocking(&revision, input, &limits, &decoding, remote.as_deref()))
         .await
         .map_err(|e| ApiError::internal(format!("preprocessing was interrupted: {e}")))??;
     state.metrics.stage(admission.model(), Stage::ImageDecode, prepared.image_decode_s);
@@ -506,6 +546,8 @@ pub struct Running {
     events: Events,
     /// An event [`Running::first_event`] took, given out again by the next `recv`.
     first: Option<JobEvent>,
+    /// Told the first sample's text when it is done (shadows compare their own with it).
+    watch: Option<tokio::sync::watch::Sender<Option<String>>>,
     _admission: Admission,
     _cancel: CancelOnDrop,
 }
@@ -520,7 +562,7 @@ enum Events {
 impl Running {
     fn replay(answer: Answer, admission: Admission) -> Self {
         let events = Events::Replay { answer, next: 0 };
-        Self { events, first: None, _admission: admission, _cancel: CancelOnDrop(CancelToken::default()) }
+        Self { events, first: None, watch: None, _admission: admission, _cancel: CancelOnDrop(CancelToken::default()) }
     }
 
     /// Wait for the first event, for streaming responses: a request that fails before its
@@ -542,11 +584,11 @@ impl Running {
         if let Some(event) = self.first.take() {
             return Some(event);
         }
-        match &mut self.events {
+        let event = match &mut self.events {
             Events::Replay { answer, next } => {
                 let event = answer.get(*next)?.clone();
                 *next += 1;
-                Some(event.into())
+                event.into()
             }
             Events::Live { events, recording } => {
                 let event = events.recv().await?;
@@ -555,13 +597,20 @@ impl Running {
                 {
                     *recording = None;
                 }
-                Some(event)
+                event
             }
+        };
+        if let JobEvent::Done(completion) = &event
+            && completion.sample == 0
+            && let Some(watch) = self.watch.take()
+        {
+            let _ = watch.send(Some(completion.text.clone()));
         }
+        Some(event)
     }
 }
 
-fn submit(
+pub(super) fn submit(
     state: &AppState,
     admission: Admission,
     prepared: Prepared,
@@ -574,6 +623,7 @@ fn submit(
     Running {
         events: Events::Live { events, recording },
         first: None,
+        watch: None,
         _admission: admission,
         _cancel: CancelOnDrop(cancel),
     }
@@ -607,11 +657,7 @@ pub async fn collect(running: Running) -> Result<Completion, ApiError> {
 fn model_name(state: &AppState, requested: Option<&str>) -> Result<String, ApiError> {
     match requested {
         Some(name) if !name.is_empty() => Ok(name.to_string()),
-        _ => state
-            .scheduler
-            .default_model()
-            .map(str::to_string)
-            .ok_or_else(|| ApiError::not_found("no models are configured")),
+        _ => state.scheduler.default_model().ok_or_else(|| ApiError::not_found("no models are configured")),
     }
 }
 

@@ -24,6 +24,9 @@ use crate::scheduler::{JobEvent, SchedulerError};
 pub struct ResponsesRequest {
     #[serde(default)]
     model: Option<String>,
+    /// Keeps the user on one version of a model with versions (see `request::session_key`).
+    #[serde(default)]
+    user: Option<String>,
     input: Value,
     #[serde(default)]
     instructions: Option<String>,
@@ -123,8 +126,9 @@ pub async fn responses(
     }
     let default_max_tokens = use_default.then_some(state.default_max_tokens);
     let input = PrepareInput { messages, images, tools: Vec::new(), params, default_max_tokens, constraint };
-    let Started { model, running, cache, .. } =
-        request::start(&state, request.model.as_deref(), input, arrived).await?;
+    let session = request::session_key(&req, &state, request.user.as_deref());
+    let Started { model, running, answered_by, .. } =
+        request::start(&state, request.model.as_deref(), session, input, arrived).await?;
     let reply = Reply {
         id: format!("resp_{:032x}", rand::random::<u128>()),
         item_id: format!("msg_{:032x}", rand::random::<u128>()),
@@ -138,14 +142,14 @@ pub async fn responses(
     if request.stream.unwrap_or(false) {
         let running = running.first_event().await?;
         let stream = ResponseStream { running, reply, sequence: 0, text: String::new(), done: false };
-        return Ok(request::ok(cache)
+        return Ok(request::ok(&answered_by)
             .content_type("text/event-stream")
             .insert_header(("Cache-Control", "no-cache"))
             .insert_header(("X-Accel-Buffering", "no"))
             .streaming(stream.into_stream()));
     }
     let completion = request::collect(running).await?;
-    Ok(request::ok(cache).json(reply.response(Some(&completion))))
+    Ok(request::ok(&answered_by).json(reply.response(Some(&completion))))
 }
 
 /// What every event and the final object repeat about the response.

@@ -80,10 +80,11 @@ pub async fn vqa(
         default_max_tokens: requested.is_none().then_some(state.default_max_tokens),
         constraint: None,
     };
-    let Started { model, image_decode_s, running, cache } =
-        request::start(&state, fields.model.as_deref(), input, arrived).await?;
+    let session = request::session_key(&req, &state, None);
+    let Started { model, image_decode_s, running, answered_by } =
+        request::start(&state, fields.model.as_deref(), session, input, arrived).await?;
     let completion = request::collect(running).await?;
-    Ok(request::ok(cache).json(json!({
+    Ok(request::ok(&answered_by).json(json!({
         "answer": completion.text,
         "model": model,
         "finish_reason": completion.finish_reason,

@@ -1,10 +1,12 @@
 // The question page in a real browser: Debian's headless Chromium, driven by playwright-core,
-// against a real `vlmserve serve` on the default configuration (the embedded shapes-vlm model).
+// against a real `vlmserve serve` on the default configuration (the embedded shapes-vlm model)
+// with one more model that has two versions.
 // Saves screenshots under target/test-artifacts/.
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { mkdirSync } from "node:fs";
+import { mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
@@ -23,8 +25,28 @@ let server;
 let baseUrl;
 let browser;
 
+// The default models (config/default.toml) and a model with versions.
+const CONFIG = `
+${["fp32", "fp16", "int8"]
+  .map((p) => `[[models]]\nname = "shapes-vlm${p === "fp32" ? "" : `-${p}`}"\npath = "models/shapes-vlm/package"\nprecision = "${p}"\n`)
+  .join("\n")}
+[[models]]
+name = "shapes-vlm-gray"
+version = "stable"
+path = "models/shapes-vlm/package"
+
+[[models]]
+name = "shapes-vlm-gray"
+version = "candidate"
+weight = 0
+precision = "int8"
+path = "models/shapes-vlm/package"
+`;
+
 function startServer() {
-  const child = spawn(binary, ["serve", "--port", "0"], {
+  const config = path.join(mkdtempSync(path.join(tmpdir(), "vlmserve-page-")), "config.toml");
+  writeFileSync(config, CONFIG);
+  const child = spawn(binary, ["serve", "--port", "0", "--config", config], {
     cwd: root,
     env: { ...process.env, VLMSERVE__SERVER__MAX_IMAGE_PIXELS: String(MAX_IMAGE_PIXELS) },
     stdio: ["ignore", "pipe", "inherit"],
@@ -96,6 +118,7 @@ test("a question about an uploaded scene streams the right answer with timings",
   assert.equal(await page.textContent("#finish"), "stop");
   assert.equal((await page.textContent("#answer")).trim(), "red");
   assert.match(await page.textContent("#ttft"), /^\d+ ms$/);
+  assert.equal(await page.textContent("#version"), "-", "a model without versions names none");
   // "red" and the end of utterance: two tokens, so a decode speed.
   assert.equal(await page.textContent("#tokens"), "2");
   assert.match(await page.textContent("#tps"), /^\d+\.\d$/);
@@ -107,6 +130,25 @@ test("a question about an uploaded scene streams the right answer with timings",
   await askAndWait(page, "What shape is the red object?");
   assert.equal((await page.textContent("#answer")).trim(), "circle");
   assert.deepEqual(failures, []);
+  await page.close();
+});
+
+test("a model with versions offers each, and the answer names the version that gave it", async () => {
+  const { page, failures } = await openPage();
+  await page.selectOption("#model", { label: "shapes-vlm-gray" });
+  const choices = await page.$$eval("#precision option", (options) => options.map((o) => o.textContent));
+  assert.deepEqual(choices, ["any version, by weight", "stable (fp32, weight 100)", "candidate (int8, weight 0)"]);
+  await page.setInputFiles("#file", redCircle);
+  await page.waitForSelector("#preview:not([hidden])");
+  await askAndWait(page, "What color is the circle?");
+  assert.equal((await page.textContent("#answer")).trim(), "red");
+  assert.equal(await page.textContent("#version"), "stable", "weight 0 takes nothing unasked");
+  await page.selectOption("#precision", { label: "candidate (int8, weight 0)" });
+  await askAndWait(page, "What color is the circle?");
+  assert.equal((await page.textContent("#answer")).trim(), "red");
+  assert.equal(await page.textContent("#version"), "candidate");
+  assert.deepEqual(failures, []);
+  await page.screenshot({ path: path.join(artifacts, "page-versions.png"), fullPage: true });
   await page.close();
 });
 

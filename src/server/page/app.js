@@ -24,12 +24,25 @@ async function apiError(response) {
   return `HTTP ${response.status} ${response.statusText}${text ? ": " + text.slice(0, 300) : ""}`;
 }
 
-// Models that share a package (`root`) are one choice; their precisions the second.
+// The second choice's entries for one listed model: its precision, or for a model with
+// versions, the model itself (requests split by weight) and each version.
+function choicesOf(m) {
+  if (!m.versions) return [{ id: m.id, root: m.root, label: m.precision, state: m.state }];
+  const versions = m.versions.map((v) => ({
+    id: v.id,
+    root: m.id,
+    label: `${v.version} (${v.precision}, weight ${v.weight})`,
+    state: v.state,
+  }));
+  return [{ id: m.id, root: m.id, label: "any version, by weight", state: m.state }, ...versions];
+}
+
+// Models that share a package (`root`) are one choice; their precisions (or versions) the second.
 async function loadModels() {
   try {
     const response = await fetch("/v1/models");
     if (!response.ok) throw new Error(await apiError(response));
-    models = (await response.json()).data;
+    models = (await response.json()).data.flatMap(choicesOf);
   } catch (e) {
     showError(`Could not list the models: ${e.message}`);
     return;
@@ -43,7 +56,7 @@ function fillPrecisions() {
   const choices = models.filter((m) => m.root === $("model").value);
   $("precision").replaceChildren(
     ...choices.map((m) => {
-      const option = new Option(m.state === "ready" ? m.precision : `${m.precision} (${m.state})`, m.id);
+      const option = new Option(m.state === "ready" ? m.label : `${m.label} (${m.state})`, m.id);
       option.disabled = m.state !== "ready";
       return option;
     }),
@@ -118,7 +131,7 @@ async function ask(event) {
     max_tokens: Number($("max-tokens").value) || undefined,
   };
   $("answer").textContent = "";
-  setStats({ ttft: "-", tps: "-", tokens: "-", finish: "running" });
+  setStats({ ttft: "-", tps: "-", tokens: "-", finish: "running", version: "-" });
   controller = new AbortController();
   running(true);
   const start = performance.now();
@@ -133,6 +146,7 @@ async function ask(event) {
       signal: controller.signal,
     });
     if (!response.ok) throw new Error(await apiError(response));
+    setStats({ version: response.headers.get("x-vlmserve-model-version") || "-" });
     for await (const data of events(response)) {
       if (data.error) throw new Error(data.error.message);
       const choice = data.choices && data.choices[0];
