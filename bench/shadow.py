@@ -68,6 +68,11 @@ prefix_cache_mb = 0
     raise SystemExit("server not ready")
 
 
+def package_name(package: str) -> str:
+    path = Path(package).resolve()
+    return f"{path.parent.name}/{path.name}"
+
+
 def set_shadow(base: str, percent: int) -> None:
     request = urllib.request.Request(
         f"{base}/admin/models/bench/shadow",
@@ -146,7 +151,7 @@ def main() -> None:
         [
             f"## Shadow traffic: one client's latency with a shadow on and off ({machine()})",
             "",
-            f"`python3 bench/shadow.py`, {datetime.date.today()}: {Path(args.package).name} twice (stable answers, "
+            f"`python3 bench/shadow.py`, {datetime.date.today()}: {package_name(args.package)} twice (stable answers, "
             f"candidate shadows), 1 streaming client, {args.max_tokens} new tokens, {args.rounds} alternated rounds "
             f"of {args.requests} requests per setting; medians.",
             "",
