@@ -443,6 +443,7 @@ impl Settings {
             decoder: choice(Graph::Decoder),
             onnxruntime_library: self.runtime.onnxruntime_library.clone(),
             processor_overrides: model.processor.clone().into_iter().collect(),
+            background: model.shadow > 0,
         }
     }
 }

@@ -198,8 +198,9 @@ pub struct Embedder {
 }
 
 impl Embedder {
-    pub fn open(env: &Environment, path: &Path, options: &GraphOptions) -> Result<Self, EngineError> {
-        let session = open(env, path, options, true)?;
+    /// `spinning`: see `runtime::open_session`.
+    pub fn open(env: &Environment, path: &Path, options: &GraphOptions, spinning: bool) -> Result<Self, EngineError> {
+        let session = open(env, path, options, spinning)?;
         if input_type(&session, "input_ids").is_none() {
             return Err(EngineError::GraphMismatch("embed_tokens has no input_ids input".into()));
         }
@@ -236,8 +237,9 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    pub fn open(env: &Environment, path: &Path, options: &GraphOptions) -> Result<Self, EngineError> {
-        let session = open(env, path, options, true)?;
+    /// `spinning`: see `runtime::open_session`.
+    pub fn open(env: &Environment, path: &Path, options: &GraphOptions, spinning: bool) -> Result<Self, EngineError> {
+        let session = open(env, path, options, spinning)?;
         for name in ["inputs_embeds", "attention_mask", "position_ids"] {
             if input_type(&session, name).is_none() {
                 return Err(EngineError::GraphMismatch(format!("decoder has no {name} input")));
@@ -339,7 +341,7 @@ mod tests {
         let env = runtime::init(None, &[]).unwrap_or_else(|e| panic!("{e}"));
         let path =
             concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/idefics3-tiny/package/onnx/decoder_model_merged.onnx");
-        Decoder::open(env, path.as_ref(), &GraphOptions::default()).unwrap()
+        Decoder::open(env, path.as_ref(), &GraphOptions::default(), true).unwrap()
     }
 
     fn hidden(decoder: &Decoder) -> usize {

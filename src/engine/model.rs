@@ -38,6 +38,9 @@ pub struct ModelOptions {
     pub onnxruntime_library: Option<PathBuf>,
     /// Image-processor settings set over the package's (`do_image_splitting = false`, ...).
     pub processor_overrides: Vec<(String, serde_json::Value)>,
+    /// Runs behind other models (a shadow version): idle ONNX Runtime threads sleep instead of
+    /// spinning, so they leave the cores to the models clients wait for.
+    pub background: bool,
 }
 
 impl Default for ModelOptions {
@@ -49,6 +52,7 @@ impl Default for ModelOptions {
             decoder: GraphChoice::default(),
             onnxruntime_library: None,
             processor_overrides: Vec::new(),
+            background: false,
         }
     }
 }
@@ -147,8 +151,9 @@ impl Model {
             Graph::ALL.iter().flat_map(|g| options.graph(*g).options.providers.clone()).collect();
         let env = runtime::init(options.onnxruntime_library.as_deref(), &all_providers)?;
         let vision = VisionEncoder::open(env, &graphs[0].2, &options.vision_encoder.options)?;
-        let embedder = Embedder::open(env, &graphs[1].2, &options.embed_tokens.options)?;
-        let decoder = Decoder::open(env, &graphs[2].2, &options.decoder.options)?;
+        let spinning = !options.background;
+        let embedder = Embedder::open(env, &graphs[1].2, &options.embed_tokens.options, spinning)?;
+        let decoder = Decoder::open(env, &graphs[2].2, &options.decoder.options, spinning)?;
         let info = ModelInfo {
             family: family.name(),
             model_type: package.model_type().to_string(),

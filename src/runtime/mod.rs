@@ -85,11 +85,11 @@ pub fn init(explicit: Option<&Path>, providers: &[Provider]) -> Result<&'static 
     Ok(env)
 }
 
-/// Build a session for one graph file. A provider that cannot be registered is an error,
-/// unless `fallback_to_cpu` is set, in which case the graph runs on CPU with a warning.
-/// Open `path` as a session. `spinning`: idle intra-op threads spin (lowest latency for a
-/// session that runs call after call, like the decoder) instead of sleeping (for one that runs
-/// beside others, like the vision encoder, whose spinning threads would take their cores).
+/// Open `path` as a session. A provider that cannot be registered is an error, unless
+/// `fallback_to_cpu` is set, in which case the graph runs on CPU with a warning. `spinning`:
+/// idle intra-op threads spin (lowest latency for a session that runs call after call, like the
+/// decoder) instead of sleeping (for one that runs beside others, like the vision encoder, whose
+/// spinning threads would take their cores).
 pub fn open_session(
     env: &Environment,
     path: &Path,

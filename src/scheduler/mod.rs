@@ -516,10 +516,10 @@ impl Scheduler {
         let codec = worker::spawn_workers(worker::WorkerSpec {
             model: slot.name.clone(),
             dir: settings.path.clone(),
+            low_priority: options.background,
             options: options.clone(),
             count: self.config.concurrency,
             warmup: self.config.warmup,
-            low_priority: settings.shadow > 0,
             queue: queue.clone(),
             running: slot.running.clone(),
             in_flight: slot.in_flight.clone(),
