@@ -16,7 +16,6 @@ mod page;
 mod request;
 mod response_cache;
 mod responses;
-mod shadow;
 mod tools;
 mod vqa;
 

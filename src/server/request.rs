@@ -1,7 +1,7 @@
 //! What the generating endpoints share: reading a bounded body (within its size, its time and
 //! the server's budget of bodies being read), typed parameters whose errors name their path,
 //! images from data URLs or bytes, preparing the prompt off the async threads (within the image
-//! decode budget), and running the job.
+//! decode budget), and running the job (and its shadow copies).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,7 +22,7 @@ use crate::preprocess::tools::Tool;
 use crate::preprocess::{
     ImageLimits, MemoryBudget, PreprocessError, Reservation, Shortfall, decode_image, read_header,
 };
-use crate::scheduler::{Admission, CancelOnDrop, CancelToken, JobEvent, Revision, SchedulerError, Stage};
+use crate::scheduler::{Admission, CancelOnDrop, CancelToken, JobEvent, Outcome, Revision, SchedulerError, Stage};
 
 /// How much of a body the server reads, for how long, and how many bytes of bodies all
 /// requests together may hold while they are read and parsed.
@@ -517,18 +517,14 @@ pub async fn start(
         let (watch, primary) = tokio::sync::watch::channel(None);
         running.watch = Some(watch);
         for (shadow, input) in shadows {
-            super::shadow::spawn(state.clone(), shadow, input, primary.clone());
+            spawn_shadow(state.clone(), shadow, input, primary.clone());
         }
     }
     Ok(Started { model, image_decode_s, running, answered_by: AnsweredBy { version, cache } })
 }
 
 /// Prepare on the blocking pool.
-pub(super) async fn prepare(
-    state: &AppState,
-    admission: &Admission,
-    input: PrepareInput,
-) -> Result<Prepared, ApiError> {
+async fn prepare(state: &AppState, admission: &Admission, input: PrepareInput) -> Result<Prepared, ApiError> {
     let revision = admission.revision.clone();
     let limits = state.image_limits;
     let decoding = state.decoding.clone();
@@ -610,7 +606,7 @@ impl Running {
     }
 }
 
-pub(super) fn submit(
+fn submit(
     state: &AppState,
     admission: Admission,
     prepared: Prepared,
@@ -627,6 +623,54 @@ pub(super) fn submit(
         _admission: admission,
         _cancel: CancelOnDrop(cancel),
     }
+}
+
+/// Run a shadow copy of `input` on the version `admission` holds (see `Scheduler::shadows`),
+/// beside the primary whose first sample's text `primary` brings. The client never waits for
+/// the copy; its answer is compared with the client's (greedy answers must have the same text),
+/// counted in the shadow's rollout window and metrics, and discarded.
+fn spawn_shadow(
+    state: web::Data<AppState>,
+    admission: Admission,
+    input: PrepareInput,
+    mut primary: tokio::sync::watch::Receiver<Option<String>>,
+) {
+    let greedy = input.params.sampling.temperature == 0.0 && input.params.samples == 1;
+    actix_web::rt::spawn(async move {
+        let name = admission.model().to_string();
+        let recorder = admission.recorder();
+        // The copy starts once the primary has answered: it never competes with the primary's
+        // own preparing and prefill, and a primary that ended without an answer costs nothing more.
+        let primary = match primary.wait_for(Option::is_some).await {
+            Ok(text) => text.clone(),
+            Err(_) => None,
+        };
+        let result = match primary {
+            None => "uncompared",
+            Some(primary) => {
+                let answer = match prepare(&state, &admission, input).await {
+                    Ok(prepared) => collect(submit(&state, admission, prepared, Instant::now(), None)).await,
+                    Err(e) => Err(e),
+                };
+                match answer {
+                    Err(e) => {
+                        tracing::debug!(model = %name, "shadow copy failed: {}", e.message);
+                        "failed"
+                    }
+                    Ok(shadow) if greedy => {
+                        let agreed = shadow.text == primary;
+                        recorder.record(Outcome::Compared { agreed: Some(agreed) });
+                        if agreed { "agreed" } else { "disagreed" }
+                    }
+                    Ok(_) => {
+                        recorder.record(Outcome::Compared { agreed: None });
+                        "uncompared"
+                    }
+                }
+            }
+        };
+        state.metrics.shadow_requests.with_label_values(&[&name, result]).inc();
+    });
 }
 
 /// Wait for every sample's whole completion (non-streaming responses), in sample order; at
