@@ -1738,7 +1738,8 @@ fn versions_split_requests_by_weight_and_keep_each_session_on_one() {
     let (status, body) = server.admin(&versions, &json!({"path": package_dir(), "weight": 5}));
     assert_error(status, &body, 400, "invalid_request");
     let (status, body) = server.admin(&versions, &json!({"version": "x", "path": package_dir(), "wieght": 5}));
-    assert_eq!(status, 400, "a misspelt key is refused: {body}");
+    assert_error(status, &body, 400, "invalid_request");
+    assert!(body["error"]["message"].as_str().unwrap().contains("wieght"), "the key is named: {body}");
 
     // Rollback: no more requests, unloaded (pinned requests get 503), listed with its reason.
     let (status, body) = server.admin(&rollback, &json!({"version": "candidate"}));
@@ -1845,6 +1846,7 @@ fn shadows_are_compared_and_a_disagreeing_one_is_rolled_back() {
     let server = Server::start(&format!(
         "[[models]]\nname = \"{MODEL}\"\nversion = \"stable\"\npath = {path}\n\n\
          [[models]]\nname = \"{MODEL}\"\nversion = \"candidate\"\nweight = 0\nshadow = 100\npath = {path}\n\n\
+         [[models]]\nname = \"plain\"\npath = {path}\n\n\
          [server]\nhttp_workers = 2\nadmin_token = \"secret-token\"\n\
          [rollout]\nmin_requests = 4\ncheck_interval_s = 0.05\n"
     ));
@@ -1887,6 +1889,25 @@ fn shadows_are_compared_and_a_disagreeing_one_is_rolled_back() {
         &json!({"version": "other", "path": other, "weight": 0, "shadow": 100}),
     );
     assert_eq!(status, 201, "{body}");
+    // A version added at run time is listed with its model's others, each name once.
+    let (_, all) = server.get("/v1/models");
+    let all: Value = serde_json::from_str(&all).unwrap();
+    let ids: Vec<&str> = all["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [MODEL, "plain"], "{all}");
+    assert_eq!(all["data"][0]["versions"].as_array().unwrap().len(), 3, "{all}");
+    // Bad shadow shares and additions change nothing.
+    let shadow_path = format!("/admin/models/{MODEL}/shadow");
+    let (status, body) = server.admin(&shadow_path, &json!({"candidate": 101}));
+    assert_error(status, &body, 400, "invalid_weights");
+    let (status, body) = server.admin(&shadow_path, &json!({"nope": 5}));
+    assert_error(status, &body, 404, "version_not_found");
+    let (status, body) = server.admin("/admin/models/plain/versions", &json!({"version": "b", "path": package_dir()}));
+    assert_error(status, &body, 409, "model_has_no_versions");
+    let (status, body) = server.admin("/admin/models/nope/versions", &json!({"version": "b", "path": package_dir()}));
+    assert_error(status, &body, 404, "model_not_found");
+    let (status, body) = server.admin(&format!("/admin/models/{MODEL}/versions"), &json!(["not", "an", "entry"]));
+    assert_error(status, &body, 400, "invalid_request");
+    assert_eq!(listed("candidate")["shadow"]["percent"], 100);
     for question in questions {
         ask(question, 0.0);
     }
@@ -1959,4 +1980,6 @@ fn eval_through_the_api_matches_local_eval() {
         eval(&work.path().join("wrong.jsonl"), &["--url", &url, "--model", "shapes", "--min-accuracy", "0.5"]);
     assert!(!ok && stderr.contains("VQA accuracy 0.00% is below --min-accuracy 50.00%"), "{stderr}");
     assert_eq!(report["vqa"]["accuracy"], json!(0.0), "the report is written all the same");
+    let (ok, _, stderr) = eval(&data, &["--url", &url, "--model", "shapes", "--min-accuracy", "85"]);
+    assert!(!ok && stderr.contains("85 is not a fraction from 0 to 1"), "{stderr}");
 }

@@ -779,8 +779,9 @@ impl ChatStream {
 /// `GET /v1/models`: every configured model with its state, precision and providers.
 pub async fn list_models(state: web::Data<AppState>) -> HttpResponse {
     let models = state.scheduler.models();
-    let mut names: Vec<&str> = models.iter().map(|m| m.model.as_str()).collect();
-    names.dedup();
+    // Each name once, where it first appears: a version added at run time comes last.
+    let mut seen = std::collections::HashSet::new();
+    let names: Vec<&str> = models.iter().map(|m| m.model.as_str()).filter(|name| seen.insert(*name)).collect();
     let data: Vec<Value> = names.into_iter().map(|name| served_json(name, &models, &state.metrics)).collect();
     HttpResponse::Ok().json(json!({"object": "list", "data": data}))
 }
