@@ -1,6 +1,7 @@
 //! Prometheus metrics of serving: requests by route and status, queue depth, requests running,
 //! latency histograms, tokens, where generation time goes, and the caches. The server renders them.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -25,6 +26,24 @@ impl Stage {
             Stage::Prefill => "prefill",
             Stage::Decode => "decode",
         }
+    }
+}
+
+/// Per model (`name` or `name@version`): generations by how they ended, and shadow copies by
+/// result.
+#[derive(Debug, Default)]
+pub struct ModelCounts {
+    pub finished: BTreeMap<String, BTreeMap<String, u64>>,
+    pub shadow: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+impl ModelCounts {
+    pub fn finished(&self, model: &str) -> BTreeMap<String, u64> {
+        self.finished.get(model).cloned().unwrap_or_default()
+    }
+
+    pub fn shadow(&self, model: &str) -> BTreeMap<String, u64> {
+        self.shadow.get(model).cloned().unwrap_or_default()
     }
 }
 
@@ -199,29 +218,25 @@ impl Metrics {
         self.running.with_label_values(&[model]).set(running as i64);
     }
 
-    /// Generations of `model` finished so far, by how they ended.
-    pub fn finished_by_reason(&self, model: &str) -> std::collections::BTreeMap<String, u64> {
-        self.counts("vlmserve_requests_finished_total", model, "reason")
-    }
-
-    /// Shadow copies `model` ran, by result.
-    pub fn shadow_by_result(&self, model: &str) -> std::collections::BTreeMap<String, u64> {
-        self.counts("vlmserve_shadow_requests_total", model, "result")
-    }
-
-    /// A counter family's values for `model`, by its other label `by`.
-    fn counts(&self, family: &str, model: &str, by: &str) -> std::collections::BTreeMap<String, u64> {
+    /// The counters `/v1/models` shows, by model, from one gathering of the registry.
+    pub fn model_counts(&self) -> ModelCounts {
         let families = self.registry.gather();
-        let family = families.iter().find(|f| f.name() == family);
-        family
-            .into_iter()
-            .flat_map(|f| f.get_metric())
-            .filter(|m| m.get_label().iter().any(|l| l.name() == "model" && l.value() == model))
-            .filter_map(|m| {
-                let value = m.get_label().iter().find(|l| l.name() == by)?.value().to_string();
-                Some((value, m.get_counter().get_value() as u64))
-            })
-            .collect()
+        let by = |family: &str, label: &str| {
+            let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+            let metrics = families.iter().filter(|f| f.name() == family).flat_map(|f| f.get_metric());
+            for metric in metrics {
+                let value = |name: &str| metric.get_label().iter().find(|l| l.name() == name).map(|l| l.value());
+                if let (Some(model), Some(key)) = (value("model"), value(label)) {
+                    let count = metric.get_counter().get_value() as u64;
+                    counts.entry(model.to_string()).or_default().insert(key.to_string(), count);
+                }
+            }
+            counts
+        };
+        ModelCounts {
+            finished: by("vlmserve_requests_finished_total", "reason"),
+            shadow: by("vlmserve_shadow_requests_total", "result"),
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-pub use metrics::{Metrics, Stage};
+pub use metrics::{Metrics, ModelCounts, Stage};
 pub use rollout::{Outcome, Summary};
 
 use crate::config::{ModelSettings, RolloutSettings, SchedulerSettings};

@@ -133,7 +133,7 @@ pub async fn add_version(
     .map_err(|e| ApiError::internal(format!("adding the version was interrupted: {e}")))??;
     tracing::info!(model = %status.name, "version added by an administrator");
     let models = state.scheduler.models();
-    Ok(HttpResponse::Created().json(openai::served_json(&name, &models, &state.metrics)))
+    Ok(HttpResponse::Created().json(openai::served_json(&name, &models, &state.metrics.model_counts())))
 }
 
 /// `DELETE /admin/models/{name}/versions/{version}`: refused if it is the last version taking
@@ -151,7 +151,7 @@ pub async fn remove_version(
 
 fn listing(name: &str, state: &AppState) -> Result<HttpResponse, ApiError> {
     let models = state.scheduler.models();
-    Ok(HttpResponse::Ok().json(openai::served_json(name, &models, &state.metrics)))
+    Ok(HttpResponse::Ok().json(openai::served_json(name, &models, &state.metrics.model_counts())))
 }
 
 pub async fn reload(

@@ -782,7 +782,8 @@ pub async fn list_models(state: web::Data<AppState>) -> HttpResponse {
     // Each name once, where it first appears: a version added at run time comes last.
     let mut seen = std::collections::HashSet::new();
     let names: Vec<&str> = models.iter().map(|m| m.model.as_str()).filter(|name| seen.insert(*name)).collect();
-    let data: Vec<Value> = names.into_iter().map(|name| served_json(name, &models, &state.metrics)).collect();
+    let counts = state.metrics.model_counts();
+    let data: Vec<Value> = names.into_iter().map(|name| served_json(name, &models, &counts)).collect();
     HttpResponse::Ok().json(json!({"object": "list", "data": data}))
 }
 
@@ -792,9 +793,9 @@ pub async fn get_model(path: web::Path<String>, state: web::Data<AppState>) -> R
     state.scheduler.check_model(&name)?;
     let models = state.scheduler.models();
     if let Some(version) = models.iter().find(|m| m.name == name && m.version.is_some()) {
-        return Ok(HttpResponse::Ok().json(model_json(version, &state.metrics)));
+        return Ok(HttpResponse::Ok().json(model_json(version, &state.metrics.model_counts())));
     }
-    Ok(HttpResponse::Ok().json(served_json(&name, &models, &state.metrics)))
+    Ok(HttpResponse::Ok().json(served_json(&name, &models, &state.metrics.model_counts())))
 }
 
 /// A name as clients use it: the model itself, or, for one with versions, its versions with
@@ -802,11 +803,11 @@ pub async fn get_model(path: web::Path<String>, state: web::Data<AppState>) -> R
 pub(super) fn served_json(
     name: &str,
     models: &[crate::scheduler::ModelStatus],
-    metrics: &crate::scheduler::Metrics,
+    counts: &crate::scheduler::ModelCounts,
 ) -> Value {
     let versions: Vec<&crate::scheduler::ModelStatus> = models.iter().filter(|m| m.model == name).collect();
     match versions.as_slice() {
-        [only] if only.version.is_none() => model_json(only, metrics),
+        [only] if only.version.is_none() => model_json(only, counts),
         _ => {
             let ready = versions.iter().any(|v| v.weight > 0 && v.state == crate::scheduler::ModelState::Ready);
             json!({
@@ -815,7 +816,7 @@ pub(super) fn served_json(
                 "owned_by": "vlmserve",
                 "created": versions.iter().map(|v| created(v)).max().unwrap_or(0),
                 "state": if ready { "ready" } else { "not_ready" },
-                "versions": versions.iter().map(|v| model_json(v, metrics)).collect::<Vec<_>>(),
+                "versions": versions.iter().map(|v| model_json(v, counts)).collect::<Vec<_>>(),
             })
         }
     }
@@ -825,7 +826,7 @@ fn created(model: &crate::scheduler::ModelStatus) -> u64 {
     model.loaded_at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs())
 }
 
-fn model_json(model: &crate::scheduler::ModelStatus, metrics: &crate::scheduler::Metrics) -> Value {
+fn model_json(model: &crate::scheduler::ModelStatus, counts: &crate::scheduler::ModelCounts) -> Value {
     let created = created(model);
     let graphs: Vec<Value> = model
         .graphs
@@ -851,10 +852,10 @@ fn model_json(model: &crate::scheduler::ModelStatus, metrics: &crate::scheduler:
         "model": model.model,
         "version": model.version,
         "weight": model.version.as_ref().map(|_| model.weight),
-        "requests": metrics.finished_by_reason(&model.name),
+        "requests": counts.finished(&model.name),
     });
     if model.version.is_some() {
-        json["shadow"] = json!({"percent": model.shadow, "results": metrics.shadow_by_result(&model.name)});
+        json["shadow"] = json!({"percent": model.shadow, "results": counts.shadow(&model.name)});
         json["window"] = json!(model.window);
         json["rollback"] = json!(model.rollback);
     }
