@@ -1,0 +1,1 @@
+"""Evaluation sets made apart from the training data."""
