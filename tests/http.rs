@@ -1198,6 +1198,56 @@ fn the_question_page_is_served_from_the_binary_without_external_resources() {
     assert_error(status, &serde_json::from_str(&body).unwrap(), 404, "not_found");
 }
 
+/// The default model's card: what it knows and example pictures, listed with the model and
+/// served from its package; only the card's own files are served.
+#[test]
+fn the_default_model_lists_its_card_and_serves_its_examples() {
+    let package = common::root().join("models/shapes-vlm/package");
+    let server = Server::start(&config_toml(&package, ""));
+    let (status, body) = server.get(&format!("/v1/models/{MODEL}"));
+    assert_eq!(status, 200, "{body}");
+    let model: Value = serde_json::from_str(&body).unwrap();
+    let card = &model["card"];
+    assert!(card["about"].as_str().unwrap().contains("circles, squares, triangles and stars"), "{card}");
+    let examples = card["examples"].as_array().unwrap();
+    let answers = std::collections::HashMap::from([
+        ("square-and-circle.png", "blue"),
+        ("triangle.png", "triangle"),
+        ("three-shapes.png", "3"),
+        ("left-or-right.png", "right"),
+        ("describe.jpg", "a green triangle and a red square"),
+    ]);
+    assert_eq!(examples.len(), answers.len(), "{card}");
+    for example in examples {
+        let url = example["image"].as_str().unwrap();
+        assert!(url.starts_with(&format!("/v1/models/{MODEL}/examples/")), "{url}");
+        let mut response = agent().get(server.url(url)).call().unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{url}");
+        let content_type = response.headers()["content-type"].to_str().unwrap().to_string();
+        let bytes = response.body_mut().read_to_vec().unwrap();
+        let file = url.rsplit('/').next().unwrap();
+        assert_eq!(bytes, std::fs::read(package.join("examples").join(file)).unwrap(), "{url}");
+        let expected = if file.ends_with(".png") { "image/png" } else { "image/jpeg" };
+        assert_eq!(content_type, expected, "{url}");
+        // The examples are what the model answers: each as a person would ask it on the page.
+        let question = example["question"].as_str().unwrap();
+        let (status, body) =
+            server.post("/v1/chat/completions", &greedy(json!([user_with_images(&[bytes], question)]), 32));
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(text(&body).trim(), answers[file], "{file}: {question}");
+    }
+    for path in [
+        "/v1/models/idefics3-tiny/examples/card.json",
+        "/v1/models/idefics3-tiny/examples/..%2Fcard.json",
+        "/v1/models/idefics3-tiny/examples/missing.png",
+    ] {
+        let (status, body) = server.get(path);
+        assert_error(status, &serde_json::from_str(&body).unwrap(), 404, "not_found");
+    }
+    let (status, body) = server.get("/v1/models/nope/examples/describe.jpg");
+    assert_error(status, &serde_json::from_str(&body).unwrap(), 404, "model_not_found");
+}
+
 /// Replace `name` atomically (write beside it, then rename).
 fn replace_file(dir: &Path, name: &str, contents: &[u8]) {
     let tmp = dir.join(format!(".{name}.tmp"));

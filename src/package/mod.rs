@@ -94,6 +94,48 @@ pub struct ModelPackage {
     /// `tokenizer_config.json` (special tokens used by chat templates), or `{}`.
     pub tokenizer_config: Value,
     pub chat_template: String,
+    /// `card.json`, when the package has one.
+    pub card: Option<ModelCard>,
+}
+
+/// What a package says about itself for people trying it (`card.json`): one line on what the
+/// model knows and example pictures with a question each, under `examples/`.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelCard {
+    pub about: String,
+    #[serde(default)]
+    pub examples: Vec<Example>,
+}
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Example {
+    /// A file name in the package's `examples/` folder.
+    pub image: String,
+    pub question: String,
+}
+
+impl ModelCard {
+    /// The card in `dir`, if any; every example's picture must be a plain file name that
+    /// exists in `dir/examples/` (so that serving one can never reach outside that folder).
+    fn read(dir: &Path) -> Result<Option<Self>, PackageError> {
+        let path = dir.join("card.json");
+        let Some(value) = read_optional_json(&path)? else { return Ok(None) };
+        let card: ModelCard = serde_json::from_value(value).map_err(|e| read_err(&path, e))?;
+        for example in &card.examples {
+            let plain = Path::new(&example.image).file_name().is_some_and(|name| name == example.image.as_str());
+            if !plain || !dir.join("examples").join(&example.image).is_file() {
+                return Err(read_err(&path, format!("example {:?} is not a file in examples/", example.image)));
+            }
+        }
+        Ok(Some(card))
+    }
+
+    /// An example picture's path, when `image` is one of the card's.
+    pub fn example_path(&self, dir: &Path, image: &str) -> Option<PathBuf> {
+        self.examples.iter().any(|e| e.image == image).then(|| dir.join("examples").join(image))
+    }
 }
 
 impl ModelPackage {
@@ -109,7 +151,8 @@ impl ModelPackage {
         };
         let tokenizer_config = read_optional_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
         let chat_template = find_chat_template(dir, &tokenizer_config)?;
-        Ok(Self { dir: dir.to_path_buf(), config, processor, generation, tokenizer_config, chat_template })
+        let card = ModelCard::read(dir)?;
+        Ok(Self { dir: dir.to_path_buf(), config, processor, generation, tokenizer_config, chat_template, card })
     }
 
     pub fn model_type(&self) -> &str {
@@ -279,6 +322,39 @@ mod tests {
 
         let dir = package(&[]);
         assert!(matches!(ModelPackage::open(dir.path()), Err(PackageError::NoChatTemplate)));
+    }
+
+    #[test]
+    fn reads_a_card_whose_examples_stay_in_their_folder() {
+        let card = json!({"about": "Shapes.", "examples": [{"image": "a.png", "question": "What color?"}]});
+        let dir = package(&[
+            ("chat_template.jinja", "t".into()),
+            ("card.json", card.to_string()),
+            ("examples/a.png", "png".into()),
+        ]);
+        let read = ModelPackage::open(dir.path()).unwrap().card.unwrap();
+        assert_eq!(read.about, "Shapes.");
+        assert_eq!(read.examples, vec![Example { image: "a.png".into(), question: "What color?".into() }]);
+        assert_eq!(read.example_path(dir.path(), "a.png"), Some(dir.path().join("examples/a.png")));
+        assert_eq!(read.example_path(dir.path(), "../card.json"), None);
+        assert_eq!(ModelPackage::open(package(&[("chat_template.jinja", "t".into())]).path()).unwrap().card, None);
+
+        for (bad, message) in [
+            (
+                json!({"about": "x", "examples": [{"image": "../config.json", "question": "q"}]}),
+                "is not a file in examples/",
+            ),
+            (
+                json!({"about": "x", "examples": [{"image": "missing.png", "question": "q"}]}),
+                "is not a file in examples/",
+            ),
+            (json!({"about": "x", "example": []}), "unknown field `example`"),
+            (json!({"examples": []}), "missing field `about`"),
+        ] {
+            let dir = package(&[("chat_template.jinja", "t".into()), ("card.json", bad.to_string())]);
+            let err = ModelPackage::open(dir.path()).unwrap_err().to_string();
+            assert!(err.contains("card.json") && err.contains(message), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -123,6 +123,8 @@ pub struct ModelStatus {
     pub graphs: Vec<(String, String, Vec<&'static str>)>,
     pub precision: String,
     pub last_error: Option<String>,
+    /// The loaded package's card.
+    pub card: Option<crate::package::ModelCard>,
 }
 
 /// Why a version lost its traffic.
@@ -956,6 +958,7 @@ impl Scheduler {
             graphs,
             precision: serving.settings.precision.to_string(),
             last_error: serving.last_error.clone(),
+            card: current.as_ref().and_then(|v| v.codec.package.card.clone()),
         }
     }
 }

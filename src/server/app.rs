@@ -113,6 +113,7 @@ async fn serve(
             .route("/metrics", web::get().to(health::metrics))
             .route("/v1/models", web::get().to(openai::list_models))
             .route("/v1/models/{name}", web::get().to(openai::get_model))
+            .route("/v1/models/{name}/examples/{image}", web::get().to(openai::model_example))
             .route("/v1/chat/completions", web::post().to(openai::chat_completions))
             .route("/v1/responses", web::post().to(responses::responses))
             .route("/v1/vqa", web::post().to(vqa::vqa));

@@ -817,9 +817,52 @@ pub(super) fn served_json(
                 "created": versions.iter().map(|v| created(v)).max().unwrap_or(0),
                 "state": if ready { "ready" } else { "not_ready" },
                 "versions": versions.iter().map(|v| model_json(v, counts)).collect::<Vec<_>>(),
+                "card": versions.iter().find_map(|v| card_json(v)),
             })
         }
     }
+}
+
+/// The package's card with each example's picture as its URL on this server.
+fn card_json(model: &crate::scheduler::ModelStatus) -> Option<Value> {
+    let card = model.card.as_ref()?;
+    let examples: Vec<Value> = card
+        .examples
+        .iter()
+        .map(|e| json!({"image": format!("/v1/models/{}/examples/{}", model.name, e.image), "question": e.question}))
+        .collect();
+    Some(json!({"about": card.about, "examples": examples}))
+}
+
+/// `GET /v1/models/{name}/examples/{image}`: one of the card's example pictures.
+pub async fn model_example(
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (name, image) = path.into_inner();
+    state.scheduler.check_model(&name)?;
+    let file = state
+        .scheduler
+        .models()
+        .into_iter()
+        .filter(|m| m.name == name || m.model == name)
+        .find_map(|m| m.card.as_ref().and_then(|card| card.example_path(std::path::Path::new(&m.root), &image)))
+        .ok_or_else(|| ApiError::not_found(format!("model {name:?} has no example {image:?}")))?;
+    let content_type = match file.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("webp") => "image/webp",
+        Some("gif") => "image/gif",
+        _ => "application/octet-stream",
+    };
+    let bytes = web::block(move || std::fs::read(file))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::not_found(format!("example {image:?}: {e}")))?;
+    Ok(HttpResponse::Ok()
+        .insert_header((actix_web::http::header::CONTENT_TYPE, content_type))
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-cache"))
+        .body(bytes))
 }
 
 fn created(model: &crate::scheduler::ModelStatus) -> u64 {
@@ -854,6 +897,9 @@ fn model_json(model: &crate::scheduler::ModelStatus, counts: &crate::scheduler::
         "weight": model.version.as_ref().map(|_| model.weight),
         "requests": counts.finished(&model.name),
     });
+    if let Some(card) = card_json(model) {
+        json["card"] = card;
+    }
     if model.version.is_some() {
         json["shadow"] = json!({"percent": model.shadow, "results": counts.shadow(&model.name)});
         json["window"] = json!(model.window);

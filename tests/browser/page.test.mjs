@@ -118,6 +118,7 @@ test("a question about an uploaded scene streams the right answer with timings",
   assert.equal(await page.textContent("#finish"), "stop");
   assert.equal((await page.textContent("#answer")).trim(), "red");
   assert.match(await page.textContent("#ttft"), /^\d+ ms$/);
+  assert.match(await page.textContent("#answer-time"), /^\d+ ms$/);
   assert.equal(await page.textContent("#version"), "-", "a model without versions names none");
   // "red" and the end of utterance: two tokens, so a decode speed.
   assert.equal(await page.textContent("#tokens"), "2");
@@ -130,6 +131,31 @@ test("a question about an uploaded scene streams the right answer with timings",
   await askAndWait(page, "What shape is the red object?");
   assert.equal((await page.textContent("#answer")).trim(), "circle");
   assert.deepEqual(failures, []);
+  await page.close();
+});
+
+test("the model's card says what it knows, and an example picture is asked about in one click", async () => {
+  const { page, failures } = await openPage();
+  assert.match(await page.textContent("#about"), /circles, squares, triangles and stars/);
+  const examples = await page.$$("#examples button");
+  assert.equal(examples.length, 5);
+  await page.waitForFunction(() => [...document.querySelectorAll("#examples img")].every((img) => img.naturalWidth > 0));
+  await examples[0].click();
+  await page.waitForSelector("#preview:not([hidden])");
+  assert.equal(await page.inputValue("#question"), "What color is the square?");
+  await page.click("#send");
+  await page.waitForFunction(() => !["-", "running"].includes(document.querySelector("#finish").textContent), null, {
+    timeout: 60000,
+  });
+
+  assert.equal((await page.textContent("#answer")).trim(), "blue");
+  assert.match(await page.textContent("#answer-time"), /^\d+ ms$/);
+  // A model with versions shows its versions' card.
+  await page.selectOption("#model", { label: "shapes-vlm-gray" });
+  assert.equal(await page.$$eval("#examples button", (b) => b.length), 5);
+  assert.match(await page.textContent("#about"), /circles, squares, triangles and stars/);
+  assert.deepEqual(failures, []);
+  await page.screenshot({ path: path.join(artifacts, "page-examples.png"), fullPage: true });
   await page.close();
 });
 

@@ -27,14 +27,15 @@ async function apiError(response) {
 // The second choice's entries for one listed model: its precision, or for a model with
 // versions, the model itself (requests split by weight) and each version.
 function choicesOf(m) {
-  if (!m.versions) return [{ id: m.id, root: m.root, label: m.precision, state: m.state }];
+  if (!m.versions) return [{ id: m.id, root: m.root, label: m.precision, state: m.state, card: m.card }];
   const versions = m.versions.map((v) => ({
     id: v.id,
     root: m.id,
     label: `${v.version} (${v.precision}, weight ${v.weight})`,
     state: v.state,
+    card: v.card,
   }));
-  return [{ id: m.id, root: m.id, label: "any version, by weight", state: m.state }, ...versions];
+  return [{ id: m.id, root: m.id, label: "any version, by weight", state: m.state, card: m.card }, ...versions];
 }
 
 // Models that share a package (`root`) are one choice; their precisions (or versions) the second.
@@ -52,8 +53,41 @@ async function loadModels() {
   fillPrecisions();
 }
 
+// The chosen model's card: one line on what it knows, and example pictures to ask about.
+function showCard(choices) {
+  const card = (choices.find((m) => m.card) || {}).card;
+  $("about").textContent = card ? card.about : "";
+  $("about").hidden = !card;
+  $("examples").replaceChildren(
+    ...(card ? card.examples : []).map((example) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "example";
+      button.title = example.question;
+      const thumb = new Image();
+      thumb.src = example.image;
+      thumb.alt = example.question;
+      button.append(thumb);
+      button.addEventListener("click", () => takeExample(example));
+      return button;
+    }),
+  );
+}
+
+async function takeExample(example) {
+  showError("");
+  try {
+    const response = await fetch(example.image);
+    if (!response.ok) throw new Error(await apiError(response));
+    takeFile(await response.blob(), example.question);
+  } catch (e) {
+    showError(`Could not load the example: ${e.message}`);
+  }
+}
+
 function fillPrecisions() {
   const choices = models.filter((m) => m.root === $("model").value);
+  showCard(choices);
   $("precision").replaceChildren(
     ...choices.map((m) => {
       const option = new Option(m.state === "ready" ? m.label : `${m.label} (${m.state})`, m.id);
@@ -63,11 +97,13 @@ function fillPrecisions() {
   );
 }
 
-function takeFile(file) {
+// A picture chosen, dropped or taken from the examples (then with its question).
+function takeFile(file, question) {
   showError("");
   if (!file) return;
+  const name = file.name || "the example";
   if (!file.type.startsWith("image/")) {
-    showError(`"${file.name}" is not an image (${file.type || "unknown type"}). Choose a PNG, JPEG, GIF, WebP or BMP file.`);
+    showError(`"${name}" is not an image (${file.type || "unknown type"}). Choose a PNG, JPEG, GIF, WebP or BMP file.`);
     return;
   }
   const reader = new FileReader();
@@ -76,8 +112,9 @@ function takeFile(file) {
     $("preview").src = image;
     $("preview").hidden = false;
     $("drop-hint").classList.add("small");
+    if (question) $("question").value = question;
   };
-  reader.onerror = () => showError(`Could not read "${file.name}".`);
+  reader.onerror = () => showError(`Could not read "${name}".`);
   reader.readAsDataURL(file);
 }
 
@@ -131,7 +168,7 @@ async function ask(event) {
     max_tokens: Number($("max-tokens").value) || undefined,
   };
   $("answer").textContent = "";
-  setStats({ ttft: "-", tps: "-", tokens: "-", finish: "running", version: "-" });
+  setStats({ ttft: "-", tps: "-", tokens: "-", "answer-time": "-", finish: "running", version: "-" });
   controller = new AbortController();
   running(true);
   const start = performance.now();
@@ -175,6 +212,7 @@ async function ask(event) {
       showError(e.message);
     }
   } finally {
+    setStats({ "answer-time": `${Math.round(performance.now() - start)} ms` });
     running(false);
   }
 }
