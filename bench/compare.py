@@ -15,11 +15,19 @@ RSS: the largest process's). The peers:
              three sessions of package/ (export.py's default flags), the KV cache fed back
              as numpy arrays.
   pytorch    transformers `generate` (eager attention, FP32) on the checkpoint.
+  openvino   optimum-intel's `OVModelForVisualCausalLM.generate` on the checkpoint exported
+             by bench/openvino_export.py, in bench/.venv-openvino (its own pinned
+             environment, bench/openvino-requirements.txt): FP32 weights run with
+             INFERENCE_PRECISION_HINT f32; "openvino bf16" is the same IR with OpenVINO's
+             default hint, which is bf16 on CPUs with AVX512_BF16 or AMX; with int8 in
+             --precisions, "openvino int8" runs the INT8-weight IR (`--weight-format int8`)
+             with the default hint, against vlmserve int8.
 Scenarios: S1 one tile (splitting off), S2 the processor's defaults (a 512x512 image becomes
 17 tiles). Time to first token runs from the image file to the first token (processor
 included); decode tokens/s is over the tokens after the first. A memory-bandwidth probe gives
-the decode ceiling: read bandwidth / bytes of decoder weights; a matrix-product probe gives the
-FP32 floor under time to first token: the tiles' vision-encoder FLOPs / the measured rate.
+the decode ceiling: read bandwidth / bytes of decoder weights (the probe runs before and after
+the rounds, so the ceiling is of the same run); a matrix-product probe gives the FP32 floor
+under time to first token: the tiles' vision-encoder FLOPs / the measured rate.
 Prints ratios (vlmserve / peer) and checks that all three produce the same greedy FP32 tokens
 in every scenario (exits 1 if not, after writing the table).
 
@@ -54,7 +62,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "export"))
 
 PROMPT = "Describe the image."
-PEERS = ("vlmserve", "onnx_loop", "pytorch")
+PEERS = ("vlmserve", "onnx_loop", "pytorch", "openvino")
+OPENVINO_PYTHON = REPO / "bench/.venv-openvino/bin/python"
 
 
 def peak_rss_mb() -> float:
@@ -67,12 +76,13 @@ def inputs_for(processor, image_path: str, split: bool):
     image = Image.open(image_path).convert("RGB")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    return processor(text=prompt, images=[image], return_tensors="pt", do_image_splitting=split)
+    # Set on the image processor: transformers 4.57's processor ignores it as a call argument.
+    processor.image_processor.do_image_splitting = split
+    return processor(text=prompt, images=[image], return_tensors="pt")
 
 
 def run_pytorch(args) -> dict:
     import torch
-    from transformers.generation.streamers import BaseStreamer
 
     from vlmexport.families import idefics3
 
@@ -80,6 +90,28 @@ def run_pytorch(args) -> dict:
     model, processor = idefics3.load(str(Path(args.model_dir) / "checkpoint"))
     device = "cuda" if args.cuda else "cpu"
     model = model.to(device, {"fp32": torch.float32, "fp16": torch.float16}[args.peer_precision])
+    return generate_timed(model, processor, args, device, model.dtype)
+
+
+def run_openvino(args) -> dict:
+    from optimum.intel import OVModelForVisualCausalLM
+    from transformers import AutoProcessor
+
+    weights = "int8" if args.precision == "int8" else "fp32"
+    folder = Path(args.model_dir) / f"openvino-{weights}"
+    if not folder.is_dir():
+        raise SystemExit(f"{folder} is missing: run bench/.venv-openvino/bin/python bench/openvino_export.py")
+    config = {"INFERENCE_NUM_THREADS": str(args.threads)}
+    if args.precision == "fp32":
+        config |= {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+    model = OVModelForVisualCausalLM.from_pretrained(folder, ov_config=config)
+    return generate_timed(model, AutoProcessor.from_pretrained(folder), args, "cpu", None)
+
+
+def generate_timed(model, processor, args, device: str, dtype) -> dict:
+    """transformers `generate` (PyTorch's or optimum-intel's), timed per token by a streamer."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
 
     class Clock(BaseStreamer):
         def __init__(self):
@@ -95,8 +127,8 @@ def run_pytorch(args) -> dict:
     for _ in range(args.runs):
         start = time.perf_counter()
         inputs = inputs_for(processor, args.image, args.split).to(device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        if dtype is not None and "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         clock = Clock()
         with torch.no_grad():
             out = model.generate(
@@ -185,13 +217,18 @@ def summary(samples: list[tuple[float, float]], tokens: list[int], prompt_tokens
 
 
 def read_bandwidth_gb_s(threads: int) -> float:
-    """Best of five sums over a 1 GiB array on every thread: bytes read per second."""
+    """Bytes read per second by sums on every thread over arrays of 256 MiB, 512 MiB and 1 GiB
+    (all far above the last-level cache), five passes each after a warm-up pass: the median
+    over every pass, steadier on a shared host than a best or a single size."""
     import torch
 
     torch.set_num_threads(threads)
-    a = torch.ones(2**28, dtype=torch.float32)
-    best = min(_timed(a.sum) for _ in range(5))
-    return a.numel() * 4 / best / 1e9
+    rates = []
+    for mib in (256, 512, 1024):
+        a = torch.ones(mib * 2**18, dtype=torch.float32)
+        a.sum()
+        rates += [a.numel() * 4 / _timed(a.sum) / 1e9 for _ in range(5)]
+    return statistics.median(rates)
 
 
 def matmul_gflop_s(threads: int) -> float:
@@ -225,7 +262,8 @@ def _timed(f) -> float:
 
 
 def peer(name: str, scenario: str, args, precision: str = "fp32") -> dict:
-    cmd = [sys.executable, __file__, "--peer", name, "--scenario", scenario, "--model-dir", args.model_dir]
+    python = str(OPENVINO_PYTHON) if name == "openvino" else sys.executable
+    cmd = [python, __file__, "--peer", name, "--scenario", scenario, "--model-dir", args.model_dir]
     cmd += ["--precision", precision]
     cmd += ["--image", args.image, "--new-tokens", str(args.new_tokens), "--runs", str(args.runs)]
     cmd += ["--threads", str(args.threads), "--peer-precision", args.peer_precision] + (["--cuda"] if args.cuda else [])
@@ -236,9 +274,10 @@ def peer(name: str, scenario: str, args, precision: str = "fp32") -> dict:
 def alternating_rounds(scenario: str, args) -> dict:
     """Every peer (and vlmserve's other precisions) once per round, in its own process; the
     order reversed every other round. Returns {label: figures over the rounds}."""
-    entrants = [(name, "fp32") for name in args.peers] + [
-        ("vlmserve", p) for p in args.precisions.split(",") if p != "fp32"
-    ]
+    precisions = [p for p in args.precisions.split(",") if p != "fp32"]
+    entrants = [(name, "fp32") for name in args.peers] + [("vlmserve", p) for p in precisions]
+    if "openvino" in args.peers:
+        entrants += [("openvino", "bf16")] + [("openvino", "int8")] * ("int8" in precisions)
     rounds: dict[str, list[dict]] = {}
     for i in range(args.rounds):
         for name, precision in entrants if i % 2 == 0 else entrants[::-1]:
@@ -290,7 +329,7 @@ def compute_floor_lines(results: dict, args, gflop_s: float | None) -> list[str]
     return lines
 
 
-def report(results: dict, args, bandwidth: float | None, decoder_bytes: int, floor_lines: list[str]) -> str:
+def report(results: dict, args, bandwidth: list[float] | None, decoder_bytes: int, floor_lines: list[str]) -> str:
     lines = [
         "| scenario | peer | prompt tokens | time to first token (s) | decode tok/s | peak RSS (MB) |",
         "|---|---|---|---|---|---|",
@@ -313,7 +352,17 @@ def report(results: dict, args, bandwidth: float | None, decoder_bytes: int, flo
                 f"| {scenario} | / {name} | {ours['ttft_s'] / r['ttft_s']:.2f}x | {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x "
                 f"| {ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}x |"
             )
-        for name in [n for n in peers if n.startswith("vlmserve ")]:
+        for name in [n for n in peers if n.startswith("openvino ")]:
+            r = peers[name]
+            ours_name = "vlmserve int8" if name == "openvino int8" else "vlmserve"
+            same = sum(1 for a, b in zip(r["tokens"], ours["tokens"]) if a == b)
+            lines.append(
+                f"| {scenario} | {ours_name} / {name} | {peers[ours_name]['ttft_s'] / r['ttft_s']:.2f}x "
+                f"| {peers[ours_name]['decode_tok_s'] / r['decode_tok_s']:.2f}x "
+                f"| {peers[ours_name]['peak_rss_mb'] / r['peak_rss_mb']:.2f}x "
+                f"(greedy tokens equal to vlmserve fp32's: {same}/{len(ours['tokens'])}) |"
+            )
+        for name in [n for n in peers if n.startswith("vlmserve ") and "pytorch" in peers]:
             r, torch = peers[name], peers["pytorch"]
             same = sum(1 for a, b in zip(r["tokens"], ours["tokens"]) if a == b)
             lines.append(
@@ -324,7 +373,13 @@ def report(results: dict, args, bandwidth: float | None, decoder_bytes: int, flo
     lines += ["", ceiling_line(results, bandwidth, decoder_bytes), *floor_lines]
     for scenario, same in fp32_agreement(results, args.peers).items():
         lines.append(
-            f"Greedy tokens in {scenario} equal to vlmserve FP32's: {', '.join(f'{k} {v}' for k, v in same.items())}."
+            f"Greedy tokens in {scenario} equal to vlmserve FP32's: {', '.join(f'{k} {v}' for k, v in same.items())}"
+            + "".join(
+                f" ({k}'s first {agreeing_prefix(results[scenario][k]['tokens'], results[scenario]['vlmserve']['tokens'])} equal)"
+                for k, v in same.items()
+                if not v
+            )
+            + "."
         )
     for scenario, peers in results.items():
         ours = peers["vlmserve"]
@@ -345,15 +400,24 @@ def fp32_agreement(results: dict, peers: list[str]) -> dict:
     }
 
 
-def ceiling_line(results: dict, bandwidth: float | None, decoder_bytes: int) -> str:
-    """The CPU decode ceiling: read bandwidth over the decoder's weight bytes."""
-    if bandwidth is None or "S1" not in results:
+def agreeing_prefix(tokens: list[int], reference: list[int]) -> int:
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+
+
+def ceiling_line(results: dict, bandwidth: list[float] | None, decoder_bytes: int) -> str:
+    """The CPU decode ceiling: read bandwidth (the probes before and after the rounds, and
+    their mean) over the decoder's weight bytes."""
+    if bandwidth is None:
         return ""
-    ceiling = bandwidth * 1e9 / decoder_bytes
-    share = results["S1"]["vlmserve"]["decode_tok_s"] / ceiling
+    mean = statistics.mean(bandwidth)
+    ceiling = mean * 1e9 / decoder_bytes
+    shares = "; ".join(
+        f"vlmserve {scenario} FP32 decode at {peers['vlmserve']['decode_tok_s'] / ceiling:.0%} of it"
+        for scenario, peers in results.items()
+    )
     return (
-        f"Read bandwidth {bandwidth:.1f} GB/s; decoder weights {decoder_bytes / 1e6:.0f} MB; decode ceiling "
-        f"{ceiling:.1f} tok/s; vlmserve S1 decode at {share:.0%} of it."
+        f"Read bandwidth {bandwidth[0]:.1f} GB/s before the rounds and {bandwidth[1]:.1f} GB/s after; decoder weights "
+        f"{decoder_bytes / 1e6:.0f} MB; decode ceiling {ceiling:.1f} tok/s; {shares}."
     )
 
 
@@ -369,7 +433,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--scenarios", default="S1,S2")
     parser.add_argument("--precisions", default="fp32", help="vlmserve's variants; the peers run fp32")
-    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)  # a peer process's variant
     parser.add_argument("--cuda", action="store_true", help="every peer on the GPU (see above)")
     parser.add_argument(
         "--peer-precision", default="fp32", choices=["fp32", "fp16"], help="the loop's graphs and PyTorch's dtype"
@@ -382,37 +446,49 @@ def main() -> None:
     args.peers = ["vlmserve", *[p for p in args.peers.split(",") if p in PEERS and p != "vlmserve"]]
     if args.peer:
         args.split = args.scenario == "S2"
-        result = {"vlmserve": run_vlmserve, "onnx_loop": run_onnx_loop, "pytorch": run_pytorch}[args.peer](args)
+        runs = {"vlmserve": run_vlmserve, "onnx_loop": run_onnx_loop, "pytorch": run_pytorch, "openvino": run_openvino}
+        result = runs[args.peer](args)
         print(json.dumps(result))
         return
     if not Path(args.image).exists():
         from PIL import Image
 
         Image.open(REPO / "tests/fixtures/scenes/red-circle.png").convert("RGB").resize((512, 512)).save(args.image)
-    bandwidth = None if args.cuda else read_bandwidth_gb_s(args.threads)
+    before = None if args.cuda else read_bandwidth_gb_s(args.threads)
     gflop_s = None if args.cuda else matmul_gflop_s(args.threads)
     decoder_bytes = (Path(args.model_dir) / "package/onnx/decoder_model_merged.onnx").stat().st_size
     results = {scenario: alternating_rounds(scenario, args) for scenario in args.scenarios.split(",")}
+    bandwidth = None if args.cuda else [before, read_bandwidth_gb_s(args.threads)]
     text = report(results, args, bandwidth, decoder_bytes, compute_floor_lines(results, args, gflop_s))
     print(text)
     if args.out:
+        title = "## GPU peers:" if args.cuda else "## Peers:"
         header = (
-            f"## {'GPU peers' if args.cuda else 'Peers'}: {', '.join(args.peers)} ({datetime.date.today()}, {machine(args.cuda)})\n\n"
+            f"{title} {', '.join(args.peers)} ({datetime.date.today()}, {machine(args.cuda)})\n\n"
             f"`.venv/bin/python bench/compare.py{' --cuda --peer-precision ' + args.peer_precision if args.cuda else ''} --peers {','.join(args.peers)} --new-tokens {args.new_tokens} --runs {args.runs} --rounds {args.rounds} --scenarios {args.scenarios} "
             f"--precisions {args.precisions}`: "
             f'{args.peer_precision.upper()} peers, SmolVLM-256M-shaped model (random weights), a 512x512 image, "{PROMPT}", '
             f"vlmserve on {vlmserve_package(args.model_dir).name}/, the Python loop on package/, "
             f"{args.new_tokens} new tokens; {args.rounds} rounds, each running every peer once in its own process "
-            f"({args.runs} requests), in reverse order every other round; medians over rounds of each process's medians.\n\n"
+            f"({args.runs} requests), in reverse order every other round; medians over rounds of each process's medians."
+            + (
+                " OpenVINO 2026.4.1 through optimum-intel 2.2.0 (bench/.venv-openvino) on the IR that "
+                "bench/openvino_export.py makes of the checkpoint; each peer's first request includes its warm-up."
+                if "openvino" in args.peers
+                else ""
+            )
+            + "\n\n"
         )
-        write_section(args.out, "## GPU peers:" if args.cuda else "## Peers:", header + text)
+        write_section(args.out, header.split(" (")[0] if "openvino" in args.peers else title, header + text)
     if args.peer_precision != "fp32":
         return
+    # OpenVINO's kernels are its own (its FP32 may part from ours at a near tie): its tokens
+    # are reported, while the peers that run our graphs or the reference must agree.
     differ = [
         f"{scenario} {name}"
         for scenario, same in fp32_agreement(results, args.peers).items()
         for name, ok in same.items()
-        if not ok
+        if not ok and name != "openvino"
     ]
     if differ:
         raise SystemExit(f"greedy FP32 tokens differ from vlmserve's: {', '.join(differ)}")
