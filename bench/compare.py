@@ -438,7 +438,9 @@ def main() -> None:
     parser.add_argument(
         "--peer-precision", default="fp32", choices=["fp32", "fp16"], help="the loop's graphs and PyTorch's dtype"
     )
-    parser.add_argument("--peers", default=",".join(PEERS), help="which peers run; vlmserve always does")
+    parser.add_argument(
+        "--peers", default="vlmserve,onnx_loop,pytorch", help=f"which of {PEERS} run; vlmserve always does"
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--peer", choices=PEERS, help=argparse.SUPPRESS)
     parser.add_argument("--scenario", help=argparse.SUPPRESS)
