@@ -25,15 +25,13 @@ import argparse
 import collections
 import datetime
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from docs_section import machine, write_section
+from docs_section import alternated_medians, publish
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -175,35 +173,17 @@ def main() -> None:
     drift = {
         name: float(np.abs(s.run(None, feeds)[0].astype(np.float32) - reference).max()) for name, s in variants.items()
     }
-    times = {name: [] for name in variants}
-    for round_ in range(args.rounds):
-        order = list(variants.items())
-        for name, s in order if round_ % 2 == 0 else order[::-1]:
-            for _ in range(2):
-                start = time.perf_counter()
-                s.run(None, feeds)
-                times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["FP32 (package)"])
-    rows = [
-        f"| {name} | {statistics.median(t):.3f} s | {statistics.median(t) / base:.2f} | {drift[name]:.3g} |"
-        for name, t in times.items()
-    ]
-    text = "\n".join(
-        [
-            f"## Vision encoder levers on CPU ({machine()})",
-            "",
-            f"`.venv/bin/python bench/vision_levers.py --package {args.package} --unoptimized {args.unoptimized}`, "
-            f"{datetime.date.today()}: onnxruntime {ort.__version__}, one 512x512 tile, {args.rounds} alternated "
-            f"rounds of 2 runs per variant; medians. MatMul is {share:.0%} of the FP32 graph's kernel time.",
-            "",
-            "| variant | per tile | ratio to FP32 | max abs diff of features |",
-            "| --- | --- | --- | --- |",
-            *rows,
-        ]
+    medians = alternated_medians({name: lambda s=s: s.run(None, feeds) for name, s in variants.items()}, args.rounds, 2)
+    base = medians["FP32 (package)"]
+    publish(
+        args.out,
+        "Vision encoder levers on CPU",
+        f"`.venv/bin/python bench/vision_levers.py --package {args.package} --unoptimized {args.unoptimized}`, "
+        f"{datetime.date.today()}: onnxruntime {ort.__version__}, one 512x512 tile, {args.rounds} alternated "
+        f"rounds of 2 runs per variant; medians. MatMul is {share:.0%} of the FP32 graph's kernel time.",
+        ["variant", "per tile", "ratio to FP32", "max abs diff of features"],
+        [[name, f"{m:.3f} s", f"{m / base:.2f}", f"{drift[name]:.3g}"] for name, m in medians.items()],
     )
-    print(text)
-    if args.out:
-        write_section(args.out, "## Vision encoder levers on CPU", text)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import openvino as ov
-from docs_section import machine, write_section
+from docs_section import alternated_medians, publish
 
 GFLOP_PER_TILE = 212
 
@@ -74,40 +72,23 @@ def main() -> None:
     }
     reference = peers["ONNX Runtime FP32"]()
     drift = {name: float(np.abs(run() - reference).max()) for name, run in peers.items()}
-    times = {name: [] for name in peers}
-    for round_ in range(args.rounds):
-        order = list(peers.items())
-        for name, run in order if round_ % 2 == 0 else order[::-1]:
-            for _ in range(args.runs):
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["ONNX Runtime FP32"])
-    rows = []
-    for name in peers:
-        median = statistics.median(times[name])
-        rows.append(
-            f"| {name} | {median:.3f} s | {median / base:.2f} | {GFLOP_PER_TILE / median:.0f} | {drift[name]:.3g} |"
-        )
+    medians = alternated_medians(peers, args.rounds, args.runs)
+    base = medians["ONNX Runtime FP32"]
     capabilities = ", ".join(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     default = core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
-    text = "\n".join(
+    publish(
+        args.out,
+        "Vision encoder: ONNX Runtime against OpenVINO on one tile",
+        f"`bench/.venv-openvino/bin/python bench/vision_openvino.py --package {args.package}`, "
+        f"{datetime.date.today()}: OpenVINO {ov.__version__.split('-')[0]}, onnxruntime {ort.__version__}, "
+        f"one 512x512 tile, {args.rounds} alternated rounds of {args.runs} runs per peer; medians. "
+        f"OpenVINO's CPU capabilities here: {capabilities}; its default inference precision: {default}.",
+        ["peer", "per tile", "ratio to ONNX Runtime FP32", "GFLOP/s", "max abs diff of features"],
         [
-            f"## Vision encoder: ONNX Runtime against OpenVINO on one tile ({machine()})",
-            "",
-            f"`bench/.venv-openvino/bin/python bench/vision_openvino.py --package {args.package}`, "
-            f"{datetime.date.today()}: OpenVINO {ov.__version__.split('-')[0]}, onnxruntime {ort.__version__}, "
-            f"one 512x512 tile, {args.rounds} alternated rounds of {args.runs} runs per peer; medians. "
-            f"OpenVINO's CPU capabilities here: {capabilities}; its default inference precision: {default}.",
-            "",
-            "| peer | per tile | ratio to ONNX Runtime FP32 | GFLOP/s | max abs diff of features |",
-            "| --- | --- | --- | --- | --- |",
-            *rows,
-        ]
+            [name, f"{m:.3f} s", f"{m / base:.2f}", f"{GFLOP_PER_TILE / m:.0f}", f"{drift[name]:.3g}"]
+            for name, m in medians.items()
+        ],
     )
-    print(text)
-    if args.out:
-        write_section(args.out, "## Vision encoder: ONNX Runtime against OpenVINO", text)
 
 
 if __name__ == "__main__":
