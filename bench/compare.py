@@ -481,7 +481,9 @@ def main() -> None:
             )
             + "\n\n"
         )
-        write_section(args.out, header.split(" (")[0] if "openvino" in args.peers else title, header + text)
+        # OpenVINO runs get a section of their own beside the default peers' one.
+        section = f"{title} {', '.join(args.peers)}" if "openvino" in args.peers else title
+        write_section(args.out, section, header + text)
     if args.peer_precision != "fp32":
         return
     # OpenVINO's kernels are its own (its FP32 may part from ours at a near tie): its tokens

@@ -9,6 +9,7 @@ mod precision;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -94,13 +95,13 @@ pub struct ModelPackage {
     /// `tokenizer_config.json` (special tokens used by chat templates), or `{}`.
     pub tokenizer_config: Value,
     pub chat_template: String,
-    /// `card.json`, when the package has one.
-    pub card: Option<ModelCard>,
+    /// `card.json`, when the package has one (shared: every model listing carries it).
+    pub card: Option<Arc<ModelCard>>,
 }
 
 /// What a package says about itself for people trying it (`card.json`): one line on what the
 /// model knows and example pictures with a question each, under `examples/`.
-#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelCard {
     pub about: String,
@@ -108,7 +109,7 @@ pub struct ModelCard {
     pub examples: Vec<Example>,
 }
 
-#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Example {
     /// A file name in the package's `examples/` folder.
@@ -119,7 +120,7 @@ pub struct Example {
 impl ModelCard {
     /// The card in `dir`, if any; every example's picture must be a plain file name that
     /// exists in `dir/examples/` (so that serving one can never reach outside that folder).
-    fn read(dir: &Path) -> Result<Option<Self>, PackageError> {
+    fn read(dir: &Path) -> Result<Option<Arc<Self>>, PackageError> {
         let path = dir.join("card.json");
         let Some(value) = read_optional_json(&path)? else { return Ok(None) };
         let card: ModelCard = serde_json::from_value(value).map_err(|e| read_err(&path, e))?;
@@ -129,7 +130,7 @@ impl ModelCard {
                 return Err(read_err(&path, format!("example {:?} is not a file in examples/", example.image)));
             }
         }
-        Ok(Some(card))
+        Ok(Some(Arc::new(card)))
     }
 
     /// An example picture's path, when `image` is one of the card's.

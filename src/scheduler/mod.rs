@@ -124,7 +124,7 @@ pub struct ModelStatus {
     pub precision: String,
     pub last_error: Option<String>,
     /// The loaded package's card.
-    pub card: Option<crate::package::ModelCard>,
+    pub card: Option<Arc<crate::package::ModelCard>>,
 }
 
 /// Why a version lost its traffic.
