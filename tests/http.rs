@@ -322,7 +322,25 @@ fn streaming_concatenates_to_the_non_streaming_text() {
     let (streamed, finish, usage) = stream_text(&events);
     assert_eq!(streamed, text(&whole));
     assert_eq!(finish.as_deref(), whole["choices"][0]["finish_reason"].as_str());
-    assert_eq!(usage.unwrap(), whole["usage"]);
+    let usage = usage.unwrap();
+    assert_eq!(usage, whole["usage"]);
+    // The sample's last chunk carries the server's timings, as the whole answer's choice does.
+    let last = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find(|c| !c["choices"][0]["finish_reason"].is_null())
+        .unwrap();
+    for timings in [&last["choices"][0]["timings"], &whole["choices"][0]["timings"]] {
+        let steps = usage["completion_tokens"].as_u64().unwrap() - 1;
+        assert_eq!(timings["decode_steps"], steps, "{timings}");
+        for stage in ["prefill_s", "time_to_first_token_s", "decode_s", "decode_tokens_per_second"] {
+            assert!(timings[stage].as_f64().unwrap() > 0.0, "{stage}: {timings}");
+        }
+        assert!(timings["image_decode_s"].as_f64().unwrap() >= 0.0, "{timings}");
+    }
+    // The stream came second: its images' features came from the cache.
+    assert!(whole["choices"][0]["timings"]["vision_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(last["choices"][0]["timings"]["vision_s"], 0.0);
 }
 
 /// Text-only, one-image and two-image requests of different lengths and token budgets.
@@ -891,12 +909,13 @@ fn post_cached(server: &Server, path: &str, body: &Value) -> (u16, Option<String
     (status, cache, body)
 }
 
-/// A body without what differs between two answers to the same request: ids and times.
+/// A body without what differs between two answers to the same request: ids, times, and the
+/// decoding of the request's own images (a replay repeats the answer's other timings).
 fn without_ids(body: &Value) -> Value {
     match body {
         Value::Object(map) => Value::Object(
             map.iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "id" | "created" | "created_at" | "item_id"))
+                .filter(|(k, _)| !matches!(k.as_str(), "id" | "created" | "created_at" | "item_id" | "image_decode_s"))
                 .map(|(k, v)| (k.clone(), without_ids(v)))
                 .collect(),
         ),

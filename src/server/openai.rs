@@ -550,7 +550,7 @@ pub async fn chat_completions(
     let default_max_tokens = use_default.then_some(state.default_max_tokens);
     let input = PrepareInput { messages, images, tools: tools.offered, params, default_max_tokens, constraint };
     let session = request::session_key(&req, &state, request.user.as_deref());
-    let Started { model, running, answered_by, .. } =
+    let Started { model, image_decode_s, running, answered_by } =
         request::start(&state, request.model.as_deref(), session, input, arrived).await?;
     let id = format!("chatcmpl-{:032x}", rand::random::<u128>());
     let created = request::unix_now();
@@ -567,6 +567,7 @@ pub async fn chat_completions(
             include_usage,
             return_ids,
             expose_cache_hits,
+            image_decode_s,
             samples,
             finished: Vec::new(),
             held: reads_calls.then(|| (0..samples).map(|_| HeldText::default()).collect()),
@@ -579,7 +580,7 @@ pub async fn chat_completions(
             .streaming(stream.into_stream()));
     }
     let completions = request::collect_samples(running).await?;
-    let shape = Shape { return_ids, expose_cache_hits: state.expose_cache_hits, reads_calls };
+    let shape = Shape { return_ids, expose_cache_hits: state.expose_cache_hits, reads_calls, image_decode_s };
     let body = completion_body(&id, created, &model, answered_by.version.as_deref(), &completions, shape);
     Ok(request::ok(&answered_by).json(body))
 }
@@ -591,6 +592,8 @@ struct Shape {
     expose_cache_hits: bool,
     /// Tool calls are read out of the text.
     reads_calls: bool,
+    /// Decoding the request's images, part of every sample's `timings`.
+    image_decode_s: f64,
 }
 
 /// A whole response: one choice per sample.
@@ -612,6 +615,7 @@ fn completion_body(
             "message": message,
             "logprobs": logprobs,
             "finish_reason": finish_reason,
+            "timings": completion.timings_report(shape.image_decode_s, shape.expose_cache_hits),
         });
         if shape.return_ids {
             choice["token_ids"] = json!(completion.token_ids);
@@ -663,6 +667,8 @@ struct ChatStream {
     include_usage: bool,
     return_ids: bool,
     expose_cache_hits: bool,
+    /// Decoding the request's images, part of every sample's `timings`.
+    image_decode_s: f64,
     /// The request's `n`, and the completions of those that finished.
     samples: usize,
     finished: Vec<Completion>,
@@ -746,7 +752,14 @@ impl ChatStream {
                             finish = tools::calls_finish(finish);
                         }
                     }
-                    out.push_str(&Self::event(&self.chunk(sample, json!({}), Some(finish), None)));
+                    // The server's own timings: a client cannot time tokens that reach it together.
+                    let timings = json!(completion.timings_report(self.image_decode_s, self.expose_cache_hits));
+                    out.push_str(&Self::event(&self.chunk(
+                        sample,
+                        json!({}),
+                        Some(finish),
+                        Some(("timings", timings)),
+                    )));
                     self.finished.push(completion);
                     if self.finished.len() < self.samples {
                         return Some(Bytes::from(out));
