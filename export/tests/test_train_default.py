@@ -25,7 +25,7 @@ QAS = [
 @pytest.fixture(scope="module")
 def encoded():
     processor = AutoProcessor.from_pretrained(REPO / "models" / "shapes-vlm" / "checkpoint")
-    batches = td.Batches(processor, seed=0, batch_size=1)
+    batches = td.Batches(td.RECIPES["grid"], processor, seed=0, batch_size=1)
     text = processor.apply_chat_template(td.conversation(QAS), tokenize=False)
     ids = processor(text=[text], images=[[synthetic.render(SCENE)]], return_tensors="pt")["input_ids"]
     tokens = processor.tokenizer.convert_ids_to_tokens(ids[0])
@@ -58,7 +58,7 @@ def test_words_attend_to_the_objects_they_name_and_answers_to_the_words(encoded)
         for obj, (row, col) in {RED_CIRCLE: (0, 0), BLUE_SQUARE: (2, 3), RED_STAR: (3, 1)}.items()
     }
     # Image tokens follow the vision patches in raster order with pixel-shuffle scale 1.
-    assert [td.centre_token(SCENE, o) for o in (RED_CIRCLE, BLUE_SQUARE, RED_STAR)] == [0, 11, 13]
+    assert [td.centre_token(td.RECIPES["grid"], SCENE, o) for o in (RED_CIRCLE, BLUE_SQUARE, RED_STAR)] == [0, 11, 13]
 
     looked_at = {i: set(ground[i].nonzero().flatten().tolist()) for i in range(len(tokens)) if ground[i].any()}
     circle, star, square = positions(tokens, "Ġcircle"), positions(tokens, "Ġstar"), positions(tokens, "Ġsquare")

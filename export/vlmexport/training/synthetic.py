@@ -1,21 +1,23 @@
 """Synthetic scenes of simple shapes and questions about them (seeded, PIL only).
 
-A scene holds 1 to 4 objects (circle, square, triangle, star in eight colours) of varied sizes
-and positions on a varied background. The square canvas (64 to 128 pixels) is a 4x4 grid of
-cells; each object sits in its own cell, in its own column, with its size (56-84% of the cell)
-and its place in the cell varied. The grid matches the default model's vision patches (one
-patch per cell), so an object's shape is visible within one patch: a vision transformer this
-small, trained for minutes on CPU, learns colours and places quickly but not shapes spread over
-many patches (its attention has to learn locality first). Every question generator only asks
-what the scene answers unambiguously:
+Two kinds of scene hold 1 to 4 objects (circle, square, triangle, star in eight colours):
+
+* grid scenes (``random_scene``), those of the default model's held-out set: a square canvas
+  of 64 to 128 pixels is a 4x4 grid of cells; each object sits in its own cell, in its own
+  column, with its size (56-84% of the cell) and its place in the cell varied;
+* free scenes (``free_scene``), what people draw: objects anywhere and of any size, canvases
+  of any aspect and background, any shade of each colour name, turned, anti-aliased or not,
+  PNG or JPEG; each variation can be held back (``Nuisances``) for a curriculum.
+
+Every question generator only asks what the scene answers unambiguously:
 
 * objects never overlap and no two objects share both colour and shape, so "the red circle"
   always names one object;
 * "What color is the circle?" only when exactly one circle exists, "What shape is the red
   object?" only when exactly one red object exists;
 * left/right and above/below only when the centres are clearly apart (``MIN_SEPARATION``);
-* captions list the objects left to right, and every pair of centres is apart horizontally,
-  so the order is well defined.
+* captions list the objects left to right, asked only when every pair of centres is apart
+  horizontally (``CAPTION_SEPARATION``), so the order is well defined.
 
 Train and evaluation sets come from different seeds (``TRAIN_SEED``, ``EVAL_SEED``).
 
@@ -27,6 +29,8 @@ Train and evaluation sets come from different seeds (``TRAIN_SEED``, ``EVAL_SEED
 from __future__ import annotations
 
 import argparse
+import colorsys
+import io
 import json
 import math
 import random
@@ -79,6 +83,8 @@ class Scene:
     height: int
     background: tuple[int, int, int]
     objects: tuple[Obj, ...]
+    hard_edges: bool = False  # drawn without anti-aliasing, as a paint program's fill does
+    jpeg_quality: int | None = None  # saved and read back as JPEG at this quality
 
 
 @dataclass(frozen=True)
@@ -112,17 +118,12 @@ def place(rng: random.Random, width: int, height: int, kinds: list[tuple[str, st
         row = rng.randrange(GRID)
         radius = rng.uniform(*SIZE_RANGE) * min(cell_w, cell_h)
         slack_x, slack_y = max(0.0, cell_w / 2 - radius - 1) / 2, max(0.0, cell_h / 2 - radius - 1) / 2
-        placed.append(
-            Obj(
-                shape=shape,
-                colour=colour,
-                cx=(column + 0.5) * cell_w + rng.uniform(-slack_x, slack_x),
-                cy=(row + 0.5) * cell_h + rng.uniform(-slack_y, slack_y),
-                radius=radius,
-                angle=rng.uniform(-15, 15),
-                rgb=jitter(COLOURS[colour], rng),
-            )
-        )
+        cx = (column + 0.5) * cell_w + rng.uniform(-slack_x, slack_x)
+        cy = (row + 0.5) * cell_h + rng.uniform(-slack_y, slack_y)
+        angle = rng.uniform(-15, 15)
+        rgb = jitter(COLOURS[colour], rng)
+        # Grid squares stay upright (free scenes turn them).
+        placed.append(Obj(shape, colour, cx, cy, radius, 0.0 if shape == "square" else angle, rgb))
     return placed
 
 
@@ -132,6 +133,95 @@ def random_scene(rng: random.Random, max_objects: int = MAX_OBJECTS) -> Scene:
     pairs = [(s, c) for s in SHAPES for c in COLOURS]
     kinds = rng.sample(pairs, n)  # distinct (shape, colour) pairs
     return Scene(width, height, random_background(rng), tuple(place(rng, width, height, kinds)))
+
+
+# --- free scenes --------------------------------------------------------------------
+# What people draw to try the model: shapes anywhere, of any size, on canvases of any aspect
+# and background, in any shade of each colour name, turned a little, anti-aliased or not,
+# saved as PNG or JPEG. Each nuisance can be held back (Nuisances), so that training meets
+# them one at a time: all at once, the vision encoder never learnt shapes.
+
+# Hue (degrees), saturation and value ranges of each colour name; they hold the grid scenes'
+# colours and the values paint programs and CSS give these names.
+HSV_RANGES = {
+    "red": ((-10, 10), (0.75, 1.0), (0.6, 1.0)),
+    "orange": ((18, 42), (0.8, 1.0), (0.85, 1.0)),
+    "yellow": ((48, 62), (0.75, 1.0), (0.85, 1.0)),
+    "green": ((90, 150), (0.6, 1.0), (0.4, 0.85)),
+    "cyan": ((174, 192), (0.6, 1.0), (0.75, 1.0)),
+    "blue": ((212, 246), (0.6, 1.0), (0.65, 1.0)),
+    "purple": ((268, 305), (0.55, 1.0), (0.45, 0.85)),
+    "pink": ((318, 346), (0.3, 0.65), (0.9, 1.0)),
+}
+FREE_SIZES = (0.06, 0.30)  # object radius, of the canvas's shorter side
+EASY_SIZES = (0.12, 0.22)
+FREE_TURN = 20  # degrees either way
+MAX_ASPECT = 2.5
+CAPTION_SEPARATION = 0.08  # of the width: captions only when every pair of centres is this far apart
+
+
+@dataclass(frozen=True)
+class Nuisances:
+    """Which of the free scenes' variations are drawn; without one, its easy case is."""
+
+    backgrounds: bool = True  # else white
+    colour_ranges: bool = True  # else the grid scenes' colours
+    sizes: bool = True  # else EASY_SIZES
+    aspect: bool = True  # else square canvases
+    photo: bool = True  # hard edges and JPEG; else anti-aliased PNG
+    rotation: bool = True  # else upright
+
+
+def shade(colour: str, rng: random.Random) -> tuple[int, int, int]:
+    (h0, h1), (s0, s1), (v0, v1) = HSV_RANGES[colour]
+    rgb = colorsys.hsv_to_rgb((rng.uniform(h0, h1) % 360) / 360, rng.uniform(s0, s1), rng.uniform(v0, v1))
+    return tuple(round(255 * c) for c in rgb)
+
+
+def free_background(rng: random.Random) -> tuple[int, int, int]:
+    """White, cream, a grey or near black, at times tinted."""
+    base = rng.choice([rng.randint(238, 255), rng.randint(195, 235), rng.randint(90, 170), rng.randint(0, 50)])
+    tint = rng.randint(0, 12) if rng.random() < 0.4 else 0
+    return tuple(min(255, max(0, base + rng.randint(-tint, tint))) for _ in range(3))
+
+
+def free_canvas(rng: random.Random, aspect: bool) -> tuple[int, int]:
+    """The longer side 120-240 pixels (the processor squashes every picture into one tile)."""
+    longer = rng.randint(120, 240)
+    ratio = math.exp(rng.uniform(-math.log(MAX_ASPECT), math.log(MAX_ASPECT))) if aspect else 1.0
+    if ratio >= 1:
+        return longer, max(24, round(longer / ratio))
+    return max(24, round(longer * ratio)), longer
+
+
+def free_objects(rng: random.Random, width: int, height: int, kinds, nuisances: Nuisances) -> list[Obj]:
+    """Objects anywhere inside the canvas, never touching (kept apart by their turned extent)."""
+    lo, hi = FREE_SIZES if nuisances.sizes else EASY_SIZES
+    placed: list[Obj] = []
+    for shape, colour in kinds:
+        for _ in range(50):
+            radius = rng.uniform(lo, hi) * min(width, height)
+            reach = 1.25 * radius + 1
+            if 2 * reach >= min(width, height):
+                continue
+            cx, cy = rng.uniform(reach, width - reach), rng.uniform(reach, height - reach)
+            if all(math.hypot(cx - o.cx, cy - o.cy) > reach + 1.25 * o.radius + 2 for o in placed):
+                angle = rng.uniform(-FREE_TURN, FREE_TURN) if nuisances.rotation else 0.0
+                rgb = shade(colour, rng) if nuisances.colour_ranges else jitter(COLOURS[colour], rng)
+                placed.append(Obj(shape, colour, cx, cy, radius, angle, rgb))
+                break
+    return placed
+
+
+def free_scene(rng: random.Random, nuisances: Nuisances = Nuisances(), max_objects: int = MAX_OBJECTS) -> Scene:
+    width, height = free_canvas(rng, nuisances.aspect)
+    pairs = [(s, c) for s in SHAPES for c in COLOURS]
+    kinds = rng.sample(pairs, rng.randint(1, max_objects))  # distinct (shape, colour) pairs
+    objects = free_objects(rng, width, height, kinds, nuisances)
+    background = free_background(rng) if nuisances.backgrounds else (255, 255, 255)
+    hard = nuisances.photo and rng.random() < 0.3
+    quality = rng.randint(35, 90) if nuisances.photo and rng.random() < 0.4 else None
+    return Scene(width, height, background, tuple(objects), hard, quality)
 
 
 # --- drawing ----------------------------------------------------------------------
@@ -155,41 +245,47 @@ def outline(obj: Obj) -> list[tuple[float, float]] | tuple[float, float, float, 
         return (obj.cx - r, obj.cy - r, obj.cx + r, obj.cy + r)
     if obj.shape == "square":
         h = r * 0.85  # a square of the same extent looks bigger than a circle
-        return (obj.cx - h, obj.cy - h, obj.cx + h, obj.cy + h)
+        if obj.angle == 0.0:
+            return (obj.cx - h, obj.cy - h, obj.cx + h, obj.cy + h)
+        return polygon(obj.cx, obj.cy, h * math.sqrt(2), obj.angle + 45, 4, None)
     if obj.shape == "triangle":
         # Lowered a little: a triangle's centroid sits below the middle of its box.
         return polygon(obj.cx, obj.cy + 0.15 * r, 1.1 * r, obj.angle, 3, None)
     return polygon(obj.cx, obj.cy, 1.1 * r, obj.angle, 5, 0.45)
 
 
+def fill(draw: ImageDraw.ImageDraw, obj: Obj, sx: float, sy: float, colour) -> None:
+    """Draw the object's shape scaled by (sx, sy)."""
+    shape = outline(obj)
+    if isinstance(shape, tuple):
+        x0, y0, x1, y1 = shape
+        (draw.ellipse if obj.shape == "circle" else draw.rectangle)([x0 * sx, y0 * sy, x1 * sx, y1 * sy], fill=colour)
+    else:
+        draw.polygon([(x * sx, y * sy) for x, y in shape], fill=colour)
+
+
 def render(scene: Scene) -> Image.Image:
-    s = SUPERSAMPLE
+    s = 1 if scene.hard_edges else SUPERSAMPLE
     image = Image.new("RGB", (scene.width * s, scene.height * s), scene.background)
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        shape = outline(obj)
-        if obj.shape in ("circle", "square"):
-            box = [v * s for v in shape]
-            (draw.ellipse if obj.shape == "circle" else draw.rectangle)(box, fill=obj.rgb)
-        else:
-            draw.polygon([(x * s, y * s) for x, y in shape], fill=obj.rgb)
-    return image.resize((scene.width, scene.height), Image.Resampling.LANCZOS)
+        fill(draw, obj, s, s, obj.rgb)
+    if s > 1:
+        image = image.resize((scene.width, scene.height), Image.Resampling.LANCZOS)
+    if scene.jpeg_quality is None:
+        return image
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=scene.jpeg_quality)
+    return Image.open(buffer).convert("RGB")
 
 
 def object_map(scene: Scene, size: int) -> Image.Image:
     """Which object covers each pixel of the scene squashed to size x size (0 = background,
     i + 1 = scene.objects[i]): the layout the image processor gives the vision encoder."""
-    sx, sy = size / scene.width, size / scene.height
     image = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(image)
     for i, obj in enumerate(scene.objects):
-        shape = outline(obj)
-        if obj.shape in ("circle", "square"):
-            x0, y0, x1, y1 = shape
-            box = [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
-            (draw.ellipse if obj.shape == "circle" else draw.rectangle)(box, fill=i + 1)
-        else:
-            draw.polygon([(x * sx, y * sy) for x, y in shape], fill=i + 1)
+        fill(draw, obj, size / scene.width, size / scene.height, i + 1)
     return image
 
 
@@ -287,6 +383,9 @@ def yesno_questions(scene: Scene, rng: random.Random) -> list[QA]:
 
 
 def caption_questions(scene: Scene) -> list[QA]:
+    xs = sorted(o.cx for o in scene.objects)
+    if any(b - a < CAPTION_SEPARATION * scene.width for a, b in zip(xs, xs[1:])):
+        return []  # no clear left-to-right order
     text = caption(scene)
     return [QA("caption", "Describe the image.", text), QA("caption", "What is in the image?", text)]
 
