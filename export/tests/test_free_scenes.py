@@ -95,6 +95,18 @@ def test_the_free_recipe_maps_tokens_to_two_by_two_patches():
     assert recipe.nuisances(recipe.vision_steps - 1) == synthetic.Nuisances()
 
 
+def test_the_shape_weight_scales_only_the_shape_heads_loss():
+    torch.manual_seed(0)
+    features = torch.randn(2, 25, 16)
+    targets = {k: torch.randint(0, 2, (2, 25)) for k in td.VisionProbe.KEYS}
+    plain, weighted = td.VisionProbe(16, 5, 1.0), td.VisionProbe(16, 5, 5.0)
+    weighted.load_state_dict(plain.state_dict())
+    head = plain.heads["shape"](features).flatten(0, 1)
+    shape_loss = torch.nn.functional.cross_entropy(head, targets["shape"].flatten())
+    difference = weighted(features, targets) - plain(features, targets)
+    assert torch.allclose(difference, 4 * shape_loss / len(td.VisionProbe.KEYS))
+
+
 def test_the_data_worker_hands_over_what_was_made_in_order():
     made = list(td.prefetched(lambda step: ({"x": torch.tensor([step])}, {"y": torch.tensor([2 * step])}), 9))
     assert [(int(a["x"]), int(b["y"])) for a, b in made] == [(s, 2 * s) for s in range(9)]
