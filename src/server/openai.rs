@@ -555,9 +555,9 @@ pub async fn chat_completions(
     let id = format!("chatcmpl-{:032x}", rand::random::<u128>());
     let created = request::unix_now();
     let return_ids = request.return_token_ids.unwrap_or(false);
+    let shape = Shape { return_ids, expose_cache_hits: state.expose_cache_hits, reads_calls, image_decode_s };
     if request.stream.unwrap_or(false) {
         let include_usage = request.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-        let expose_cache_hits = state.expose_cache_hits;
         let stream = ChatStream {
             running: running.first_event().await?,
             id,
@@ -565,9 +565,7 @@ pub async fn chat_completions(
             model,
             version: answered_by.version.clone(),
             include_usage,
-            return_ids,
-            expose_cache_hits,
-            image_decode_s,
+            shape,
             samples,
             finished: Vec::new(),
             held: reads_calls.then(|| (0..samples).map(|_| HeldText::default()).collect()),
@@ -580,12 +578,11 @@ pub async fn chat_completions(
             .streaming(stream.into_stream()));
     }
     let completions = request::collect_samples(running).await?;
-    let shape = Shape { return_ids, expose_cache_hits: state.expose_cache_hits, reads_calls, image_decode_s };
     let body = completion_body(&id, created, &model, answered_by.version.as_deref(), &completions, shape);
     Ok(request::ok(&answered_by).json(body))
 }
 
-/// What a whole response shows besides the text.
+/// What a response, whole or streamed, shows besides the text.
 #[derive(Debug, Clone, Copy)]
 struct Shape {
     return_ids: bool,
@@ -594,6 +591,12 @@ struct Shape {
     reads_calls: bool,
     /// Decoding the request's images, part of every sample's `timings`.
     image_decode_s: f64,
+}
+
+impl Shape {
+    fn timings(&self, completion: &Completion) -> Value {
+        json!(completion.timings_report(self.image_decode_s, self.expose_cache_hits))
+    }
 }
 
 /// A whole response: one choice per sample.
@@ -615,7 +618,7 @@ fn completion_body(
             "message": message,
             "logprobs": logprobs,
             "finish_reason": finish_reason,
-            "timings": completion.timings_report(shape.image_decode_s, shape.expose_cache_hits),
+            "timings": shape.timings(completion),
         });
         if shape.return_ids {
             choice["token_ids"] = json!(completion.token_ids);
@@ -665,10 +668,8 @@ struct ChatStream {
     /// The model's version that answers, as `system_fingerprint`.
     version: Option<String>,
     include_usage: bool,
-    return_ids: bool,
-    expose_cache_hits: bool,
-    /// Decoding the request's images, part of every sample's `timings`.
-    image_decode_s: f64,
+    /// What the chunks show besides the text; `held` is there exactly when it reads calls.
+    shape: Shape,
     /// The request's `n`, and the completions of those that finished.
     samples: usize,
     finished: Vec<Completion>,
@@ -729,10 +730,10 @@ impl ChatStream {
                         None => text,
                     };
                     // Text held back for a possible call is sent at the sample's end.
-                    if content.is_empty() && logprobs.is_none() && !self.return_ids {
+                    if content.is_empty() && logprobs.is_none() && !self.shape.return_ids {
                         continue;
                     }
-                    let ids = self.return_ids.then(|| ("token_ids", json!([token_id])));
+                    let ids = self.shape.return_ids.then(|| ("token_ids", json!([token_id])));
                     let logprobs = logprobs.as_ref().map_or(Value::Null, |l| logprobs_json(std::iter::once(l)));
                     let chunk = self.chunk_with(sample, json!({"content": content}), None, ids, logprobs);
                     out.push_str(&Self::event(&chunk));
@@ -753,13 +754,8 @@ impl ChatStream {
                         }
                     }
                     // The server's own timings: a client cannot time tokens that reach it together.
-                    let timings = json!(completion.timings_report(self.image_decode_s, self.expose_cache_hits));
-                    out.push_str(&Self::event(&self.chunk(
-                        sample,
-                        json!({}),
-                        Some(finish),
-                        Some(("timings", timings)),
-                    )));
+                    let timings = Some(("timings", self.shape.timings(&completion)));
+                    out.push_str(&Self::event(&self.chunk(sample, json!({}), Some(finish), timings)));
                     self.finished.push(completion);
                     if self.finished.len() < self.samples {
                         return Some(Bytes::from(out));
@@ -767,7 +763,7 @@ impl ChatStream {
                     if self.include_usage {
                         let mut usage_chunk = self.chunk(0, json!({}), None, None);
                         usage_chunk["choices"] = json!([]);
-                        usage_chunk["usage"] = json!(Usage::of_samples(&self.finished, self.expose_cache_hits));
+                        usage_chunk["usage"] = json!(Usage::of_samples(&self.finished, self.shape.expose_cache_hits));
                         out.push_str(&Self::event(&usage_chunk));
                     }
                 }
