@@ -22,6 +22,9 @@ RSS: the largest process's). The peers:
              default hint, which is bf16 on CPUs with AVX512_BF16 or AMX; with int8 in
              --precisions, "openvino int8" runs the INT8-weight IR (`--weight-format int8`)
              with the default hint, against vlmserve int8.
+  openvino_genai  OpenVINO GenAI's C++ `VLMPipeline` (its own image preprocessing, chat
+             template and generation loop) on the same IR, with the same three variants. It
+             refuses idefics3, so it is the peer for the Qwen2-VL-shaped model (below).
 Scenarios: S1 one tile (splitting off), S2 the processor's defaults (a 512x512 image becomes
 17 tiles). Time to first token runs from the image file to the first token (processor
 included); decode tokens/s is over the tokens after the first. A memory-bandwidth probe gives
@@ -31,7 +34,10 @@ under time to first token: the tiles' vision-encoder FLOPs / the measured rate.
 Prints ratios (vlmserve / peer) and checks that all three produce the same greedy FP32 tokens
 in every scenario (exits 1 if not, after writing the table).
 
-The model is vlmexport.fixtures.bench_model's (SmolVLM-256M shapes, random weights).
+The model is vlmexport.fixtures.bench_model's: SmolVLM-256M's shapes by default, or with
+--model-dir bench/models/qwen2-vl-2b-shaped Qwen2-VL-2B's (random weights either way); its
+family comes from the checkpoint's config. A processor that does not split images into tiles
+(Qwen2-VL's) has only S1: the image as one picture.
 
 On a GPU host, --cuda runs every peer on the GPU: vlmserve with the CUDA provider on all
 graphs, the loop with onnxruntime's CUDAExecutionProvider, PyTorch on cuda; --peer-precision
@@ -62,8 +68,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "export"))
 
 PROMPT = "Describe the image."
-PEERS = ("vlmserve", "onnx_loop", "pytorch", "openvino")
+PEERS = ("vlmserve", "onnx_loop", "pytorch", "openvino", "openvino_genai")
 OPENVINO_PYTHON = REPO / "bench/.venv-openvino/bin/python"
+DEFAULT_MODEL_DIR = "bench/models/smolvlm-256m-shaped"
 
 
 def peak_rss_mb() -> float:
@@ -76,27 +83,30 @@ def inputs_for(processor, image_path: str, split: bool):
     image = Image.open(image_path).convert("RGB")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    # Set on the image processor: transformers 4.57's processor ignores it as a call argument.
-    processor.image_processor.do_image_splitting = split
+    if hasattr(processor.image_processor, "do_image_splitting"):
+        # Set on the image processor: transformers 4.57's processor ignores it as a call argument.
+        processor.image_processor.do_image_splitting = split
+    elif split:
+        raise SystemExit("S2 splits the image into tiles, which this model's processor does not do")
     return processor(text=prompt, images=[image], return_tensors="pt")
 
 
 def run_pytorch(args) -> dict:
     import torch
 
-    from vlmexport.families import idefics3
+    from vlmexport.families import family_for
 
     torch.set_num_threads(args.threads)
-    model, processor = idefics3.load(str(Path(args.model_dir) / "checkpoint"))
+    checkpoint = Path(args.model_dir) / "checkpoint"
+    model_type = json.loads((checkpoint / "config.json").read_text())["model_type"]
+    model, processor = family_for(model_type).load(str(checkpoint))
     device = "cuda" if args.cuda else "cpu"
     model = model.to(device, {"fp32": torch.float32, "fp16": torch.float16}[args.peer_precision])
     return generate_timed(model, processor, args, device, model.dtype)
 
 
-def run_openvino(args) -> dict:
-    from optimum.intel import OVModelForVisualCausalLM
-    from transformers import AutoProcessor
-
+def openvino_ir(args) -> tuple[Path, dict]:
+    """The IR folder of a variant (FP32 or INT8 weights) and OpenVINO's settings for it."""
     weights = "int8" if args.precision == "int8" else "fp32"
     folder = Path(args.model_dir) / f"openvino-{weights}"
     if not folder.is_dir():
@@ -104,8 +114,55 @@ def run_openvino(args) -> dict:
     config = {"INFERENCE_NUM_THREADS": str(args.threads)}
     if args.precision == "fp32":
         config |= {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+    return folder, config
+
+
+def run_openvino(args) -> dict:
+    from optimum.intel import OVModelForVisualCausalLM
+    from transformers import AutoProcessor
+
+    folder, config = openvino_ir(args)
     model = OVModelForVisualCausalLM.from_pretrained(folder, ov_config=config)
     return generate_timed(model, AutoProcessor.from_pretrained(folder), args, "cpu", None)
+
+
+def run_openvino_genai(args) -> dict:
+    """VLMPipeline from the image file's pixels to tokens, timed per token by a streamer."""
+    import numpy as np
+    import openvino as ov
+    import openvino_genai
+    from PIL import Image
+
+    folder, config = openvino_ir(args)
+    pipe = openvino_genai.VLMPipeline(str(folder), "CPU", **config)
+    generation = pipe.get_generation_config()
+    generation.max_new_tokens = args.new_tokens
+    generation.min_new_tokens = args.new_tokens
+    generation.ignore_eos = True
+
+    class Clock(openvino_genai.StreamerBase):
+        def __init__(self):
+            super().__init__()
+            self.times, self.tokens = [], []
+
+        def write(self, token):
+            ids = token if isinstance(token, list) else [token]
+            self.times += [time.perf_counter()] * len(ids)
+            self.tokens += ids
+            return openvino_genai.StreamingStatus.RUNNING
+
+        def end(self):
+            pass
+
+    samples = []
+    for _ in range(args.runs):
+        start = time.perf_counter()
+        image = ov.Tensor(np.array(Image.open(args.image).convert("RGB"))[None])
+        clock = Clock()
+        result = pipe.generate(PROMPT, images=[image], generation_config=generation, streamer=clock)
+        first, last = clock.times[0], clock.times[-1]
+        samples.append((first - start, (len(clock.times) - 1) / (last - first)))
+    return summary(samples, clock.tokens, result.perf_metrics.get_num_input_tokens())
 
 
 def generate_timed(model, processor, args, device: str, dtype) -> dict:
@@ -262,7 +319,7 @@ def _timed(f) -> float:
 
 
 def peer(name: str, scenario: str, args, precision: str = "fp32") -> dict:
-    python = str(OPENVINO_PYTHON) if name == "openvino" else sys.executable
+    python = str(OPENVINO_PYTHON) if name.startswith("openvino") else sys.executable
     cmd = [python, __file__, "--peer", name, "--scenario", scenario, "--model-dir", args.model_dir]
     cmd += ["--precision", precision]
     cmd += ["--image", args.image, "--new-tokens", str(args.new_tokens), "--runs", str(args.runs)]
@@ -276,8 +333,8 @@ def alternating_rounds(scenario: str, args) -> dict:
     order reversed every other round. Returns {label: figures over the rounds}."""
     precisions = [p for p in args.precisions.split(",") if p != "fp32"]
     entrants = [(name, "fp32") for name in args.peers] + [("vlmserve", p) for p in precisions]
-    if "openvino" in args.peers:
-        entrants += [("openvino", "bf16")] + [("openvino", "int8")] * ("int8" in precisions)
+    for name in [n for n in args.peers if n.startswith("openvino")]:
+        entrants += [(name, "bf16")] + [(name, "int8")] * ("int8" in precisions)
     rounds: dict[str, list[dict]] = {}
     for i in range(args.rounds):
         for name, precision in entrants if i % 2 == 0 else entrants[::-1]:
@@ -306,8 +363,12 @@ def over_rounds(rounds: list[dict]) -> dict:
 def compute_floor_lines(results: dict, args, gflop_s: float | None) -> list[str]:
     """The CPU's floor under FP32 time to first token per scenario: its tiles' vision work at
     the measured matrix-product rate, against 0.6x the loop's time."""
-    if gflop_s is None:
-        return []
+    if (
+        gflop_s is None
+        or "image_size"
+        not in json.loads((Path(args.model_dir) / "checkpoint/config.json").read_text())["vision_config"]
+    ):
+        return []  # no fixed tiles (Qwen2-VL's vision takes each image at its own size)
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(Path(args.model_dir) / "package")
@@ -352,9 +413,9 @@ def report(results: dict, args, bandwidth: list[float] | None, decoder_bytes: in
                 f"| {scenario} | / {name} | {ours['ttft_s'] / r['ttft_s']:.2f}x | {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x "
                 f"| {ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}x |"
             )
-        for name in [n for n in peers if n.startswith("openvino ")]:
+        for name in [n for n in peers if n.startswith("openvino") and " " in n]:
             r = peers[name]
-            ours_name = "vlmserve int8" if name == "openvino int8" else "vlmserve"
+            ours_name = "vlmserve int8" if name.endswith(" int8") else "vlmserve"
             same = sum(1 for a, b in zip(r["tokens"], ours["tokens"]) if a == b)
             lines.append(
                 f"| {scenario} | {ours_name} / {name} | {peers[ours_name]['ttft_s'] / r['ttft_s']:.2f}x "
@@ -423,7 +484,7 @@ def ceiling_line(results: dict, bandwidth: list[float] | None, decoder_bytes: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", default="bench/models/smolvlm-256m-shaped")
+    parser.add_argument("--model-dir", default=DEFAULT_MODEL_DIR)
     parser.add_argument(
         "--image", default="bench/models/scene-512.png", help="made from the red-circle scene when missing"
     )
@@ -448,7 +509,13 @@ def main() -> None:
     args.peers = ["vlmserve", *[p for p in args.peers.split(",") if p in PEERS and p != "vlmserve"]]
     if args.peer:
         args.split = args.scenario == "S2"
-        runs = {"vlmserve": run_vlmserve, "onnx_loop": run_onnx_loop, "pytorch": run_pytorch, "openvino": run_openvino}
+        runs = {
+            "vlmserve": run_vlmserve,
+            "onnx_loop": run_onnx_loop,
+            "pytorch": run_pytorch,
+            "openvino": run_openvino,
+            "openvino_genai": run_openvino_genai,
+        }
         result = runs[args.peer](args)
         print(json.dumps(result))
         return
@@ -458,31 +525,37 @@ def main() -> None:
         Image.open(REPO / "tests/fixtures/scenes/red-circle.png").convert("RGB").resize((512, 512)).save(args.image)
     before = None if args.cuda else read_bandwidth_gb_s(args.threads)
     gflop_s = None if args.cuda else matmul_gflop_s(args.threads)
-    decoder_bytes = (Path(args.model_dir) / "package/onnx/decoder_model_merged.onnx").stat().st_size
+    decoder = vlmserve_package(args.model_dir) / "onnx/decoder_model_merged.onnx"
+    # Weights above 2 GB live in an external data file beside the graph.
+    decoder_bytes = sum(p.stat().st_size for p in (decoder, decoder.with_name(decoder.name + ".data")) if p.exists())
     results = {scenario: alternating_rounds(scenario, args) for scenario in args.scenarios.split(",")}
     bandwidth = None if args.cuda else [before, read_bandwidth_gb_s(args.threads)]
     text = report(results, args, bandwidth, decoder_bytes, compute_floor_lines(results, args, gflop_s))
     print(text)
     if args.out:
         title = "## GPU peers:" if args.cuda else "## Peers:"
+        model_name = Path(args.model_dir).name
+        openvino = any(p.startswith("openvino") for p in args.peers)
+        default_model = model_name == Path(DEFAULT_MODEL_DIR).name
+        heading = f"{title} {', '.join(args.peers)}" + ("" if default_model else f" on {model_name}")
         header = (
-            f"{title} {', '.join(args.peers)} ({datetime.date.today()}, {machine(args.cuda)})\n\n"
-            f"`.venv/bin/python bench/compare.py{' --cuda --peer-precision ' + args.peer_precision if args.cuda else ''} --peers {','.join(args.peers)} --new-tokens {args.new_tokens} --runs {args.runs} --rounds {args.rounds} --scenarios {args.scenarios} "
+            f"{heading} ({datetime.date.today()}, {machine(args.cuda)})\n\n"
+            f"`.venv/bin/python bench/compare.py{'' if default_model else ' --model-dir ' + args.model_dir}{' --cuda --peer-precision ' + args.peer_precision if args.cuda else ''} --peers {','.join(args.peers)} --new-tokens {args.new_tokens} --runs {args.runs} --rounds {args.rounds} --scenarios {args.scenarios} "
             f"--precisions {args.precisions}`: "
-            f'{args.peer_precision.upper()} peers, SmolVLM-256M-shaped model (random weights), a 512x512 image, "{PROMPT}", '
+            f'{args.peer_precision.upper()} peers, the {model_name} model (random weights), a 512x512 image, "{PROMPT}", '
             f"vlmserve on {vlmserve_package(args.model_dir).name}/, the Python loop on package/, "
             f"{args.new_tokens} new tokens; {args.rounds} rounds, each running every peer once in its own process "
             f"({args.runs} requests), in reverse order every other round; medians over rounds of each process's medians."
             + (
-                " OpenVINO 2026.4.1 through optimum-intel 2.2.0 (bench/.venv-openvino) on the IR that "
+                " OpenVINO 2026.4.1 (optimum-intel 2.2.0, OpenVINO GenAI 2026.4.1, bench/.venv-openvino) on the IR that "
                 "bench/openvino_export.py makes of the checkpoint; each peer's first request includes its warm-up."
-                if "openvino" in args.peers
+                if openvino
                 else ""
             )
             + "\n\n"
         )
-        # OpenVINO runs get a section of their own beside the default peers' one.
-        section = f"{title} {', '.join(args.peers)}" if "openvino" in args.peers else title
+        # OpenVINO runs and other models get a section of their own beside the default one.
+        section = f"{heading} (" if openvino or not default_model else title
         write_section(args.out, section, header + text)
     if args.peer_precision != "fp32":
         return
@@ -492,7 +565,7 @@ def main() -> None:
         f"{scenario} {name}"
         for scenario, same in fp32_agreement(results, args.peers).items()
         for name, ok in same.items()
-        if not ok and name != "openvino"
+        if not ok and not name.startswith("openvino")
     ]
     if differ:
         raise SystemExit(f"greedy FP32 tokens differ from vlmserve's: {', '.join(differ)}")

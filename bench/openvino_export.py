@@ -9,7 +9,10 @@ writes MODEL_DIR/openvino-fp32 and MODEL_DIR/openvino-int8 from MODEL_DIR/checkp
 optimum-intel 2.2.0 exports with transformers <= 4.57, which does not read the tokenizer
 settings transformers 5 saves: the export works on a copy whose tokenizer_config.json names
 GPT2TokenizerFast and drops the list-valued extra_special_tokens (the tokens stay in
-tokenizer.json, so the ids are the same).
+tokenizer.json, so the ids are the same), and whose config.json states rotary embeddings as
+transformers 4 reads them (`rope_theta`, and `rope_scaling` for Qwen2-VL's M-RoPE sections)
+instead of transformers 5's `rope_parameters`, which 4.57 ignores: it would export the
+default theta (10000) instead of the model's.
 """
 
 from __future__ import annotations
@@ -23,6 +26,20 @@ import tempfile
 from pathlib import Path
 
 
+def rope_for_transformers_4(config: dict) -> None:
+    """`rope_parameters` of config and its sub-configs as transformers 4's keys, in place."""
+    for sub in [config, *(v for v in config.values() if isinstance(v, dict) and "model_type" in v)]:
+        rope = sub.pop("rope_parameters", None)
+        if rope is None or rope.get("rope_type") not in ("default", None):
+            # Other kinds (the vision tower's axial rotary) have no transformers 4 key to move to.
+            if rope is not None:
+                sub["rope_parameters"] = rope
+            continue
+        sub["rope_theta"] = rope["rope_theta"]
+        if "mrope_section" in rope:
+            sub["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+
+
 def for_transformers_4(checkpoint: Path, into: Path) -> None:
     shutil.copytree(checkpoint, into, dirs_exist_ok=True)
     path = into / "tokenizer_config.json"
@@ -30,6 +47,10 @@ def for_transformers_4(checkpoint: Path, into: Path) -> None:
     config["tokenizer_class"] = "GPT2TokenizerFast"
     for key in ("extra_special_tokens", "backend"):
         config.pop(key, None)
+    path.write_text(json.dumps(config, indent=1))
+    path = into / "config.json"
+    config = json.loads(path.read_text())
+    rope_for_transformers_4(config)
     path.write_text(json.dumps(config, indent=1))
 
 
