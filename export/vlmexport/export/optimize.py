@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from vlmexport.errors import ExportError
-from vlmexport.export.precision import graph_path
+from vlmexport.export.precision import graph_path, needs_external_data
 
 
 def optimize_package(family, onnx_dir: Path, atol: float) -> dict:
@@ -32,16 +32,22 @@ def optimize_package(family, onnx_dir: Path, atol: float) -> dict:
         if settings is None:
             continue
         path = graph_path(onnx_dir, graph, "fp32")
-        fused = path.with_name(f"{path.stem}.fused.onnx")
+        # Under the graph's own name in a folder of its own, so that weights above protobuf's
+        # limit go to `<name>.data` as they will be named once the fused graph replaces it.
+        fused = onnx_dir / "fused" / path.name
+        fused.parent.mkdir(exist_ok=True)
         _fuse(path, fused, *settings)
         feeds = family.sample_feeds(config, graph)
         diff = max(np.abs(a - b).max() for a, b in zip(_run(path, feeds), _run(fused, feeds)))
         if not diff <= atol:
-            fused.unlink()
+            shutil.rmtree(fused.parent)
             raise ExportError(
                 f"--optimize changed {graph} outputs by {diff:.3g} (> {atol:g}); export without --optimize"
             )
-        shutil.move(fused, path)
+        path.with_name(f"{path.name}.data").unlink(missing_ok=True)
+        for file in fused.parent.iterdir():
+            shutil.move(file, onnx_dir / file.name)
+        fused.parent.rmdir()
         diffs[graph] = float(diff)
     return diffs
 
@@ -54,7 +60,8 @@ def _fuse(src: Path, dst: Path, model_type: str, num_heads: int, hidden_size: in
         model = optimize_model(
             str(src), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size, opt_level=0
         )
-    model.save_model_to_file(str(dst))
+    # Writes `<dst>.data` beside dst when the weights exceed protobuf's limit.
+    model.save_model_to_file(str(dst), use_external_data_format=needs_external_data(src))
 
 
 def _run(path: Path, feeds: dict) -> list[np.ndarray]:

@@ -12,7 +12,6 @@ int8  8-bit MatMul weights; activations, the KV cache and the remaining
 from __future__ import annotations
 
 import logging
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,8 +185,10 @@ def to_int8(src: Path, dst: Path) -> None:
 
     # quantize_dynamic logs a "consider pre-processing" hint on every call.
     logging.getLogger().setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory() as tmp:
-        inferable = Path(tmp) / src.name
+    # Beside src, so that external weights are found where they are (onnx refuses them behind
+    # a symbolic or hard link).
+    inferable = src.with_name(f"{src.stem}.inferable.onnx")
+    try:
         _without_value_info(src, inferable)
         quantize_dynamic(
             str(inferable),
@@ -197,8 +198,10 @@ def to_int8(src: Path, dst: Path) -> None:
             # Only weight matmuls; Q@K^T and attn@V have no constant operand. Outputs of fused
             # contrib ops (--optimize) have no inferred type: they are float.
             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
-            use_external_data_format=_large(src),
+            use_external_data_format=needs_external_data(src),
         )
+    finally:
+        inferable.unlink(missing_ok=True)
 
 
 def to_int8_blockwise(src: Path, dst: Path) -> None:
@@ -219,7 +222,7 @@ def to_int8_blockwise(src: Path, dst: Path) -> None:
     # Only MatMuls with a constant weight are quantized; Q@K^T and attn@V stay fp32.
     quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config, op_types_to_quantize=("MatMul",))
     quantizer.process()
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=_large(src))
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=needs_external_data(src))
 
 
 def _without_value_info(src: Path, dst: Path) -> None:
@@ -228,17 +231,15 @@ def _without_value_info(src: Path, dst: Path) -> None:
     The quantizer re-runs strict shape inference, which rejects some shapes the
     exporter recorded (Qwen2-VL's vision attention splits one qkv projection
     into three and keeps the unsplit width on the parts); inferred from
-    scratch they agree. External weights are linked, not copied.
+    scratch they agree. External weights are not loaded: dst, in src's folder, refers to
+    src's weight file.
     """
     model = onnx.load(str(src), load_external_data=False)
     del model.graph.value_info[:]
     onnx.save(model, str(dst))
-    data = src.with_name(f"{src.name}.data")
-    if data.exists():
-        (dst.parent / data.name).symlink_to(data)
 
 
-def _large(src: Path) -> bool:
+def needs_external_data(src: Path) -> bool:
     """Whether a variant of src goes to external data: an fp32 graph near protobuf's 2 GB limit
     (its int8 variant keeps embeddings and other non-MatMul weights in fp32)."""
     return src.stat().st_size + _external_bytes(src) > 1_800_000_000
