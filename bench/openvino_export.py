@@ -57,12 +57,13 @@ def for_transformers_4(checkpoint: Path, into: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=Path("bench/models/smolvlm-256m-shaped"))
+    parser.add_argument("--weights", default="fp32,int8", help="which IRs to write")
     args = parser.parse_args()
     cli = Path(sys.executable).parent / "optimum-cli"
     with tempfile.TemporaryDirectory() as work:
         source = Path(work) / "checkpoint"
         for_transformers_4(args.model_dir / "checkpoint", source)
-        for weights in ("fp32", "int8"):
+        for weights in args.weights.split(","):
             out = args.model_dir / f"openvino-{weights}"
             cmd = [str(cli), "export", "openvino", "--model", str(source), "--task", "image-text-to-text"]
             subprocess.run([*cmd, "--weight-format", weights, str(out)], check=True, capture_output=True)
