@@ -166,6 +166,20 @@ def run_level(base: str, body: bytes, clients: int, requests: int) -> dict:
     batch = (metric(base, "vlmserve_batch_size_sum") - batch0[0]) / max(
         1, metric(base, "vlmserve_batch_size_count") - batch0[1]
     )
+    decode_rate = tokens / decode_s if decode_s else float("nan")
+    return level_row(clients, results, first_round, wall, tokens, decode_rate, batch)
+
+
+def level_row(
+    clients: int,
+    results: list[dict],
+    first_round: list[dict],
+    wall: float,
+    tokens: int,
+    decode_rate: float,
+    batch: float,
+) -> dict:
+    """One level's figures from its requests' records (latency, ttft, gaps, chunks)."""
     gaps = [g for r in results for g in r["gaps"]]
     latencies = [r["latency"] for r in results]
     ttfts = [r["ttft"] for r in results]
@@ -181,7 +195,7 @@ def run_level(base: str, body: bytes, clients: int, requests: int) -> dict:
         "itl_p50_s": percentile(gaps, 50),
         "itl_p99_s": percentile(gaps, 99),
         "tokens_per_s": tokens / wall,
-        "decode_tokens_per_s": tokens / decode_s if decode_s else float("nan"),
+        "decode_tokens_per_s": decode_rate,
         "steady_decode_tokens_per_s": steady_rate,
         "steady_itl_p99_s": percentile(steady_gaps, 99),
         "mean_batch": batch,
