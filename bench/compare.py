@@ -73,6 +73,10 @@ OPENVINO_PYTHON = REPO / "bench/.venv-openvino/bin/python"
 DEFAULT_MODEL_DIR = "bench/models/smolvlm-256m-shaped"
 
 
+def checkpoint_config(model_dir: str) -> dict:
+    return json.loads((Path(model_dir) / "checkpoint/config.json").read_text())
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -97,9 +101,8 @@ def run_pytorch(args) -> dict:
     from vlmexport.families import family_for
 
     torch.set_num_threads(args.threads)
-    checkpoint = Path(args.model_dir) / "checkpoint"
-    model_type = json.loads((checkpoint / "config.json").read_text())["model_type"]
-    model, processor = family_for(model_type).load(str(checkpoint))
+    model_type = checkpoint_config(args.model_dir)["model_type"]
+    model, processor = family_for(model_type).load(str(Path(args.model_dir) / "checkpoint"))
     device = "cuda" if args.cuda else "cpu"
     model = model.to(device, {"fp32": torch.float32, "fp16": torch.float16}[args.peer_precision])
     return generate_timed(model, processor, args, device, model.dtype)
@@ -303,7 +306,7 @@ def vision_gflop_per_tile(model_dir: str) -> float:
     """Floating-point operations of one tile through the vision encoder and connector, from
     the checkpoint's config (matrix products only: patch embedding, attention projections and
     scores, MLP, the connector's projection)."""
-    config = json.loads((Path(model_dir) / "checkpoint/config.json").read_text())
+    config = checkpoint_config(model_dir)
     vision, text = config["vision_config"], config["text_config"]
     d, f, p = vision["hidden_size"], vision["intermediate_size"], vision["patch_size"]
     n = (vision["image_size"] // p) ** 2
@@ -363,11 +366,7 @@ def over_rounds(rounds: list[dict]) -> dict:
 def compute_floor_lines(results: dict, args, gflop_s: float | None) -> list[str]:
     """The CPU's floor under FP32 time to first token per scenario: its tiles' vision work at
     the measured matrix-product rate, against 0.6x the loop's time."""
-    if (
-        gflop_s is None
-        or "image_size"
-        not in json.loads((Path(args.model_dir) / "checkpoint/config.json").read_text())["vision_config"]
-    ):
+    if gflop_s is None or "image_size" not in checkpoint_config(args.model_dir)["vision_config"]:
         return []  # no fixed tiles (Qwen2-VL's vision takes each image at its own size)
     from transformers import AutoProcessor
 

@@ -25,18 +25,14 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 import openvino_genai
+from compare import PROMPT, openvino_ir
 from docs_section import machine, write_section
 from load import level_row, table
 from PIL import Image
 
-PROMPT = "Describe the image."
-
 
 def pipeline(args) -> openvino_genai.ContinuousBatchingPipeline:
-    folder = Path(args.model_dir) / f"openvino-{'int8' if args.precision == 'int8' else 'fp32'}"
-    properties = {"INFERENCE_NUM_THREADS": args.threads}
-    if args.precision == "fp32":
-        properties |= {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+    folder, properties = openvino_ir(args)
     scheduler = openvino_genai.SchedulerConfig()
     scheduler.cache_size = args.cache_gb
     scheduler.max_num_seqs = args.max_batch_size
