@@ -130,6 +130,19 @@ fn concurrent_sequences_of(reference: &Reference) {
     }
 }
 
+/// The decoders exported with fused attention: rows joining and leaving gather their buffers,
+/// buffers grow as answers lengthen, and the prefix cache reads and restores their blocks; the
+/// tokens stay PyTorch's.
+#[test]
+fn fused_attention_decoders_batch_and_reuse_prefixes_like_pytorch() {
+    let dir = tempfile::tempdir().unwrap();
+    for reference in Reference::all_fused(dir.path()) {
+        concurrent_sequences_of(&reference);
+        follow_up_turns_of(&reference);
+        sequences_joining_of(&reference);
+    }
+}
+
 #[test]
 fn a_sequence_that_stops_mid_batch_leaves_the_others_unchanged() {
     let reference = references().remove(0);
@@ -366,25 +379,28 @@ impl CachedRows {
 #[test]
 fn follow_up_turns_and_a_shared_system_prompt_reuse_cached_blocks_and_match_pytorch() {
     for reference in references() {
-        let (mut model, cache) = with_prefix_cache(&reference, 64 << 20);
-        let image_token = model.codec.family.image_token_id();
-        let mut rows = CachedRows::default();
-        for case in reference.conversations() {
-            let expected = rows.reusable(&case, image_token);
-            let params = params(reference.max_new_tokens);
-            let completion =
-                model.generate(prepare(&model, &reference, &case), &params, &mut |_| Flow::Continue).unwrap();
-            let name = format!("{} {}", reference.family, case.name);
-            assert_eq!(completion.token_ids, case.generated_ids, "{name}: tokens differ from PyTorch's");
-            assert_eq!(completion.timings.prefix_cached_tokens, expected, "{name}: reused tokens");
-            assert_eq!(completion.usage(true).prompt_tokens_details.cached_tokens, expected, "{name}");
-            if ["conversation_2", "conversation_3", "system_grayscale"].contains(&case.name.as_str()) {
-                assert!(expected >= BLOCK_TOKENS, "{name}: the fixture shares too little to test reuse");
-            }
-            rows.add(&case, &completion.token_ids);
-        }
-        assert!(cache.bytes() > 0);
+        follow_up_turns_of(&reference);
     }
+}
+
+fn follow_up_turns_of(reference: &Reference) {
+    let (mut model, cache) = with_prefix_cache(reference, 64 << 20);
+    let image_token = model.codec.family.image_token_id();
+    let mut rows = CachedRows::default();
+    for case in reference.conversations() {
+        let expected = rows.reusable(&case, image_token);
+        let params = params(reference.max_new_tokens);
+        let completion = model.generate(prepare(&model, reference, &case), &params, &mut |_| Flow::Continue).unwrap();
+        let name = format!("{} {}", reference.family, case.name);
+        assert_eq!(completion.token_ids, case.generated_ids, "{name}: tokens differ from PyTorch's");
+        assert_eq!(completion.timings.prefix_cached_tokens, expected, "{name}: reused tokens");
+        assert_eq!(completion.usage(true).prompt_tokens_details.cached_tokens, expected, "{name}");
+        if ["conversation_2", "conversation_3", "system_grayscale"].contains(&case.name.as_str()) {
+            assert!(expected >= BLOCK_TOKENS, "{name}: the fixture shares too little to test reuse");
+        }
+        rows.add(&case, &completion.token_ids);
+    }
+    assert!(cache.bytes() > 0);
 }
 
 /// A prompt prepared while the feature cache holds its pictures' features takes them instead
@@ -482,33 +498,37 @@ fn reduced_precisions_answer_alike_with_and_without_the_prefix_cache() {
 #[test]
 fn sequences_joining_a_batch_start_from_their_cached_prefix() {
     for reference in references() {
-        let (mut model, _cache) = with_prefix_cache(&reference, 64 << 20);
-        let cases = reference.conversations();
-        let mut batch = Batch::new(model.kv_layout(), Limits { prefill_tokens: 48, vision_tiles: 2 });
-        let waves: [&[&str]; 3] = [
-            &["conversation_1", "system_one_image"],
-            &["conversation_2", "system_grayscale", "system_rgba"],
-            &["conversation_3", "system_tiny_image"],
-        ];
-        let mut reused = 0;
-        for wave in waves {
-            for name in wave {
-                let case = cases.iter().position(|c| c.name == *name).unwrap();
-                let tag = Tagged { case, max_new: 0, events: 0, streamed: String::new(), stop_after: None };
-                let prompt = prepare(&model, &reference, &cases[case]);
-                batch.add(&model, tag, prompt, &params(reference.max_new_tokens)).map_err(|(_, e)| e).unwrap();
-            }
-            while !batch.is_empty() {
-                for (tag, result) in batch.step(&mut model, &mut |_, _| Flow::Continue).finished {
-                    let case = &cases[tag.case];
-                    let completion = result.unwrap();
-                    assert_eq!(completion.token_ids, case.generated_ids, "{} {}", reference.family, case.name);
-                    reused += completion.timings.prefix_cached_tokens;
-                }
+        sequences_joining_of(&reference);
+    }
+}
+
+fn sequences_joining_of(reference: &Reference) {
+    let (mut model, _cache) = with_prefix_cache(reference, 64 << 20);
+    let cases = reference.conversations();
+    let mut batch = Batch::new(model.kv_layout(), Limits { prefill_tokens: 48, vision_tiles: 2 });
+    let waves: [&[&str]; 3] = [
+        &["conversation_1", "system_one_image"],
+        &["conversation_2", "system_grayscale", "system_rgba"],
+        &["conversation_3", "system_tiny_image"],
+    ];
+    let mut reused = 0;
+    for wave in waves {
+        for name in wave {
+            let case = cases.iter().position(|c| c.name == *name).unwrap();
+            let tag = Tagged { case, max_new: 0, events: 0, streamed: String::new(), stop_after: None };
+            let prompt = prepare(&model, reference, &cases[case]);
+            batch.add(&model, tag, prompt, &params(reference.max_new_tokens)).map_err(|(_, e)| e).unwrap();
+        }
+        while !batch.is_empty() {
+            for (tag, result) in batch.step(&mut model, &mut |_, _| Flow::Continue).finished {
+                let case = &cases[tag.case];
+                let completion = result.unwrap();
+                assert_eq!(completion.token_ids, case.generated_ids, "{} {}", reference.family, case.name);
+                reused += completion.timings.prefix_cached_tokens;
             }
         }
-        assert!(reused >= 3 * BLOCK_TOKENS, "{}: only {reused} tokens reused", reference.family);
     }
+    assert!(reused >= 3 * BLOCK_TOKENS, "{}: only {reused} tokens reused", reference.family);
 }
 
 /// A picture of its own for each `i`: a coloured square on a background, both set by `i`.

@@ -93,6 +93,22 @@ fn fp32_greedy_matches_pytorch_end_to_end_from_image_files() {
     }
 }
 
+/// The decoders exported with fused attention (one cache buffer per layer, written in place)
+/// give PyTorch's tokens on every family they were exported for.
+#[test]
+fn fused_attention_decoders_match_pytorch() {
+    let dir = tempfile::tempdir().unwrap();
+    for reference in Reference::all_fused(dir.path()) {
+        let mut model = reference.load(Precision::Fp32);
+        assert!(model.kv_layout().in_place, "{}: the fused decoder writes its cache in place", reference.family);
+        for case in &reference.cases {
+            let prompt = reference_prompt(&model, &reference, case);
+            let out = run(&mut model, &prompt, reference.max_new_tokens);
+            assert_eq!(out.token_ids, case.generated_ids, "{} {}: token ids", reference.family, case.name);
+        }
+    }
+}
+
 /// Reduced precisions may drift from FP32, but not far: at least this share of all greedy
 /// tokens must agree with FP32 (leading tokens, summed over cases). The tiny fixture model has
 /// random weights and flat logits, so one early flip changes the rest of a sequence; measured

@@ -74,42 +74,65 @@ impl std::ops::AddAssign for RunCost {
     }
 }
 
-/// Run `session` on `inputs` and return the named `outputs` in their order.
+/// Tensors a graph writes in place: each bound as the input and the output named beside it.
+struct InPlace<'a> {
+    /// `(input, output)` per tensor.
+    names: &'a [(String, String)],
+    tensors: &'a mut [DynValue],
+}
+
+/// Run `session` on `inputs` (and `in_place`) and return the named `outputs` in their order.
 fn run(
     session: &mut Session,
     placement: &Placement,
     inputs: &[(Cow<'static, str>, &DynValue)],
     outputs: &[(&str, Keep)],
+    in_place: Option<InPlace>,
 ) -> Result<(Vec<DynValue>, RunCost), EngineError> {
     let missing = |name: &str| EngineError::GraphMismatch(format!("the graph did not return {name}"));
     let start = Instant::now();
-    let Placement::Device(device) = placement else {
-        let inputs: Inputs = inputs.iter().map(|(name, value)| (name.clone(), value.view().into())).collect();
-        let mut returned = session.run(inputs)?;
-        let in_runtime = start.elapsed();
-        let values = outputs.iter().map(|(name, _)| returned.remove(name).ok_or_else(|| missing(name)));
-        return Ok((values.collect::<Result<_, _>>()?, RunCost { in_runtime, transferred: 0 }));
+    let device = match placement {
+        Placement::Device(device) => Some(device),
+        Placement::Host if in_place.is_none() => {
+            let inputs: Inputs = inputs.iter().map(|(name, value)| (name.clone(), value.view().into())).collect();
+            let mut returned = session.run(inputs)?;
+            let in_runtime = start.elapsed();
+            let values = outputs.iter().map(|(name, _)| returned.remove(name).ok_or_else(|| missing(name)));
+            return Ok((values.collect::<Result<_, _>>()?, RunCost { in_runtime, transferred: 0 }));
+        }
+        Placement::Host => None,
     };
+    // Host memory crosses to and from a device session; on the CPU provider nothing crosses.
+    let crossing = |value: &DynValue| if device.is_some() && on_host(value) { tensor_bytes(value) } else { 0 };
     let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
     let mut binding = session.create_binding()?;
     let mut transferred = 0;
     for (name, value) in inputs {
         binding.bind_input(name.as_ref(), *value)?;
-        transferred += if on_host(value) { tensor_bytes(value) } else { 0 };
+        transferred += crossing(value);
     }
     for (name, keep) in outputs {
-        binding.bind_output_to_device(*name, if *keep == Keep::Placed { device } else { &host })?;
+        binding.bind_output_to_device(*name, device.filter(|_| *keep == Keep::Placed).unwrap_or(&host))?;
+    }
+    if let Some(InPlace { names, tensors }) = in_place {
+        for ((input, output), tensor) in names.iter().zip(tensors.iter_mut()) {
+            binding.bind_input(input.as_str(), &*tensor)?;
+            binding.bind_output(output.as_str(), &mut *tensor)?;
+            transferred += 2 * crossing(tensor);
+        }
     }
     let mut returned = session.run_binding(&binding)?;
     let in_runtime = start.elapsed();
     let values: Vec<DynValue> =
         outputs.iter().map(|(name, _)| returned.remove(name).ok_or_else(|| missing(name))).collect::<Result<_, _>>()?;
-    transferred += outputs
-        .iter()
-        .zip(&values)
-        .filter(|((_, keep), _)| *keep == Keep::Host)
-        .map(|(_, v)| tensor_bytes(v))
-        .sum::<usize>();
+    if device.is_some() {
+        transferred += outputs
+            .iter()
+            .zip(&values)
+            .filter(|((_, keep), _)| *keep == Keep::Host)
+            .map(|(_, v)| tensor_bytes(v))
+            .sum::<usize>();
+    }
     Ok((values, RunCost { in_runtime, transferred }))
 }
 
@@ -219,7 +242,8 @@ impl Embedder {
         let ids: Vec<i64> = ids.iter().map(|&id| i64::from(id)).collect();
         let ids = Tensor::from_array(([rows, ids.len() / rows], ids))?.into_dyn();
         let outputs = [(self.output.as_str(), Keep::Placed)];
-        let (mut values, cost) = run(&mut self.session, &self.placement, &[("input_ids".into(), &ids)], &outputs)?;
+        let (mut values, cost) =
+            run(&mut self.session, &self.placement, &[("input_ids".into(), &ids)], &outputs, None)?;
         Ok((values.remove(0), cost))
     }
 }
@@ -279,7 +303,8 @@ impl Decoder {
     /// Run one forward pass over `embeds` (`[rows, s, hidden]`) after the cached positions and
     /// return each row's last-position logits. The cache is advanced in place (its blocks stay
     /// on the session's device, if it has one). The cost counts the cache's own copies to the
-    /// host since the last pass (when rows joined or left).
+    /// host since the last pass (when rows joined or left). A decoder that writes its cache in
+    /// place gets the cache's buffers as both its past inputs and its present outputs.
     pub fn forward(
         &mut self,
         embeds: DynValue,
@@ -287,6 +312,7 @@ impl Decoder {
         cache: &mut KvCache,
     ) -> Result<(Vec<Vec<f32>>, RunCost), EngineError> {
         let new = embeds.shape().get(1).copied().unwrap_or(0) as usize;
+        cache.reserve(new, &self.cache_allocator)?;
         let mut owned: Vec<(&'static str, DynValue)> = vec![
             ("inputs_embeds", embeds),
             ("attention_mask", Tensor::from_array(cache.attention_mask(new))?.into_dyn()),
@@ -298,16 +324,22 @@ impl Decoder {
         }
         let mut inputs: Vec<(Cow<'static, str>, &DynValue)> =
             owned.iter().map(|(name, value)| (Cow::Borrowed(*name), value)).collect();
-        for ((past, _), value) in self.layout.tensors.iter().zip(&cache.recent) {
-            inputs.push((Cow::Owned(past.clone()), value));
+        let (past, in_place) = if self.layout.in_place {
+            (&[][..], Some(InPlace { names: &self.layout.tensors, tensors: &mut cache.recent }))
+        } else {
+            (&cache.recent[..], None)
+        };
+        for ((name, _), value) in self.layout.tensors.iter().zip(past) {
+            inputs.push((Cow::Owned(name.clone()), value));
         }
         for (older, value) in self.layout.older.iter().zip(&cache.older) {
             inputs.push((Cow::Owned(older.clone()), value));
         }
+        let returned = past.len();
         let outputs: Vec<(&str, Keep)> = std::iter::once(("logits", Keep::Host))
-            .chain(self.layout.tensors.iter().map(|(_, present)| (present.as_str(), Keep::Placed)))
+            .chain(self.layout.tensors[..returned].iter().map(|(_, present)| (present.as_str(), Keep::Placed)))
             .collect();
-        let (mut values, mut cost) = run(&mut self.session, &self.placement, &inputs, &outputs)?;
+        let (mut values, mut cost) = run(&mut self.session, &self.placement, &inputs, &outputs, in_place)?;
         let present = values.split_off(1);
         let logits = last_rows(&values[0])?;
         cost.transferred += cache.take_transferred();

@@ -8,6 +8,10 @@
 //! (`older_key_values.*`, read by attention but not returned) lets the cache keep most of its
 //! positions there, untouched, while the graph extends only a short recent block, whose
 //! positions move into the older block one cache tensor per step (see [`KvCache::advance`]).
+//! A fused decoder (`export --attention fused`) takes one buffer per cache tensor with room to
+//! spare and writes the new positions into it: the buffer is bound as both its past input and
+//! its present output, so a step copies nothing, and the buffer grows (one copy) only when a
+//! step needs more columns than it has.
 //! A batch of sequences shares one cache, left-padded to its longest row; rows are copied only
 //! when a sequence joins or leaves. The layout also sizes the memory budget.
 //!
@@ -22,11 +26,15 @@ use std::sync::Arc;
 use ndarray::{Array2, s};
 use ort::memory::Allocator;
 use ort::session::Session;
-use ort::value::{DynValue, PrimitiveTensorElementType, Tensor, TensorElementType};
+use ort::value::{DynValue, PrimitiveTensorElementType, Tensor, TensorElementType, ValueType};
 
 use super::EngineError;
 use super::prefix_cache::{BLOCK_TOKENS, Block, Columns};
 use super::tensors::{empty_float, host_copy, tensor_bytes};
+
+/// The least room a buffer written in place grows by: a long prefill's buffer would otherwise
+/// be copied again after a few steps.
+const SPARE_COLUMNS: usize = 64;
 
 /// Shape of the cache as the decoder declares it.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +48,9 @@ pub struct KvLayout {
     /// on a device the move would bring the blocks across to the host, so there the older
     /// blocks stay empty and the graph extends the recent block with the whole cache.
     pub settle: bool,
+    /// Whether the decoder writes the new positions into the buffer it is given and returns
+    /// that buffer (present's length axis is past's): the fused decoder.
+    pub in_place: bool,
     pub layers: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
@@ -51,11 +62,16 @@ impl KvLayout {
     pub fn from_session(session: &Session) -> Result<Self, EngineError> {
         let mut tensors = Vec::new();
         let mut dims = None;
+        let mut in_place = Vec::new();
         for input in session.inputs().iter().filter(|i| i.name().starts_with("past_key_values.")) {
             let output = input.name().replacen("past_key_values", "present", 1);
-            if !session.outputs().iter().any(|o| o.name() == output) {
+            let Some(present) = session.outputs().iter().find(|o| o.name() == output) else {
                 return Err(EngineError::GraphMismatch(format!("decoder has {} but no {output}", input.name())));
-            }
+            };
+            in_place.push(matches!(
+                (length_symbol(input.dtype()), length_symbol(present.dtype())),
+                (Some(past), Some(present)) if past == present
+            ));
             let shape = input.dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
             let ty = input.dtype().tensor_type().unwrap_or(TensorElementType::Float32);
             match shape.as_slice() {
@@ -75,10 +91,23 @@ impl KvLayout {
             dims.ok_or_else(|| EngineError::GraphMismatch("decoder has no past_key_values inputs".into()))?;
         let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         let older = older_inputs(&inputs, &tensors)?;
+        let in_place = match (in_place.iter().filter(|&&b| b).count(), older.is_empty()) {
+            (0, _) => false,
+            (n, true) if n == in_place.len() => true,
+            (n, _) => {
+                return Err(EngineError::GraphMismatch(format!(
+                    "decoder returns {n} of its {} cache tensors at their input's length, with{} older_key_values: \
+                     expected all or none, and no older blocks with buffers written in place",
+                    in_place.len(),
+                    if older.is_empty() { "out" } else { "" }
+                )));
+            }
+        };
         Ok(Self {
             layers: tensors.len() / 2,
             tensors,
             settle: !older.is_empty(),
+            in_place,
             older,
             kv_heads,
             head_dim,
@@ -93,6 +122,16 @@ impl KvLayout {
             _ => 4,
         };
         self.tensors.len() * self.kv_heads * self.head_dim * element
+    }
+}
+
+/// The name of a cache tensor's length axis (`[batch, kv_heads, length, head_dim]`), if named.
+fn length_symbol(ty: &ValueType) -> Option<&str> {
+    match ty {
+        ValueType::Tensor { dimension_symbols, .. } => {
+            dimension_symbols.get(2).map(String::as_str).filter(|name| !name.is_empty())
+        }
+        _ => None,
     }
 }
 
@@ -129,6 +168,8 @@ fn older_inputs(inputs: &[&str], tensors: &[(String, String)]) -> Result<Vec<Str
 /// the columns before them are padding that the attention mask hides (left padding, so every
 /// row appends at the same column). A decode step appends one column to every row's recent
 /// block inside ONNX Runtime; rows are only copied when a sequence joins or leaves the batch.
+/// With a decoder that writes in place, the recent block is a buffer whose columns from
+/// `width` on are room for new positions.
 #[derive(Debug)]
 pub struct KvCache {
     pub(super) recent: Vec<DynValue>,
@@ -143,6 +184,8 @@ pub struct KvCache {
     turn: usize,
     /// See [`KvLayout::settle`].
     settle: bool,
+    /// See [`KvLayout::in_place`].
+    in_place: bool,
     /// Bytes brought from the device to the host since [`KvCache::take_transferred`] last ran.
     transferred: usize,
 }
@@ -168,6 +211,7 @@ impl KvCache {
             dims: (layout.kv_heads, layout.head_dim),
             turn: 0,
             settle: layout.settle,
+            in_place: layout.in_place,
             transferred: 0,
         }
     }
@@ -208,9 +252,13 @@ impl KvCache {
         new: usize,
         allocator: &Allocator,
     ) -> Result<(), EngineError> {
-        self.recent = values;
         self.width += new;
         self.lens.iter_mut().for_each(|len| *len += new);
+        if self.in_place {
+            // `values` are the buffers themselves, written by the decoder.
+            return Ok(());
+        }
+        self.recent = values;
         if !self.settle {
             return Ok(());
         }
@@ -237,6 +285,25 @@ impl KvCache {
         Ok(())
     }
 
+    /// Make room for `new` positions in a cache written in place: buffers too short for them are
+    /// copied into longer ones, with room to spare (see [`gather`](Self::gather)). Nothing to do
+    /// for other caches.
+    pub(super) fn reserve(&mut self, new: usize, allocator: &Allocator) -> Result<(), EngineError> {
+        let needed = self.width + new;
+        if !self.in_place || self.capacity() >= needed {
+            return Ok(());
+        }
+        let rows: Vec<(&KvCache, usize)> = (0..self.rows()).map(|r| (&*self, r)).collect();
+        let grown = Self::gather(&rows, needed, allocator)?;
+        self.recent = grown.recent;
+        Ok(())
+    }
+
+    /// Columns of the recent blocks (a buffer's room included).
+    fn capacity(&self) -> usize {
+        self.recent.first().map_or(0, |block| block.shape()[2] as usize)
+    }
+
     /// Append `other`'s rows after this cache's, `copies` times over (samples of one prompt
     /// share its prefill); copies both, unless this one is empty and one copy is asked for.
     pub fn join(&mut self, mut other: KvCache, copies: usize, allocator: &Allocator) -> Result<(), EngineError> {
@@ -248,7 +315,7 @@ impl KvCache {
         let repeated = (0..copies).flat_map(|_| 0..other.rows());
         let rows: Vec<(&KvCache, usize)> =
             (0..self.rows()).map(|r| (&*self, r)).chain(repeated.map(|r| (&other, r))).collect();
-        *self = Self::gather(&rows, allocator)?;
+        *self = Self::gather(&rows, 0, allocator)?;
         self.transferred = transferred;
         Ok(())
     }
@@ -273,7 +340,7 @@ impl KvCache {
         }
         let transferred = self.bring_to_host()? + self.transferred;
         let rows: Vec<(&KvCache, usize)> = (0..self.rows()).filter(|&r| keep[r]).map(|r| (&*self, r)).collect();
-        *self = Self::gather(&rows, allocator)?;
+        *self = Self::gather(&rows, 0, allocator)?;
         self.transferred = transferred;
         Ok(())
     }
@@ -296,24 +363,34 @@ impl KvCache {
         std::mem::take(&mut self.transferred)
     }
 
-    /// The blocks of cache tensor `t`, oldest first.
-    fn blocks(&self, t: usize) -> Vec<&DynValue> {
-        self.older.get(t).into_iter().chain(std::iter::once(&self.recent[t])).collect()
+    /// The blocks of cache tensor `t`, oldest first, each with the columns it holds (a buffer's
+    /// room left out).
+    fn blocks(&self, t: usize) -> Vec<HeldBlock<'_>> {
+        let older = self.older.get(t).map(|block| (block, block.shape()[2] as usize));
+        let recent = &self.recent[t];
+        let held = if self.in_place { self.width } else { recent.shape()[2] as usize };
+        older.into_iter().chain(std::iter::once((recent, held))).collect()
     }
 
     /// A new cache made of the given rows of existing caches, right-aligned, every position in
-    /// the older block when the decoder has one.
-    fn gather(rows: &[(&KvCache, usize)], allocator: &Allocator) -> Result<Self, EngineError> {
+    /// the older block when the decoder has one; for a decoder that writes in place, in buffers
+    /// with room for at least `capacity` columns and a quarter more (at least [`SPARE_COLUMNS`]),
+    /// so that copies stay rare as sequences grow.
+    fn gather(rows: &[(&KvCache, usize)], capacity: usize, allocator: &Allocator) -> Result<Self, EngineError> {
         let first = rows[0].0;
         let lens: Vec<usize> = rows.iter().map(|(cache, row)| cache.lens[*row]).collect();
         let width = lens.iter().copied().max().unwrap_or(0);
+        let columns = match capacity.max(width) {
+            held if first.in_place => held + (held / 4).max(SPARE_COLUMNS),
+            _ => width,
+        };
         let gathered = (0..first.recent.len())
             .map(|t| {
-                let sources: Vec<(Vec<&DynValue>, usize, usize)> =
+                let sources: Vec<(Vec<HeldBlock>, usize, usize)> =
                     rows.iter().zip(&lens).map(|((cache, row), len)| (cache.blocks(t), *row, *len)).collect();
                 match first.element_type {
-                    TensorElementType::Float16 => gather_rows(&sources, width, half::f16::ZERO, allocator),
-                    _ => gather_rows(&sources, width, 0f32, allocator),
+                    TensorElementType::Float16 => gather_rows(&sources, width, columns, half::f16::ZERO, allocator),
+                    _ => gather_rows(&sources, width, columns, 0f32, allocator),
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -329,9 +406,9 @@ impl KvCache {
         Ok(cache)
     }
 
-    /// Bytes the cache holds, padding included.
+    /// Bytes the cache holds, padding and a buffer's room included.
     pub fn bytes(&self, layout: &KvLayout) -> usize {
-        self.rows() * self.width * layout.bytes_per_token()
+        self.rows() * self.width.max(self.capacity()) * layout.bytes_per_token()
     }
 
     /// A cache of one sequence holding `blocks`' positions, in the layout a prefill leaves.
@@ -381,6 +458,9 @@ impl KvCache {
     }
 }
 
+/// A cache block and the columns of it that hold positions, from its first.
+type HeldBlock<'a> = (&'a DynValue, usize);
+
 /// `[1, heads, blocks x BLOCK_TOKENS, dim]` made of cache tensor `t` of every block in order.
 fn from_columns<T>(
     blocks: &[Arc<Block>],
@@ -410,17 +490,20 @@ where
 }
 
 /// `[heads, BLOCK_TOKENS, dim]` of row `row` from column `column` of blocks read as one.
-fn read_columns<T>(blocks: &[&DynValue], row: usize, column: usize) -> Result<Vec<T>, EngineError>
+fn read_columns<T>(blocks: &[HeldBlock], row: usize, column: usize) -> Result<Vec<T>, EngineError>
 where
     T: PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static,
 {
     let mut out = Vec::new();
-    let views = blocks.iter().map(|b| b.try_extract_array::<T>()).collect::<Result<Vec<_>, _>>()?;
-    let heads = views.first().map_or(0, |v| v.shape()[1]);
+    let views = blocks
+        .iter()
+        .map(|(b, held)| Ok((b.try_extract_array::<T>()?, *held)))
+        .collect::<Result<Vec<_>, ort::Error>>()?;
+    let heads = views.first().map_or(0, |(v, _)| v.shape()[1]);
     for h in 0..heads {
         let (mut at, mut left) = (column, BLOCK_TOKENS);
-        for view in &views {
-            let columns = view.shape()[2];
+        for (view, columns) in &views {
+            let columns = *columns;
             if at >= columns {
                 at -= columns;
                 continue;
@@ -463,30 +546,37 @@ impl BlockElement for half::f16 {
     }
 }
 
-/// `[sources.len(), heads, width, dim]` with the last `len` columns of row `row` of source `i`
-/// (its blocks read as one, oldest first) right-aligned in row `i`, zeros before them.
+/// `[sources.len(), heads, columns, dim]` with the last `len` columns of row `row` of source `i`
+/// (its blocks read as one, oldest first, each up to the columns it holds) right-aligned at
+/// column `width` in row `i`, zeros before them; the columns from `width` on are room.
 fn gather_rows<T>(
-    sources: &[(Vec<&DynValue>, usize, usize)],
+    sources: &[(Vec<HeldBlock>, usize, usize)],
     width: usize,
+    columns: usize,
     zero: T,
     allocator: &Allocator,
 ) -> Result<DynValue, EngineError>
 where
     T: PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static,
 {
-    let shape = sources[0].0[0].shape();
-    let mut tensor = Tensor::<T>::new(allocator, [sources.len(), shape[1] as usize, width, shape[3] as usize])?;
+    let shape = sources[0].0[0].0.shape();
+    let mut tensor = Tensor::<T>::new(allocator, [sources.len(), shape[1] as usize, columns, shape[3] as usize])?;
     let mut out = tensor.try_extract_array_mut()?.into_dimensionality::<ndarray::Ix4>().map_err(shape_error)?;
     // Padding must be zeros (masked, but still multiplied); ort documents new data as uninitialized.
-    out.fill(zero);
+    out.slice_mut(s![.., .., ..width, ..]).fill(zero);
     for (i, (blocks, row, len)) in sources.iter().enumerate() {
         // Fill from the right: the newest block's columns last.
         let (mut end, mut left) = (width, *len);
-        for block in blocks.iter().rev() {
+        for (block, held) in blocks.iter().rev() {
             let view = block.try_extract_array::<T>()?;
-            let columns = view.shape()[2];
+            let columns = *held;
             let take = left.min(columns);
-            out.slice_mut(s![i, .., end - take..end, ..]).assign(&view.slice(s![*row, .., columns - take.., ..]));
+            out.slice_mut(s![i, .., end - take..end, ..]).assign(&view.slice(s![
+                *row,
+                ..,
+                columns - take..columns,
+                ..
+            ]));
             end -= take;
             left -= take;
         }
@@ -529,7 +619,7 @@ mod tests {
 
     use std::sync::Arc;
 
-    use super::{EngineError, KvCache, KvLayout, older_inputs};
+    use super::{EngineError, KvCache, KvLayout, SPARE_COLUMNS, older_inputs};
     use crate::engine::BLOCK_TOKENS;
     use crate::engine::prefix_cache::{Block, Columns};
 
@@ -546,6 +636,7 @@ mod tests {
             tensors,
             older,
             settle: true,
+            in_place: false,
             layers: 2,
             kv_heads: HEADS,
             head_dim: DIM,
@@ -663,6 +754,65 @@ mod tests {
         assert_eq!(recent, [5; 4]);
         let tags = array(&cache.recent[1]).slice(s![1, 0, .., 0]).to_vec();
         assert_eq!(tags, [0., 0., 0., 11000., 11001.]);
+    }
+
+    /// What a decoder that writes in place does in one step: room made, `new` positions tagged
+    /// like [`present`]'s written into every row's buffer after its columns.
+    fn step_in_place(cache: &mut KvCache, tag: usize, new: usize) {
+        cache.reserve(new, &heap()).unwrap();
+        let (width, rows) = (cache.width(), cache.rows());
+        for t in 0..cache.recent.len() {
+            let mut buffer = cache.recent[t].try_extract_array_mut::<f32>().unwrap();
+            let written = columns(tag + t, width, width + new);
+            for row in 0..rows {
+                buffer.slice_mut(s![row, .., width..width + new, ..]).assign(&written.slice(s![0, .., .., ..]));
+            }
+        }
+        cache.advance(Vec::new(), new, &heap()).unwrap();
+    }
+
+    /// Tensor `t`'s columns of row `row` in use (a buffer's room left out), one tag each.
+    fn held(cache: &KvCache, t: usize, row: usize) -> Vec<f32> {
+        array(&cache.recent[t]).slice(s![row, 0, ..cache.width(), 0]).to_vec()
+    }
+
+    #[test]
+    fn buffers_written_in_place_grow_with_room_and_keep_their_rows_through_joins() {
+        crate::runtime::init(None, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let layout = KvLayout { older: Vec::new(), settle: false, in_place: true, ..layout() };
+        let mut cache = KvCache::empty(&layout).unwrap();
+        step_in_place(&mut cache, 0, 4);
+        let capacity = cache.capacity();
+        assert_eq!(capacity, 4 + SPARE_COLUMNS, "a prompt's buffer has room for the answer");
+        step_in_place(&mut cache, 0, 1);
+        assert_eq!(cache.capacity(), capacity, "a step within the room copies nothing");
+        assert_eq!(held(&cache, 2, 0), [2000., 2001., 2002., 2003., 2004.]);
+        assert_eq!(cache.bytes(&layout), capacity * layout.bytes_per_token());
+
+        // A shorter sequence joins: rows right-aligned at the width, room after it.
+        let mut other = KvCache::empty(&layout).unwrap();
+        step_in_place(&mut other, 10, 3);
+        cache.join(other, 1, &heap()).unwrap();
+        assert_eq!((cache.rows(), cache.width(), cache.capacity()), (2, 5, 5 + SPARE_COLUMNS));
+        assert_eq!(held(&cache, 1, 1), [0., 0., 11000., 11001., 11002.]);
+        assert_eq!(cache.attention_mask(1).row(1).to_vec(), [0, 0, 1, 1, 1, 1]);
+
+        // Steps past the room: the buffers are copied into longer ones once.
+        for _ in 0..SPARE_COLUMNS + 1 {
+            step_in_place(&mut cache, 20, 1);
+        }
+        let width = 6 + SPARE_COLUMNS;
+        assert_eq!(cache.width(), width);
+        assert!(cache.capacity() >= width + SPARE_COLUMNS - 1);
+        let tags = held(&cache, 0, 1);
+        assert_eq!(tags[..5], [0., 0., 10000., 10001., 10002.]);
+        assert_eq!(tags[5..], (5..width).map(|c| (20000 + c) as f32).collect::<Vec<_>>()[..]);
+
+        // The longer row leaves; the prefix cache reads and restores the other's blocks.
+        cache.retain(&[false, true], &heap()).unwrap();
+        assert_eq!((cache.rows(), cache.width()), (1, width - 2));
+        assert_eq!(held(&cache, 0, 0)[..3], [10000., 10001., 10002.]);
+        round_trip(&layout, &cache, 0);
     }
 
     /// Row `row` of `cache` read out as whole blocks from its first position, and a cache made

@@ -13,7 +13,7 @@ use vlmserve::preprocess::chat_template::{ChatMessage, ContentPart};
 use vlmserve::preprocess::{ImageLimits, decode_image};
 use vlmserve::runtime::GraphOptions;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct Reference {
     pub family: String,
     pub package: String,
@@ -29,7 +29,7 @@ pub struct ArrayRef {
     pub shape: Vec<usize>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct Case {
     pub name: String,
     pub images: Vec<String>,
@@ -117,6 +117,27 @@ impl Reference {
 
     pub fn package_dir(&self) -> PathBuf {
         self.dir.join(&self.package)
+    }
+
+    /// This fixture with its decoder swapped for the one exported with fused attention
+    /// (`fused/`, see `make_fixtures`), in a copy of its package under `dir`; `None` for a
+    /// fixture without one.
+    pub fn with_fused_decoder(&self, dir: &Path) -> Option<Reference> {
+        let fused = self.dir.join("fused/decoder_model_merged.onnx");
+        if !fused.is_file() {
+            return None;
+        }
+        let package = dir.join(self.dir.file_name().unwrap_or_default());
+        copy_dir(&self.package_dir(), &package);
+        std::fs::copy(&fused, package.join("onnx/decoder_model_merged.onnx")).unwrap();
+        Some(Reference { package: package.to_string_lossy().into_owned(), ..self.clone() })
+    }
+
+    /// Every fixture that has a fused decoder, each as [`Reference::with_fused_decoder`] makes it.
+    pub fn all_fused(dir: &Path) -> Vec<Reference> {
+        let fused: Vec<Reference> = references().iter().filter_map(|r| r.with_fused_decoder(dir)).collect();
+        assert!(fused.len() >= 2, "fixtures with a fused decoder: {} (make_fixtures --only-fused)", fused.len());
+        fused
     }
 
     pub fn load(&self, precision: Precision) -> Model {

@@ -52,6 +52,8 @@ class GraphSpec:
     # Readable names for output axes the exporter names by formula
     # (e.g. "past_sequence_length + sequence_length").
     output_dim_names: dict[str, dict[int, str]] = field(default_factory=dict)
+    # The exporter's translations of custom ops in the module (torch op -> onnxscript function).
+    translations: dict = field(default_factory=dict)
 
 
 def export_graph(spec: GraphSpec, path: Path) -> None:
@@ -68,6 +70,7 @@ def export_graph(spec: GraphSpec, path: Path) -> None:
             input_names=spec.input_names,
             output_names=spec.output_names,
             dynamic_shapes=spec.dynamic_shapes,
+            custom_translation_table=spec.translations or None,
             optimize=True,
             verbose=False,
         )

@@ -50,6 +50,10 @@ class OnnxPackage:
         self.older_names = [i.name for i in decoder.get_inputs() if i.name.startswith("older_key_values.")]
         first_past = next(i for i in decoder.get_inputs() if i.name == self.past_names[0])
         self.kv_heads, self.head_dim = first_past.shape[1], first_past.shape[3]
+        # The fused decoder (see families.shared) returns the buffers it is given: present's
+        # length axis is past's.
+        first_present = next(o for o in decoder.get_outputs() if o.name == self.present_names[0])
+        self.in_place = isinstance(first_past.shape[2], str) and first_present.shape[2] == first_past.shape[2]
         self.kv_dtype = NP_DTYPES[self.variant["graphs"]["decoder_model_merged"]["kv_cache_dtype"]]
 
         from vlmexport import families  # local import: families imports torch lazily, this module must not
@@ -66,10 +70,32 @@ class OnnxPackage:
 
     def decode(self, inputs_embeds, attention_mask, position_ids, past):
         feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids}
+        if self.in_place:
+            return self.decode_in_place(feeds, past)
         feeds.update(zip(self.past_names, past))
         feeds.update(zip(self.older_names, self.empty_past(inputs_embeds.shape[0])))
         out = self.sessions["decoder_model_merged"].run(["logits", *self.present_names], feeds)
         return out[0], out[1:]
+
+    def decode_in_place(self, feeds: dict, past: list[np.ndarray]):
+        """The fused decoder, each present bound to its past buffer (ONNX Runtime then writes
+        the new positions into it), the buffers doubled when the step needs more columns."""
+        total = feeds["attention_mask"].shape[1]
+        capacity = past[0].shape[2]
+        if capacity < total:
+            grown = max(total, 2 * capacity)
+            past = [np.pad(b, ((0, 0), (0, 0), (0, grown - capacity), (0, 0))) for b in past]
+        binding = self.sessions["decoder_model_merged"].io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        buffers = [ort.OrtValue.ortvalue_from_numpy(b) for b in past]
+        for past_name, present_name, buffer in zip(self.past_names, self.present_names, buffers):
+            binding.bind_ortvalue_input(past_name, buffer)
+            binding.bind_ortvalue_output(present_name, buffer)
+        binding.bind_output("logits")
+        self.sessions["decoder_model_merged"].run_with_iobinding(binding)
+        # The OrtValues wrap the arrays' memory: the arrays now hold the written positions.
+        return binding.get_outputs()[-1].numpy(), past
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         # Past length 0: the first step uses the same graph as later ones.

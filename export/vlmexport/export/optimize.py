@@ -24,7 +24,7 @@ from vlmexport.errors import ExportError
 from vlmexport.export.precision import graph_path, needs_external_data
 
 
-def optimize_package(family, onnx_dir: Path, atol: float) -> dict:
+def optimize_package(family, onnx_dir: Path, atol: float, fused_attention: bool = False) -> dict:
     """Fuse each fp32 graph in place; returns {graph: max |fused - unfused|}."""
     config = json.loads((onnx_dir.parent / "config.json").read_text())
     diffs = {}
@@ -37,7 +37,7 @@ def optimize_package(family, onnx_dir: Path, atol: float) -> dict:
         fused = onnx_dir / "fused" / path.name
         fused.parent.mkdir(exist_ok=True)
         _fuse(path, fused, *settings)
-        feeds = family.sample_feeds(config, graph)
+        feeds = family.sample_feeds(config, graph, fused_attention=fused_attention)
         diff = max(np.abs(a - b).max() for a, b in zip(_run(path, feeds), _run(fused, feeds)))
         if not diff <= atol:
             shutil.rmtree(fused.parent)

@@ -34,6 +34,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--optimize", action="store_true", help="apply ONNX Runtime transformer fusions (kept only if parity holds)"
     )
+    parser.add_argument(
+        "--attention",
+        choices=("grouped", "fused"),
+        default="grouped",
+        help="the decoder's attention: grouped (ONNX ops, the cache in two blocks per layer) or fused "
+        "(com.microsoft.GroupQueryAttention, one cache buffer per layer written in place)",
+    )
     parser.add_argument("--report-tokens", type=int, default=24, help="greedy tokens compared in the report")
     parser.add_argument("--atol", type=float, default=1e-4, help="max |fp32 - PyTorch| on logits and image features")
     return parser.parse_args(argv)
@@ -88,7 +95,7 @@ def export_package(args: argparse.Namespace) -> dict:
         write_model_files(model, processor, staging)
         onnx_dir = staging / "onnx"
         onnx_dir.mkdir()
-        export_fp32(family, model, onnx_dir)
+        export_fp32(family, model, onnx_dir, args.attention == "fused")
         # Under --optimize, int8 quantizes the fused fp32 graphs (the quantizer passes contrib
         # ops through); fp16 is always made from the unfused ones, which its converter knows.
         from_fused = {"fp32", "int8"} if args.optimize else {"fp32"}
@@ -100,7 +107,7 @@ def export_package(args: argparse.Namespace) -> dict:
             from vlmexport.export.optimize import optimize_package
 
             log("fusing fp32 graphs")
-            fused = optimize_package(family, onnx_dir, args.atol)
+            fused = optimize_package(family, onnx_dir, args.atol, args.attention == "fused")
         for variant in variants[1:]:
             if variant in from_fused:
                 make_variants(family, variant, onnx_dir)
@@ -133,10 +140,10 @@ def write_model_files(model, processor, out: Path) -> None:
     processor.save_pretrained(out)
 
 
-def export_fp32(family, model, onnx_dir: Path) -> None:
+def export_fp32(family, model, onnx_dir: Path, fused_attention: bool) -> None:
     from vlmexport.export.onnx_graph import export_graph
 
-    for spec in family.graph_specs(model):
+    for spec in family.graph_specs(model, fused_attention):
         log(f"exporting {spec.name}")
         export_graph(spec, graph_path(onnx_dir, spec.name, "fp32"))
 

@@ -28,8 +28,9 @@ class Family(Protocol):
     def load(self, src: str):
         """The transformers model (eval, fp32) and processor of a checkpoint folder or hub id."""
 
-    def graph_specs(self, model) -> list:
-        """The three graphs to export (onnx_graph.GraphSpec each)."""
+    def graph_specs(self, model, fused_attention: bool = False) -> list:
+        """The three graphs to export (onnx_graph.GraphSpec each); fused_attention: the decoder on
+        GroupQueryAttention with one cache buffer per layer (shared.py)."""
 
     def processor_images(self, inputs) -> dict | None:
         """The image arrays of a processor output: the `images` dict the functions below take."""
@@ -58,8 +59,8 @@ class Family(Protocol):
     def optimizer_settings(self, config: dict) -> dict:
         """onnxruntime.transformers optimizer (model_type, num_heads, hidden_size) per graph."""
 
-    def sample_feeds(self, config: dict, graph: str, seed: int = 0) -> dict:
-        """Small valid inputs for one graph."""
+    def sample_feeds(self, config: dict, graph: str, seed: int = 0, fused_attention: bool = False) -> dict:
+        """Small valid inputs for one graph (fused_attention: for the fused decoder)."""
 
 
 FAMILIES: list[Family] = [idefics3, qwen2_vl]

@@ -75,8 +75,9 @@ def _vision_module():
     return VisionEncoder
 
 
-def graph_specs(model) -> list:
-    """GraphSpecs for the three graphs, with dummy inputs and dynamic axes."""
+def graph_specs(model, fused_attention: bool = False) -> list:
+    """GraphSpecs for the three graphs, with dummy inputs and dynamic axes (fused_attention: the decoder
+    on GroupQueryAttention, shared.py)."""
     import torch
     from torch.export import Dim
 
@@ -99,7 +100,10 @@ def graph_specs(model) -> list:
         dynamic_shapes={"pixel_values": {0: tiles}, "pixel_attention_mask": {0: tiles}},
     )
     text = model.model.text_model
-    return [vision_spec, *shared.graph_specs(text.embed_tokens, text, model.lm_head, model.config.text_config)]
+    specs = shared.graph_specs(
+        text.embed_tokens, text, model.lm_head, model.config.text_config, fused_attention=fused_attention
+    )
+    return [vision_spec, *specs]
 
 
 # --- reference inputs and PyTorch side of the parity checks ---------------------
@@ -169,11 +173,11 @@ def optimizer_settings(config: dict) -> dict:
     }
 
 
-def sample_feeds(config: dict, graph: str, seed: int = 0) -> dict:
+def sample_feeds(config: dict, graph: str, seed: int = 0, fused_attention: bool = False) -> dict:
     """Small valid inputs for one graph (past length > 0 for the decoder)."""
     rng = np.random.default_rng(seed)
     if graph != "vision_encoder":
-        return shared.sample_feeds(config["text_config"], graph, rng)
+        return shared.sample_feeds(config["text_config"], graph, rng, fused_attention=fused_attention)
     size = config["vision_config"]["image_size"]
     mask = np.ones((2, size, size), bool)
     mask[1, size // 2 :, :] = False  # one partly padded tile

@@ -120,7 +120,7 @@ def _vision_module():
     return VisionEncoder
 
 
-def graph_specs(model) -> list:
+def graph_specs(model, fused_attention: bool = False) -> list:
     import torch
     from torch.export import Dim
 
@@ -145,7 +145,10 @@ def graph_specs(model) -> list:
         dynamic_shapes={name: {0: n} for name in names},
     )
     text = model.model.language_model
-    specs = shared.graph_specs(text.embed_tokens, text, model.lm_head, model.config.text_config, position_axes=3)
+    config = model.config.text_config
+    specs = shared.graph_specs(
+        text.embed_tokens, text, model.lm_head, config, position_axes=3, fused_attention=fused_attention
+    )
     return [vision_spec, *specs]
 
 
@@ -287,10 +290,10 @@ def optimizer_settings(config: dict) -> dict:
     }
 
 
-def sample_feeds(config: dict, graph: str, seed: int = 0) -> dict:
+def sample_feeds(config: dict, graph: str, seed: int = 0, fused_attention: bool = False) -> dict:
     rng = np.random.default_rng(seed)
     if graph != "vision_encoder":
-        return shared.sample_feeds(config["text_config"], graph, rng, position_axes=3)
+        return shared.sample_feeds(config["text_config"], graph, rng, position_axes=3, fused_attention=fused_attention)
     vision = config["vision_config"]
     grids = np.array([[1, 4, 4]], np.int64)
     patch_dim = vision.get("in_channels", 3) * vision["temporal_patch_size"] * vision["patch_size"] ** 2

@@ -18,6 +18,19 @@ blocks (length 0) gives the usual one-block decoder.
 A family passes its text model (a transformers decoder without LM head), the
 LM head and the text config; position ids keep whatever layout the text model
 takes, so the same wrapper serves 1-D rotary and multimodal rotary decoders.
+
+With fused attention (`export --attention fused`) the decoder runs ONNX Runtime's
+com.microsoft.GroupQueryAttention instead, and the cache is one buffer per layer:
+
+  decoder_model_merged  inputs_embeds, attention_mask [b,total], position_ids,
+                        past_key_values.{i}.key/value [b,kv_heads,capacity,head_dim]
+                        -> logits, present.{i}.key/value [b,kv_heads,capacity,head_dim]
+
+The buffer's first total - s columns hold the cache (left-padded, as the mask says); the
+op writes the new positions at columns total - s .. total and returns the buffer. A
+runtime that binds present to the same memory as past (ONNX Runtime then shares it) copies
+nothing per step; `capacity` >= total is the runtime's choice. Rotary stays transformers'
+own (applied before the op), so 1-D and multimodal rotary export alike.
 """
 
 from __future__ import annotations
@@ -97,12 +110,142 @@ def causal_mask(padding, q_len: int, dtype):
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+FUSED_ATTENTION = "vlmserve_fused"
+
+
+def group_query_attention(query, key, value, past_key, past_value, total_length, bias, num_heads, scaling):
+    """com.microsoft.GroupQueryAttention as the fused decoder uses it, in PyTorch: query [b,s,
+    heads*d], key/value [b,s,kv*d] (rotary applied), past_key/value the buffers [b,kv,capacity,d]
+    whose first total_length - s columns are the cache, bias [b,1,s,total_length] additive (the
+    causal and padding mask). Returns (output [b,s,heads*d], present_key, present_value): the
+    buffers with the new positions written at total_length - s .. total_length."""
+    import torch
+
+    batch, q_len, _ = query.shape
+    kv_heads, head_dim = past_key.shape[1], past_key.shape[3]
+    total = int(total_length)
+    present = []
+    for past, new in ((past_key, key), (past_value, value)):
+        buffer = past.clone()
+        buffer[:, :, total - q_len : total] = new.view(batch, q_len, kv_heads, head_dim).transpose(1, 2)
+        present.append(buffer)
+    group = num_heads // kv_heads
+    keys, values = (b[:, :, :total].repeat_interleave(group, 1) for b in present)
+    heads = query.view(batch, q_len, num_heads, head_dim).transpose(1, 2)
+    weights = torch.matmul(heads, keys.transpose(2, 3)) * scaling + bias
+    weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(weights, values).transpose(1, 2).reshape(batch, q_len, num_heads * head_dim)
+    return output, present[0], present[1]
+
+
+def _gqa_op():
+    """group_query_attention as a torch custom op (opaque to the exporter) and its ONNX
+    translation, the contrib op; built once."""
+    import torch
+
+    if hasattr(torch.ops.vlmserve, "group_query_attention"):
+        return torch.ops.vlmserve.group_query_attention
+    # The schema is spelt out: this module's annotations are strings (__future__), which
+    # custom_op cannot read.
+    schema = (
+        "(Tensor query, Tensor key, Tensor value, Tensor past_key, Tensor past_value, Tensor seqlens_k, "
+        "Tensor total_length, Tensor bias, int num_heads, float scaling) -> (Tensor, Tensor, Tensor)"
+    )
+
+    @torch.library.custom_op("vlmserve::group_query_attention", mutates_args=(), schema=schema)
+    def op(query, key, value, past_key, past_value, seqlens_k, total_length, bias, num_heads, scaling):
+        return group_query_attention(query, key, value, past_key, past_value, total_length, bias, num_heads, scaling)
+
+    @op.register_fake
+    def _(query, key, value, past_key, past_value, seqlens_k, total_length, bias, num_heads, scaling):
+        return query.new_empty(query.shape), past_key.new_empty(past_key.shape), past_value.new_empty(past_value.shape)
+
+    return torch.ops.vlmserve.group_query_attention
+
+
+def gqa_translation():
+    """The exporter's translation of the custom op: one GroupQueryAttention node."""
+    from onnx.defs import OpSchema
+    from onnxscript.values import Op, Opset
+
+    # onnx knows no schema of ONNX Runtime's contrib ops: the inputs this graph uses, described
+    # here (ONNX Runtime checks the node against its own schema when it loads the graph).
+    optional = OpSchema.FormalParameterOption.Optional
+    names = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length"]
+    types = {"seqlens_k": "M", "total_sequence_length": "M"}
+    inputs = [OpSchema.FormalParameter(name, types.get(name, "T")) for name in names]
+    inputs += [OpSchema.FormalParameter(name, "T", param_option=optional) for name in ("cos_cache", "sin_cache")]
+    inputs += [
+        OpSchema.FormalParameter("position_ids", "P", param_option=optional),
+        OpSchema.FormalParameter("attention_bias", "T", param_option=optional),
+    ]
+    schema = OpSchema(
+        "GroupQueryAttention",
+        "com.microsoft",
+        1,
+        inputs=inputs,
+        outputs=[OpSchema.FormalParameter(name, "T") for name in ("output", "present_key", "present_value")],
+        type_constraints=[
+            ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+            ("M", ["tensor(int32)"], ""),
+            ("P", ["tensor(int64)"], ""),
+        ],
+        attributes=[
+            OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
+            OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
+            OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, ""),
+        ],
+    )
+    gqa = Op(Opset("com.microsoft", 1), "GroupQueryAttention", schema)
+
+    def translate(query, key, value, past_key, past_value, seqlens_k, total_length, bias, num_heads, scaling):
+        return gqa(
+            query,
+            key,
+            value,
+            past_key,
+            past_value,
+            seqlens_k,
+            total_length,
+            None,
+            None,
+            None,
+            bias,
+            num_heads=num_heads,
+            kv_num_heads=past_key.shape[1],
+            scale=scaling,
+            _outputs=3,
+        )
+
+    return {_gqa_op().default: translate}
+
+
+def fused_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, cache_buffers=None, **kwargs):
+    """The attention of the fused decoder: the layer's query and new key/value heads (rotary
+    applied by transformers) into group_query_attention over the layer's buffers.
+    cache_buffers = (buffers, seqlens_k, total_length, bias, present): buffers[layer] =
+    (keys, values); the op's present buffers are appended to the list present."""
+    buffers, seqlens_k, total_length, bias, present = cache_buffers
+    batch, heads, q_len, head_dim = query.shape
+
+    def packed(x):
+        return x.transpose(1, 2).reshape(batch, q_len, -1)
+
+    past_key, past_value = buffers[module.layer_idx]
+    output, present_key, present_value = _gqa_op()(
+        packed(query), packed(key), packed(value), past_key, past_value, seqlens_k, total_length, bias, heads, scaling
+    )
+    present += [present_key, present_value]
+    return output.view(batch, q_len, heads, head_dim), None
+
+
 def _register_grouped_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
-    AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_ATTENTION, eager_mask)
+    for name, function in ((GROUPED_ATTENTION, grouped_attention), (FUSED_ATTENTION, fused_attention)):
+        AttentionInterface.register(name, function)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, eager_mask)
 
 
 def _modules():
@@ -135,29 +278,54 @@ def _modules():
             # which assumes one cache length for every layer.
             mask = causal_mask(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype)
             older_cache = (list(zip(older[0::2], older[1::2])), mask)
-            config = self.text_model.config
-            eager, config._attn_implementation = config._attn_implementation, GROUPED_ATTENTION
-            try:
-                out = self.text_model(
-                    inputs_embeds=inputs_embeds,
-                    attention_mask=None,
-                    position_ids=position_ids,
-                    past_key_values=cache,
-                    use_cache=True,
-                    older_cache=older_cache,
-                )
-            finally:
-                config._attn_implementation = eager
+            out = self.text(GROUPED_ATTENTION, inputs_embeds, position_ids, cache, older_cache=older_cache)
             present = []
             for layer in out.past_key_values.layers:
                 present += [layer.keys, layer.values]
             return (self.lm_head(out.last_hidden_state), *present)
 
-    return EmbedTokens, Decoder
+        def text(self, attention, inputs_embeds, position_ids, cache, **kwargs):
+            """The text model run with the named attention function."""
+            config = self.text_model.config
+            eager, config._attn_implementation = config._attn_implementation, attention
+            try:
+                return self.text_model(
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=None,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=cache is not None,
+                    **kwargs,
+                )
+            finally:
+                config._attn_implementation = eager
+
+    class FusedDecoder(Decoder):
+        """Text model + LM head over one cache buffer per layer, written by the fused op
+        (the module docstring)."""
+
+        def forward(self, inputs_embeds, attention_mask, position_ids, past):
+            import torch
+
+            batch, q_len = inputs_embeds.shape[:2]
+            total = attention_mask.shape[1]
+            # GroupQueryAttention's lengths: every row ends at the last column (left padding);
+            # the bias masks what precedes each row.
+            total_length = torch.full((), total, dtype=torch.int32)
+            seqlens_k = torch.full((batch,), total - 1, dtype=torch.int32)
+            bias = causal_mask(attention_mask, q_len, inputs_embeds.dtype)
+            present = []
+            buffers = (list(zip(past[0::2], past[1::2])), seqlens_k, total_length, bias, present)
+            out = self.text(FUSED_ATTENTION, inputs_embeds, position_ids, None, cache_buffers=buffers)
+            return (self.lm_head(out.last_hidden_state), *present)
+
+    return EmbedTokens, Decoder, FusedDecoder
 
 
-def graph_specs(embed_tokens, text_model, lm_head, text_config, position_axes: int = 0) -> list:
-    """GraphSpecs of embed_tokens and decoder_model_merged.
+def graph_specs(
+    embed_tokens, text_model, lm_head, text_config, position_axes: int = 0, fused_attention: bool = False
+) -> list:
+    """GraphSpecs of embed_tokens and decoder_model_merged (fused_attention: on GroupQueryAttention).
 
     position_axes=0 gives position_ids [b, s]; 3 gives [3, b, s] (M-RoPE).
     """
@@ -166,7 +334,7 @@ def graph_specs(embed_tokens, text_model, lm_head, text_config, position_axes: i
 
     from vlmexport.export.onnx_graph import GraphSpec
 
-    EmbedTokens, Decoder = _modules()
+    EmbedTokens, Decoder, FusedDecoder = _modules()
     dims = text_dims(text_config)
     # Example sizes are >= 2 so the exporter does not specialise them to 1.
     batch, seq, past = 2, 3, 5
@@ -220,11 +388,28 @@ def graph_specs(embed_tokens, text_model, lm_head, text_config, position_axes: i
         },
         output_dim_names={name: {2: f"present_sequence_length_{name.split('.')[1]}"} for name in present_names},
     )
+    if fused_attention:
+        capacity = Dim("cache_capacity")
+        buffers = [torch.randn(kv_shape[:2] + (past + seq + 4,) + kv_shape[3:]) for _ in past_kv]
+        decoder_spec = GraphSpec(
+            name="decoder_model_merged",
+            module=FusedDecoder(text_model, lm_head, text_config),
+            args=(decoder_spec.args[0], torch.ones(batch, past + seq, dtype=torch.long), positions, buffers),
+            input_names=["inputs_embeds", "attention_mask", "position_ids", *past_names],
+            output_names=decoder_spec.output_names,
+            dynamic_shapes={
+                **{k: v for k, v in decoder_spec.dynamic_shapes.items() if k not in ("older", "past")},
+                "past": [{0: b, 2: capacity} for _ in buffers],
+            },
+            output_dim_names={name: {2: "cache_capacity"} for name in present_names},
+            translations=gqa_translation(),
+        )
     return [embed_spec, decoder_spec]
 
 
-def sample_feeds(text: dict, graph: str, rng, position_axes: int = 0) -> dict:
-    """Small valid inputs for embed_tokens or the decoder (past length > 0), from config.json's text_config."""
+def sample_feeds(text: dict, graph: str, rng, position_axes: int = 0, fused_attention: bool = False) -> dict:
+    """Small valid inputs for embed_tokens or the decoder (past length > 0), from config.json's text_config;
+    fused_attention: the fused decoder's (one buffer per layer, 4 columns to spare)."""
     if graph == "embed_tokens":
         return {"input_ids": rng.integers(0, text["vocab_size"], (1, 5))}
     heads = text["num_attention_heads"]
@@ -239,9 +424,10 @@ def sample_feeds(text: dict, graph: str, rng, position_axes: int = 0) -> dict:
         "attention_mask": np.ones((1, older + past + seq), np.int64),
         "position_ids": positions,
     }
+    blocks = [("past", older + past + seq + 4)] if fused_attention else [("older", older), ("past", past)]
     for i in range(text["num_hidden_layers"]):
         for kv in ("key", "value"):
-            for block, length in (("older", older), ("past", past)):
+            for block, length in blocks:
                 name = f"{block}_key_values.{i}.{kv}"
                 feeds[name] = rng.standard_normal((1, kv_heads, length, head_dim)).astype(np.float32)
     return feeds
