@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""Two builds of vlmserve against each other on the same question, alternating.
+"""Two builds of vlmserve, or two packages of one model, against each other on the same
+question, alternating.
 
     python3 bench/ab.py --a /tmp/base/target/release/vlmserve --b target/release/vlmserve \\
         --rounds 4 -- --model bench/models/smolvlm-256m-shaped/package-optimized --no-split --new-tokens 64
+    python3 bench/ab.py --a target/release/vlmserve --a-model bench/models/smolvlm-256m-shaped/package-optimized \\
+        --b-model bench/models/smolvlm-256m-shaped/package-fused --rounds 4 -- --no-split --new-tokens 64
 
-Each round runs `vlmserve bench --json` (the arguments after `--`) once per build, in
-reverse order every other round, so the shared machine's drift falls on both alike. Prints
-each build's medians over rounds of time to first token, decode tokens/s and peak RSS, and the
-ratios b / a; the greedy tokens of both builds must be equal. Standard library only.
+Each round runs `vlmserve bench --json` (the arguments after `--`, then each side's
+`--model` when given) once per side, in reverse order every other round, so the shared
+machine's drift falls on both alike. `--b` defaults to `--a`'s build. Prints each side's
+medians over rounds of time to first token, decode tokens/s and peak RSS, and the ratios
+b / a; the greedy tokens of both sides must be equal. Standard library only.
 """
 
 from __future__ import annotations
@@ -33,25 +37,31 @@ def run(binary: str, bench_args: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--a", required=True, help="the reference build")
-    parser.add_argument("--b", required=True, help="the build measured against it")
+    parser.add_argument("--b", help="the build measured against it (default: --a)")
+    parser.add_argument("--a-model", help="the reference package (`--model` of a's runs)")
+    parser.add_argument("--b-model", help="the package measured against it (`--model` of b's runs)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="-- then `vlmserve bench` arguments")
     args = parser.parse_args()
     bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+    sides = {
+        name: (binary, bench_args + (["--model", model] if model else []))
+        for name, binary, model in (("a", args.a, args.a_model), ("b", args.b or args.a, args.b_model))
+    }
     results: dict[str, list[dict]] = {"a": [], "b": []}
     for i in range(args.rounds):
         order = ["a", "b"] if i % 2 == 0 else ["b", "a"]
         for name in order:
-            r = run(getattr(args, name), bench_args)
+            r = run(*sides[name])
             results[name].append(r)
             print(f"round {i + 1} {name}: ttft {r['ttft_s']:.3f} s, decode {r['decode_tok_s']:.1f} tok/s", flush=True)
     if any(r["tokens"] != results["a"][0]["tokens"] for rs in results.values() for r in rs):
-        sys.exit("the builds' greedy tokens differ")
+        sys.exit("the two sides' greedy tokens differ")
     med = {
         n: {k: statistics.median(r[k] for r in rs) for k in ("ttft_s", "decode_tok_s", "peak_rss_mb")}
         for n, rs in results.items()
     }
-    print("| build | time to first token (s) | decode tok/s | peak RSS (MB) |")
+    print("| side | time to first token (s) | decode tok/s | peak RSS (MB) |")
     print("|---|---|---|---|")
     for name in ("a", "b"):
         m = med[name]

@@ -313,6 +313,10 @@ impl Decoder {
     ) -> Result<(Vec<Vec<f32>>, RunCost), EngineError> {
         let new = embeds.shape().get(1).copied().unwrap_or(0) as usize;
         cache.reserve(new, &self.cache_allocator)?;
+        let placed = match &self.placement {
+            Placement::Device(device) => cache.place_buffers(device)?,
+            Placement::Host => 0,
+        };
         let mut owned: Vec<(&'static str, DynValue)> = vec![
             ("inputs_embeds", embeds),
             ("attention_mask", Tensor::from_array(cache.attention_mask(new))?.into_dyn()),
@@ -342,7 +346,7 @@ impl Decoder {
         let (mut values, mut cost) = run(&mut self.session, &self.placement, &inputs, &outputs, in_place)?;
         let present = values.split_off(1);
         let logits = last_rows(&values[0])?;
-        cost.transferred += cache.take_transferred();
+        cost.transferred += cache.take_transferred() + placed;
         cache.advance(present, new, &self.cache_allocator)?;
         Ok((logits, cost))
     }

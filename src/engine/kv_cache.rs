@@ -24,13 +24,13 @@
 use std::sync::Arc;
 
 use ndarray::{Array2, s};
-use ort::memory::Allocator;
+use ort::memory::{Allocator, MemoryInfo};
 use ort::session::Session;
-use ort::value::{DynValue, PrimitiveTensorElementType, Tensor, TensorElementType, ValueType};
+use ort::value::{DynTensorValueType, DynValue, PrimitiveTensorElementType, Tensor, TensorElementType, ValueType};
 
 use super::EngineError;
 use super::prefix_cache::{BLOCK_TOKENS, Block, Columns};
-use super::tensors::{empty_float, host_copy, tensor_bytes};
+use super::tensors::{empty_float, host_copy, on_host, tensor_bytes};
 
 /// The least room a buffer written in place grows by: a long prefill's buffer would otherwise
 /// be copied again after a few steps.
@@ -293,10 +293,25 @@ impl KvCache {
         if !self.in_place || self.capacity() >= needed {
             return Ok(());
         }
+        self.transferred += self.bring_to_host()?;
         let rows: Vec<(&KvCache, usize)> = (0..self.rows()).map(|r| (&*self, r)).collect();
         let grown = Self::gather(&rows, needed, allocator)?;
         self.recent = grown.recent;
         Ok(())
+    }
+
+    /// Copy buffers written in place that are on the host (gathered or grown there) into the
+    /// device memory of `device`, where the decoder then writes them step after step. Returns
+    /// the bytes copied.
+    pub(super) fn place_buffers(&mut self, device: &MemoryInfo) -> Result<usize, EngineError> {
+        let mut bytes = 0;
+        for buffer in self.recent.iter_mut().filter(|b| self.in_place && on_host(b)) {
+            let tensor = buffer.view().downcast::<DynTensorValueType>()?;
+            let placed = tensor.to(device.allocation_device(), device.device_id())?.into_dyn();
+            bytes += tensor_bytes(&placed);
+            *buffer = placed;
+        }
+        Ok(bytes)
     }
 
     /// Columns of the recent blocks (a buffer's room included).
