@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Would a decoder built on ONNX Runtime's fused attention op decode faster than ours?
 
-    .venv/bin/python bench/fused_attention_trial.py --package bench/models/smolvlm-256m-shaped/package-optimized
+    .venv/bin/python bench/fused_attention_trial.py --package bench/models/smolvlm-256m-shaped/package-optimized \\
+        --fused-package bench/models/smolvlm-256m-shaped/package-fused
 
 Builds the benchmark model's text decoder (SmolLM2-135M shapes, random weights) the way ONNX
 Runtime GenAI's model builder does: one com.microsoft.GroupQueryAttention per layer (rotary
@@ -11,8 +12,10 @@ exported decoder's ~1650. Its INT8 variant is made by the export's own blockwise
 Then it times one decode step of each (ONNX Runtime's default CPU session options for both,
 steps interleaved, median of --steps) at every --contexts cached positions and --batch rows:
 the fused decoder with its shared buffer against the package's decoder with the context in
-its older cache block, as vlmserve feeds it. A trial: speed only, the built graph's weights
-are random and nothing checks its outputs; docs/benchmarks.md records what it showed.
+its older cache block, as vlmserve feeds it. With --fused-package (an `export --attention
+fused` package of the same model), also that package's decoder, its buffers bound in place
+as vlmserve binds them. A trial: speed only, the built graph's weights are random and nothing
+checks its outputs; docs/benchmarks.md records what it showed.
 """
 
 from __future__ import annotations
@@ -221,6 +224,25 @@ def package_step(path: Path, context: int, batch: int, rng, place: Place):
     return lambda: s.run_with_iobinding(binding)
 
 
+def exported_fused_step(path: Path, context: int, batch: int, rng, place: Place):
+    """One step of an exported fused decoder (`export --attention fused`) at `context` cached
+    positions, each buffer 64 columns longer and bound as both past and present."""
+    s = place.session(path)
+    binding = s.io_binding()
+    buffers = []
+    for i in range(LAYERS):
+        for kv in ("key", "value"):
+            shape = (batch, KV_HEADS, context + 64, HEAD_DIM)
+            buffers.append(place.value(rng.standard_normal(shape).astype(np.float32)))
+            binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", buffers[-1])
+            binding.bind_ortvalue_output(f"present.{i}.{kv}", buffers[-1])
+    binding.bind_output("logits")
+    binding.bind_cpu_input("inputs_embeds", rng.standard_normal((batch, 1, HIDDEN)).astype(np.float32))
+    binding.bind_cpu_input("attention_mask", np.ones((batch, context + 1), np.int64))
+    binding.bind_cpu_input("position_ids", np.full((batch, 1), context, np.int64))
+    return lambda: (s.run_with_iobinding(binding), buffers)
+
+
 def median_ms(steps: dict, count: int) -> dict:
     for step in steps.values():
         for _ in range(3):
@@ -237,6 +259,7 @@ def median_ms(steps: dict, count: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--package", type=Path, required=True, help="an export.py package of the benchmark model")
+    parser.add_argument("--fused-package", type=Path, help="an export --attention fused package of the same model")
     parser.add_argument("--contexts", default="100,1150")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--precisions", default="fp32,int8")
@@ -259,6 +282,9 @@ def main() -> None:
                     "fused": fused_step(fused[precision], context, args.batch, rng, place),
                     "package": package_step(ours, context, args.batch, rng, place),
                 }
+                if args.fused_package:
+                    exported = args.fused_package / "onnx" / f"decoder_model_merged{suffix}.onnx"
+                    steps["exported fused"] = exported_fused_step(exported, context, args.batch, rng, place)
                 if args.cuda and args.cuda_graph:
                     try:
                         steps["fused graph"] = fused_step(fused[precision], context, args.batch, rng, place, True)
@@ -268,6 +294,8 @@ def main() -> None:
                         print(f"{precision}: the fused decoder as a CUDA graph failed: {e}", flush=True)
                 ms = median_ms(steps, args.steps)
                 graph = f", fused as a CUDA graph {ms['fused graph']:.2f} ms" if "fused graph" in ms else ""
+                if "exported fused" in ms:
+                    graph += f", exported fused package {ms['exported fused']:.2f} ms"
                 print(
                     f"{place.device} {precision} batch {args.batch} context {context}: fused attention "
                     f"{ms['fused']:.2f} ms, package {ms['package']:.2f} ms per step "
