@@ -91,18 +91,7 @@ impl KvLayout {
             dims.ok_or_else(|| EngineError::GraphMismatch("decoder has no past_key_values inputs".into()))?;
         let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         let older = older_inputs(&inputs, &tensors)?;
-        let in_place = match (in_place.iter().filter(|&&b| b).count(), older.is_empty()) {
-            (0, _) => false,
-            (n, true) if n == in_place.len() => true,
-            (n, _) => {
-                return Err(EngineError::GraphMismatch(format!(
-                    "decoder returns {n} of its {} cache tensors at their input's length, with{} older_key_values: \
-                     expected all or none, and no older blocks with buffers written in place",
-                    in_place.len(),
-                    if older.is_empty() { "out" } else { "" }
-                )));
-            }
-        };
+        let in_place = written_in_place(&in_place, !older.is_empty())?;
         Ok(Self {
             layers: tensors.len() / 2,
             tensors,
@@ -122,6 +111,23 @@ impl KvLayout {
             _ => 4,
         };
         self.tensors.len() * self.kv_heads * self.head_dim * element
+    }
+}
+
+/// Whether the decoder writes its cache in place, from whether each cache tensor's present has
+/// its past's length axis: all of them (and no older blocks), or none.
+fn written_in_place(per_tensor: &[bool], has_older: bool) -> Result<bool, EngineError> {
+    let n = per_tensor.iter().filter(|&&b| b).count();
+    match (n, has_older) {
+        (0, _) => Ok(false),
+        (n, false) if n == per_tensor.len() => Ok(true),
+        (_, true) => Err(EngineError::GraphMismatch(
+            "decoder has older_key_values inputs and returns cache buffers at their input's length".into(),
+        )),
+        (n, false) => Err(EngineError::GraphMismatch(format!(
+            "decoder returns {n} of its {} cache tensors at their input's length: expected all or none",
+            per_tensor.len()
+        ))),
     }
 }
 
@@ -304,8 +310,11 @@ impl KvCache {
     /// device memory of `device`, where the decoder then writes them step after step. Returns
     /// the bytes copied.
     pub(super) fn place_buffers(&mut self, device: &MemoryInfo) -> Result<usize, EngineError> {
+        if !self.in_place {
+            return Ok(0);
+        }
         let mut bytes = 0;
-        for buffer in self.recent.iter_mut().filter(|b| self.in_place && on_host(b)) {
+        for buffer in self.recent.iter_mut().filter(|b| on_host(b)) {
             let tensor = buffer.view().downcast::<DynTensorValueType>()?;
             let placed = tensor.to(device.allocation_device(), device.device_id())?.into_dyn();
             bytes += tensor_bytes(&placed);
@@ -634,7 +643,7 @@ mod tests {
 
     use std::sync::Arc;
 
-    use super::{EngineError, KvCache, KvLayout, SPARE_COLUMNS, older_inputs};
+    use super::{EngineError, KvCache, KvLayout, SPARE_COLUMNS, older_inputs, written_in_place};
     use crate::engine::BLOCK_TOKENS;
     use crate::engine::prefix_cache::{Block, Columns};
 
@@ -769,6 +778,17 @@ mod tests {
         assert_eq!(recent, [5; 4]);
         let tags = array(&cache.recent[1]).slice(s![1, 0, .., 0]).to_vec();
         assert_eq!(tags, [0., 0., 0., 11000., 11001.]);
+    }
+
+    #[test]
+    fn a_decoder_writes_every_cache_tensor_in_place_or_none_and_then_has_no_older_blocks() {
+        assert!(!written_in_place(&[false; 4], false).unwrap());
+        assert!(!written_in_place(&[false; 4], true).unwrap());
+        assert!(written_in_place(&[true; 4], false).unwrap());
+        let mixed = written_in_place(&[true, true, false, true], false).unwrap_err();
+        assert!(matches!(&mixed, EngineError::GraphMismatch(m) if m.contains("3 of its 4")), "{mixed}");
+        let with_older = written_in_place(&[true; 4], true).unwrap_err();
+        assert!(matches!(&with_older, EngineError::GraphMismatch(m) if m.contains("older_key_values")), "{with_older}");
     }
 
     /// What a decoder that writes in place does in one step: room made, `new` positions tagged

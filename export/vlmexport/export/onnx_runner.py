@@ -88,14 +88,15 @@ class OnnxPackage:
         binding = self.sessions["decoder_model_merged"].io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
+        binding.bind_output("logits")
         buffers = [ort.OrtValue.ortvalue_from_numpy(b) for b in past]
         for past_name, present_name, buffer in zip(self.past_names, self.present_names, buffers):
             binding.bind_ortvalue_input(past_name, buffer)
             binding.bind_ortvalue_output(present_name, buffer)
-        binding.bind_output("logits")
         self.sessions["decoder_model_merged"].run_with_iobinding(binding)
-        # The OrtValues wrap the arrays' memory: the arrays now hold the written positions.
-        return binding.get_outputs()[-1].numpy(), past
+        # Outputs come in the order they were bound; the OrtValues wrap the arrays' memory, so
+        # the arrays now hold the written positions.
+        return binding.get_outputs()[0].numpy(), past
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         # Past length 0: the first step uses the same graph as later ones.

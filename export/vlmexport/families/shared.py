@@ -349,61 +349,58 @@ def graph_specs(
         dynamic_shapes={"input_ids": {0: b, 1: s}},
     )
 
-    total, older = Dim("total_sequence_length"), 4
-    # Each layer may split its cache at its own column (a runtime moves one layer's recent
-    # block into its older block per step), so every layer has its own lengths.
-    layer_dims = [
-        (Dim(f"older_sequence_length_{i}", min=0), Dim(f"past_sequence_length_{i}", min=0))
-        for i in range(dims["layers"])
-    ]
     kv_shape = (batch, dims["kv_heads"], past, dims["head_dim"])
-    past_kv = [torch.randn(kv_shape) for _ in range(2 * dims["layers"])]
-    older_kv = [torch.randn(kv_shape[:2] + (older,) + kv_shape[3:]) for _ in past_kv]
     past_names = [f"past_key_values.{i}.{kv}" for i in range(dims["layers"]) for kv in ("key", "value")]
-    older_names = [name.replace("past_key_values", "older_key_values") for name in past_names]
     present_names = [f"present.{i}.{kv}" for i in range(dims["layers"]) for kv in ("key", "value")]
     positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
     position_dims = {0: b, 1: s}
     if position_axes:
         positions = positions.expand(position_axes, batch, seq).contiguous()
         position_dims = {1: b, 2: s}
+    embeds = torch.randn(batch, seq, dims["hidden"])
+    shared_dims = {
+        "inputs_embeds": {0: b, 1: s},
+        "attention_mask": {0: b, 1: Dim("total_sequence_length")},
+        "position_ids": position_dims,
+    }
+    if fused_attention:
+        capacity = Dim("cache_capacity")
+        buffers = [torch.randn(kv_shape[:2] + (past + seq + 4,) + kv_shape[3:]) for _ in past_names]
+        decoder_spec = GraphSpec(
+            name="decoder_model_merged",
+            module=FusedDecoder(text_model, lm_head, text_config),
+            args=(embeds, torch.ones(batch, past + seq, dtype=torch.long), positions, buffers),
+            input_names=["inputs_embeds", "attention_mask", "position_ids", *past_names],
+            output_names=["logits", *present_names],
+            dynamic_shapes={**shared_dims, "past": [{0: b, 2: capacity} for _ in buffers]},
+            output_dim_names={name: {2: "cache_capacity"} for name in present_names},
+            translations=gqa_translation(),
+        )
+        return [embed_spec, decoder_spec]
+
+    older = 4
+    # Each layer may split its cache at its own column (a runtime moves one layer's recent
+    # block into its older block per step), so every layer has its own lengths.
+    layer_dims = [
+        (Dim(f"older_sequence_length_{i}", min=0), Dim(f"past_sequence_length_{i}", min=0))
+        for i in range(dims["layers"])
+    ]
+    past_kv = [torch.randn(kv_shape) for _ in past_names]
+    older_kv = [torch.randn(kv_shape[:2] + (older,) + kv_shape[3:]) for _ in past_kv]
+    older_names = [name.replace("past_key_values", "older_key_values") for name in past_names]
     decoder_spec = GraphSpec(
         name="decoder_model_merged",
         module=Decoder(text_model, lm_head, text_config),
-        args=(
-            torch.randn(batch, seq, dims["hidden"]),
-            torch.ones(batch, older + past + seq, dtype=torch.long),
-            positions,
-            older_kv,
-            past_kv,
-        ),
+        args=(embeds, torch.ones(batch, older + past + seq, dtype=torch.long), positions, older_kv, past_kv),
         input_names=["inputs_embeds", "attention_mask", "position_ids", *older_names, *past_names],
         output_names=["logits", *present_names],
         dynamic_shapes={
-            "inputs_embeds": {0: b, 1: s},
-            "attention_mask": {0: b, 1: total},
-            "position_ids": position_dims,
+            **shared_dims,
             "older": [{0: b, 2: o} for o, _ in layer_dims for _kv in range(2)],
             "past": [{0: b, 2: p} for _, p in layer_dims for _kv in range(2)],
         },
         output_dim_names={name: {2: f"present_sequence_length_{name.split('.')[1]}"} for name in present_names},
     )
-    if fused_attention:
-        capacity = Dim("cache_capacity")
-        buffers = [torch.randn(kv_shape[:2] + (past + seq + 4,) + kv_shape[3:]) for _ in past_kv]
-        decoder_spec = GraphSpec(
-            name="decoder_model_merged",
-            module=FusedDecoder(text_model, lm_head, text_config),
-            args=(decoder_spec.args[0], torch.ones(batch, past + seq, dtype=torch.long), positions, buffers),
-            input_names=["inputs_embeds", "attention_mask", "position_ids", *past_names],
-            output_names=decoder_spec.output_names,
-            dynamic_shapes={
-                **{k: v for k, v in decoder_spec.dynamic_shapes.items() if k not in ("older", "past")},
-                "past": [{0: b, 2: capacity} for _ in buffers],
-            },
-            output_dim_names={name: {2: "cache_capacity"} for name in present_names},
-            translations=gqa_translation(),
-        )
     return [embed_spec, decoder_spec]
 
 
