@@ -2,13 +2,13 @@
 
 Documented bounds for the tiny fixture model (see export/README.md):
   fp32  max |logit - PyTorch| <= 1e-4, greedy 24/24 with PyTorch
-  fp16  max |logit - fp32| <= 1.0, teacher-forced argmax agrees on >= 20 of 24 steps
+  fp16  max |logit - fp32| <= 0.25, teacher-forced argmax agrees on >= 23 of 24 steps
   int8  max |logit - fp32| <= 2.0, teacher-forced argmax agrees on >= 16 of 24 steps
   (both, on the report's reference input: the first free-running greedy token equals fp32's)
 The tiny model has random weights: its logits are flat (top-2 gaps of a few
-hundredths) and its activations large, so reduced precision flips argmax far
-more often than on a trained model, and one flip derails free-running
-decoding; hence bounds on teacher-forced agreement, not on free decoding.
+hundredths) and its activations large, so int8 flips argmax far more often than
+on a trained model, and one flip derails free-running decoding; hence bounds on
+teacher-forced agreement, not on free decoding.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from conftest import CASES, FIXTURE, REFERENCE, case_inputs, images_of
 PACKAGE = FIXTURE / REFERENCE["package"]
 VARIANTS = json.loads((PACKAGE / "onnx" / "variants.json").read_text())
 REPORT = json.loads((PACKAGE / "export_report.json").read_text())
-BOUNDS = {"fp16": (1.0, 20), "int8": (2.0, 16)}
+BOUNDS = {"fp16": (0.25, 23), "int8": (2.0, 16)}
 STORED = {"int8": "uint8"}
 
 

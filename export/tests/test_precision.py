@@ -41,3 +41,66 @@ def test_fp16_conversion_unshares_constants_read_by_fp32_and_fp16_ops(tmp_path):
     got = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=1e-2)
+
+
+def angles_and_buckets_graph(path, patches: int):
+    """The two float computations whose results must not pass through fp16: rotary angles
+    (position * inv_freq, read by Cos and Sin) and patch coordinates k/n bucketed against
+    boundaries (idefics3's patch position ids; each coordinate read by two comparisons)."""
+    inv_freq = numpy_helper.from_array((1.0 / 10000 ** (np.arange(0, 8, 2) / 8)).astype(np.float32), "inv_freq")
+    boundaries = numpy_helper.from_array(np.arange(1 / patches, 1.0, 1 / patches, dtype=np.float32), "boundaries")
+    scalars = [
+        numpy_helper.from_array(np.array(v, np.int64), name) for name, v in (("zero", 0), ("one", 1), ("axis", [1]))
+    ]
+    nodes = [
+        helper.make_node("Cast", ["positions"], ["positions_f"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["positions_f", "axis"], ["positions_col"]),
+        helper.make_node("Mul", ["positions_col", "inv_freq"], ["angles"]),
+        helper.make_node("Cos", ["angles"], ["cos"]),
+        helper.make_node("Sin", ["angles"], ["sin"]),
+        helper.make_node("Range", ["zero", "count", "one"], ["steps"]),
+        helper.make_node("Cast", ["steps"], ["steps_f"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["count"], ["count_f"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["steps_f", "count_f"], ["coords"]),
+        helper.make_node("Unsqueeze", ["coords", "axis"], ["coords_col"]),
+        helper.make_node("LessOrEqual", ["boundaries", "coords_col"], ["passed"]),
+        helper.make_node("Greater", ["boundaries", "coords_col"], ["ahead"]),
+        helper.make_node("Cast", ["passed"], ["passed_i"], to=TensorProto.INT64),
+        helper.make_node("Cast", ["ahead"], ["ahead_i"], to=TensorProto.INT64),
+        helper.make_node("ReduceSum", ["passed_i", "axis"], ["bucket"], keepdims=0),
+        helper.make_node("ReduceSum", ["ahead_i", "axis"], ["buckets_ahead"], keepdims=0),
+    ]
+    for node in nodes:  # the converter names its casts after the nodes, as the exporter's are named
+        node.name = f"node_{node.output[0]}"
+    graph = helper.make_graph(
+        nodes,
+        "angles_and_buckets",
+        [
+            helper.make_tensor_value_info("positions", TensorProto.INT64, ["n"]),
+            helper.make_tensor_value_info("count", TensorProto.INT64, []),
+        ],
+        [
+            helper.make_tensor_value_info("cos", TensorProto.FLOAT, ["n", 4]),
+            helper.make_tensor_value_info("sin", TensorProto.FLOAT, ["n", 4]),
+            helper.make_tensor_value_info("bucket", TensorProto.INT64, ["k"]),
+            helper.make_tensor_value_info("buckets_ahead", TensorProto.INT64, ["k"]),
+        ],
+        [inv_freq, boundaries, *scalars],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+
+
+def test_fp16_conversion_keeps_rotary_angles_and_patch_positions_exact(tmp_path):
+    src, dst = tmp_path / "g.onnx", tmp_path / "g_fp16.onnx"
+    angles_and_buckets_graph(src, patches=10)
+    precision.to_fp16(src, dst)
+    feeds = {"positions": np.arange(0, 2000, 7, dtype=np.int64), "count": np.array(10, np.int64)}
+    want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, feeds)
+    # Nothing upstream of Cos, Sin or a comparison is computed in fp16: cos and sin differ only
+    # by their own rounding to fp16 (through fp16 angles they were off by up to 0.05), the
+    # buckets not at all (a tenth of them moved).
+    for name, w, g in zip(("cos", "sin"), want, got):
+        np.testing.assert_allclose(g, w, atol=5e-4, rtol=0, err_msg=name)
+    for name, w, g in zip(("bucket", "buckets_ahead"), want[2:], got[2:]):
+        np.testing.assert_array_equal(g, w, err_msg=name)

@@ -94,5 +94,5 @@ def test_export_report_bounds(fixture):
     fp32 = report["variants"]["fp32"]
     assert fp32["max_abs_logit_diff_vs_pytorch"] <= ATOL and fp32["max_abs_image_features_diff_vs_pytorch"] <= ATOL
     assert fp32["greedy_tokens_agree"] == fp32["greedy_tokens"] == 24
-    assert report["variants"]["fp16"]["teacher_forced_argmax_agree"] >= 20
+    assert report["variants"]["fp16"]["teacher_forced_argmax_agree"] >= 23
     assert report["variants"]["int8"]["teacher_forced_argmax_agree"] >= 16

@@ -82,9 +82,10 @@ def to_fp16(src: Path, dst: Path) -> None:
             model,
             keep_io_types=True,
             op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + FP16_OP_BLOCK_LIST,
-            node_block_list=_rotary_nodes(model),
+            node_block_list=_fp32_nodes(model),
         )
     _fix_float_casts(model)
+    _drop_fp16_round_trips(model)
     from vlmexport.export.onnx_graph import save_model
 
     save_model(model, dst)
@@ -140,24 +141,62 @@ def _unshare_small_initializers(model: onnx.ModelProto, max_bytes: int = 1 << 20
             node.input[index] = copy.name
 
 
-def _rotary_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the nodes computing rotary angles (everything upstream of Cos/Sin).
+# Where float arithmetic becomes an angle or a decision: rotary angles (Cos, Sin) and the
+# comparisons that turn fractional coordinates into position ids (idefics3's patch buckets).
+_PRECISION_SENSITIVE_OPS = ("Cos", "Sin", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Equal")
 
-    position * inv_freq must stay fp32: fp16 has a spacing of 0.5 at 1000, so
-    angles of late positions would be off by up to half a radian. Blocking the
-    whole upstream region (not just Cos/Sin) also avoids casting the shared
-    angle tensor twice, which the converter names identically.
+
+def _fp32_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that must stay fp32: everything upstream of an angle or a comparison.
+
+    position * inv_freq: fp16 has a spacing of 0.5 at 1000, so angles of late positions would
+    be off by up to half a radian. Patch coordinates: in fp16 the fractions k/n and the bucket
+    boundaries round apart, so a tenth of idefics3's patches take their neighbour's position
+    embedding. Blocking the whole upstream region (not just the last op) also avoids casting a
+    shared tensor twice, which the converter names identically. The walk stops at Shape and
+    Size: their outputs do not depend on the values upstream, and going past them would keep
+    the vision tower itself in fp32.
     """
     producer = {out: node for node in model.graph.node for out in node.output}
     blocked: set[str] = set()
-    stack = [n for n in model.graph.node if n.op_type in ("Cos", "Sin")]
+    stack = [n for n in model.graph.node if n.op_type in _PRECISION_SENSITIVE_OPS]
     while stack:
         node = stack.pop()
         if node.name in blocked:
             continue
         blocked.add(node.name)
-        stack.extend(producer[i] for i in node.input if i in producer)
+        if node.op_type not in ("Shape", "Size"):
+            stack.extend(producer[i] for i in node.input if i in producer)
     return sorted(blocked)
+
+
+def _drop_fp16_round_trips(model: onnx.ModelProto) -> None:
+    """Let fp32 nodes read each other's outputs without a pass through fp16.
+
+    The converter casts every blocked node's output to fp16 and back before the next blocked
+    node, and removes such a pair only when the value has one reader: the rotary angles (read
+    by Cos and Sin) and the patch coordinates (read by several comparisons) lost the precision
+    that blocking them was for. Each Cast(fp32) of a Cast(fp16) of an fp32 value now reads that
+    value; an fp16 cast left with no reader goes.
+    """
+    producer = {out: node for node in model.graph.node for out in node.output}
+    declared = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+
+    def cast_to(node: onnx.NodeProto) -> int | None:
+        return next(a.i for a in node.attribute if a.name == "to") if node.op_type == "Cast" else None
+
+    for node in model.graph.node:
+        first = producer.get(node.input[0]) if cast_to(node) == TensorProto.FLOAT else None
+        if (
+            first is not None
+            and cast_to(first) == TensorProto.FLOAT16
+            and declared.get(first.input[0]) == TensorProto.FLOAT
+        ):
+            node.input[0] = first.input[0]
+    read = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    unread = [n for n in model.graph.node if cast_to(n) == TensorProto.FLOAT16 and n.output[0] not in read]
+    for node in unread:
+        model.graph.node.remove(node)
 
 
 def _fix_float_casts(model: onnx.ModelProto) -> None:
