@@ -8,7 +8,8 @@ Builds the benchmark model's text decoder (SmolLM2-135M shapes, random weights) 
 Runtime GenAI's model builder does: one com.microsoft.GroupQueryAttention per layer (rotary
 inside, past and present bound to one buffer so a step writes its position in place),
 SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization, about 390 nodes against our
-exported decoder's ~1650. Its INT8 variant is made by the export's own blockwise quantizer.
+exported decoder's ~1650. Its INT8 and FP16 variants are made by the export's own quantizer and
+fp16 converter (FP16: the op's precision on CUDA, which has no float32 kernel for it).
 Then it times one decode step of each (ONNX Runtime's default CPU session options for both,
 steps interleaved, median of --steps) at every --contexts cached positions and --batch rows:
 the fused decoder with its shared buffer against the package's decoder with the context in
@@ -34,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 # The vlmexport package from export/, whether installed or not.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
 
-from vlmexport.export.precision import to_int8_blockwise
+from vlmexport.export.precision import to_fp16, to_int8_blockwise
 from vlmexport.fixtures.bench_model import ROPE_THETA, TEXT_SIZES, VOCAB_SIZE
 
 HIDDEN = TEXT_SIZES["hidden_size"]
@@ -62,7 +63,8 @@ class GraphBuilder:
 
     def node(self, op: str, inputs: list, outputs: list, **attrs) -> None:
         domain = "" if op in ONNX_DOMAIN_OPS else "com.microsoft"
-        self.nodes.append(helper.make_node(op, inputs, outputs, domain=domain, **attrs))
+        # Named as the exporter names nodes: the fp16 converter names its casts after them.
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=f"node_{outputs[0]}", domain=domain, **attrs))
 
     def linear(self, x: str, name: str, n_in: int, n_out: int) -> str:
         self.node("MatMul", [x, self.weight(f"{name}.weight", (n_in, n_out))], [name])
@@ -171,16 +173,25 @@ class Place:
         return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
 
 
+def typed(session: ort.InferenceSession):
+    """array -> the element type the session's input `name` takes (fp16 graphs take their
+    cache in fp16, their other inputs in fp32)."""
+    types = {i.name: np.float16 if i.type == "tensor(float16)" else None for i in session.get_inputs()}
+    return lambda name, array: array.astype(types[name]) if types.get(name) else array
+
+
 def fused_step(path: Path, context: int, batch: int, rng, place: Place, graph: bool = False):
     """One step at `context` cached positions, past and present bound to the same buffers. With
     `graph` (CUDA only), the CUDA provider captures the step as a CUDA graph on its first run and
     replays it: every input then lives at a fixed device address."""
     s = place.session(path, graph)
+    as_input = typed(s)
     binding = s.io_binding()
     for i in range(LAYERS):
         for kv in ("key", "value"):
-            buffer = place.value(rng.standard_normal((batch, KV_HEADS, context + 1, HEAD_DIM)).astype(np.float32))
-            binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", buffer)
+            name = f"past_key_values.{i}.{kv}"
+            buffer = place.value(as_input(name, rng.standard_normal((batch, KV_HEADS, context + 1, HEAD_DIM))))
+            binding.bind_ortvalue_input(name, buffer)
             binding.bind_ortvalue_output(f"present.{i}.{kv}", buffer)
     logits = place.value(np.zeros((batch, 1, VOCAB_SIZE), np.float32)) if graph else None
     if logits is None:
@@ -209,13 +220,15 @@ def package_step(path: Path, context: int, batch: int, rng, place: Place):
     """One step of the exported decoder with `context` positions in its older block, an empty
     recent one (on a device, the cache stays there; outputs are allocated by the session)."""
     s = place.session(path)
+    as_input = typed(s)
     binding = s.io_binding()
     for i in range(LAYERS):
         for kv in ("key", "value"):
-            older = rng.standard_normal((batch, KV_HEADS, context, HEAD_DIM)).astype(np.float32)
-            binding.bind_ortvalue_input(f"older_key_values.{i}.{kv}", place.value(older))
+            older, past = f"older_key_values.{i}.{kv}", f"past_key_values.{i}.{kv}"
+            cached = rng.standard_normal((batch, KV_HEADS, context, HEAD_DIM)).astype(np.float32)
+            binding.bind_ortvalue_input(older, place.value(as_input(older, cached)))
             empty = np.zeros((batch, KV_HEADS, 0, HEAD_DIM), np.float32)
-            binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", place.value(empty))
+            binding.bind_ortvalue_input(past, place.value(as_input(past, empty)))
             binding.bind_output(f"present.{i}.{kv}", place.device)
     binding.bind_output("logits")
     binding.bind_cpu_input("inputs_embeds", rng.standard_normal((batch, 1, HIDDEN)).astype(np.float32))
@@ -228,13 +241,15 @@ def exported_fused_step(path: Path, context: int, batch: int, rng, place: Place)
     """One step of an exported fused decoder (`export --attention fused`) at `context` cached
     positions, each buffer 64 columns longer and bound as both past and present."""
     s = place.session(path)
+    as_input = typed(s)
     binding = s.io_binding()
     buffers = []
     for i in range(LAYERS):
         for kv in ("key", "value"):
+            name = f"past_key_values.{i}.{kv}"
             shape = (batch, KV_HEADS, context + 64, HEAD_DIM)
-            buffers.append(place.value(rng.standard_normal(shape).astype(np.float32)))
-            binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", buffers[-1])
+            buffers.append(place.value(as_input(name, rng.standard_normal(shape))))
+            binding.bind_ortvalue_input(name, buffers[-1])
             binding.bind_ortvalue_output(f"present.{i}.{kv}", buffers[-1])
     binding.bind_output("logits")
     binding.bind_cpu_input("inputs_embeds", rng.standard_normal((batch, 1, HIDDEN)).astype(np.float32))
@@ -262,17 +277,18 @@ def main() -> None:
     parser.add_argument("--fused-package", type=Path, help="an export --attention fused package of the same model")
     parser.add_argument("--contexts", default="100,1150")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--precisions", default="fp32,int8")
+    parser.add_argument("--precisions", default="fp32,int8", help="of fp32, fp16, int8 (the package's too)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--cuda", action="store_true", help="on the CUDA provider, the cache in device memory")
     parser.add_argument("--cuda-graph", action="store_true", help="with --cuda, also the fused decoder as a CUDA graph")
     args = parser.parse_args()
     place = Place(args.cuda)
     with tempfile.TemporaryDirectory() as tmp:
-        fused = {"fp32": Path(tmp) / "decoder_gqa.onnx", "int8": Path(tmp) / "decoder_gqa_int8.onnx"}
+        fused = {p: Path(tmp) / f"decoder_gqa_{p}.onnx" for p in ("fp32", "fp16", "int8")}
         build_fused_decoder(fused["fp32"])
-        if "int8" in args.precisions.split(","):
-            to_int8_blockwise(fused["fp32"], fused["int8"])
+        derive = {"fp16": lambda src, dst: to_fp16(src, dst, check=False), "int8": to_int8_blockwise}
+        for precision in set(args.precisions.split(",")) & derive.keys():
+            derive[precision](fused["fp32"], fused[precision])
         for precision in args.precisions.split(","):
             suffix = "" if precision == "fp32" else f"_{precision}"
             ours = args.package / "onnx" / f"decoder_model_merged{suffix}.onnx"

@@ -19,9 +19,10 @@
 #   compare  bench/compare.py --cuda: S1, 128 new tokens, vlmserve FP32 and FP16 against PyTorch
 #            CUDA FP16 and the Python onnxruntime CUDA loop (left out where onnxruntime has no
 #            CUDA provider)
-#   fused    bench/fused_attention_trial.py --cuda: one decode step of the package's decoder
+#   fused    bench/fused_attention_trial.py --cuda: one FP16 decode step of the package's decoder
 #            against a GroupQueryAttention decoder (and that one as a CUDA graph), the cache in
-#            device memory, at 100 and 1150 cached positions, 1 and 32 rows
+#            device memory, at 100 and 1150 cached positions, 1 and 32 rows (FP16: the op has
+#            no FP32 kernel on CUDA)
 #   load     bench/load.py --cuda at 1, 8 and 32 streams
 #   tensorrt the TensorRT provider once, where libnvinfer.so.10 can be loaded
 # VLMSERVE_GPU_STAGES=compare,load (say) runs only those.
@@ -212,7 +213,7 @@ EOF
 fused() {
   local cuda=$1 steps=$2
   for batch in 1 32; do
-    python3 bench/fused_attention_trial.py --package "$MODEL_DIR/package" --contexts 100,1150 --precisions fp32 \
+    python3 bench/fused_attention_trial.py --package "$MODEL_DIR/package" --contexts 100,1150 --precisions fp16 \
       --batch "$batch" --steps "$steps" $cuda || return 1
   done
 }

@@ -168,9 +168,18 @@ fn a_sequence_that_stops_mid_batch_leaves_the_others_unchanged() {
     }
 }
 
+/// The fp16 graphs keep their cache in fp16 (grouped blocks, or the fused decoder's buffers
+/// written in place): batched rows give each row's single-stream tokens.
 #[test]
 fn fp16_batches_match_fp16_single_streams() {
-    let reference = references().remove(0);
+    fp16_batches_match_single_streams_of(&references().remove(0));
+    let dir = tempfile::tempdir().unwrap();
+    for reference in Reference::all_fused(dir.path()) {
+        fp16_batches_match_single_streams_of(&reference);
+    }
+}
+
+fn fp16_batches_match_single_streams_of(reference: &Reference) {
     let mut model = reference.load(Precision::Fp16);
     let alone: Vec<Vec<u32>> = reference
         .cases
@@ -182,19 +191,19 @@ fn fp16_batches_match_fp16_single_streams() {
         .collect();
     let mut batch = Batch::new(model.kv_layout(), Limits { prefill_tokens: 600, vision_tiles: 64 });
     for case in 0..reference.cases.len() {
-        admit(&mut batch, &model, &reference, case, reference.max_new_tokens, None);
+        admit(&mut batch, &model, reference, case, reference.max_new_tokens, None);
     }
     let (mut agreed, mut total) = (0, 0);
-    for (tag, result) in drain(&mut batch, &mut model, &reference, Vec::new(), 3) {
+    for (tag, result) in drain(&mut batch, &mut model, reference, Vec::new(), 3) {
         let case = &reference.cases[tag.case];
         let tokens = result.unwrap().token_ids;
-        assert_eq!(tokens, alone[tag.case], "{}", case.name);
+        assert_eq!(tokens, alone[tag.case], "{} {}", reference.family, case.name);
         agreed += common::agreement(&tokens, &case.generated_ids);
         total += case.generated_ids.len();
     }
     // Anchored to PyTorch's FP32 tokens with the bound tests/parity.rs holds fp16 to.
     let share = agreed as f64 / total as f64;
-    assert!(share >= common::FP16_MIN_AGREEMENT, "fp16 agreement with PyTorch fp32 {share:.2}");
+    assert!(share >= common::FP16_MIN_AGREEMENT, "{}: fp16 agreement with PyTorch fp32 {share:.2}", reference.family);
 }
 
 #[test]

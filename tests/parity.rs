@@ -94,17 +94,29 @@ fn fp32_greedy_matches_pytorch_end_to_end_from_image_files() {
 }
 
 /// The decoders exported with fused attention (one cache buffer per layer, written in place)
-/// give PyTorch's tokens on every family they were exported for.
+/// give PyTorch's tokens on every family they were exported for; their fp16 variants (fp16
+/// buffers, the op's fp16 kernel: the one a GPU runs) stay as close as the grouped fp16 graphs.
 #[test]
 fn fused_attention_decoders_match_pytorch() {
     let dir = tempfile::tempdir().unwrap();
     for reference in Reference::all_fused(dir.path()) {
-        let mut model = reference.load(Precision::Fp32);
-        assert!(model.kv_layout().in_place, "{}: the fused decoder writes its cache in place", reference.family);
-        for case in &reference.cases {
-            let prompt = reference_prompt(&model, &reference, case);
-            let out = run(&mut model, &prompt, reference.max_new_tokens);
-            assert_eq!(out.token_ids, case.generated_ids, "{} {}: token ids", reference.family, case.name);
+        for precision in [Precision::Fp32, Precision::Fp16] {
+            let mut model = reference.load(precision);
+            let family = &reference.family;
+            assert!(model.kv_layout().in_place, "{family} {precision}: the fused decoder writes its cache in place");
+            let (mut agreed, mut total) = (0, 0);
+            for case in &reference.cases {
+                let prompt = reference_prompt(&model, &reference, case);
+                let out = run(&mut model, &prompt, reference.max_new_tokens);
+                if precision == Precision::Fp32 {
+                    assert_eq!(out.token_ids, case.generated_ids, "{family} {}: token ids", case.name);
+                }
+                agreed += agreement(&out.token_ids, &case.generated_ids);
+                total += case.generated_ids.len();
+            }
+            let share = agreed as f64 / total as f64;
+            eprintln!("{family}: fused {precision} agrees with FP32 on {agreed}/{total} tokens ({share:.2})");
+            assert!(share >= common::FP16_MIN_AGREEMENT, "{family} {precision}: agreement {share:.2}");
         }
     }
 }

@@ -57,11 +57,15 @@ def test_variants_manifest(variant, weight_dtype):
     entry = VARIANTS["variants"][variant]
     decoder = entry["graphs"]["decoder_model_merged"]
     assert decoder["weight_dtype"] == weight_dtype
-    assert decoder["kv_cache_dtype"] == "float32"
+    # The fp16 decoder takes and returns its cache in fp16 (no per-step cast of the cache);
+    # every other input and output is fp32 in every variant.
+    cache = "float16" if variant == "fp16" else "float32"
+    assert decoder["kv_cache_dtype"] == cache
     assert decoder["inputs"]["inputs_embeds"] == "float32"
     assert decoder["inputs"]["attention_mask"] == decoder["inputs"]["position_ids"] == "int64"
-    assert decoder["inputs"]["past_key_values.1.value"] == "float32"
-    assert decoder["outputs"]["logits"] == decoder["outputs"]["present.0.key"] == "float32"
+    assert decoder["inputs"]["past_key_values.1.value"] == decoder["inputs"]["older_key_values.0.key"] == cache
+    assert decoder["outputs"]["present.0.key"] == cache
+    assert decoder["outputs"]["logits"] == "float32"
     vision = entry["graphs"]["vision_encoder"]
     assert vision["inputs"] == {"pixel_values": "float32", "pixel_attention_mask": "bool"}
     assert vision["outputs"] == {"image_features": "float32"}

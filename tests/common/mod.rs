@@ -119,17 +119,20 @@ impl Reference {
         self.dir.join(&self.package)
     }
 
-    /// This fixture with its decoder swapped for the one exported with fused attention
-    /// (`fused/`, see `make_fixtures`), in a copy of its package under `dir`; `None` for a
-    /// fixture without one.
+    /// This fixture with its decoders (fp32 and fp16) swapped for the ones exported with fused
+    /// attention (`fused/`, see `make_fixtures`), in a copy of its package under `dir`; `None`
+    /// for a fixture without them.
     pub fn with_fused_decoder(&self, dir: &Path) -> Option<Reference> {
-        let fused = self.dir.join("fused/decoder_model_merged.onnx");
-        if !fused.is_file() {
+        let fused = self.dir.join("fused");
+        let files = ["decoder_model_merged.onnx", "decoder_model_merged_fp16.onnx"];
+        if !files.iter().all(|f| fused.join(f).is_file()) {
             return None;
         }
         let package = dir.join(self.dir.file_name().unwrap_or_default());
         copy_dir(&self.package_dir(), &package);
-        std::fs::copy(&fused, package.join("onnx/decoder_model_merged.onnx")).unwrap();
+        for file in files {
+            std::fs::copy(fused.join(file), package.join("onnx").join(file)).unwrap();
+        }
         Some(Reference { package: package.to_string_lossy().into_owned(), ..self.clone() })
     }
 

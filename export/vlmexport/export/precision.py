@@ -1,8 +1,9 @@
 """Precision variants derived from the FP32 graphs.
 
 fp32  the exported graphs as they are.
-fp16  weights and most activations in float16; inputs/outputs (including the
-      KV cache) stay float32 so the runtime feeds every variant the same way.
+fp16  weights and most activations in float16; the KV cache's inputs and outputs too
+      (a step casts no cache, which grows with the context); the other inputs and
+      outputs stay float32.
 int8  8-bit MatMul weights; activations, the KV cache and the remaining
       weights (embeddings, convolutions) stay fp32. The decoder stores them in
       blocks for MatMulNBits, the other graphs use dynamic quantization (see
@@ -65,7 +66,9 @@ def make_variant(variant: str, graph: str, fp32_path: Path, out_path: Path) -> N
         raise ValueError(variant)
 
 
-def to_fp16(src: Path, dst: Path) -> None:
+def to_fp16(src: Path, dst: Path, check: bool = True) -> None:
+    """`check`: onnx's checker on the result (it refuses ONNX Runtime's contrib ops that sit in
+    the default domain, such as SimplifiedLayerNormalization in hand-built graphs)."""
     from onnxconverter_common import float16
 
     model = onnx.load(str(src))
@@ -86,10 +89,12 @@ def to_fp16(src: Path, dst: Path) -> None:
         )
     _fix_float_casts(model)
     _drop_fp16_round_trips(model)
+    _cache_in_fp16(model)
     from vlmexport.export.onnx_graph import save_model
 
     save_model(model, dst)
-    onnx.checker.check_model(str(dst))
+    if check:
+        onnx.checker.check_model(str(dst))
 
 
 def _isolate_graph_outputs(model: onnx.ModelProto) -> None:
@@ -197,6 +202,65 @@ def _drop_fp16_round_trips(model: onnx.ModelProto) -> None:
     unread = [n for n in model.graph.node if cast_to(n) == TensorProto.FLOAT16 and n.output[0] not in read]
     for node in unread:
         model.graph.node.remove(node)
+
+
+# The decoder's cache tensors (families/shared.py): the older and recent blocks it reads, the
+# block or buffer it returns.
+KV_CACHE_PREFIXES = ("older_key_values.", "past_key_values.", "present.")
+
+
+def _cache_in_fp16(model: onnx.ModelProto) -> None:
+    """Make the KV cache's graph inputs and outputs fp16, as the graph computes it.
+
+    keep_io_types left every float input and output fp32 behind a cast: for the cache that is
+    a cast of the whole cache, both ways, at every step (and on a GPU, twice its bytes moved).
+    A cast to fp16 after a cache input goes (its readers read the input); a reader kept in
+    fp32 gets its own cast; a cast to fp32 before a cache output goes (the fp16 value is
+    renamed to the output).
+    """
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def is_cast(node: onnx.NodeProto | None, to: int) -> bool:
+        return node is not None and node.op_type == "Cast" and any(a.name == "to" and a.i == to for a in node.attribute)
+
+    def rename(old: str, new: str) -> None:
+        for node in graph.node:
+            node.input[:] = [new if name == old else name for name in node.input]
+            node.output[:] = [new if name == old else name for name in node.output]
+
+    for value in graph.input:
+        if not value.name.startswith(KV_CACHE_PREFIXES) or value.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+        for reader in [n for n in graph.node if value.name in n.input]:
+            if is_cast(reader, TensorProto.FLOAT16):
+                graph.node.remove(reader)
+                rename(reader.output[0], value.name)
+            else:
+                widened = f"{value.name}__fp32_for_{reader.name}"
+                graph.node.insert(
+                    0, helper.make_node("Cast", [value.name], [widened], name=widened, to=TensorProto.FLOAT)
+                )
+                reader.input[:] = [widened if name == value.name else name for name in reader.input]
+    for value in graph.output:
+        if not value.name.startswith(KV_CACHE_PREFIXES) or value.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+        cast = producer.get(value.name)
+        if is_cast(cast, TensorProto.FLOAT):
+            graph.node.remove(cast)
+            rename(cast.input[0], value.name)
+        else:
+            narrowed = f"{value.name}__fp32"
+            rename(value.name, narrowed)
+            graph.node.append(
+                helper.make_node("Cast", [narrowed], [value.name], name=value.name, to=TensorProto.FLOAT16)
+            )
+    kept = {v.name for v in list(graph.input) + list(graph.output)}
+    stale = [v for v in graph.value_info if v.name in kept]
+    for v in stale:
+        graph.value_info.remove(v)
 
 
 def _fix_float_casts(model: onnx.ModelProto) -> None:
