@@ -175,6 +175,13 @@ def _fp32_nodes(model: onnx.ModelProto) -> list[str]:
     return sorted(blocked)
 
 
+def _cast_to(node: onnx.NodeProto | None) -> int | None:
+    """The element type a Cast node casts to; None for any other node."""
+    if node is None or node.op_type != "Cast":
+        return None
+    return next(a.i for a in node.attribute if a.name == "to")
+
+
 def _drop_fp16_round_trips(model: onnx.ModelProto) -> None:
     """Let fp32 nodes read each other's outputs without a pass through fp16.
 
@@ -186,20 +193,12 @@ def _drop_fp16_round_trips(model: onnx.ModelProto) -> None:
     """
     producer = {out: node for node in model.graph.node for out in node.output}
     declared = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
-
-    def cast_to(node: onnx.NodeProto) -> int | None:
-        return next(a.i for a in node.attribute if a.name == "to") if node.op_type == "Cast" else None
-
     for node in model.graph.node:
-        first = producer.get(node.input[0]) if cast_to(node) == TensorProto.FLOAT else None
-        if (
-            first is not None
-            and cast_to(first) == TensorProto.FLOAT16
-            and declared.get(first.input[0]) == TensorProto.FLOAT
-        ):
+        first = producer.get(node.input[0]) if _cast_to(node) == TensorProto.FLOAT else None
+        if _cast_to(first) == TensorProto.FLOAT16 and declared.get(first.input[0]) == TensorProto.FLOAT:
             node.input[0] = first.input[0]
     read = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
-    unread = [n for n in model.graph.node if cast_to(n) == TensorProto.FLOAT16 and n.output[0] not in read]
+    unread = [n for n in model.graph.node if _cast_to(n) == TensorProto.FLOAT16 and n.output[0] not in read]
     for node in unread:
         model.graph.node.remove(node)
 
@@ -221,9 +220,6 @@ def _cache_in_fp16(model: onnx.ModelProto) -> None:
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
 
-    def is_cast(node: onnx.NodeProto | None, to: int) -> bool:
-        return node is not None and node.op_type == "Cast" and any(a.name == "to" and a.i == to for a in node.attribute)
-
     def rename(old: str, new: str) -> None:
         for node in graph.node:
             node.input[:] = [new if name == old else name for name in node.input]
@@ -234,7 +230,7 @@ def _cache_in_fp16(model: onnx.ModelProto) -> None:
             continue
         value.type.tensor_type.elem_type = TensorProto.FLOAT16
         for reader in [n for n in graph.node if value.name in n.input]:
-            if is_cast(reader, TensorProto.FLOAT16):
+            if _cast_to(reader) == TensorProto.FLOAT16:
                 graph.node.remove(reader)
                 rename(reader.output[0], value.name)
             else:
@@ -248,7 +244,7 @@ def _cache_in_fp16(model: onnx.ModelProto) -> None:
             continue
         value.type.tensor_type.elem_type = TensorProto.FLOAT16
         cast = producer.get(value.name)
-        if is_cast(cast, TensorProto.FLOAT):
+        if _cast_to(cast) == TensorProto.FLOAT:
             graph.node.remove(cast)
             rename(cast.input[0], value.name)
         else:
