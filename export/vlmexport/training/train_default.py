@@ -3,6 +3,8 @@
 
     .venv/bin/python -m vlmexport.training.train_default --out models/shapes-vlm
     .venv/bin/python -m vlmexport.training.train_default --recipe free --out /tmp/free/shapes-vlm
+    .venv/bin/python -m vlmexport.training.train_default --recipe free --init /tmp/free/shapes-vlm/checkpoint \
+        --vision-steps 0 --steps 1500 --grid-share 0.5 --lr 5e-4 --out /tmp/more   # train a saved model on
 
 1. Builds a byte-level BPE tokenizer on the task's text (questions, answers, captions, chat
    words) plus the idefics3 special tokens, and the real Idefics3Processor with SmolVLM's chat
@@ -584,6 +586,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="writes checkpoint/, package/, eval/, training.json")
     parser.add_argument("--recipe", choices=RECIPES, default="grid", help="what the model sees and learns from")
+    parser.add_argument(
+        "--init", type=Path, help="go on training this checkpoint (its weights and processor) instead of new ones"
+    )
+    parser.add_argument("--grid-share", type=float, help="of the scenes: grid ones (default: the recipe's)")
     parser.add_argument("--steps", type=int, help="joint steps (default: the recipe's)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1.5e-3)
@@ -605,9 +611,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     recipe = RECIPES[args.recipe]
-    recipe = replace(recipe, steps=args.steps or recipe.steps, vision_steps=args.vision_steps or recipe.vision_steps)
-    processor = build_processor(recipe, synthetic.TRAIN_SEED)
-    model = build_model(recipe, processor.tokenizer, args.seed)
+    chosen = {"steps": args.steps, "vision_steps": args.vision_steps, "grid_share": args.grid_share}
+    recipe = replace(recipe, **{k: v for k, v in chosen.items() if v is not None})
+    if args.init:
+        from transformers import AutoProcessor, Idefics3ForConditionalGeneration
+
+        processor = AutoProcessor.from_pretrained(args.init)
+        model = Idefics3ForConditionalGeneration.from_pretrained(args.init)
+    else:
+        processor = build_processor(recipe, synthetic.TRAIN_SEED)
+        model = build_model(recipe, processor.tokenizer, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters, vocabulary {len(processor.tokenizer)}", flush=True)
     batches = Batches(recipe, processor, seed=synthetic.TRAIN_SEED * 1000 + args.seed, batch_size=args.batch_size)
