@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Case, Reference, agreement, read_bool, read_f32, read_i64, references, unbatch};
-use vlmserve::engine::{Completion, Flow, GenerationParams, Model, Prompt, PromptImages};
+use vlmserve::engine::{CacheWrites, Completion, Flow, GenerationParams, Model, Prompt, PromptImages};
 use vlmserve::family::TensorData;
 use vlmserve::package::Precision;
 
@@ -103,7 +103,12 @@ fn fused_attention_decoders_match_pytorch() {
         for precision in [Precision::Fp32, Precision::Fp16] {
             let mut model = reference.load(precision);
             let family = &reference.family;
-            assert!(model.kv_layout().in_place, "{family} {precision}: the fused decoder writes its cache in place");
+            let writes = model.kv_layout().writes;
+            assert_eq!(
+                writes,
+                CacheWrites::InPlace,
+                "{family} {precision}: the fused decoder writes its cache in place"
+            );
             let (mut agreed, mut total) = (0, 0);
             for case in &reference.cases {
                 let prompt = reference_prompt(&model, &reference, case);

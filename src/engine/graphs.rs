@@ -11,7 +11,7 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType};
 
 use super::EngineError;
-use super::kv_cache::{KvCache, KvLayout};
+use super::kv_cache::{CacheWrites, KvCache, KvLayout};
 use super::tensors::{last_rows, on_host, tensor_bytes, to_f32_array, to_value};
 use crate::family::{NamedTensor, TensorData};
 use crate::runtime::{self, GraphOptions};
@@ -274,7 +274,9 @@ impl Decoder {
         }
         let mut layout = KvLayout::from_session(&session)?;
         let placement = Placement::of(&session, options);
-        layout.settle &= matches!(placement, Placement::Host);
+        if layout.writes == CacheWrites::AppendAndSettle && !matches!(placement, Placement::Host) {
+            layout.writes = CacheWrites::Append;
+        }
         let embeds_type = input_type(&session, "inputs_embeds").unwrap_or(TensorElementType::Float32);
         let has_cache_branch = input_type(&session, "use_cache_branch").is_some();
         let cache_allocator = arena_allocator(&session);
@@ -328,7 +330,7 @@ impl Decoder {
         }
         let mut inputs: Vec<(Cow<'static, str>, &DynValue)> =
             owned.iter().map(|(name, value)| (Cow::Borrowed(*name), value)).collect();
-        let (past, in_place) = if self.layout.in_place {
+        let (past, in_place) = if self.layout.writes == CacheWrites::InPlace {
             (&[][..], Some(InPlace { names: &self.layout.tensors, tensors: &mut cache.recent }))
         } else {
             (&cache.recent[..], None)
@@ -370,7 +372,7 @@ mod tests {
     use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
     use ort::value::{DynTensorValueType, Tensor};
 
-    use super::{Decoder, KvCache, Placement, RunCost};
+    use super::{CacheWrites, Decoder, KvCache, Placement, RunCost};
     use crate::runtime::{self, GraphOptions};
 
     fn decoder() -> Decoder {
@@ -437,7 +439,7 @@ mod tests {
         bound.placement = Placement::Device(
             MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).unwrap(),
         );
-        bound.layout.settle = false;
+        bound.layout.writes = CacheWrites::Append;
         let mut logits = Vec::new();
         let mut older_widths = Vec::new();
         let mut transferred = Vec::new();

@@ -36,6 +36,22 @@ use super::tensors::{empty_float, host_copy, on_host, tensor_bytes};
 /// be copied again after a few steps.
 const SPARE_COLUMNS: usize = 64;
 
+/// How the decoder writes new positions into the cache it is given, and so what the cache does
+/// after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheWrites {
+    /// `present` is the recent block with the new positions appended, and positions move from
+    /// the recent blocks into the older blocks now and then. Only on the host: on a device the
+    /// move would bring the blocks across to the host.
+    AppendAndSettle,
+    /// `present` is the recent block with the new positions appended, and it keeps them all (a
+    /// decoder without older blocks, or one on a device: its older blocks stay empty).
+    Append,
+    /// The decoder writes the new positions into the buffer it is given and returns that buffer
+    /// (present's length axis is past's): the fused decoder.
+    InPlace,
+}
+
 /// Shape of the cache as the decoder declares it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KvLayout {
@@ -44,13 +60,7 @@ pub struct KvLayout {
     /// The older-block input of each cache tensor, in the same order; empty when the decoder
     /// has none.
     pub older: Vec<String>,
-    /// Whether positions move from the recent blocks into the older blocks. Only on the host:
-    /// on a device the move would bring the blocks across to the host, so there the older
-    /// blocks stay empty and the graph extends the recent block with the whole cache.
-    pub settle: bool,
-    /// Whether the decoder writes the new positions into the buffer it is given and returns
-    /// that buffer (present's length axis is past's): the fused decoder.
-    pub in_place: bool,
+    pub writes: CacheWrites,
     pub layers: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
@@ -91,17 +101,12 @@ impl KvLayout {
             dims.ok_or_else(|| EngineError::GraphMismatch("decoder has no past_key_values inputs".into()))?;
         let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         let older = older_inputs(&inputs, &tensors)?;
-        let in_place = written_in_place(&in_place, !older.is_empty())?;
-        Ok(Self {
-            layers: tensors.len() / 2,
-            tensors,
-            settle: !older.is_empty(),
-            in_place,
-            older,
-            kv_heads,
-            head_dim,
-            element_type,
-        })
+        let writes = match written_in_place(&in_place, !older.is_empty())? {
+            true => CacheWrites::InPlace,
+            false if older.is_empty() => CacheWrites::Append,
+            false => CacheWrites::AppendAndSettle,
+        };
+        Ok(Self { layers: tensors.len() / 2, tensors, writes, older, kv_heads, head_dim, element_type })
     }
 
     /// Bytes of cache one token occupies across all layers.
@@ -188,10 +193,7 @@ pub struct KvCache {
     dims: (usize, usize),
     /// The layer whose recent blocks move into its older blocks after the next single step.
     turn: usize,
-    /// See [`KvLayout::settle`].
-    settle: bool,
-    /// See [`KvLayout::in_place`].
-    in_place: bool,
+    writes: CacheWrites,
     /// Bytes brought from the device to the host since [`KvCache::take_transferred`] last ran.
     transferred: usize,
 }
@@ -216,8 +218,7 @@ impl KvCache {
             element_type: layout.element_type,
             dims: (layout.kv_heads, layout.head_dim),
             turn: 0,
-            settle: layout.settle,
-            in_place: layout.in_place,
+            writes: layout.writes,
             transferred: 0,
         }
     }
@@ -260,14 +261,22 @@ impl KvCache {
     ) -> Result<(), EngineError> {
         self.width += new;
         self.lens.iter_mut().for_each(|len| *len += new);
-        if self.in_place {
+        match self.writes {
             // `values` are the buffers themselves, written by the decoder.
-            return Ok(());
+            CacheWrites::InPlace => Ok(()),
+            CacheWrites::Append => {
+                self.recent = values;
+                Ok(())
+            }
+            CacheWrites::AppendAndSettle => {
+                self.recent = values;
+                self.settle(new, allocator)
+            }
         }
-        self.recent = values;
-        if !self.settle {
-            return Ok(());
-        }
+    }
+
+    /// Move one layer's recent blocks into its older blocks (every layer's after `new` > 1).
+    fn settle(&mut self, new: usize, allocator: &Allocator) -> Result<(), EngineError> {
         let layers = self.recent.len() / 2;
         let settle = if new > 1 {
             0..2 * layers
@@ -296,7 +305,7 @@ impl KvCache {
     /// for other caches.
     pub(super) fn reserve(&mut self, new: usize, allocator: &Allocator) -> Result<(), EngineError> {
         let needed = self.width + new;
-        if !self.in_place || self.capacity() >= needed {
+        if self.writes != CacheWrites::InPlace || self.capacity() >= needed {
             return Ok(());
         }
         self.transferred += self.bring_to_host()?;
@@ -310,7 +319,7 @@ impl KvCache {
     /// device memory of `device`, where the decoder then writes them step after step. Returns
     /// the bytes copied.
     pub(super) fn place_buffers(&mut self, device: &MemoryInfo) -> Result<usize, EngineError> {
-        if !self.in_place {
+        if self.writes != CacheWrites::InPlace {
             return Ok(0);
         }
         let mut bytes = 0;
@@ -392,7 +401,10 @@ impl KvCache {
     fn blocks(&self, t: usize) -> Vec<HeldBlock<'_>> {
         let older = self.older.get(t).map(|block| (block, block.shape()[2] as usize));
         let recent = &self.recent[t];
-        let held = if self.in_place { self.width } else { recent.shape()[2] as usize };
+        let held = match self.writes {
+            CacheWrites::InPlace => self.width,
+            _ => recent.shape()[2] as usize,
+        };
         older.into_iter().chain(std::iter::once((recent, held))).collect()
     }
 
@@ -405,7 +417,7 @@ impl KvCache {
         let lens: Vec<usize> = rows.iter().map(|(cache, row)| cache.lens[*row]).collect();
         let width = lens.iter().copied().max().unwrap_or(0);
         let columns = match capacity.max(width) {
-            held if first.in_place => held + (held / 4).max(SPARE_COLUMNS),
+            held if first.writes == CacheWrites::InPlace => held + (held / 4).max(SPARE_COLUMNS),
             _ => width,
         };
         let gathered = (0..first.recent.len())
@@ -421,11 +433,10 @@ impl KvCache {
         let mut cache = Self { recent: gathered, older: Vec::new(), width, lens, turn: 0, transferred: 0, ..*first };
         if !first.older.is_empty() {
             let empty = (0..cache.recent.len()).map(|_| cache.empty_block(cache.rows())).collect::<Result<_, _>>()?;
-            if cache.settle {
-                cache.older = std::mem::replace(&mut cache.recent, empty);
-            } else {
-                cache.older = empty;
-            }
+            cache.older = match cache.writes {
+                CacheWrites::AppendAndSettle => std::mem::replace(&mut cache.recent, empty),
+                _ => empty,
+            };
         }
         Ok(cache)
     }
@@ -452,10 +463,10 @@ impl KvCache {
         cache.width = len;
         cache.lens = vec![len];
         let empty = || (0..layout.tensors.len()).map(|_| cache.empty_block(1)).collect::<Result<Vec<_>, _>>();
-        (cache.older, cache.recent) = match (layout.older.is_empty(), layout.settle) {
+        (cache.older, cache.recent) = match (layout.older.is_empty(), layout.writes) {
             (true, _) => (Vec::new(), filled),
-            (false, true) => (filled, empty()?),
-            (false, false) => (empty()?, filled),
+            (false, CacheWrites::AppendAndSettle) => (filled, empty()?),
+            (false, _) => (empty()?, filled),
         };
         Ok(cache)
     }
@@ -643,7 +654,7 @@ mod tests {
 
     use std::sync::Arc;
 
-    use super::{EngineError, KvCache, KvLayout, SPARE_COLUMNS, older_inputs, written_in_place};
+    use super::{CacheWrites, EngineError, KvCache, KvLayout, SPARE_COLUMNS, older_inputs, written_in_place};
     use crate::engine::BLOCK_TOKENS;
     use crate::engine::prefix_cache::{Block, Columns};
 
@@ -659,8 +670,7 @@ mod tests {
         KvLayout {
             tensors,
             older,
-            settle: true,
-            in_place: false,
+            writes: CacheWrites::AppendAndSettle,
             layers: 2,
             kv_heads: HEADS,
             head_dim: DIM,
@@ -766,7 +776,7 @@ mod tests {
     #[test]
     fn a_decoder_without_older_blocks_keeps_every_position_in_the_recent_block() {
         crate::runtime::init(None, &[]).unwrap_or_else(|e| panic!("{e}"));
-        let layout = KvLayout { older: Vec::new(), settle: false, ..layout() };
+        let layout = KvLayout { older: Vec::new(), writes: CacheWrites::Append, ..layout() };
         let mut cache = KvCache::empty(&layout).unwrap();
         cache.advance(present(&cache, 0, 4), 4, &heap()).unwrap();
         cache.advance(present(&cache, 0, 1), 1, &heap()).unwrap();
@@ -814,7 +824,7 @@ mod tests {
     #[test]
     fn buffers_written_in_place_grow_with_room_and_keep_their_rows_through_joins() {
         crate::runtime::init(None, &[]).unwrap_or_else(|e| panic!("{e}"));
-        let layout = KvLayout { older: Vec::new(), settle: false, in_place: true, ..layout() };
+        let layout = KvLayout { older: Vec::new(), writes: CacheWrites::InPlace, ..layout() };
         let mut cache = KvCache::empty(&layout).unwrap();
         step_in_place(&mut cache, 0, 4);
         let capacity = cache.capacity();
@@ -873,7 +883,7 @@ mod tests {
     #[test]
     fn blocks_read_from_a_row_rebuild_its_positions_in_either_layout() {
         crate::runtime::init(None, &[]).unwrap_or_else(|e| panic!("{e}"));
-        for layout in [layout(), KvLayout { older: Vec::new(), settle: false, ..layout() }] {
+        for layout in [layout(), KvLayout { older: Vec::new(), writes: CacheWrites::Append, ..layout() }] {
             // 69 positions: a prompt chunk, then single steps (older and recent blocks both
             // hold some), beside a shorter row right-aligned after it.
             let mut cache = KvCache::empty(&layout).unwrap();

@@ -28,7 +28,7 @@ pub use generate::{
     TokenLogprob, Usage,
 };
 pub use grammar::{Constraint, Guide, compact_schema};
-pub use kv_cache::{KvCache, KvLayout};
+pub use kv_cache::{CacheWrites, KvCache, KvLayout};
 pub use model::{Codec, GraphChoice, Model, ModelInfo, ModelOptions};
 pub use prefix_cache::{BLOCK_TOKENS, PrefixCache};
 pub use sampler::{Sampler, SamplingParams};
