@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vlmexport import fixtures
+
 EXPORT_DIR = Path(__file__).resolve().parent.parent
 REPO = EXPORT_DIR.parent
 FIXTURE = REPO / "tests" / "fixtures" / "idefics3-tiny"
@@ -20,7 +22,7 @@ IMAGE_CASES = [name for name, case in CASES.items() if case["pixel_values"] is n
 def load_array(entry):
     if entry is None:
         return None
-    array = np.load(FIXTURE / entry["file"])
+    array = fixtures.load_array(FIXTURE / entry["file"])
     assert list(array.shape) == entry["shape"] and str(array.dtype) == entry["dtype"]
     return array
 

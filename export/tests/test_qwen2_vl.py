@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+from vlmexport import fixtures
 from vlmexport.families import qwen2_vl
 
 FIXTURES = [REPO / "tests" / "fixtures" / name for name in ("qwen2-vl-tiny", "qwen2.5-vl-tiny")]
@@ -21,7 +22,7 @@ def cases(fixture):
 
 def array(fixture, case, key):
     entry = case.get(key)
-    return None if entry is None else np.load(fixture / entry["file"])
+    return None if entry is None else fixtures.load_array(fixture / entry["file"])
 
 
 def images_of(fixture, case):

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use image::RgbImage;
 use ndarray::{ArrayD, IxDyn};
+use ndarray_npy::{ReadNpyExt, ReadableElement};
 use serde::Deserialize;
 use vlmserve::engine::{GraphChoice, Model, ModelOptions};
 use vlmserve::package::Precision;
@@ -197,22 +198,24 @@ impl Case {
     }
 }
 
-pub fn read_f32(dir: &Path, array: &ArrayRef) -> ArrayD<f32> {
-    let a: ArrayD<f32> = ndarray_npy::read_npy(dir.join(&array.file)).unwrap();
-    assert_eq!(a.shape(), array.shape.as_slice());
+/// A reference array: an .npy file gzipped (vlmexport.fixtures.save_array), of the recorded shape.
+fn read_array<T: ReadableElement>(dir: &Path, array: &ArrayRef) -> ArrayD<T> {
+    let file = std::fs::File::open(dir.join(&array.file)).unwrap();
+    let a = ArrayD::<T>::read_npy(flate2::read::GzDecoder::new(file)).unwrap();
+    assert_eq!(a.shape(), array.shape.as_slice(), "{}", array.file);
     a
+}
+
+pub fn read_f32(dir: &Path, array: &ArrayRef) -> ArrayD<f32> {
+    read_array(dir, array)
 }
 
 pub fn read_i64(dir: &Path, array: &ArrayRef) -> ArrayD<i64> {
-    let a: ArrayD<i64> = ndarray_npy::read_npy(dir.join(&array.file)).unwrap();
-    assert_eq!(a.shape(), array.shape.as_slice());
-    a
+    read_array(dir, array)
 }
 
 pub fn read_bool(dir: &Path, array: &ArrayRef) -> ArrayD<bool> {
-    let a: ArrayD<bool> = ndarray_npy::read_npy(dir.join(&array.file)).unwrap();
-    assert_eq!(a.shape(), array.shape.as_slice());
-    a
+    read_array(dir, array)
 }
 
 /// Drop the leading batch axis of size 1 that HF processors return.
