@@ -1,22 +1,22 @@
 #!/usr/bin/env python
 """Train vlmserve's default model on synthetic shape scenes and export it (CPU, seeded).
 
-    .venv/bin/python -m vlmexport.training.train_default --out models/shapes-vlm
-    .venv/bin/python -m vlmexport.training.train_default --recipe free --out /tmp/free/shapes-vlm
-    .venv/bin/python -m vlmexport.training.train_default --recipe free --init /tmp/free/shapes-vlm/checkpoint \
+    .venv/bin/python -m vlmexport.training.train_default --out /tmp/free/shapes-vlm   # the committed model
+    .venv/bin/python -m vlmexport.training.train_default --recipe grid --out /tmp/grid/shapes-vlm   # its predecessor
+    .venv/bin/python -m vlmexport.training.train_default --init /tmp/free/shapes-vlm/checkpoint \
         --vision-steps 0 --steps 1500 --grid-share 0.5 --lr 5e-4 --out /tmp/more   # train a saved model on
 
 1. Builds a byte-level BPE tokenizer on the task's text (questions, answers, captions, chat
    words) plus the idefics3 special tokens, and the real Idefics3Processor with SmolVLM's chat
    template (tiny_idefics3.py). Images are squashed to one square tile (no splitting) and cut
-   into patches as the recipe (RECIPES, --recipe) says: `grid`, the committed model, one
-   96x96 tile of 4x4 patches of 24 pixels, one per cell of the grid scenes, each patch one
-   image token (16); `free`, one 120x120 tile of 10x10 patches of 12 pixels, 2x2 patches per
-   token (pixel shuffle, 25 tokens).
+   into patches as the recipe (RECIPES, --recipe) says: `free`, the committed model, one
+   120x120 tile of 10x10 patches of 12 pixels, 2x2 patches per token (pixel shuffle, 25
+   tokens); `grid`, its predecessor, one 96x96 tile of 4x4 patches of 24 pixels, one per cell
+   of the grid scenes, each patch one image token (16).
 2. Trains an Idefics3ForConditionalGeneration of small size on scenes drawn on the fly from
    synthetic.py's training seed: grid scenes (`grid`), or free scenes (shapes anywhere, any
-   size, canvas, background and shade, turned, PNG or JPEG) with a fifth grid scenes
-   (`free`). Two stages. First the vision encoder and connector alone (warm_up_vision): a
+   size, canvas, background and shade, turned, PNG or JPEG) with a fifth grid scenes in the
+   first stage and half in the second (`free`). Two stages. First the vision encoder and connector alone (warm_up_vision): a
    training-only probe (VisionProbe) asks every image token for the colour, shape and place
    of the object that covers most of it; without the text model these steps cost less, and
    in `free` the free scenes' variations come one after another (Recipe.nuisance_stages).
@@ -32,7 +32,7 @@
    it names, and the position that predicts an answer attends to the question's words. From
    the answers alone the model took thousands of steps to stop guessing between objects. A
    forked worker draws and processes the batches while the main process trains (prefetched).
-3. Saves the checkpoint and processor in OUT/checkpoint (save_pretrained), exports it with
+3. Saves the checkpoint (weights in fp16) and processor in OUT/checkpoint (save_pretrained), exports it with
    `python -m vlmexport.export` (fp32, fp16, int8) into OUT/package, and writes the held-out evaluation set
    (synthetic.py's evaluation seed) into OUT/eval.
 
@@ -93,7 +93,10 @@ class Recipe:
     patch: int
     scale_factor: int  # pixel shuffle: scale_factor x scale_factor patches per image token
     vision: tuple[int, int, int, int]  # hidden, MLP, layers, heads
-    grid_share: float  # of the scenes: grid scenes (synthetic.random_scene); the rest free
+    # Of the scenes, grid ones (synthetic.random_scene; the rest free) in the vision stage and
+    # in the joint one: the vision stage learns to read free shapes, the joint stage must keep
+    # the grid scenes' counts and places too.
+    grid_share: tuple[float, float]
     # Of the probe's shape head against its other heads: a shape spread over several patches
     # is learnt only with this weight above 1 (models/shapes-vlm/README.md).
     shape_weight: float
@@ -129,18 +132,20 @@ class Recipe:
         """The free scenes' variations the vision stage draws at `step`."""
         return synthetic.Nuisances(**{name: step >= since * self.vision_steps for since, name in self.nuisance_stages})
 
-    def scene(self, rng: random.Random, nuisances: synthetic.Nuisances, max_objects: int) -> synthetic.Scene:
+    def scene(
+        self, rng: random.Random, nuisances: synthetic.Nuisances, max_objects: int, grid_share: float
+    ) -> synthetic.Scene:
         # A recipe of grid scenes alone draws no share: its scenes stay those it always drew.
-        if self.grid_share == 1.0 or rng.random() < self.grid_share:
+        if grid_share == 1.0 or rng.random() < grid_share:
             return synthetic.random_scene(rng, max_objects)
         return synthetic.free_scene(rng, nuisances, max_objects)
 
 
 RECIPES = {
-    # The committed model: one object per patch of a 4x4 grid, so shapes lie within one patch
-    # (see synthetic.py); it misreads shapes drawn elsewhere.
-    "grid": Recipe(96, 24, 1, (96, 256, 3, 3), 1.0, 1.0, (), vision_steps=600, steps=6800),
-    # Towards pictures people draw (models/shapes-vlm/README.md has what it reaches): 10x10
+    # The previous default model: one object per patch of a 4x4 grid, so shapes lie within one
+    # patch (see synthetic.py); it misreads shapes drawn elsewhere.
+    "grid": Recipe(96, 24, 1, (96, 256, 3, 3), (1.0, 1.0), 1.0, (), vision_steps=600, steps=6800),
+    # The committed model, for pictures people draw (models/shapes-vlm/README.md): 10x10
     # patches of 12 pixels, 2x2 per token, a wider vision encoder, and the free scenes'
     # variations one after another in a longer vision stage (all at once, shapes were never
     # learnt), white square canvases of mid-sized upright shapes until the easy case is learnt
@@ -150,7 +155,7 @@ RECIPES = {
         12,
         2,
         (128, 512, 4, 4),
-        0.2,
+        (0.2, 0.5),
         5.0,
         (
             (0.40, "backgrounds"),
@@ -161,7 +166,7 @@ RECIPES = {
             (0.80, "rotation"),
         ),
         vision_steps=2800,
-        steps=4400,
+        steps=7500,
     ),
 }
 
@@ -383,7 +388,7 @@ class Batches:
         """The model's inputs with labels, and the vision probe's and attention guide's targets."""
         texts, images, scenes = [], [], []
         for _ in range(self.batch_size):
-            scene = self.recipe.scene(self.rng, synthetic.Nuisances(), max_objects)
+            scene = self.recipe.scene(self.rng, synthetic.Nuisances(), max_objects, self.recipe.grid_share[1])
             qas = turn_order(synthetic.sample_questions(scene, self.rng, MAX_TURNS, KIND_WEIGHTS))
             texts.append(self.processor.apply_chat_template(conversation(qas), tokenize=False))
             images.append([synthetic.render(scene)])
@@ -395,7 +400,8 @@ class Batches:
 
     def images(self, n: int, nuisances: synthetic.Nuisances) -> tuple[dict, dict[str, torch.Tensor]]:
         """n scenes as the vision encoder's inputs, with the probe's targets (no text)."""
-        scenes = [self.recipe.scene(self.rng, nuisances, synthetic.MAX_OBJECTS) for _ in range(n)]
+        share = self.recipe.grid_share[0]
+        scenes = [self.recipe.scene(self.rng, nuisances, synthetic.MAX_OBJECTS, share) for _ in range(n)]
         pixels = self.processor.image_processor([[synthetic.render(s)] for s in scenes], return_tensors="pt")
         return dict(pixels), probe_batch(self.recipe, scenes)
 
@@ -585,11 +591,13 @@ def export(checkpoint: Path, package: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="writes checkpoint/, package/, eval/, training.json")
-    parser.add_argument("--recipe", choices=RECIPES, default="grid", help="what the model sees and learns from")
+    parser.add_argument("--recipe", choices=RECIPES, default="free", help="what the model sees and learns from")
     parser.add_argument(
         "--init", type=Path, help="go on training this checkpoint (its weights and processor) instead of new ones"
     )
-    parser.add_argument("--grid-share", type=float, help="of the scenes: grid ones (default: the recipe's)")
+    parser.add_argument(
+        "--grid-share", type=float, help="of the joint stage's scenes: grid ones (default: the recipe's)"
+    )
     parser.add_argument("--steps", type=int, help="joint steps (default: the recipe's)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1.5e-3)
@@ -611,8 +619,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     recipe = RECIPES[args.recipe]
-    chosen = {"steps": args.steps, "vision_steps": args.vision_steps, "grid_share": args.grid_share}
+    chosen = {"steps": args.steps, "vision_steps": args.vision_steps}
     recipe = replace(recipe, **{k: v for k, v in chosen.items() if v is not None})
+    if args.grid_share is not None:
+        recipe = replace(recipe, grid_share=(recipe.grid_share[0], args.grid_share))
     if args.init:
         from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
@@ -634,7 +644,8 @@ def main() -> None:
     print(json.dumps(summary["pytorch_check"]), flush=True)
 
     checkpoint = args.out / "checkpoint"
-    model.save_pretrained(checkpoint)
+    # In fp16: half the committed bytes; the export reads the weights back as fp32.
+    model.to(torch.float16).save_pretrained(checkpoint)
     processor.save_pretrained(checkpoint)
     (args.out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     synthetic.write_eval_set(args.out / "eval", synthetic.EVAL_SEED, EVAL_IMAGES, EVAL_PER_IMAGE)
