@@ -1234,7 +1234,7 @@ fn the_default_model_lists_its_card_and_serves_its_examples() {
         ("triangle.png", "triangle"),
         ("three-shapes.png", "3"),
         ("left-or-right.png", "right"),
-        ("describe.jpg", "a green triangle and a red square"),
+        ("describe.jpg", "a purple star"),
     ]);
     assert_eq!(examples.len(), answers.len(), "{card}");
     for example in examples {

@@ -25,7 +25,7 @@ QAS = [
 @pytest.fixture(scope="module")
 def encoded():
     processor = AutoProcessor.from_pretrained(REPO / "models" / "shapes-vlm" / "checkpoint")
-    batches = td.Batches(td.RECIPES["grid"], processor, seed=0, batch_size=1)
+    batches = td.Batches(td.RECIPES["free"], processor, seed=0, batch_size=1)
     text = processor.apply_chat_template(td.conversation(QAS), tokenize=False)
     ids = processor(text=[text], images=[[synthetic.render(SCENE)]], return_tensors="pt")["input_ids"]
     tokens = processor.tokenizer.convert_ids_to_tokens(ids[0])
@@ -53,12 +53,13 @@ def test_words_attend_to_the_objects_they_name_and_answers_to_the_words(encoded)
     targets = batches.grounding.targets(ids, [SCENE])
     ground, answer = targets["ground"][0, 0], targets["answer"][0]
     images = positions(tokens, "<image>")
+    # The 96x96 scene squashed into the 120x120 tile: 10x10 patches, 2x2 of them per image
+    # token, tokens in raster order of a 5x5 grid; each object's centre patch names its token.
     cell = {
-        obj: images[row * 4 + col]
-        for obj, (row, col) in {RED_CIRCLE: (0, 0), BLUE_SQUARE: (2, 3), RED_STAR: (3, 1)}.items()
+        obj: images[row * 5 + col]
+        for obj, (row, col) in {RED_CIRCLE: (0, 0), BLUE_SQUARE: (3, 4), RED_STAR: (4, 1)}.items()
     }
-    # Image tokens follow the vision patches in raster order with pixel-shuffle scale 1.
-    assert [td.centre_token(td.RECIPES["grid"], SCENE, o) for o in (RED_CIRCLE, BLUE_SQUARE, RED_STAR)] == [0, 11, 13]
+    assert [td.centre_token(td.RECIPES["free"], SCENE, o) for o in (RED_CIRCLE, BLUE_SQUARE, RED_STAR)] == [0, 19, 21]
 
     looked_at = {i: set(ground[i].nonzero().flatten().tolist()) for i in range(len(tokens)) if ground[i].any()}
     circle, star, square = positions(tokens, "Ġcircle"), positions(tokens, "Ġstar"), positions(tokens, "Ġsquare")

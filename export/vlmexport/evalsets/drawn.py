@@ -202,58 +202,64 @@ def write(out: Path, n_images: int, per_image: int) -> int:
 
 ABOUT = (
     "Knows circles, squares, triangles and stars in eight colours (red, orange, yellow, green, cyan, "
-    "blue, purple, pink): their colours, shapes, number and places, on square pictures with up to four "
-    "shapes, each in its own cell of a 4x4 grid, like the examples. Shapes drawn elsewhere are often misread."
+    "blue, purple, pink): their colours, shapes, number and places, on pictures of up to four shapes "
+    "drawn anywhere, on light or dark backgrounds. It knows nothing else."
 )
 
 
-def in_grid(background, objects, side=192, smooth=True):
-    """A square picture with each object centred in a cell (column, row) of a 4x4 grid: what
-    the current default model was trained on."""
-    cell = side / 4
+def picture(width, height, background, objects, smooth=True):
+    """A picture of objects (shape, colour, centre x, centre y, radius, turn in degrees), in
+    pixels of a width x height canvas."""
     return dict(
-        width=side,
-        height=side,
+        width=width,
+        height=height,
         background=background,
         smooth=smooth,
         objects=[
-            dict(
-                shape=shape,
-                colour=colour,
-                cx=(col + 0.5) * cell,
-                cy=(row + 0.5) * cell,
-                r=0.36 * cell,
-                turn=0.0,
-                rgb=PALETTE[colour][1],
-            )
-            for shape, colour, col, row in objects
+            dict(shape=shape, colour=colour, cx=cx, cy=cy, r=r, turn=turn, rgb=PALETTE[colour][1])
+            for shape, colour, cx, cy, r, turn in objects
         ],
     )
 
 
-# (file, picture, question): what a person trying the model might ask.
+# (file, picture, question): what a person trying the model might draw and ask.
 EXAMPLES = [
     (
         "square-and-circle.png",
-        in_grid((255, 255, 255), [("square", "blue", 0, 2), ("circle", "green", 3, 1)]),
+        picture(320, 240, (255, 255, 255), [("square", "blue", 95, 150, 48, 0), ("circle", "green", 235, 85, 40, 0)]),
         "What color is the square?",
     ),
-    ("triangle.png", in_grid((250, 248, 240), [("triangle", "yellow", 2, 1)]), "What shape is the yellow object?"),
+    (
+        "triangle.png",
+        picture(480, 200, (250, 248, 240), [("triangle", "yellow", 300, 105, 60, 8)]),
+        "What shape is the yellow object?",
+    ),
     (
         "three-shapes.png",
-        in_grid((32, 32, 40), [("star", "red", 0, 0), ("circle", "cyan", 2, 1), ("triangle", "purple", 3, 3)]),
+        picture(
+            300,
+            300,
+            (32, 32, 40),
+            [
+                ("star", "red", 70, 75, 42, 0),
+                ("circle", "cyan", 175, 150, 45, 0),
+                ("triangle", "purple", 240, 245, 38, 0),
+            ],
+        ),
         "How many shapes are there?",
     ),
     (
         "left-or-right.png",
-        in_grid((222, 222, 222), [("circle", "pink", 3, 0), ("star", "orange", 0, 3)], smooth=False),
+        picture(
+            400,
+            300,
+            (222, 222, 222),
+            [("circle", "pink", 305, 95, 50, 0), ("star", "orange", 105, 205, 58, 0)],
+            smooth=False,
+        ),
         "Is the pink circle to the left or to the right of the orange star?",
     ),
-    (
-        "describe.jpg",
-        in_grid((255, 255, 255), [("triangle", "green", 0, 2), ("square", "red", 2, 0)]),
-        "Describe the image.",
-    ),
+    ("describe.jpg", picture(300, 200, (250, 248, 240), [("star", "purple", 150, 100, 60, 0)]), "Describe the image."),
 ]
 
 
