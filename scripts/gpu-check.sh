@@ -35,7 +35,7 @@
 # VLMSERVE_GPU_STAGES=parity,smoke,bench-model,compare (379 s), the next fused,load (59 s).
 #   here     bash scripts/gpu-check.sh pack && bash ../shared/gpu/prepare-ort-gpu.sh 50
 #            git rm -r -q --cached models tests && printf '/models/\n/tests/\n' >> .git/info/exclude
-#            (the transfers then carry 1 MB of tree instead of 36 MB of their 64 MiB)
+#            (the transfers then carry 1 MB of tree instead of 31 MB of their 64 MiB)
 #   call 1   carry .gpu/part4 .whl:  mkdir -p ~/ort-gpu/pieces && cp .gpu/part4/* ~/ort-gpu/pieces/
 #            && bash scripts/gpu-check.sh bench-model
 #   call 2   carry .gpu/part1 .gpu-carry-ort:  cp .gpu/part1/* ~/ort-gpu/pieces/ && bash scripts/gpu-check.sh ort-python
