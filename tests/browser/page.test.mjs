@@ -17,9 +17,10 @@ const browserPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const artifacts = path.join(root, "target/test-artifacts");
 // A red circle drawn by export/synthetic.py (`--example`); the question's answer is "red".
 const redCircle = path.join(root, "tests/fixtures/scenes/red-circle.png");
-// 300x170 = 51000 pixels: over the image limit this test sets below.
-const largeImage = path.join(root, "tests/fixtures/idefics3-tiny/images/large_nonsquare_0.png");
-const MAX_IMAGE_PIXELS = 40000;
+// 640x480 = 307200 pixels: over the image limit this test sets below, which the model's
+// example pictures (up to 400x300) are within.
+const largeImage = path.join(root, "models/shapes-vlm/eval-drawn/images/0011.png");
+const MAX_IMAGE_PIXELS = 150000;
 
 let server;
 let baseUrl;
