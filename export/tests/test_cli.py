@@ -115,8 +115,12 @@ def test_user_saved_checkpoint_exports(tmp_path):
     assert list(variants["variants"]) == ["fp32", "int8"]
     assert variants["variants"]["fp32"]["graphs"]["decoder_model_merged"]["fused"] is True
     assert variants["variants"]["int8"]["graphs"]["decoder_model_merged"]["fused"] is True
-    int8_ops = {n.op_type for n in onnx.load(out / "onnx" / "decoder_model_merged_int8.onnx").graph.node}
+    int8_nodes = [n.op_type for n in onnx.load(out / "onnx" / "decoder_model_merged_int8.onnx").graph.node]
+    int8_ops = set(int8_nodes)
     assert {"SkipSimplifiedLayerNormalization", "MatMulNBits"} <= int8_ops, int8_ops
+    # Each layer's query/key/value and gate/up projections are merged: 4 products a layer, and the LM head.
+    layers = json.loads((FIXTURE / "checkpoint/config.json").read_text())["text_config"]["num_hidden_layers"]
+    assert int8_nodes.count("MatMulNBits") == 4 * layers + 1
     assert not int8_ops & {"DynamicQuantizeLinear", "MatMulInteger"}, int8_ops
     vision_ops = {n.op_type for n in onnx.load(out / "onnx" / "vision_encoder_int8.onnx").graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= vision_ops, vision_ops
