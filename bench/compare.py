@@ -28,9 +28,10 @@ RSS: the largest process's). The peers:
 Scenarios: S1 one tile (splitting off), S2 the processor's defaults (a 512x512 image becomes
 17 tiles). Time to first token runs from the image file to the first token (processor
 included); decode tokens/s is over the tokens after the first. A memory-bandwidth probe gives
-the decode ceiling: read bandwidth / bytes of decoder weights (the probe runs before and after
-the rounds, so the ceiling is of the same run); a matrix-product probe gives the FP32 floor
-under time to first token: the tiles' vision-encoder FLOPs / the measured rate.
+the decode ceiling: read bandwidth / bytes a step reads, the decoder's weights and its KV cache
+(the probe runs before and after the rounds, so the ceiling is of the same run); a
+matrix-product probe gives the FP32 floor under time to first token: the tiles'
+vision-encoder FLOPs / the measured rate.
 Prints ratios (vlmserve / peer) and checks that all three produce the same greedy FP32 tokens
 in every scenario (exits 1 if not, after writing the table).
 
@@ -389,7 +390,7 @@ def compute_floor_lines(results: dict, args, gflop_s: float | None) -> list[str]
     return lines
 
 
-def report(results: dict, args, bandwidth: list[float] | None, decoder_bytes: int, floor_lines: list[str]) -> str:
+def report(results: dict, args, bandwidth: list[float] | None, floor_lines: list[str]) -> str:
     lines = [
         "| scenario | peer | prompt tokens | time to first token (s) | decode tok/s | peak RSS (MB) |",
         "|---|---|---|---|---|---|",
@@ -430,7 +431,7 @@ def report(results: dict, args, bandwidth: list[float] | None, decoder_bytes: in
                 f"| {r['decode_tok_s'] / ours['decode_tok_s']:.2f}x of vlmserve fp32 | {r['peak_rss_mb'] / torch['peak_rss_mb']:.2f}x "
                 f"(greedy tokens equal to fp32's: {same}/{len(ours['tokens'])}) |"
             )
-    lines += ["", ceiling_line(results, bandwidth, decoder_bytes), *floor_lines]
+    lines += ["", ceiling_line(results, args, bandwidth), *floor_lines]
     for scenario, same in fp32_agreement(results, args.peers).items():
         lines.append(
             f"Greedy tokens in {scenario} equal to vlmserve FP32's: {', '.join(f'{k} {v}' for k, v in same.items())}"
@@ -464,20 +465,47 @@ def agreeing_prefix(tokens: list[int], reference: list[int]) -> int:
     return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
 
 
-def ceiling_line(results: dict, bandwidth: list[float] | None, decoder_bytes: int) -> str:
-    """The CPU decode ceiling: read bandwidth (the probes before and after the rounds, and
-    their mean) over the decoder's weight bytes."""
+def cache_bytes_per_position(model_dir: str, precision: str) -> int:
+    """KV-cache bytes one cached position holds over every decoder layer (keys and values); the
+    fp16 variant's cache is float16, the others' float32."""
+    config = checkpoint_config(model_dir)
+    text = config.get("text_config", config)
+    heads = text["num_attention_heads"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    width = 2 if precision == "fp16" else 4
+    return text["num_hidden_layers"] * 2 * text.get("num_key_value_heads", heads) * head_dim * width
+
+
+def decoder_weight_bytes(model_dir: str, precision: str) -> int:
+    """Bytes of the decoder variant vlmserve runs: its graph and, above 2 GB, its external data."""
+    suffix = "" if precision == "fp32" else f"_{precision}"
+    decoder = vlmserve_package(model_dir) / f"onnx/decoder_model_merged{suffix}.onnx"
+    return sum(p.stat().st_size for p in (decoder, decoder.with_name(decoder.name + ".data")) if p.exists())
+
+
+def ceiling_line(results: dict, args, bandwidth: list[float] | None) -> str:
+    """The CPU decode ceiling per scenario and vlmserve variant: read bandwidth (the probes
+    before and after the rounds, and their mean) over the bytes a step must read, the decoder's
+    weights and the KV cache at the decode's middle position (a step reads every cached key and
+    value)."""
     if bandwidth is None:
         return ""
     mean = statistics.mean(bandwidth)
-    ceiling = mean * 1e9 / decoder_bytes
-    shares = "; ".join(
-        f"vlmserve {scenario} FP32 decode at {peers['vlmserve']['decode_tok_s'] / ceiling:.0%} of it"
-        for scenario, peers in results.items()
-    )
+    weights = {p: decoder_weight_bytes(args.model_dir, p) for p in args.precisions.split(",")}
+    shares = []
+    for scenario, peers in results.items():
+        positions = peers["vlmserve"]["prompt_tokens"] + args.new_tokens // 2
+        for precision, size in weights.items():
+            cache = cache_bytes_per_position(args.model_dir, precision) * positions
+            ours = peers["vlmserve" if precision == "fp32" else f"vlmserve {precision}"]
+            ceiling = mean * 1e9 / (size + cache)
+            shares.append(
+                f"{scenario} {precision.upper()}: {size / 1e6:.0f} MB of weights and {cache / 1e6:.0f} MB of cache, "
+                f"ceiling {ceiling:.1f} tok/s, vlmserve at {ours['decode_tok_s'] / ceiling:.0%} of it"
+            )
     return (
-        f"Read bandwidth {bandwidth[0]:.1f} GB/s before the rounds and {bandwidth[1]:.1f} GB/s after; decoder weights "
-        f"{decoder_bytes / 1e6:.0f} MB; decode ceiling {ceiling:.1f} tok/s; {shares}."
+        f"Read bandwidth {bandwidth[0]:.1f} GB/s before the rounds and {bandwidth[1]:.1f} GB/s after; "
+        f"a decode step reads the decoder's weights and the cache: {'; '.join(shares)}."
     )
 
 
@@ -524,12 +552,9 @@ def main() -> None:
         Image.open(REPO / "tests/fixtures/scenes/red-circle.png").convert("RGB").resize((512, 512)).save(args.image)
     before = None if args.cuda else read_bandwidth_gb_s(args.threads)
     gflop_s = None if args.cuda else matmul_gflop_s(args.threads)
-    decoder = vlmserve_package(args.model_dir) / "onnx/decoder_model_merged.onnx"
-    # Weights above 2 GB live in an external data file beside the graph.
-    decoder_bytes = sum(p.stat().st_size for p in (decoder, decoder.with_name(decoder.name + ".data")) if p.exists())
     results = {scenario: alternating_rounds(scenario, args) for scenario in args.scenarios.split(",")}
     bandwidth = None if args.cuda else [before, read_bandwidth_gb_s(args.threads)]
-    text = report(results, args, bandwidth, decoder_bytes, compute_floor_lines(results, args, gflop_s))
+    text = report(results, args, bandwidth, compute_floor_lines(results, args, gflop_s))
     print(text)
     if args.out:
         title = "## GPU peers:" if args.cuda else "## Peers:"
