@@ -104,3 +104,70 @@ def test_fp16_conversion_keeps_rotary_angles_and_patch_positions_exact(tmp_path)
         np.testing.assert_allclose(g, w, atol=5e-4, rtol=0, err_msg=name)
     for name, w, g in zip(("bucket", "buckets_ahead"), want[2:], got[2:]):
         np.testing.assert_array_equal(g, w, err_msg=name)
+
+
+def projections_graph(path, shared: bool = True):
+    """x feeds three projections (widths 128, 64, 64) and x * 2 a fourth, alone; the second
+    projection's output is read twice. Not `shared`, each projection reads its own Identity
+    of x, so none merge: the same values without the merge."""
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.normal(size=(256, n)).astype(np.float32), name)
+        for name, n in (("q", 128), ("k", 64), ("v", 64), ("o", 32))
+    ]
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    inputs = {name: "x" if shared else f"x_{name}" for name in "qkv"}
+    copies = [] if shared else [helper.make_node("Identity", ["x"], [x]) for x in inputs.values()]
+    nodes = [
+        *copies,
+        helper.make_node("MatMul", [inputs["q"], "q"], ["yq"]),
+        helper.make_node("MatMul", [inputs["k"], "k"], ["yk"]),
+        helper.make_node("Mul", ["x", "two"], ["doubled"]),
+        helper.make_node("MatMul", ["doubled", "o"], ["yo"]),
+        helper.make_node("MatMul", [inputs["v"], "v"], ["yv"]),
+        helper.make_node("Add", ["yk", "yv"], ["kv"]),
+        helper.make_node("Neg", ["yk"], ["nk"]),
+    ]
+    outputs = [("yq", 128), ("kv", 64), ("nk", 64), ("yo", 32)]
+    graph = helper.make_graph(
+        nodes,
+        "projections",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 256])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 3, n]) for name, n in outputs],
+        [*weights, two],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+
+
+def run_on(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+
+def test_projections_reading_one_activation_merge_without_changing_values(tmp_path):
+    src, merged = tmp_path / "g.onnx", tmp_path / "merged.onnx"
+    projections_graph(src)
+    model = onnx.load(src)
+    assert precision.merge_shared_input_matmuls(model) == 1
+    onnx.checker.check_model(model)
+    onnx.save(model, merged)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMul") == 2 and ops.count("Split") == 1, ops
+    assert sorted(i.name for i in model.graph.initializer if i.name in {"q", "k", "v", "o"}) == ["o"]
+    x = np.random.default_rng(1).normal(size=(2, 3, 256)).astype(np.float32)
+    for want, got in zip(run_on(src, x), run_on(merged, x)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_int8_decoder_merges_projections_with_the_values_of_separate_ones(tmp_path):
+    """MatMulNBits quantizes each column's blocks alone: merged or not, the same int8 values."""
+    shared, separate = tmp_path / "shared.onnx", tmp_path / "separate.onnx"
+    projections_graph(shared)
+    projections_graph(separate, shared=False)
+    for path in (shared, separate):
+        precision.to_int8_blockwise(path, path.with_name(f"{path.stem}_int8.onnx"))
+    quantized = {p: onnx.load(tmp_path / f"{p}_int8.onnx").graph.node for p in ("shared", "separate")}
+    assert [n.op_type for n in quantized["shared"]].count("MatMulNBits") == 2
+    assert [n.op_type for n in quantized["separate"]].count("MatMulNBits") == 4
+    x = np.random.default_rng(1).normal(size=(2, 3, 256)).astype(np.float32)
+    for want, got in zip(run_on(tmp_path / "separate_int8.onnx", x), run_on(tmp_path / "shared_int8.onnx", x)):
+        np.testing.assert_array_equal(got, want)

@@ -17,8 +17,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 
 @dataclass(frozen=True)
@@ -311,17 +312,75 @@ def to_int8_blockwise(src: Path, dst: Path) -> None:
     one MatMulNBits node per matmul is faster, with less logit error (a scale per block
     of 128, not per tensor). Accuracy level 4 quantizes each activation row per block to
     int8 and runs VNNI dot products; levels 0-3 dequantize the weights to float on every
-    call. Smaller blocks were slower on a long prefill for little accuracy. The figures
-    are in docs/benchmarks.md ("Measurements behind design choices").
+    call. Smaller blocks were slower on a long prefill for little accuracy. The projections
+    that read one activation are one node (merge_shared_input_matmuls). The figures are in
+    docs/benchmarks.md ("Measurements behind design choices").
     """
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     logging.getLogger().setLevel(logging.ERROR)
     config = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, accuracy_level=4, bits=8)
     # Only MatMuls with a constant weight are quantized; Q@K^T and attn@V stay fp32.
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config, op_types_to_quantize=("MatMul",))
+    model = onnx.load(str(src))
+    merge_shared_input_matmuls(model)
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config, op_types_to_quantize=("MatMul",))
     quantizer.process()
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=needs_external_data(src))
+
+
+def merge_shared_input_matmuls(model: onnx.ModelProto) -> int:
+    """Replace the MatMuls with a constant 2-D weight that read one activation (a layer's query,
+    key and value projections; its gate and up projections) by one MatMul over their weights
+    side by side and a Split of its last axis. Returns the number of groups merged.
+
+    For the int8 decoder (to_int8_blockwise): its decode steps are bound by their node count,
+    not their bytes, and each MatMulNBits quantizes its activation again. Every output column is
+    the same dot product as before, and MatMulNBits quantizes each column's blocks alone, so no
+    value changes. The fp32 decoder keeps its projections (its steps are bound by the weights'
+    bytes; merged, a long prefill was slower), and so do the per-tensor int8 graphs, where
+    merged projections would share one scale.
+    """
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    groups: dict[str, list] = {}
+    for node in graph.node:
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is not None and len(weight.dims) == 2:
+            groups.setdefault(node.input[0], []).append(node)
+    groups = {x: nodes for x, nodes in groups.items() if len(nodes) > 1}
+    replaced = {}
+    for i, (activation, nodes) in enumerate(groups.items()):
+        parts = [numpy_helper.to_array(weights[node.input[1]]) for node in nodes]
+        name = f"merged_projection_{i}"
+        graph.initializer.append(numpy_helper.from_array(np.concatenate(parts, axis=1), f"{name}.weight"))
+        graph.initializer.append(numpy_helper.from_array(np.array([p.shape[1] for p in parts]), f"{name}.split"))
+        first, *rest = nodes
+        replaced[id(first)] = [
+            helper.make_node("MatMul", [activation, f"{name}.weight"], [f"{name}.out"], name=name),
+            helper.make_node(
+                "Split", [f"{name}.out", f"{name}.split"], [n.output[0] for n in nodes], name=f"{name}.split", axis=-1
+            ),
+        ]
+        replaced.update({id(node): [] for node in rest})
+    kept = [new for node in graph.node for new in replaced.get(id(node), [node])]
+    del graph.node[:]
+    graph.node.extend(kept)
+    read = _names_read(kept)
+    unread = [init for init in graph.initializer if init.name not in read]
+    for init in unread:
+        graph.initializer.remove(init)
+    return len(groups)
+
+
+def _names_read(nodes) -> set[str]:
+    """Every name the nodes read, their subgraphs' nodes included (those read outer names too)."""
+    read = set()
+    for node in nodes:
+        read.update(node.input)
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+                read |= _names_read(subgraph.node)
+    return read
 
 
 def _without_value_info(src: Path, dst: Path) -> None:
