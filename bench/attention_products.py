@@ -14,18 +14,18 @@ whole cache as the decoder does. Scores (query x keys):
 Weighted values (weights x values):
   per-head      one head's weights per product, the value head broadcast (the decoder's form)
   stacked       the group's 3 rows per product
-Each runs the 30 layers as one session, the forms interleaved; medians over --steps. Reading
-the cache bounds each product from below: its megabytes over the host's read bandwidth
-(bench/compare.py's probe).
+Each runs the 30 layers as one session, the forms interleaved (fused_attention_trial's
+median_ms); medians over --steps. Reading the cache bounds each product from below: its
+megabytes over the host's read bandwidth (bench/compare.py's probe).
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import onnxruntime as ort
+from fused_attention_trial import median_ms
 from onnx import TensorProto, helper
 
 LAYERS, KV_HEADS, GROUP, HEAD_DIM = 30, 3, 3, 64
@@ -77,22 +77,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    steps = {}
-    for form, (left_shape, block_shape, trans_b) in shapes(args.positions).items():
-        steps[form] = ort_step(left_shape, block_shape, trans_b, rng)
-    for step in steps.values():
-        for _ in range(3):
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(args.steps):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+    steps = {form: ort_step(*spec, rng) for form, spec in shapes(args.positions).items()}
+    medians = median_ms(steps, args.steps)
     cache_mb = LAYERS * KV_HEADS * args.positions * HEAD_DIM * 4 / 1e6
     print(f"{args.positions} positions: each product reads {cache_mb:.0f} MB of cache over {LAYERS} layers")
-    for name, t in times.items():
-        print(f"{name:22s} {np.median(t) * 1e3:6.2f} ms per {LAYERS} layers")
+    for name, ms in medians.items():
+        print(f"{name:22s} {ms:6.2f} ms per {LAYERS} layers")
 
 
 if __name__ == "__main__":

@@ -491,12 +491,14 @@ def ceiling_line(results: dict, args, bandwidth: list[float] | None) -> str:
     if bandwidth is None:
         return ""
     mean = statistics.mean(bandwidth)
-    weights = {p: decoder_weight_bytes(args.model_dir, p) for p in args.precisions.split(",")}
+    precisions = args.precisions.split(",")
+    weights = {p: decoder_weight_bytes(args.model_dir, p) for p in precisions}
+    per_position = {p: cache_bytes_per_position(args.model_dir, p) for p in precisions}
     shares = []
     for scenario, peers in results.items():
         positions = peers["vlmserve"]["prompt_tokens"] + args.new_tokens // 2
         for precision, size in weights.items():
-            cache = cache_bytes_per_position(args.model_dir, precision) * positions
+            cache = per_position[precision] * positions
             ours = peers["vlmserve" if precision == "fp32" else f"vlmserve {precision}"]
             ceiling = mean * 1e9 / (size + cache)
             shares.append(

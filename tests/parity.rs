@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Case, Reference, agreement, read_bool, read_f32, read_i64, references, unbatch};
+use common::{Case, Reference, agreement, read_array, references, unbatch};
 use vlmserve::engine::{CacheWrites, Completion, Flow, GenerationParams, Model, Prompt, PromptImages};
 use vlmserve::family::TensorData;
 use vlmserve::package::Precision;
@@ -39,9 +39,9 @@ fn reference_prompt(model: &Model, reference: &Reference, case: &Case) -> Prompt
             let recorded =
                 case.array(&input.name).unwrap_or_else(|| panic!("{}: no {} recorded", case.name, input.name));
             input.data = match &input.data {
-                TensorData::F32(a) => TensorData::F32(batchless(read_f32(&reference.dir, &recorded), a.ndim())),
-                TensorData::I64(a) => TensorData::I64(batchless(read_i64(&reference.dir, &recorded), a.ndim())),
-                TensorData::Bool(a) => TensorData::Bool(batchless(read_bool(&reference.dir, &recorded), a.ndim())),
+                TensorData::F32(a) => TensorData::F32(batchless(read_array(&reference.dir, &recorded), a.ndim())),
+                TensorData::I64(a) => TensorData::I64(batchless(read_array(&reference.dir, &recorded), a.ndim())),
+                TensorData::Bool(a) => TensorData::Bool(batchless(read_array(&reference.dir, &recorded), a.ndim())),
             };
         }
         images

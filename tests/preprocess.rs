@@ -130,10 +130,10 @@ fn idefics3_pixels_and_prompts_match_the_processor() {
                 continue;
             };
             let TensorData::F32(ours) = &processed.inputs[0].data else { panic!("pixel_values is f32") };
-            let theirs = common::unbatch(common::read_f32(&reference.dir, pixels));
+            let theirs = common::unbatch(common::read_array::<f32>(&reference.dir, pixels));
             compare_pixels(&case.name, ours, &theirs);
             let TensorData::Bool(our_mask) = &processed.inputs[1].data else { panic!("mask is bool") };
-            let their_mask = common::unbatch(common::read_bool(&reference.dir, mask));
+            let their_mask = common::unbatch(common::read_array::<bool>(&reference.dir, mask));
             assert_eq!(our_mask, &their_mask, "{}: pixel_attention_mask", case.name);
         }
     }
@@ -197,26 +197,31 @@ fn qwen2_vl_pixels_grids_and_positions_match_the_processor() {
             let expanded = family.expand_prompt(&case.prompt, &processed.layouts).unwrap();
             assert_eq!(expanded, case.expanded_prompt, "{name}: expanded prompt");
             let positions = family.prompt_positions(&case.input_ids, &processed.layouts);
-            let theirs = common::read_i64(&reference.dir, &case.array("position_ids").unwrap());
+            let theirs = common::read_array::<i64>(&reference.dir, &case.array("position_ids").unwrap());
             assert_eq!(positions.prompt, theirs, "{name}: position ids");
             assert_eq!(positions.next, theirs.iter().max().unwrap() + 1, "{name}: first decode position");
             if images.is_empty() {
                 continue;
             }
-            let grids = common::read_i64(&reference.dir, &case.array("image_grid_thw").unwrap());
+            let grids = common::read_array::<i64>(&reference.dir, &case.array("image_grid_thw").unwrap());
             let ours: Vec<i64> = processed.layouts.iter().flat_map(|l| l.grid.map(|g| g as i64)).collect();
             assert_eq!(ours, grids.iter().copied().collect::<Vec<_>>(), "{name}: image_grid_thw");
             for input in &processed.inputs {
                 let recorded = case.array(&input.name).unwrap_or_else(|| panic!("{name}: {} not recorded", input.name));
                 match &input.data {
                     TensorData::F32(ours) => {
-                        let theirs = common::read_f32(&reference.dir, &recorded);
+                        let theirs = common::read_array::<f32>(&reference.dir, &recorded);
                         assert_eq!(ours.shape(), theirs.shape(), "{name}: {} shape", input.name);
                         let largest = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
                         assert!(largest <= QWEN_PIXEL_TOLERANCE, "{name}: {} differs by {largest}", input.name);
                     }
                     TensorData::I64(ours) => {
-                        assert_eq!(ours, &common::read_i64(&reference.dir, &recorded), "{name}: {}", input.name);
+                        assert_eq!(
+                            ours,
+                            &common::read_array::<i64>(&reference.dir, &recorded),
+                            "{name}: {}",
+                            input.name
+                        );
                     }
                     TensorData::Bool(_) => panic!("{name}: Qwen2-VL has no boolean inputs"),
                 }

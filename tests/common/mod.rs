@@ -199,23 +199,11 @@ impl Case {
 }
 
 /// A reference array: an .npy file gzipped (vlmexport.fixtures.save_array), of the recorded shape.
-fn read_array<T: ReadableElement>(dir: &Path, array: &ArrayRef) -> ArrayD<T> {
+pub fn read_array<T: ReadableElement>(dir: &Path, array: &ArrayRef) -> ArrayD<T> {
     let file = std::fs::File::open(dir.join(&array.file)).unwrap();
     let a = ArrayD::<T>::read_npy(flate2::read::GzDecoder::new(file)).unwrap();
     assert_eq!(a.shape(), array.shape.as_slice(), "{}", array.file);
     a
-}
-
-pub fn read_f32(dir: &Path, array: &ArrayRef) -> ArrayD<f32> {
-    read_array(dir, array)
-}
-
-pub fn read_i64(dir: &Path, array: &ArrayRef) -> ArrayD<i64> {
-    read_array(dir, array)
-}
-
-pub fn read_bool(dir: &Path, array: &ArrayRef) -> ArrayD<bool> {
-    read_array(dir, array)
 }
 
 /// Drop the leading batch axis of size 1 that HF processors return.

@@ -365,9 +365,9 @@ def merge_shared_input_matmuls(model: onnx.ModelProto) -> int:
     kept = [new for node in graph.node for new in replaced.get(id(node), [node])]
     del graph.node[:]
     graph.node.extend(kept)
-    read = _names_read(kept)
-    unread = [init for init in graph.initializer if init.name not in read]
-    for init in unread:
+    # The separate weights go, unless a node that was not merged reads one too.
+    merged = {node.input[1] for nodes in groups.values() for node in nodes} - _names_read(kept)
+    for init in [init for init in graph.initializer if init.name in merged]:
         graph.initializer.remove(init)
     return len(groups)
 
