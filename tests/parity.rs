@@ -130,9 +130,11 @@ fn fused_attention_decoders_match_pytorch() {
 /// tokens must agree with FP32 (leading tokens, summed over cases). The tiny fixture model has
 /// random weights and flat logits, so one early flip changes the rest of a sequence; measured
 /// on the three fixtures: fp16 every token (0.74, 0.87 and 0.97 while the fp16 graphs still
-/// rounded rotary angles and patch coordinates to fp16), int8 0.30 to 0.40. export_report.json
-/// bounds the same graphs per step (teacher-forced) in Python.
-const MIN_AGREEMENT: [(Precision, f64); 2] = [(Precision::Fp16, common::FP16_MIN_AGREEMENT), (Precision::Int8, 0.3)];
+/// rounded rotary angles and patch coordinates to fp16), int8 0.23 to 0.36 (0.34 to 0.45 before
+/// the token table was int8 too; teacher-forced it moved by one step of 24 or none, and the
+/// trained default model answers as before: docs/benchmarks.md). A broken graph agrees on next
+/// to nothing. export_report.json bounds the same graphs per step (teacher-forced) in Python.
+const MIN_AGREEMENT: [(Precision, f64); 2] = [(Precision::Fp16, common::FP16_MIN_AGREEMENT), (Precision::Int8, 0.2)];
 
 #[test]
 fn reduced_precisions_stay_close_to_fp32() {

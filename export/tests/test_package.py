@@ -74,6 +74,9 @@ def test_variants_manifest(variant, weight_dtype):
     # (whose int8 MatMulNBits blocks store signed values offset by 128 as uint8).
     sizes = decoder["initializer_bytes"]
     assert max(sizes, key=sizes.get) == STORED.get(weight_dtype, weight_dtype)
+    # So does the token table's (to_int8_table: int8 values, a float scale per 32 of them).
+    table = entry["graphs"]["embed_tokens"]["initializer_bytes"]
+    assert max(table, key=table.get) == weight_dtype
 
 
 def test_report_fp32():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from vlmexport.export import precision
@@ -171,3 +172,38 @@ def test_int8_decoder_merges_projections_with_the_values_of_separate_ones(tmp_pa
     x = np.random.default_rng(1).normal(size=(2, 3, 256)).astype(np.float32)
     for want, got in zip(run_on(tmp_path / "separate_int8.onnx", x), run_on(tmp_path / "shared_int8.onnx", x)):
         np.testing.assert_array_equal(got, want)
+
+
+def embedding_graph(path, table):
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["embeds"])],
+        "embed",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "s"])],
+        [helper.make_tensor_value_info("embeds", TensorProto.FLOAT, [1, "s", table.shape[1]])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+
+
+@pytest.mark.parametrize("width,block", [(64, 32), (24, 24)])
+def test_int8_token_table_keeps_each_block_within_half_its_scale(tmp_path, width, block):
+    """Blocks of 32 columns where the width allows, else whole rows; each block scaled alone."""
+    rng = np.random.default_rng(2)
+    table = rng.normal(size=(50, width)).astype(np.float32)
+    table[7] = 0  # a block of zeros has scale 0 and must come back as zeros, not NaN
+    table[9, :block] *= 100  # a large block costs the others nothing
+    src, dst = tmp_path / "embed.onnx", tmp_path / "embed_int8.onnx"
+    embedding_graph(src, table)
+    precision.to_int8_table(src, dst)
+    quantized = onnx.load(dst)
+    onnx.checker.check_model(quantized)
+    kinds = {i.name: i.data_type for i in quantized.graph.initializer if i.data_type != TensorProto.INT64}
+    assert kinds == {"table.int8": TensorProto.INT8, "table.scale": TensorProto.FLOAT}, kinds
+    ids = np.array([[0, 7, 9, 49, 9]])
+    (got,) = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})
+    want = table[ids]
+    blocks = want.reshape(1, 5, width // block, block)
+    half_step = np.repeat(np.abs(blocks).max(axis=-1) / 127 / 2, block, axis=-1)
+    assert np.all(np.abs(got - want) <= half_step * (1 + 1e-5)), np.abs(got - want).max()
+    np.testing.assert_array_equal(got[0, 1], 0)
+    assert np.abs(got - want).max() > 0  # it was quantized, not copied

@@ -4,10 +4,10 @@ fp32  the exported graphs as they are.
 fp16  weights and most activations in float16; the KV cache's inputs and outputs too
       (a step casts no cache, which grows with the context); the other inputs and
       outputs stay float32.
-int8  8-bit MatMul weights; activations, the KV cache and the remaining
-      weights (embeddings, convolutions) stay fp32. The decoder stores them in
-      blocks for MatMulNBits, the other graphs use dynamic quantization (see
-      to_int8).
+int8  8-bit weights: the decoder's MatMul weights in blocks for MatMulNBits,
+      the token table in blocks of a row (to_int8_table), the vision encoder's
+      MatMul weights by dynamic quantization (to_int8); activations, the KV cache
+      and the remaining weights (convolutions, position tables) stay fp32.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def make_variant(variant: str, graph: str, fp32_path: Path, out_path: Path) -> N
     if variant == "fp16":
         to_fp16(fp32_path, out_path)
     elif variant == "int8":
-        (to_int8_blockwise if graph == "decoder_model_merged" else to_int8)(fp32_path, out_path)
+        quantize = {"decoder_model_merged": to_int8_blockwise, "embed_tokens": to_int8_table}.get(graph, to_int8)
+        quantize(fp32_path, out_path)
     else:
         raise ValueError(variant)
 
@@ -326,6 +327,63 @@ def to_int8_blockwise(src: Path, dst: Path) -> None:
     quantizer = MatMulNBitsQuantizer(model, algo_config=config, op_types_to_quantize=("MatMul",))
     quantizer.process()
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=needs_external_data(src))
+
+
+# Columns per scale in an int8 token table (as llama.cpp's Q8_0 blocks).
+TABLE_BLOCK = 32
+
+
+def to_int8_table(src: Path, dst: Path, block: int = TABLE_BLOCK) -> None:
+    """Every Gather over a constant 2-D float table (the token embeddings) reads an int8 copy of
+    it with a symmetric scale per block of `block` columns of a row (the whole row if its width
+    is not a multiple): Gather the rows and their scales, Cast, Mul by block. The table is the
+    largest weight a package holds in float (Qwen2-VL-2B's 151,936 x 1,536 is 933 MB in fp32, a
+    quarter of its int8 package's memory); a lookup reads a few rows, so the product costs
+    nothing measurable. Plain ONNX ops, so every provider runs it.
+    """
+    model = onnx.load(str(src))
+    graph = model.graph
+    tables = {
+        init.name: init for init in graph.initializer if len(init.dims) == 2 and init.data_type == TensorProto.FLOAT
+    }
+    replaced, quantized = {}, set()
+    for node in graph.node:
+        table = tables.get(node.input[0]) if node.op_type == "Gather" else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if table is None or axis != 0:
+            continue
+        name = table.name
+        rows, width = table.dims
+        size = block if width % block == 0 else width
+        if name not in quantized:
+            blocks = numpy_helper.to_array(table).reshape(rows, width // size, size)
+            scale = np.abs(blocks).max(axis=2, keepdims=True) / 127
+            values = np.rint(blocks / np.where(scale == 0, 1, scale)).astype(np.int8)
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(values.reshape(rows, width), f"{name}.int8"),
+                    numpy_helper.from_array(scale, f"{name}.scale"),
+                    numpy_helper.from_array(np.array([0, 0, width // size, size]), f"{name}.blocks"),
+                    numpy_helper.from_array(np.array([0, 0, width]), f"{name}.width"),
+                ]
+            )
+            quantized.add(name)
+        out, ids = node.output[0], node.input[1]
+        replaced[id(node)] = [
+            helper.make_node("Gather", [f"{name}.int8", ids], [f"{out}.int8"]),
+            helper.make_node("Cast", [f"{out}.int8"], [f"{out}.float"], to=TensorProto.FLOAT),
+            helper.make_node("Reshape", [f"{out}.float", f"{name}.blocks"], [f"{out}.blocks"]),
+            helper.make_node("Gather", [f"{name}.scale", ids], [f"{out}.scale"]),
+            helper.make_node("Mul", [f"{out}.blocks", f"{out}.scale"], [f"{out}.scaled"]),
+            helper.make_node("Reshape", [f"{out}.scaled", f"{name}.width"], [out]),
+        ]
+    kept = [new for node in graph.node for new in replaced.get(id(node), [node])]
+    del graph.node[:]
+    graph.node.extend(kept)
+    unread = quantized - _names_read(kept)
+    for init in [init for init in graph.initializer if init.name in unread]:
+        graph.initializer.remove(init)
+    onnx.save(model, str(dst))
 
 
 def merge_shared_input_matmuls(model: onnx.ModelProto) -> int:
