@@ -23,8 +23,7 @@ NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 @dataclass
 class DecodeResult:
     tokens: list[int]
-    # logits[0] are the prefill logits for every prompt position [s, vocab];
-    # logits[k] (k >= 1) is the [vocab] row that chose tokens[k].
+    # logits[k] is the [vocab] row that chose tokens[k] (logits[0]: the prompt's last position).
     logits: list[np.ndarray] = field(default_factory=list)
 
 
@@ -119,7 +118,7 @@ class OnnxPackage:
 
         forced_tokens: teacher forcing, feed these tokens instead of the argmax
         (used to compare variants' logits along the same token path).
-        keep_logits=False keeps no logits (benchmarks: the prefill's are prompt x vocabulary).
+        keep_logits=False keeps no logits (benchmarks).
         on_token(token) is called as each token is chosen (benchmarks time them).
         """
         eos = set(eos_token_ids if eos_token_ids is not None else self.eos_token_ids())
@@ -128,7 +127,7 @@ class OnnxPackage:
         mask = np.ones((1, input_ids.shape[1]), np.int64)
         positions, next_position = self.family.prompt_positions(self.config, input_ids, images)
         logits, past = self.decode(embeds, mask, positions, self.empty_past(1))
-        result = DecodeResult(tokens=[], logits=[logits[0]] if keep_logits else [])
+        result = DecodeResult(tokens=[])
         row = logits[0, -1]
         steps = len(forced_tokens) if forced_tokens is not None else max_new_tokens
         for step in range(steps):
@@ -136,7 +135,7 @@ class OnnxPackage:
             result.tokens.append(token)
             if on_token is not None:
                 on_token(token)
-            if step > 0 and keep_logits:
+            if keep_logits:
                 result.logits.append(row)
             if forced_tokens is None and token in eos:
                 break

@@ -26,10 +26,8 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _path_logits(result) -> np.ndarray:
-    """Stack [prefill rows..., one row per later step] -> [s + steps - 1, vocab]."""
-    return (
-        np.concatenate([result.logits[0], np.stack(result.logits[1:])]) if len(result.logits) > 1 else result.logits[0]
-    )
+    """The rows that chose each token, [tokens, vocab]."""
+    return np.stack(result.logits)
 
 
 def _agreement(tokens: list[int], reference: list[int]) -> dict:
@@ -68,8 +66,7 @@ def variant_parity(package_dir: Path, variant: str, inputs: dict, fp32_result) -
     free = pkg.greedy(ids, images, max_new_tokens=len(fp32_result.tokens), eos_token_ids=[])
     # Per-step argmax under teacher forcing: unlike free decoding, one early
     # flip does not make every later token disagree.
-    step_rows = [forced.logits[0][-1], *forced.logits[1:]]
-    forced_agree = sum(int(np.argmax(row)) == token for row, token in zip(step_rows, fp32_result.tokens))
+    forced_agree = sum(int(np.argmax(row)) == token for row, token in zip(forced.logits, fp32_result.tokens))
     return {
         "max_abs_logit_diff_vs_fp32": _max_diff(_path_logits(forced), _path_logits(fp32_result)),
         **_agreement(free.tokens, fp32_result.tokens),

@@ -7,7 +7,7 @@ Graphs (see export/README.md for the package contract):
   embed_tokens          input_ids [b,s] i64 -> inputs_embeds [b,s,hidden]
   decoder_model_merged  inputs_embeds, attention_mask [b,past+s], position_ids [b,s],
                         past_key_values.{i}.key/value [b,kv_heads,past,head_dim]
-                        -> logits [b,s,vocab], present.{i}.key/value [b,kv_heads,past+s,head_dim]
+                        -> logits [b,1,vocab], present.{i}.key/value [b,kv_heads,past+s,head_dim]
 
 The runtime merges image features into the prompt embeddings itself: the k-th
 <image> token's embedding is replaced by row k of the flattened features

@@ -6,8 +6,13 @@ report's reference input.
   decoder_model_merged  inputs_embeds, attention_mask [b,older+past+s], position_ids
                         ([b,s], or [3,b,s] for M-RoPE), older_key_values.{i}.key/value
                         [b,kv_heads,older,head_dim], past_key_values.{i}.key/value
-                        [b,kv_heads,past,head_dim] -> logits [b,s,vocab],
+                        [b,kv_heads,past,head_dim] -> logits [b,1,vocab],
                         present.{i}.key/value [b,kv_heads,past+s,head_dim]
+
+Logits are the last position's only: generation reads nothing else, and the LM head over
+every prompt position was a fifth (SmolVLM's 49,280-word vocabulary) to two fifths
+(Qwen2-VL's 151,936) of a prefill's arithmetic, and its [s, vocab] output a prefill's largest
+tensor. Packages exported before return [b,s,vocab]; runtimes read the last row of either.
 
 The cache comes in two blocks per layer. Attention reads both; only the recent
 block (past) is concatenated with the new positions and returned as present,
@@ -282,7 +287,7 @@ def _modules():
             present = []
             for layer in out.past_key_values.layers:
                 present += [layer.keys, layer.values]
-            return (self.lm_head(out.last_hidden_state), *present)
+            return (self.lm_head(out.last_hidden_state[:, -1:]), *present)
 
         def text(self, attention, inputs_embeds, position_ids, cache, **kwargs):
             """The text model run with the named attention function."""
@@ -317,7 +322,7 @@ def _modules():
             present = []
             buffers = (list(zip(past[0::2], past[1::2])), seqlens_k, total_length, bias, present)
             out = self.text(FUSED_ATTENTION, inputs_embeds, position_ids, None, cache_buffers=buffers)
-            return (self.lm_head(out.last_hidden_state), *present)
+            return (self.lm_head(out.last_hidden_state[:, -1:]), *present)
 
     return EmbedTokens, Decoder, FusedDecoder
 
@@ -431,9 +436,9 @@ def sample_feeds(text: dict, graph: str, rng, position_axes: int = 0, fused_atte
 
 
 def torch_path_logits(model, prompt_kwargs: dict, tokens, step_positions=None) -> np.ndarray:
-    """PyTorch logits along a token path, [s + len(tokens) - 1, vocab].
+    """PyTorch logits along a token path, [len(tokens), vocab]: the row that chose each token.
 
-    Prefill logits for every prompt position, then one row per fed token
+    The prompt's last position, then one row per fed token
     (tokens[:-1]) through the KV cache, as generate() does, with the model's
     own position handling. Not one full-sequence pass: a generated image token
     must stay a plain token embedding, while a full pass would try to merge
@@ -447,7 +452,7 @@ def torch_path_logits(model, prompt_kwargs: dict, tokens, step_positions=None) -
     rows = []
     with torch.no_grad():
         out = model(**prompt_kwargs, attention_mask=torch.ones_like(ids), use_cache=True)
-        rows.append(out.logits[0])
+        rows.append(out.logits[0, -1:])
         length = ids.shape[1]
         for k, token in enumerate(tokens[:-1]):
             length += 1
