@@ -337,9 +337,9 @@ def to_int8_table(src: Path, dst: Path, block: int = TABLE_BLOCK) -> None:
     """Every Gather over a constant 2-D float table (the token embeddings) reads an int8 copy of
     it with a symmetric scale per block of `block` columns of a row (the whole row if its width
     is not a multiple): Gather the rows and their scales, Cast, Mul by block. The table is the
-    largest weight a package holds in float (Qwen2-VL-2B's 151,936 x 1,536 is 933 MB in fp32, a
-    quarter of its int8 package's memory); a lookup reads a few rows, so the product costs
-    nothing measurable. Plain ONNX ops, so every provider runs it.
+    largest weight a package otherwise holds in float, while a lookup reads a few rows, so the
+    product costs nothing worth measuring (figures: docs/benchmarks.md). Plain ONNX ops, so
+    every provider runs it.
     """
     model = onnx.load(str(src))
     graph = model.graph
@@ -377,12 +377,7 @@ def to_int8_table(src: Path, dst: Path, block: int = TABLE_BLOCK) -> None:
             helper.make_node("Mul", [f"{out}.blocks", f"{out}.scale"], [f"{out}.scaled"]),
             helper.make_node("Reshape", [f"{out}.scaled", f"{name}.width"], [out]),
         ]
-    kept = [new for node in graph.node for new in replaced.get(id(node), [node])]
-    del graph.node[:]
-    graph.node.extend(kept)
-    unread = quantized - _names_read(kept)
-    for init in [init for init in graph.initializer if init.name in unread]:
-        graph.initializer.remove(init)
+    _replace_nodes(graph, replaced, quantized)
     onnx.save(model, str(dst))
 
 
@@ -420,14 +415,20 @@ def merge_shared_input_matmuls(model: onnx.ModelProto) -> int:
             ),
         ]
         replaced.update({id(node): [] for node in rest})
+    _replace_nodes(graph, replaced, {node.input[1] for nodes in groups.values() for node in nodes})
+    return len(groups)
+
+
+def _replace_nodes(graph, replaced: dict, old_weights: set[str]) -> None:
+    """Put replaced[id(node)] (a list, maybe empty) where each such node was, and drop the
+    initializers of old_weights that no node reads any more (one that a node left alone still
+    reads stays)."""
     kept = [new for node in graph.node for new in replaced.get(id(node), [node])]
     del graph.node[:]
     graph.node.extend(kept)
-    # The separate weights go, unless a node that was not merged reads one too.
-    merged = {node.input[1] for nodes in groups.values() for node in nodes} - _names_read(kept)
-    for init in [init for init in graph.initializer if init.name in merged]:
+    unread = old_weights - _names_read(kept)
+    for init in [init for init in graph.initializer if init.name in unread]:
         graph.initializer.remove(init)
-    return len(groups)
 
 
 def _names_read(nodes) -> set[str]:

@@ -74,8 +74,9 @@ def _vision_module():
 
     def segment_bias(segments):
         """Additive mask [n, n]: 0 within a segment, -inf across. Built once per graph and added
-        to every layer's scores, the same softmax as filling them with -inf (x + 0 is x), where a
-        Where per layer over [heads, n, n] took 14% of the tower's time in ONNX Runtime."""
+        to every layer's scores: the same softmax as filling them with -inf (x + 0 is x), without
+        the Where over [heads, n, n] per layer that ONNX Runtime runs slowly
+        (docs/benchmarks.md)."""
         same = segments[:, None] == segments[None, :]
         return torch.zeros(same.shape).masked_fill(~same, float("-inf"))
 

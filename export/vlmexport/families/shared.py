@@ -10,9 +10,9 @@ report's reference input.
                         present.{i}.key/value [b,kv_heads,past+s,head_dim]
 
 Logits are the last position's only: generation reads nothing else, and the LM head over
-every prompt position was a fifth (SmolVLM's 49,280-word vocabulary) to two fifths
-(Qwen2-VL's 151,936) of a prefill's arithmetic, and its [s, vocab] output a prefill's largest
-tensor. Packages exported before return [b,s,vocab]; runtimes read the last row of either.
+every prompt position is a large share of a prefill's arithmetic, its [s, vocab] output the
+prefill's largest tensor (docs/benchmarks.md). Packages exported before return [b,s,vocab];
+runtimes read the last row of either.
 
 The cache comes in two blocks per layer. Attention reads both; only the recent
 block (past) is concatenated with the new positions and returned as present,
